@@ -1,0 +1,110 @@
+"""Op census, parameter count, FLOPs and peak activation memory of a static-shape ONNX model."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from pipeline.onnx_safety import iter_tensors
+
+
+def op_census(model: onnx.ModelProto) -> dict[str, int]:
+    """Node count per op ('domain::Op' for non-default domains), most frequent first."""
+    names = Counter(
+        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in model.graph.node
+    )
+    return dict(names.most_common())
+
+
+def parameters(model: onnx.ModelProto) -> tuple[int, int]:
+    """(number of weights, bytes of weights) over initializers and Constant tensors."""
+    count = nbytes = 0
+    for tensor in iter_tensors(model.graph):
+        elems = int(np.prod(tensor.dims)) if tensor.dims else 1
+        count += elems
+        nbytes += elems * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return count, nbytes
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], int]]:
+    """name -> (shape, element size) for every tensor whose shape is fully known."""
+    out: dict[str, tuple[tuple[int, ...], int]] = {}
+    infos = list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output)
+    for info in infos:
+        ttype = info.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim]
+        if ttype.HasField("shape") and all(d >= 0 for d in dims) and ttype.elem_type:
+            itemsize = helper.tensor_dtype_to_np_dtype(ttype.elem_type).itemsize
+            out[info.name] = (tuple(dims), itemsize)
+    for init in model.graph.initializer:
+        out[init.name] = (tuple(init.dims), helper.tensor_dtype_to_np_dtype(init.data_type).itemsize)
+    return out
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def flops(model: onnx.ModelProto) -> int:
+    """Floating-point operations of one inference: 2 per multiply-add in Conv/ConvTranspose/Gemm/MatMul,
+    1 per output element for every other op whose output shape is known."""
+    shapes = _shapes(model)
+    total = 0
+    for node in model.graph.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        if out is None:
+            continue
+        out_elems = int(np.prod(out[0]))
+        if node.op_type == "Conv" and node.input[1] in shapes:
+            w = shapes[node.input[1]][0]  # [Cout, Cin/group, kh, kw]
+            total += 2 * out_elems * int(np.prod(w[1:]))
+        elif node.op_type == "ConvTranspose" and node.input[0] in shapes and node.input[1] in shapes:
+            x_elems = int(np.prod(shapes[node.input[0]][0]))
+            w = shapes[node.input[1]][0]  # [Cin, Cout/group, kh, kw]
+            total += 2 * x_elems * int(np.prod(w[1:]))
+        elif node.op_type in ("Gemm", "MatMul") and node.input[0] in shapes:
+            a = shapes[node.input[0]][0]
+            k = a[0] if node.op_type == "Gemm" and _attr(node, "transA", 0) else a[-1]
+            total += 2 * out_elems * int(k)
+        else:
+            total += out_elems
+    return total
+
+
+def peak_activation_bytes(model: onnx.ModelProto) -> int:
+    """Peak bytes of live intermediate tensors, running the nodes in file (topological) order."""
+    shapes = _shapes(model)
+    weights = {t.name for t in model.graph.initializer}
+    size = {name: int(np.prod(s)) * item for name, (s, item) in shapes.items() if name not in weights}
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(model.graph.node):
+        for name in node.input:
+            last_use[name] = i
+    for out in model.graph.output:
+        last_use[out.name] = len(model.graph.node)
+    live = {i.name for i in model.graph.input if i.name not in weights}
+    current = peak = sum(size.get(n, 0) for n in live)
+    for i, node in enumerate(model.graph.node):
+        for name in node.output:
+            if name and name not in live:
+                live.add(name)
+                current += size.get(name, 0)
+        peak = max(peak, current)
+        for name in list(live):
+            if last_use.get(name, -1) <= i:
+                live.discard(name)
+                current -= size.get(name, 0)
+    return peak
+
+
+def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    return None
