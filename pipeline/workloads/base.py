@@ -1,0 +1,49 @@
+"""What a workload is: a model family with its preprocessing, its data and its metric."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+from PIL import Image
+
+TaskKind = Literal["classifier", "detector"]
+
+
+@dataclass
+class Samples:
+    """Model inputs, one sample per row (each row is fed as a batch of one), and optional labels.
+
+    ``labels`` is an int array [N] for classifiers; for detectors a list of [K,4] xyxy boxes per
+    sample, in model-input pixels.
+    """
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | list[np.ndarray] | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def head(self, n: int | None) -> Samples:
+        if n is None or n >= len(self):
+            return self
+        labels = self.labels[:n] if self.labels is not None else None
+        return Samples({k: v[:n] for k, v in self.inputs.items()}, labels, self.source, self.notes)
+
+
+class Workload(Protocol):
+    """A reference model with everything needed to quantize and evaluate it honestly."""
+
+    name: str
+    kind: TaskKind
+    metric: str
+    sha256: str  # of the bundled .onnx, so `deploy run` recognises the model
+
+    def model_path(self) -> Path: ...
+    def preprocess(self, image: Image.Image) -> np.ndarray: ...
+    def calibration(self, n: int) -> Samples: ...
+    def evaluation(self, n: int | None) -> Samples: ...
