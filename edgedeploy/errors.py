@@ -13,7 +13,8 @@
     │   ├── CompileError
     │   └── BenchmarkError        the device-side runner failed or returned nonsense
     └── TransportError            moving files to / running commands on a device
-        ├── TransportTimeout      transient: retried
+        ├── TransportTimeout      connecting timed out; transient: retried
+        ├── CommandTimeout        a command on the device ran past its limit and was killed
         └── ChecksumMismatch      permanent: never retried
 
 Every error carries what happened, the offending value, what was expected and how to fix it;
@@ -132,6 +133,10 @@ class TransportTimeout(TransportError):
     """A phase (connect, command, ...) ran past its time limit; another attempt may succeed."""
 
     transient = True
+
+
+class CommandTimeout(TransportError):
+    """A command on the device ran past its time limit; it was killed with its process group."""
 
 
 class ChecksumMismatch(TransportError):

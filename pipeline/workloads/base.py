@@ -28,6 +28,29 @@ class Samples:
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
+    def save(self, path: Path) -> None:
+        """Write to .npz: one array per input, plus ``labels`` (classifier) or ``boxes``/``box_owner`` (detector)."""
+        extra: dict[str, np.ndarray] = {}
+        if isinstance(self.labels, np.ndarray):
+            extra["labels"] = self.labels
+        elif self.labels is not None:
+            boxes = [np.asarray(b, np.float32).reshape(-1, 4) for b in self.labels]
+            extra["boxes"] = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
+            extra["box_owner"] = np.concatenate([np.full(len(b), i, np.int64) for i, b in enumerate(boxes)])
+        np.savez(path, **self.inputs, **extra)
+
+    @classmethod
+    def load(cls, path: Path, input_names: list[str]) -> Samples:
+        with np.load(path, allow_pickle=False) as npz:
+            inputs = {name: npz[name] for name in input_names}
+            labels: np.ndarray | list[np.ndarray] | None = None
+            if "labels" in npz.files:
+                labels = npz["labels"]
+            elif "boxes" in npz.files:
+                owner, boxes = npz["box_owner"], npz["boxes"]
+                labels = [boxes[owner == i] for i in range(len(next(iter(inputs.values()))))]
+        return cls(inputs, labels, str(path))
+
     def head(self, n: int | None) -> Samples:
         if n is None or n >= len(self):
             return self

@@ -1,0 +1,119 @@
+"""The `deploy` command: parses options, starts the flow, prints. No pipeline logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Literal, NoReturn
+
+import typer
+from rich.console import Console
+
+from edgedeploy.errors import EdgeDeployError
+
+app = typer.Typer(help="Get a trained ONNX model onto edge hardware and prove how fast and how accurate it is there.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+profiles_app = typer.Typer(help="Device profiles (device_profiles/*.yaml).", no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles")
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def exit_with_error(error: EdgeDeployError, *, as_json: bool) -> NoReturn:
+    if as_json:
+        print(json.dumps({"ok": False, **error.to_dict()}))
+    stderr.print(f"[bold red]error:[/] {error.render()}", highlight=False)
+    raise typer.Exit(error.exit_code)
+
+
+def _quiet_prefect() -> None:
+    # Prefect's own INFO chatter and tracebacks of user errors would bury the one clear message.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@app.command()
+def run(
+    model: Annotated[Path, typer.Argument(help="The .onnx model to deploy.")],
+    profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
+    quant: Annotated[Literal["fp32", "fp16", "int8"], typer.Option(help="Numeric format to deploy.")] = "fp32",
+    calibration: Annotated[Literal["minmax", "entropy", "percentile"],
+                           typer.Option(help="int8 range calibration method.")] = "minmax",
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,
+    calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
+    eval_data: Annotated[Path | None, typer.Option(help=".npz of inputs (+labels) or a folder of images.")] = None,
+    calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
+    eval_samples: Annotated[int | None, typer.Option(min=1, help="Cap on evaluation samples.")] = None,
+    input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
+    min_iterations: Annotated[int, typer.Option(min=1, help="Minimum timed iterations per runtime.")] = 20,
+    min_seconds: Annotated[float, typer.Option(min=0, help="Minimum timed seconds per runtime.")] = 2.0,
+    max_seconds: Annotated[float, typer.Option(min=1, help="Time limit per runtime on the device.")] = 600.0,
+    warmup: Annotated[int, typer.Option(min=0, help="Warm-up iterations (not counted).")] = 2,
+    max_model_mb: Annotated[int, typer.Option(min=1, help="Refuse model files larger than this.")] = 2048,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
+) -> None:
+    """Ingest, quantize, compile, deploy and benchmark MODEL on a device, next to onnxruntime fp32."""
+    try:
+        _quiet_prefect()
+        from pipeline.benchmark import BenchmarkSettings
+        from pipeline.config import RunConfig
+        from pipeline.ingest import parse_input_shapes
+        from pipeline.quantize import QuantConfig
+
+        config = RunConfig(
+            model_path=str(model), profile=profile,
+            quant=QuantConfig(scheme=quant, calibration=calibration, per_channel=per_channel),
+            calib_data=str(calib_data) if calib_data else None, eval_data=str(eval_data) if eval_data else None,
+            calib_samples=calib_samples, eval_samples=eval_samples,
+            input_shapes=parse_input_shapes(input_shape or []), max_model_mb=max_model_mb,
+            bench=BenchmarkSettings(warmup=warmup, min_iterations=min_iterations, min_seconds=min_seconds,
+                                    max_seconds=max_seconds),
+        ).with_run_id()
+        from edgedeploy.progress_view import StageProgress
+        from flows.run import deploy_run
+
+        with StageProgress(stderr):
+            result = deploy_run(config)
+    except EdgeDeployError as error:
+        exit_with_error(error, as_json=as_json)
+    if as_json:
+        print(json.dumps(result.model_dump(mode="json")))
+    else:
+        stdout.print(result)
+    if not result.valid:
+        raise typer.Exit(3)
+
+
+@profiles_app.command("list")
+def profiles_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the bundled device profiles."""
+    from targets.profiles import available_profiles
+
+    names = available_profiles()
+    if as_json:
+        print(json.dumps(names))
+    else:
+        for name in names:
+            stdout.print(name)
+
+
+@profiles_app.command("show")
+def profiles_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show one profile, resolved (extends applied, local detection done)."""
+    from targets.profiles import load_profile
+
+    try:
+        prof = load_profile(name)
+    except EdgeDeployError as error:
+        exit_with_error(error, as_json=as_json)
+    if as_json:
+        print(prof.model_dump_json(indent=2))
+    else:
+        stdout.print_json(prof.model_dump_json())
+
+
+def main() -> None:  # pragma: no cover - console-script shim
+    sys.exit(app())

@@ -1,0 +1,133 @@
+"""The `deploy run` flow: ingest -> data -> quantize -> compile -> deploy -> benchmark -> report.
+
+Tasks pass pydantic models (JSON-serialisable) and file paths, never in-memory arrays. Without
+PREFECT_API_URL, Prefect starts its temporary local server for the run (the embedded default).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from pipeline import progress
+from pipeline.benchmark import BenchmarkReport, benchmark
+from pipeline.compile import CompiledArtifact, compile_model
+from pipeline.config import RunConfig
+from pipeline.data import PreparedData, prepare_data
+from pipeline.deploy import DeployedArtifact, deploy
+from pipeline.ingest import ModelInfo, ingest
+from pipeline.quantize import QuantizedModel, quantize
+from pipeline.report import RunResult
+from pipeline.versions import tool_versions
+from pipeline.workloads import workload_for
+from pipeline.workloads.base import Samples
+from targets.profiles import DeviceProfile, load_profile
+from targets.transport import LocalTransport, Transport, expand_workdir
+
+TASK_OPTIONS = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def _transport(profile: DeviceProfile) -> tuple[Transport, str]:
+    if profile.connection.transport == "local":
+        return LocalTransport(), expand_workdir(profile.connection.workdir)
+    raise NotImplementedError(f"transport {profile.connection.transport!r} arrives with the SSH transport")
+
+
+@task(name="ingest", **TASK_OPTIONS)
+def ingest_task(config: RunConfig) -> ModelInfo:
+    return ingest(Path(config.model_path), config.run_dir(), input_shapes=config.input_shapes,
+                  max_bytes=config.max_model_mb * 1024 * 1024)
+
+
+@task(name="data", **TASK_OPTIONS)
+def data_task(config: RunConfig, info: ModelInfo) -> PreparedData:
+    return prepare_data(
+        info.inputs, workload_for(info.sha256), config.run_dir(), scheme=config.quant.scheme,
+        calib_data=config.calib_data, eval_data=config.eval_data,
+        calib_samples=config.calib_samples, eval_samples=config.eval_samples,
+    )
+
+
+@task(name="quantize", **TASK_OPTIONS)
+def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData) -> QuantizedModel:
+    names = [s.name for s in info.inputs]
+    calibration = Samples.load(Path(data.calibration_path), names) if data.calibration_path else None
+    if calibration is not None:
+        calibration.source = data.calibration_source
+    return quantize(Path(info.prepared_path), config.run_dir(), config.quant, calibration)
+
+
+@task(name="compile", **TASK_OPTIONS)
+def compile_task(config: RunConfig, quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile) -> CompiledArtifact:
+    return compile_model(quantized, info, profile, config.run_dir())
+
+
+@task(name="deploy", **TASK_OPTIONS)
+def deploy_task(config: RunConfig, compiled: CompiledArtifact, info: ModelInfo, data: PreparedData,
+                profile: DeviceProfile) -> DeployedArtifact:
+    transport, workdir = _transport(profile)
+    try:
+        return deploy(transport, workdir, config.run_id, library=Path(compiled.library_path),
+                      manifest=Path(compiled.manifest_path), baseline_model=Path(info.source_path),
+                      inputs=Path(data.eval_path))
+    finally:
+        transport.close()
+
+
+@task(name="benchmark", **TASK_OPTIONS)
+def benchmark_task(config: RunConfig, deployed: DeployedArtifact, info: ModelInfo, data: PreparedData,
+                   profile: DeviceProfile) -> BenchmarkReport:
+    names = [s.name for s in info.inputs]
+    samples = Samples.load(Path(data.eval_path), names)
+    settings = config.bench if config.bench.threads else config.bench.model_copy(update={"threads": profile.cpu.cores})
+    transport, _ = _transport(profile)
+    try:
+        return benchmark(transport, profile.connection.python_argv(), deployed, samples, input_order=names,
+                         kind=data.kind, settings=settings, local_dir=config.run_dir())
+    finally:
+        transport.close()
+
+
+def _timed(stage: str, timings: dict[str, float], fn, *args):
+    progress.emit(stage, "start")
+    started = time.perf_counter()
+    try:
+        result = fn(*args)
+    except BaseException as exc:
+        progress.emit(stage, "failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    timings[stage] = time.perf_counter() - started
+    progress.emit(stage, "done", f"{timings[stage]:.1f} s")
+    return result
+
+
+@flow(name="deploy-run", log_prints=False, persist_result=False)
+def deploy_run(config: RunConfig) -> RunResult:
+    """Run one model through every stage on one device profile and report honest numbers."""
+    config = config.with_run_id()
+    timings: dict[str, float] = {}
+    profile = _timed("profile", timings, load_profile, config.profile)
+    info = _timed("ingest", timings, ingest_task, config)
+    data = _timed("data", timings, data_task, config, info)
+    quantized = _timed("quantize", timings, quantize_task, config, info, data)
+    compiled = _timed("compile", timings, compile_task, config, quantized, info, profile)
+    deployed = _timed("deploy", timings, deploy_task, config, compiled, info, data, profile)
+    bench = _timed("benchmark", timings, benchmark_task, config, deployed, info, data, profile)
+    progress.emit("report", "start")
+    result = RunResult.assemble(
+        run_id=config.run_id, created=datetime.now(UTC).isoformat(timespec="seconds"), info=info,
+        workload=data.workload, profile=profile.name, quantized=quantized, compiled=compiled, bench=bench,
+        stage_seconds={k: round(v, 3) for k, v in timings.items() if k != "profile"},
+        tools=tool_versions(), flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
+    )
+    path = config.run_dir() / "result.json"
+    result = result.model_copy(update={"result_path": str(path)})
+    path.write_text(json.dumps(result.model_dump(mode="json"), indent=2))
+    progress.emit("report", "done", str(path))
+    return result

@@ -1,0 +1,137 @@
+"""Stage 5, benchmark: run the device-side runner on the device, for the artifact and for the
+baseline a user would otherwise run (onnxruntime fp32 on the original model), one after the
+other in separate processes, on the same inputs; then score both against the labels and the
+artifact against the baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgedeploy.errors import BenchmarkError, ChecksumMismatch
+from pipeline.deploy import DeployedArtifact
+from pipeline.metrics import Agreement, LatencyStats, accuracy, agreement
+from pipeline.workloads.base import Samples
+from targets.transport import Transport
+
+# Time for the runner to start and import its runtime (import tvm takes ~25 s under emulation).
+STARTUP_ALLOWANCE_S = 180.0
+
+
+class BenchmarkSettings(BaseModel):
+    """How long and how often to measure (MLPerf SingleStream style)."""
+
+    model_config = ConfigDict(frozen=True)
+    warmup: int = Field(default=2, ge=0, description="Iterations run first and never counted.")
+    min_iterations: int = Field(default=20, ge=1, description="A run with fewer timed iterations is invalid.")
+    min_seconds: float = Field(default=2.0, ge=0, description="A run shorter than this is invalid.")
+    max_seconds: float = Field(default=600.0, gt=0, description="Wall-clock limit per runtime on the device.")
+    threads: int = Field(default=0, ge=0, description="Threads per runtime (0 = the profile's cores).")
+
+
+class Measurement(BaseModel):
+    """One runtime measured on the device."""
+
+    model_config = ConfigDict(frozen=True)
+    runtime: str
+    artifact_sha256: str
+    versions: dict[str, str]
+    latency_ms: LatencyStats
+    samples_ms: list[float] = Field(description="Every timed iteration, in order (warm-up excluded).")
+    warmup: int
+    peak_rss_mb: float
+    load_seconds: float
+    timed_seconds: float
+    samples: int
+    accuracy: float | None
+    valid: bool
+    invalid_reason: str | None
+    device_python: str
+    device_machine: str
+
+
+class BenchmarkReport(BaseModel):
+    """The artifact and the baseline, side by side."""
+
+    model_config = ConfigDict(frozen=True)
+    artifact: Measurement
+    baseline: Measurement
+    agreement: Agreement
+    metric: str | None = Field(description="top1 or mAP@0.5; None without labels.")
+    settings: BenchmarkSettings
+
+
+def _run_runner(
+    transport: Transport, python: list[str], deployed: DeployedArtifact, *, runtime: str,
+    input_order: list[str], settings: BenchmarkSettings, local_dir: Path,
+) -> tuple[dict[str, Any], np.ndarray]:
+    name = "artifact" if runtime == "tvm" else "baseline"
+    remote_out = posixpath.join(deployed.run_dir, f"outputs.{name}.npz")
+    argv = [*python, deployed.runner.remote_path, "--runtime", runtime,
+            "--inputs", deployed.inputs.remote_path, "--input-order", ",".join(input_order),
+            "--outputs", remote_out, "--warmup", str(settings.warmup),
+            "--min-iterations", str(settings.min_iterations), "--min-seconds", str(settings.min_seconds),
+            "--max-seconds", str(settings.max_seconds), "--threads", str(settings.threads)]
+    if runtime == "tvm":
+        argv += ["--artifact", deployed.library.remote_path, "--manifest", deployed.manifest.remote_path]
+    else:
+        argv += ["--artifact", deployed.baseline_model.remote_path, "--sha256", deployed.baseline_model.sha256]
+    result = transport.run(argv, timeout=settings.max_seconds + STARTUP_ALLOWANCE_S)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    try:
+        report = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise BenchmarkError(
+            f"The device runner ({runtime}) on {transport.name} returned no result",
+            value=f"exit code {result.returncode}", stderr=result.stderr.strip()[-800:] or "(empty)",
+        ) from None
+    if not report.get("ok"):
+        if report.get("error") == "tampered":
+            raise ChecksumMismatch(
+                "The library on the device does not match its manifest; the runner refused to load it",
+                host=transport.name, path=report.get("path"),
+                expected_sha256=report.get("expected"), actual_sha256=report.get("actual"),
+            )
+        raise BenchmarkError(f"The device runner ({runtime}) failed on {transport.name}",
+                             value=report.get("message"), stderr=result.stderr.strip()[-800:])
+    local_out = local_dir / f"outputs.{name}.npz"
+    transport.read(remote_out, local_out)
+    with np.load(local_out) as npz:
+        outputs = npz["outputs"]
+    return report, outputs
+
+
+def _measurement(report: dict[str, Any], kind: str | None, outputs: np.ndarray, samples: Samples) -> Measurement:
+    score = accuracy(kind, outputs, samples.labels) if kind and samples.labels is not None else None
+    return Measurement(
+        runtime=report["runtime"], artifact_sha256=report["artifact_sha256"], versions=report["versions"],
+        latency_ms=LatencyStats.from_samples(report["latency_ms"]), samples_ms=report["latency_ms"],
+        warmup=report["warmup"], peak_rss_mb=report["peak_rss_mb"], load_seconds=report["load_seconds"],
+        timed_seconds=report["timed_seconds"], samples=report["samples_covered"], accuracy=score,
+        valid=report["valid"], invalid_reason=report["invalid_reason"],
+        device_python=report["python"], device_machine=report["machine"],
+    )
+
+
+def benchmark(
+    transport: Transport, python: list[str], deployed: DeployedArtifact, samples: Samples, *,
+    input_order: list[str], kind: str | None, settings: BenchmarkSettings, local_dir: Path,
+) -> BenchmarkReport:
+    """Measure the artifact, then the baseline, on the device; score and compare them."""
+    art_report, art_out = _run_runner(transport, python, deployed, runtime="tvm", input_order=input_order,
+                                      settings=settings, local_dir=local_dir)
+    base_report, base_out = _run_runner(transport, python, deployed, runtime="onnxruntime",
+                                        input_order=input_order, settings=settings, local_dir=local_dir)
+    return BenchmarkReport(
+        artifact=_measurement(art_report, kind, art_out, samples),
+        baseline=_measurement(base_report, kind, base_out, samples),
+        agreement=agreement(art_out, base_out, classifier=kind != "detector"),
+        metric=("mAP@0.5" if kind == "detector" else "top1") if kind and samples.labels is not None else None,
+        settings=settings,
+    )

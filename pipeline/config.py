@@ -1,0 +1,47 @@
+"""What one `deploy run` is asked to do: every option, validated, in one frozen object."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.benchmark import BenchmarkSettings
+from pipeline.quantize import QuantConfig
+
+
+def edgedeploy_home() -> Path:
+    """Where runs and local devices live: $EDGEDEPLOY_HOME, default ~/.cache/edgedeploy."""
+    return Path(os.environ.get("EDGEDEPLOY_HOME", "~/.cache/edgedeploy")).expanduser()
+
+
+class RunConfig(BaseModel):
+    """Inputs of one pipeline run."""
+
+    model_config = ConfigDict(frozen=True)
+    model_path: str = Field(description="The .onnx file.")
+    profile: str = Field(default="local", description="Profile name or YAML path.")
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    calib_data: str | None = Field(default=None, description=".npz or image folder for int8 calibration.")
+    eval_data: str | None = Field(default=None, description=".npz or image folder to evaluate on.")
+    calib_samples: int = Field(default=100, ge=1, description="Calibration samples to use.")
+    eval_samples: int | None = Field(default=None, ge=1, description="Cap on evaluation samples.")
+    input_shapes: dict[str, tuple[int, ...]] = Field(default_factory=dict)
+    max_model_mb: int = Field(default=2048, ge=1, description="Size cap for the model file.")
+    bench: BenchmarkSettings = Field(default_factory=BenchmarkSettings)
+    run_id: str = Field(default="", description="Filled in when empty.")
+
+    def with_run_id(self) -> RunConfig:
+        if self.run_id:
+            return self
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        scheme = self.quant.scheme
+        name = Path(self.model_path).stem[:32]
+        profile = Path(self.profile).stem[:24]
+        return self.model_copy(update={"run_id": f"{stamp}-{name}-{profile}-{scheme}-{secrets.token_hex(2)}"})
+
+    def run_dir(self) -> Path:
+        return edgedeploy_home() / "runs" / self.run_id

@@ -1,0 +1,102 @@
+"""Stage 4, deploy: put files on the device so that a half-written file can never be used.
+
+The protocol (Ansible's copy module is the model): check free space, upload under a temporary
+name in the destination directory, compute sha256 ON THE DEVICE and compare, atomically rename
+into place; the temporary file is removed whatever happens. A file already there with the
+right hash is not sent again.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from edgedeploy.errors import ChecksumMismatch, TransportError
+from pipeline.hashing import sha256_file
+from targets.transport import Transport
+
+RUNNER_SOURCE = Path(__file__).resolve().parents[1] / "targets" / "device_runner.py"
+
+
+class Placement(BaseModel):
+    """One file placed on the device."""
+
+    model_config = ConfigDict(frozen=True)
+    remote_path: str
+    sha256: str
+    size_bytes: int
+    uploaded: bool  # False when the device already had it
+
+
+def place_file(transport: Transport, local: Path, remote_path: str, *, sha256: str | None = None) -> Placement:
+    """Upload ``local`` to ``remote_path`` atomically and verified; skip when already there."""
+    sha256 = sha256 or sha256_file(local)
+    size = local.stat().st_size
+    directory, name = posixpath.split(remote_path)
+    transport.makedirs(directory)
+    if transport.sha256(remote_path) == sha256:
+        return Placement(remote_path=remote_path, sha256=sha256, size_bytes=size, uploaded=False)
+    free = transport.free_bytes(directory)
+    if free < size:
+        raise TransportError(
+            "Not enough free disk on the device for the upload",
+            host=transport.name, directory=directory, bytes_needed=size, bytes_free=free,
+            fix="free space on the device or point connection.workdir at a larger disk",
+        )
+    temporary = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        transport.write(local, temporary)
+        actual = transport.sha256(temporary)
+        if actual != sha256:
+            raise ChecksumMismatch(
+                "The file on the device differs from the one sent; nothing was swapped in",
+                host=transport.name, path=remote_path, expected_sha256=sha256, actual_sha256=actual,
+            )
+        transport.rename(temporary, remote_path)
+    finally:
+        transport.remove(temporary)
+    return Placement(remote_path=remote_path, sha256=sha256, size_bytes=size, uploaded=True)
+
+
+class DeployedArtifact(BaseModel):
+    """Where everything the benchmark needs lies on the device."""
+
+    model_config = ConfigDict(frozen=True)
+    device: str
+    runner: Placement
+    library: Placement
+    manifest: Placement
+    baseline_model: Placement
+    inputs: Placement
+    run_dir: str
+
+
+def deploy(
+    transport: Transport, workdir: str, run_id: str, *, library: Path, manifest: Path,
+    baseline_model: Path, inputs: Path,
+) -> DeployedArtifact:
+    """Place runner, library + manifest, the fp32 baseline model and the inputs on the device.
+
+    Content-addressed directories make re-deploying the same artifact a no-op.
+    """
+    lib_sha = sha256_file(library)
+    model_sha = sha256_file(baseline_model)
+    artifact_dir = posixpath.join(workdir, "artifacts", lib_sha[:16])
+    run_dir = posixpath.join(workdir, "runs", run_id)
+    # The library goes first and the manifest last: a manifest on the device means a complete artifact.
+    placed_library = place_file(transport, library, posixpath.join(artifact_dir, library.name), sha256=lib_sha)
+    placed_manifest = place_file(transport, manifest, posixpath.join(artifact_dir, "manifest.json"))
+    return DeployedArtifact(
+        device=transport.name,
+        runner=place_file(transport, RUNNER_SOURCE, posixpath.join(workdir, "bin", "device_runner.py")),
+        library=placed_library,
+        manifest=placed_manifest,
+        baseline_model=place_file(
+            transport, baseline_model, posixpath.join(workdir, "models", model_sha[:16], "model.onnx"), sha256=model_sha
+        ),
+        inputs=place_file(transport, inputs, posixpath.join(run_dir, "inputs.npz")),
+        run_dir=run_dir,
+    )

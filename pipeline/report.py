@@ -1,0 +1,157 @@
+"""Stage 6, report: one result object that renders itself (rich) and serialises itself (JSON)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.benchmark import BenchmarkReport
+from pipeline.compile import CompiledArtifact
+from pipeline.ingest import ModelInfo
+from pipeline.metrics import Agreement, LatencyStats
+from pipeline.quantize import QuantizedModel
+
+
+class ModelSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    path: str
+    sha256: str
+    workload: str | None
+    parameters: int
+    flops: int
+    op_census: dict[str, int]
+    static_rewrite: bool
+
+
+class ArtifactSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    sha256: str
+    path: str
+    manifest: str
+    target: dict[str, Any]
+
+
+class BaselineSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    runtime: str
+    latency_ms: LatencyStats
+    valid: bool
+    invalid_reason: str | None
+
+
+class AccuracySummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    metric: str | None
+    value: float | None
+    baseline: float | None
+    delta: float | None = Field(description="value - baseline, in the metric's units (fraction).")
+    samples: int
+
+
+class RunResult(BaseModel):
+    """Everything one `deploy run` found out. Its JSON form is the --json output and the result file."""
+
+    model_config = ConfigDict(frozen=True)
+    run_id: str
+    created: str
+    model: ModelSummary
+    profile: str
+    scheme: str
+    runtime: str
+    artifact: ArtifactSummary
+    latency_ms: LatencyStats
+    peak_rss_mb: float
+    baseline: BaselineSummary
+    speedup: float = Field(description="baseline p50 / artifact p50 (above 1 = the artifact is faster).")
+    accuracy: AccuracySummary
+    agreement: Agreement
+    valid: bool
+    invalid_reasons: list[str]
+    stage_seconds: dict[str, float]
+    benchmark: dict[str, Any] = Field(description="Settings, raw latency samples, devices, versions.")
+    tools: dict[str, str]
+    flow_run_id: str | None = None
+    result_path: str | None = None
+
+    @classmethod
+    def assemble(
+        cls, *, run_id: str, created: str, info: ModelInfo, workload: str | None, profile: str,
+        quantized: QuantizedModel, compiled: CompiledArtifact, bench: BenchmarkReport,
+        stage_seconds: dict[str, float], tools: dict[str, str], flow_run_id: str | None,
+    ) -> RunResult:
+        art, base = bench.artifact, bench.baseline
+        reasons = [f"{m.runtime}: {m.invalid_reason}" for m in (art, base) if not m.valid and m.invalid_reason]
+        delta = art.accuracy - base.accuracy if art.accuracy is not None and base.accuracy is not None else None
+        return cls(
+            run_id=run_id, created=created,
+            model=ModelSummary(path=info.source_path, sha256=info.sha256, workload=workload,
+                               parameters=info.parameters, flops=info.flops, op_census=info.op_census,
+                               static_rewrite=info.static_rewrite),
+            profile=profile, scheme=quantized.config.label(), runtime=f"tvm {art.versions.get('tvm', '')}".strip(),
+            artifact=ArtifactSummary(sha256=compiled.sha256, path=compiled.library_path,
+                                     manifest=compiled.manifest_path, target=compiled.target),
+            latency_ms=art.latency_ms, peak_rss_mb=art.peak_rss_mb,
+            baseline=BaselineSummary(runtime=f"onnxruntime {base.versions.get('onnxruntime', '')} fp32".strip(),
+                                     latency_ms=base.latency_ms, valid=base.valid, invalid_reason=base.invalid_reason),
+            speedup=base.latency_ms.p50 / art.latency_ms.p50 if art.latency_ms.p50 > 0 else 0.0,
+            accuracy=AccuracySummary(metric=bench.metric, value=art.accuracy, baseline=base.accuracy, delta=delta,
+                                     samples=art.samples),
+            agreement=bench.agreement, valid=art.valid and base.valid, invalid_reasons=reasons,
+            stage_seconds=stage_seconds,
+            benchmark={
+                "settings": bench.settings.model_dump(),
+                "artifact": art.model_dump(exclude={"latency_ms"}),
+                "baseline": base.model_dump(exclude={"latency_ms"}),
+                "calibration_samples": quantized.calibration_samples,
+                "calibration_source": quantized.calibration_source,
+            },
+            tools=tools, flow_run_id=flow_run_id,
+        )
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        head = Text.assemble(
+            ("edgedeploy run ", "bold"), (self.run_id, "cyan"), "  ",
+            (_file_name(self.model.path), "bold"), f" ({self.model.workload or 'no known workload'}) on ",
+            (self.profile, "bold magenta"), f" as {self.scheme}",
+        )
+        stages = Table(title="stages", title_justify="left", show_edge=False)
+        for name in self.stage_seconds:
+            stages.add_column(name, justify="right")
+        stages.add_row(*(f"{s:.1f} s" for s in self.stage_seconds.values()))
+
+        side = Table(title="on the device, side by side", title_justify="left")
+        side.add_column("")
+        side.add_column(f"{self.runtime} ({self.scheme})", justify="right")
+        side.add_column(self.baseline.runtime, justify="right")
+        a, b = self.latency_ms, self.baseline.latency_ms
+        for label, key in (("p50 ms", "p50"), ("p90 ms", "p90"), ("p99 ms", "p99"), ("mean ms", "mean"),
+                           ("std ms", "std")):
+            side.add_row(label, f"{getattr(a, key):.3f}", f"{getattr(b, key):.3f}")
+        side.add_row("throughput /s", f"{a.throughput_per_s:.1f}", f"{b.throughput_per_s:.1f}")
+        side.add_row("timed iterations", str(a.n), str(b.n))
+        if self.accuracy.metric:
+            side.add_row(self.accuracy.metric, _pct(self.accuracy.value), _pct(self.accuracy.baseline))
+        style = "green" if self.speedup >= 1 else "red"
+        summary = Text.assemble(
+            "speed-up vs onnxruntime fp32 (p50): ", (f"{self.speedup:.2f}x", f"bold {style}"),
+            *(("   accuracy delta: ", (f"{self.accuracy.delta * 100:+.2f} points", "bold")) if self.accuracy.delta
+              is not None else ()),
+            f"\nagreement with fp32: top-1 {_pct(self.agreement.top1)}, cosine {self.agreement.cosine:.5f}, "
+            f"max abs {self.agreement.max_abs:.3g} over {self.agreement.samples} samples",
+        )
+        validity = (Text("valid measurement", style="green") if self.valid
+                    else Text("INVALID: " + "; ".join(self.invalid_reasons), style="bold red"))
+        footer = Text(f"result: {self.result_path}" if self.result_path else "", style="dim")
+        yield Group(head, stages, side, summary, validity, footer)
+
+
+def _file_name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.2f} %"

@@ -1,0 +1,184 @@
+"""Device-side benchmark runner: the very script copied to a board and run there.
+
+Standard library + numpy + the runtime only, and Python 3.6 compatible (JetPack 4.x), so: no
+dataclasses, no walrus, no ``from __future__ import annotations``. It
+
+1. checks the artifact's sha256 against the manifest BEFORE loading it (a tampered library
+   is never loaded),
+2. loads the artifact in the requested runtime (tvm: a Relax VM library; onnxruntime: an .onnx),
+3. runs warm-up iterations (not counted), then timed iterations cycling through the input
+   samples until both the minimum count and the minimum duration are reached and every sample
+   has run once; a wall-clock limit stops it early and marks the run invalid,
+4. writes the first output of every sample to an .npz and prints ONE JSON object on stdout.
+
+Exit codes: 0 measured (check "valid"), 3 refused or failed (JSON has "error").
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fail(kind, message, **extra):
+    out = {"ok": False, "error": kind, "message": message}
+    out.update(extra)
+    print(json.dumps(out))
+    sys.exit(3)
+
+
+def load_tvm(path, threads):
+    if threads:
+        os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+
+    def run(feeds):
+        result = vm["main"](*[tvm.runtime.tensor(x) for x in feeds])
+        first = result[0] if not hasattr(result, "numpy") else result
+        return first.numpy()
+
+    return run, {"tvm": getattr(tvm, "__version__", "unknown")}
+
+
+def load_onnxruntime(path, threads):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    first_output = session.get_outputs()[0].name
+
+    def run(feeds):
+        return session.run([first_output], dict(zip(names, feeds)))[0]
+
+    return run, {"onnxruntime": ort.__version__}
+
+
+def peak_rss_mb():
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runtime", choices=["tvm", "onnxruntime"], required=True)
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--manifest", help="manifest.json whose artifact.sha256 the artifact must match")
+    p.add_argument("--sha256", help="expected sha256 of the artifact (when there is no manifest)")
+    p.add_argument("--inputs", required=True, help=".npz: one array per model input, one sample per row")
+    p.add_argument("--input-order", required=True, help="comma-separated model input names")
+    p.add_argument("--outputs", required=True, help=".npz to write the first output of every sample into")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--min-iterations", type=int, default=20)
+    p.add_argument("--min-seconds", type=float, default=2.0)
+    p.add_argument("--max-seconds", type=float, default=600.0)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+
+    expected = args.sha256
+    if args.manifest:
+        with open(args.manifest) as fh:
+            expected = json.load(fh)["artifact"]["sha256"]
+    if not expected:
+        fail("usage", "give --manifest or --sha256: an artifact is never loaded unverified")
+    actual = sha256_file(args.artifact)
+    if actual != expected:
+        fail("tampered", "artifact does not match its manifest; refusing to load it",
+             path=args.artifact, expected=expected, actual=actual)
+
+    names = args.input_order.split(",")
+    with np.load(args.inputs) as npz:
+        columns = [npz[name] for name in names]
+    n_samples = len(columns[0])
+    samples = [[col[i:i + 1] for col in columns] for i in range(n_samples)]
+
+    t0 = time.perf_counter()
+    loader = load_tvm if args.runtime == "tvm" else load_onnxruntime
+    try:
+        run, versions = loader(args.artifact, args.threads)
+    except Exception as exc:  # the runtime's own error, reported as JSON
+        fail("load", "{}: {}".format(type(exc).__name__, exc))
+    load_seconds = time.perf_counter() - t0
+
+    started = time.perf_counter()
+    deadline = started + args.max_seconds
+    for i in range(args.warmup):
+        run(samples[i % n_samples])
+
+    outputs = [None] * n_samples
+    latencies = []
+    timed_start = time.perf_counter()
+    stopped_by_limit = False
+    i = 0
+    while True:
+        enough = (len(latencies) >= args.min_iterations
+                  and time.perf_counter() - timed_start >= args.min_seconds
+                  and i >= n_samples)
+        if enough:
+            break
+        if time.perf_counter() >= deadline:
+            stopped_by_limit = True
+            break
+        feeds = samples[i % n_samples]
+        t = time.perf_counter()
+        out = run(feeds)
+        latencies.append((time.perf_counter() - t) * 1000.0)
+        if i < n_samples:
+            outputs[i] = np.asarray(out)
+        i += 1
+    timed_seconds = time.perf_counter() - timed_start
+
+    covered = sum(1 for o in outputs if o is not None)
+    reasons = []
+    if len(latencies) < args.min_iterations:
+        reasons.append("{} timed iterations < minimum {}".format(len(latencies), args.min_iterations))
+    if timed_seconds < args.min_seconds:
+        reasons.append("{:.2f} s timed < minimum {} s".format(timed_seconds, args.min_seconds))
+    if covered < n_samples:
+        reasons.append("only {} of {} samples ran".format(covered, n_samples))
+    if stopped_by_limit:
+        reasons.append("stopped by the {} s time limit".format(args.max_seconds))
+
+    np.savez(args.outputs, outputs=np.concatenate([o for o in outputs if o is not None], axis=0))
+    print(json.dumps({
+        "ok": True,
+        "runtime": args.runtime,
+        "artifact_sha256": actual,
+        "versions": versions,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "latency_ms": latencies,
+        "warmup": args.warmup,
+        "timed_seconds": timed_seconds,
+        "load_seconds": load_seconds,
+        "samples": n_samples,
+        "samples_covered": covered,
+        "peak_rss_mb": peak_rss_mb(),
+        "valid": not reasons,
+        "invalid_reason": "; ".join(reasons) or None,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

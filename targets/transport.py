@@ -1,0 +1,102 @@
+"""Transports: how files reach a device and commands run there.
+
+A transport offers primitive operations; the deploy protocol built on them (temporary name,
+checksum on the device, atomic rename) lives in pipeline.deploy, so every transport gets the
+same guarantees. ``LocalTransport`` is the device "this machine": files under a work directory,
+commands as child processes in their own process group (killed whole on timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from edgedeploy.errors import CommandTimeout, TransportError
+from pipeline.hashing import sha256_file
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Transport(Protocol):
+    """Primitive operations on a device. Paths are POSIX strings on the device."""
+
+    name: str
+
+    def run(self, argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -> CommandResult: ...
+    def write(self, local: Path, remote: str) -> None: ...
+    def read(self, remote: str, local: Path) -> None: ...
+    def sha256(self, remote: str) -> str | None: ...
+    def rename(self, src: str, dst: str) -> None: ...
+    def remove(self, remote: str) -> None: ...
+    def makedirs(self, remote: str) -> None: ...
+    def free_bytes(self, remote_dir: str) -> int: ...
+    def close(self) -> None: ...
+
+
+class LocalTransport:
+    """This machine as a device."""
+
+    name = "local"
+
+    def run(self, argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -> CommandResult:
+        full_env = {**os.environ, **(env or {})}
+        try:
+            proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, start_new_session=True
+            )
+        except OSError as exc:
+            raise TransportError(f"Cannot start {argv[0]!r} on the local device", value=exc.strerror,
+                                 fix="check the profile's connection.python") from exc
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: no orphan keeps running
+            proc.communicate()
+            raise CommandTimeout(
+                f"Command on the local device ran past its {timeout:.0f} s limit and was killed",
+                value=" ".join(argv[:4]) + (" ..." if len(argv) > 4 else ""), host="local",
+            ) from None
+        return CommandResult(tuple(argv), proc.returncode, stdout, stderr)
+
+    def write(self, local: Path, remote: str) -> None:
+        shutil.copyfile(local, remote)
+
+    def read(self, remote: str, local: Path) -> None:
+        shutil.copyfile(remote, local)
+
+    def sha256(self, remote: str) -> str | None:
+        return sha256_file(remote) if os.path.isfile(remote) else None
+
+    def rename(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def remove(self, remote: str) -> None:
+        try:
+            os.remove(remote)
+        except FileNotFoundError:
+            pass
+
+    def makedirs(self, remote: str) -> None:
+        os.makedirs(remote, exist_ok=True)
+
+    def free_bytes(self, remote_dir: str) -> int:
+        return shutil.disk_usage(remote_dir).free
+
+    def close(self) -> None:
+        pass
+
+
+def expand_workdir(workdir: str) -> str:
+    """A local device's workdir with ~ expanded (remote ones are expanded by the remote shell)."""
+    return str(Path(workdir).expanduser())
