@@ -35,9 +35,20 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _bundled_model(model: Path) -> Path:
+    """A reference workload's name stands for its bundled model (when no such file exists)."""
+    if model.exists():
+        return model
+    from pipeline.workloads import WORKLOADS
+
+    workload = WORKLOADS.get(str(model))
+    return workload.model_path() if workload else model
+
+
 @app.command()
 def run(
-    model: Annotated[Path, typer.Argument(help="The .onnx model to deploy.")],
+    model: Annotated[Path, typer.Argument(help="The .onnx model to deploy, or a bundled workload's name "
+                                                "(digits-cnn, pp-lcnet-orientation, yolox-glyph-detector).")],
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
     quant: Annotated[Literal["fp32", "fp16", "int8"], typer.Option(help="Numeric format to deploy.")] = "fp32",
     calibration: Annotated[Literal["minmax", "entropy", "percentile"],
@@ -64,7 +75,7 @@ def run(
         from pipeline.quantize import QuantConfig
 
         config = RunConfig(
-            model_path=str(model), profile=profile,
+            model_path=str(_bundled_model(model)), profile=profile,
             quant=QuantConfig(scheme=quant, calibration=calibration, per_channel=per_channel),
             calib_data=str(calib_data) if calib_data else None, eval_data=str(eval_data) if eval_data else None,
             calib_samples=calib_samples, eval_samples=eval_samples,

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny real ONNX models built with onnx.helper, and an isolated EDGEDEPLOY_HOME."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("edgedeploy-home")
+    monkeypatch.setenv("EDGEDEPLOY_HOME", str(home))
+    return home
+
+
+def conv_model(batch: int | str = 1) -> onnx.ModelProto:
+    """x[batch,3,8,8] -> Conv(4 filters, 3x3, pad 1) -> Relu -> GlobalAveragePool -> Flatten -> y[batch,4]."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])], [w, b],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def dynamic_reshape_model() -> onnx.ModelProto:
+    """The PyTorch-export pattern TVM can't import: Shape -> Gather -> Concat -> Reshape, plus a Range grid.
+
+    x[N,3,4,4] -> Reshape to [N, 48] (shape computed from x) -> MatMul w[48,2] -> + Range(0,2) -> y[N,2]
+    """
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((48, 2)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero_idx"),
+        numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "start"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "step"),
+        numpy_helper.from_array(np.array([1], np.int64), "one_idx"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero_idx"], ["batch"], axis=0),
+        helper.make_node("Concat", ["batch", "minus_one"], ["new_shape"], axis=0),
+        helper.make_node("Reshape", ["x", "new_shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["mm"]),
+        helper.make_node("Shape", ["mm"], ["mm_shape"]),
+        helper.make_node("Gather", ["mm_shape", "one_idx"], ["width_vec"], axis=0),
+        helper.make_node("Squeeze", ["width_vec"], ["width_i"]),
+        helper.make_node("Cast", ["width_i"], ["width"], to=TensorProto.FLOAT),
+        helper.make_node("Range", ["start", "width", "step"], ["grid"]),
+        helper.make_node("Add", ["mm", "grid"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "dynamic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.fixture
+def conv_onnx(tmp_path) -> Path:
+    path = tmp_path / "conv.onnx"
+    onnx.save(conv_model(), str(path))
+    return path
+
+
+@pytest.fixture
+def dynamic_onnx(tmp_path) -> Path:
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(dynamic_reshape_model(), str(path))
+    return path

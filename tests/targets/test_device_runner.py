@@ -1,0 +1,79 @@
+"""The device-side runner, run as it runs on a board: a separate Python process."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.hashing import sha256_file
+from tests.conftest import conv_model
+
+RUNNER = Path(__file__).resolve().parents[2] / "targets" / "device_runner.py"
+
+
+def test_runner_is_python36_syntax():
+    tree = ast.parse(RUNNER.read_text(), feature_version=(3, 6))
+    futures = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "__future__"
+               for a in n.names]
+    assert "annotations" not in futures  # 3.7+
+
+
+PY36 = Path("/root/.pyenv/versions/3.6.15/bin/python")
+
+
+@pytest.mark.skipif(not PY36.exists(), reason="no Python 3.6 interpreter on this machine")
+def test_runner_compiles_under_a_real_python36(tmp_path):
+    proc = subprocess.run([str(PY36), "-m", "py_compile", str(RUNNER)], capture_output=True, text=True,
+                          env={"PYTHONPYCACHEPREFIX": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_model(), str(model))
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, x=np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32))
+    return model, inputs
+
+
+def _run(model, inputs, tmp_path, *extra):
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "--runtime", "onnxruntime", "--artifact", str(model), "--inputs", str(inputs),
+         "--input-order", "x", "--outputs", str(tmp_path / "out.npz"), *extra],
+        capture_output=True, text=True, timeout=120,
+    )
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_measures_and_covers_every_sample(setup, tmp_path):
+    model, inputs = setup
+    code, report = _run(model, inputs, tmp_path, "--sha256", sha256_file(model), "--min-iterations", "30",
+                        "--min-seconds", "0.2", "--warmup", "3")
+    assert code == 0 and report["valid"] and report["invalid_reason"] is None
+    assert len(report["latency_ms"]) >= 30 and report["timed_seconds"] >= 0.2 and report["warmup"] == 3
+    with np.load(tmp_path / "out.npz") as npz:
+        assert npz["outputs"].shape == (4, 4)
+
+
+def test_tampered_artifact_is_never_loaded(setup, tmp_path):
+    model, inputs = setup
+    code, report = _run(model, inputs, tmp_path, "--sha256", "0" * 64)
+    assert code == 3 and report["error"] == "tampered" and report["actual"] == sha256_file(model)
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_missed_minimums_are_marked_invalid(setup, tmp_path):
+    model, inputs = setup
+    code, report = _run(model, inputs, tmp_path, "--sha256", sha256_file(model), "--min-iterations", "100000000",
+                        "--min-seconds", "0", "--max-seconds", "1")
+    assert code == 0 and not report["valid"]
+    assert "timed iterations < minimum 100000000" in report["invalid_reason"]
+    assert "time limit" in report["invalid_reason"]
