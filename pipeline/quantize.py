@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 import onnx
+import onnx.version_converter
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -92,12 +93,51 @@ class _Reader(CalibrationDataReader):
         return {name: arr[i : i + 1] for name, arr in self._samples.inputs.items()}
 
 
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so that every input is produced before it is used.
+
+    The fp16 converter appends its input Casts at the END of the node list; onnxruntime doesn't
+    mind, but TVM's importer walks nodes in file order and fails on the first use of a cast output.
+    """
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise QuantizationError("The converted graph has a cycle or an input nobody produces",
+                                    value=[n.name for n in pending[:5]])
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    graph.ClearField("node")
+    graph.node.extend(ordered)
+
+
+# Per-channel QuantizeLinear/DequantizeLinear (the `axis` attribute) needs opset 13; onnxruntime
+# writes it into older models anyway, which the ONNX checker (and so TVM's importer) rejects.
+PER_CHANNEL_MIN_OPSET = 13
+
+
+def _at_least_opset(model_path: Path, workdir: Path, version: int) -> Path:
+    model = onnx.load(str(model_path))
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), version)
+    if current >= version:
+        return model_path
+    upgraded = workdir / f"model.opset{version}.onnx"
+    onnx.save(onnx.version_converter.convert_version(model, version), str(upgraded))
+    return upgraded
+
+
 def _convert(model_path: Path, out: Path, config: QuantConfig, calibration: Samples | None) -> None:
     if config.scheme == "fp16":
-        onnx.save(convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True), str(out))
+        half = convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True)
+        topological_sort(half.graph)
+        onnx.save(half, str(out))
         return
     if calibration is None or len(calibration) == 0:
         raise QuantizationError("int8 needs calibration samples", fix="pass --calib-data PATH")
+    model_path = _at_least_opset(model_path, out.parent, PER_CHANNEL_MIN_OPSET)
     quantize_static(
         str(model_path),
         str(out),

@@ -1,0 +1,90 @@
+"""`deploy run` end to end: real Prefect server, real onnxruntime quantization, real TVM, the real
+device runner in its own process, on the three reference workloads."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from flows.run import deploy_run
+from pipeline.benchmark import BenchmarkSettings
+from pipeline.config import RunConfig
+from pipeline.quantize import QuantConfig
+from pipeline.workloads import WORKLOADS
+
+pytestmark = pytest.mark.slow
+
+QUICK = BenchmarkSettings(warmup=1, min_iterations=5, min_seconds=0.2)
+
+
+def _config(workload: str, scheme: str, **extra) -> RunConfig:
+    return RunConfig(model_path=str(WORKLOADS[workload].model_path()), profile="local",
+                     quant=QuantConfig(scheme=scheme), bench=extra.pop("bench", QUICK), **extra)
+
+
+def _flow_run(flow_run_id: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def fetch():
+        async with get_client() as client:
+            run = await client.read_flow_run(flow_run_id)
+            tasks = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100,
+            )
+            return run, tasks
+
+    return asyncio.run(fetch())
+
+
+def test_digits_fp32_through_the_prefect_server(prefect_server):
+    result = deploy_run(_config("digits-cnn", "fp32"))
+    assert result.valid and result.scheme == "fp32" and result.runtime.startswith("tvm")
+    assert result.model.workload == "digits-cnn"
+    # The trained CNN scores ~99 % on the held-out split, through both runtimes.
+    assert result.accuracy.metric == "top1" and result.accuracy.samples == 450
+    assert result.accuracy.baseline > 0.97 and abs(result.accuracy.delta) < 1e-9
+    assert result.agreement.top1 == 1.0 and result.agreement.max_abs < 1e-3
+    assert result.latency_ms.n >= 450 and result.baseline.latency_ms.n >= 450
+    assert result.speedup == pytest.approx(result.baseline.latency_ms.p50 / result.latency_ms.p50)
+    assert Path(result.result_path).is_file()
+
+    run, tasks = _flow_run(result.flow_run_id)
+    assert run.state.is_completed()
+    assert {"ingest", "data", "quantize", "compile", "deploy", "benchmark"} <= {t.name.rsplit("-", 1)[0] for t in tasks}
+    assert all(t.state.is_completed() for t in tasks)
+
+
+def test_digits_int8_costs_little_accuracy(prefect_server):
+    result = deploy_run(_config("digits-cnn", "int8", calib_samples=200))
+    assert result.valid and result.scheme.startswith("int8 QDQ U8S8 minmax per-channel")
+    assert result.benchmark["calibration_samples"] == 200
+    assert result.accuracy.value > 0.95 and result.agreement.top1 > 0.97
+    assert result.agreement.cosine > 0.99
+
+
+def test_orientation_int8_static_rewrite(prefect_server):
+    result = deploy_run(_config("pp-lcnet-orientation", "int8", calib_samples=32, eval_samples=16))
+    assert result.model.static_rewrite  # PP-LCNet computes its Reshape target with Shape at run time
+    assert result.valid and result.accuracy.samples == 16
+    assert result.accuracy.baseline >= 0.9 and result.accuracy.value >= 0.9
+
+
+def test_detector_int8_map(prefect_server):
+    result = deploy_run(_config("yolox-glyph-detector", "int8", calib_samples=16, eval_samples=3,
+                                bench=BenchmarkSettings(warmup=1, min_iterations=3, min_seconds=0)))
+    assert result.accuracy.metric == "mAP@0.5" and result.agreement.top1 is None
+    assert result.accuracy.baseline > 0.8 and result.accuracy.value > 0.8
+    assert result.valid
+
+
+def test_run_that_misses_its_minimums_is_invalid(prefect_server):
+    result = deploy_run(_config("digits-cnn", "fp32", eval_samples=10,
+                                bench=BenchmarkSettings(warmup=0, min_iterations=10**9, min_seconds=0,
+                                                        max_seconds=1)))
+    assert not result.valid
+    assert any("timed iterations < minimum" in reason for reason in result.invalid_reasons)

@@ -1,0 +1,85 @@
+"""Quantization with onnxruntime: QDQ int8 as configured, fp16 in an order TVM can import."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from edgedeploy.errors import QuantizationError
+from pipeline.quantize import QuantConfig, quantize
+from pipeline.workloads.base import Samples
+
+
+def _calibration(n=16):
+    return Samples({"x": np.random.default_rng(0).random((n, 3, 8, 8), dtype=np.float32)}, None, "random")
+
+
+def _produced_before_use(graph: onnx.GraphProto) -> bool:
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        if not all(i in available for i in node.input):
+            return False
+        available.update(node.output)
+    return True
+
+
+def test_int8_is_qdq_u8s8_per_channel(conv_onnx, tmp_path):
+    q = quantize(conv_onnx, tmp_path, QuantConfig(scheme="int8"), _calibration())
+    model = onnx.load(q.path)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and "QLinearConv" not in ops
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    zero_points = [v for k, v in inits.items() if k.endswith("_zero_point")]
+    assert any(z.dtype == np.uint8 for z in zero_points) and any(z.dtype == np.int8 for z in zero_points)
+    weight_scales = [v for k, v in inits.items() if k.startswith("w") and k.endswith("_scale")]
+    assert weight_scales and weight_scales[0].shape == (4,)  # one scale per output channel
+    assert q.calibration_samples == 16
+
+
+def test_per_tensor_has_one_weight_scale(conv_onnx, tmp_path):
+    q = quantize(conv_onnx, tmp_path, QuantConfig(scheme="int8", per_channel=False), _calibration())
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(q.path).graph.initializer}
+    assert all(v.size == 1 for k, v in inits.items() if k.startswith("w") and k.endswith("_scale"))
+
+
+def test_percentile_calibration_clips_differently_from_minmax(conv_onnx, tmp_path):
+    scales = {}
+    for method in ("minmax", "percentile"):
+        (tmp_path / method).mkdir()
+        q = quantize(conv_onnx, tmp_path / method, QuantConfig(scheme="int8", calibration=method), _calibration(64))
+        scales[method] = {t.name: numpy_helper.to_array(t) for t in onnx.load(q.path).graph.initializer
+                          if t.name.endswith("_scale")}
+    assert any(not np.allclose(scales["minmax"][k], scales["percentile"][k]) for k in scales["minmax"])
+
+
+def test_fp16_keeps_fp32_io_and_is_topologically_sorted(conv_onnx, tmp_path):
+    q = quantize(conv_onnx, tmp_path, QuantConfig(scheme="fp16"), None)
+    model = onnx.load(q.path)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert _produced_before_use(model.graph)  # regression: the converter appended input Casts last
+    x = _calibration(1).inputs["x"]
+    half = ort.InferenceSession(q.path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    full = ort.InferenceSession(str(conv_onnx), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(half, full, rtol=1e-2, atol=1e-2)
+
+
+def test_int8_without_calibration_is_refused(conv_onnx, tmp_path):
+    with pytest.raises(QuantizationError, match="calibration"):
+        quantize(conv_onnx, tmp_path, QuantConfig(scheme="int8"), None)
+
+
+def test_int8_of_an_opset11_model_is_valid_onnx(tmp_path):
+    """Regression: per-channel DequantizeLinear(axis=...) inside an opset-11 model failed onnx.checker in TVM."""
+    from tests.conftest import conv_model
+
+    model = conv_model()
+    model.opset_import[0].version = 11
+    path = tmp_path / "old.onnx"
+    onnx.save(model, str(path))
+    q = quantize(path, tmp_path, QuantConfig(scheme="int8"), _calibration())
+    quantized = onnx.load(q.path)
+    onnx.checker.check_model(quantized)
+    assert quantized.opset_import[0].version >= 13
