@@ -84,7 +84,10 @@ def run(
                                     max_seconds=max_seconds),
         ).with_run_id()
         from edgedeploy.progress_view import StageProgress
+        from flows.console import hide_our_error_tracebacks
         from flows.run import deploy_run
+
+        hide_our_error_tracebacks()
 
         with StageProgress(stderr):
             result = deploy_run(config)

@@ -1,0 +1,3 @@
+from edgedeploy.cli import app
+
+app(prog_name="deploy")

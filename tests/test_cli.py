@@ -1,0 +1,88 @@
+"""The `deploy` command as a user runs it: a subprocess, talking to the session's Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.flows.conftest import prefect_server  # noqa: F401 - the shared server fixture
+
+pytestmark = pytest.mark.slow
+
+REQUIRED = [
+    "model.sha256", "profile", "scheme", "runtime", "artifact.sha256",
+    *(f"latency_ms.{k}" for k in ("p50", "p90", "p99", "mean", "n")),
+    "baseline.runtime", *(f"baseline.latency_ms.{k}" for k in ("p50", "p90", "p99", "mean", "n")),
+    "speedup", "accuracy.metric", "accuracy.value", "accuracy.baseline",
+    "agreement.top1", "agreement.cosine", "agreement.max_abs", "valid",
+]
+
+
+def deploy(*args: str, api_url: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_API_URL": api_url, "EDGEDEPLOY_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "edgedeploy", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def _lookup(obj: dict, dotted: str):
+    for part in dotted.split("."):
+        obj = obj[part]
+    return obj
+
+
+def test_run_json_prints_one_object_with_every_key(prefect_server, isolated_home):  # noqa: F811
+    proc = deploy("run", "digits-cnn", "--quant", "int8", "--min-iterations", "5", "--min-seconds", "0.1",
+                  "--json", api_url=prefect_server, home=isolated_home)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    for key in REQUIRED:
+        _lookup(result, key)
+    assert result["profile"] == "local" and result["scheme"].startswith("int8") and result["valid"] is True
+    assert result["baseline"]["runtime"].startswith("onnxruntime") and result["accuracy"]["metric"] == "top1"
+    assert json.loads(Path(result["result_path"]).read_text())["run_id"] == result["run_id"]
+
+
+def test_run_table(prefect_server, isolated_home):  # noqa: F811
+    proc = deploy("run", "digits-cnn", "--min-iterations", "5", "--min-seconds", "0.1",
+                  api_url=prefect_server, home=isolated_home)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("side by side", "p50 ms", "speed-up vs onnxruntime fp32", "top1", "valid measurement"):
+        assert text in proc.stdout
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    garbage = tmp / "garbage.onnx"
+    garbage.write_bytes(os.urandom(2048))
+    empty = tmp / "empty.onnx"
+    empty.write_bytes(b"")
+    wrong_dtype = tmp / "calib.npz"
+    np.savez(wrong_dtype, image=np.zeros((4, 1, 8, 8), np.float64))
+    return {
+        "garbage model": ([str(garbage)], "not a readable ONNX model"),
+        "empty model": ([str(empty)], "is empty"),
+        "missing model": ([str(tmp / "nope.onnx")], "does not exist"),
+        "unknown profile": (["digits-cnn", "--profile", "jetson-nanoo"], "Unknown device profile"),
+        "bad input shape": (["digits-cnn", "--input-shape", "image=1,x"], "--input-shape"),
+        "wrong calibration dtype": (["digits-cnn", "--quant", "int8", "--calib-data", str(wrong_dtype)],
+                                    "wrong dtype"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "garbage model", "empty model", "missing model", "unknown profile", "bad input shape",
+    "wrong calibration dtype",
+])
+def test_bad_input_is_one_clear_error(prefect_server, isolated_home, tmp_path, case):  # noqa: F811
+    args, message = _bad_inputs(tmp_path)[case]
+    proc = deploy("run", *args, "--json", api_url=prefect_server, home=isolated_home)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    error = json.loads(proc.stdout)
+    assert error["ok"] is False and message in error["what"] + str(error.get("value")) + str(error.get("expected"))
+    assert "error:" in proc.stderr
