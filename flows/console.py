@@ -41,5 +41,6 @@ def hide_our_error_tracebacks() -> None:
     drop = DropOurErrors()
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
         for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, DropOurErrors) for f in handler.filters):
+            already = any(isinstance(f, DropOurErrors) for f in handler.filters)
+            if isinstance(handler, logging.StreamHandler) and not already:
                 handler.addFilter(drop)

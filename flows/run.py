@@ -64,7 +64,9 @@ def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData) -> Qua
 
 
 @task(name="compile", **TASK_OPTIONS)
-def compile_task(config: RunConfig, quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile) -> CompiledArtifact:
+def compile_task(
+    config: RunConfig, quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile
+) -> CompiledArtifact:
     return compile_model(quantized, info, profile, config.run_dir())
 
 

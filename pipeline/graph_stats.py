@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from pipeline.onnx_safety import iter_tensors
 
@@ -102,9 +102,3 @@ def peak_activation_bytes(model: onnx.ModelProto) -> int:
                 current -= size.get(name, 0)
     return peak
 
-
-def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    return None

@@ -93,7 +93,7 @@ def resolve_input_shapes(model: onnx.ModelProto, requested: dict[str, tuple[int,
     for name in requested:
         if name not in known:
             raise OptionError(
-                f"--input-shape names an input the model doesn't have", value=name,
+                "--input-shape names an input the model doesn't have", value=name,
                 expected=f"one of {', '.join(sorted(known))}",
             )
     resolved: dict[str, tuple[int, ...]] = {}
@@ -140,7 +140,7 @@ def _pin_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> o
     pinned.CopyFrom(model)
     for info in _graph_inputs(pinned):
         dims = info.type.tensor_type.shape.dim
-        for dim, value in zip(dims, shapes[info.name]):
+        for dim, value in zip(dims, shapes[info.name], strict=True):
             dim.Clear()
             dim.dim_value = value
     # Outputs keep whatever inference gives; stale symbolic dims would clash with it.
@@ -208,7 +208,7 @@ def make_static(
     reference = _session(model.SerializeToString()).run(None, feeds)
     rewritten = _session(str(out_path)).run(None, feeds)
     worst = 0.0
-    for ref, got in zip(reference, rewritten):
+    for ref, got in zip(reference, rewritten, strict=True):
         if ref.shape != got.shape:
             raise StaticShapeError("The static model's output shape differs from the original's",
                                    value=got.shape, expected=str(ref.shape))

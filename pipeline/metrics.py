@@ -57,7 +57,7 @@ def average_precision(detections: list[np.ndarray], truths: list[np.ndarray], *,
     if total == 0:
         return float("nan")
     scored: list[tuple[float, bool]] = []
-    for dets, truth in zip(detections, truths):
+    for dets, truth in zip(detections, truths, strict=True):
         matched = np.zeros(len(truth), bool)
         for det in dets[np.argsort(-dets[:, 4])] if len(dets) else []:
             hit = False

@@ -42,7 +42,9 @@ class CpuUnit(_Frozen):
         description="LLVM CPU name (cortex-a72, haswell, ...); null = this host's CPU as LLVM detects it.",
     )
     mattr: tuple[str, ...] = Field(default=(), description="Extra LLVM attributes, e.g. +neon.")
-    features: tuple[str, ...] = Field(default=(), description="ISA features (avx2, fma, avx512_vnni, asimddp, ...).")
+    features: tuple[str, ...] = Field(
+        default=(), description="ISA features (avx2, fma, avx512_vnni, asimddp, ...)."
+    )
     cores: int = Field(ge=1, description="Cores the model may use.")
     precisions: tuple[Precision, ...] = Field(description="Precisions the CPU computes natively.")
     int8_dot_product: bool = Field(description="Has an int8 dot-product instruction (VNNI, ARM dotprod).")
@@ -73,7 +75,9 @@ class Connection(_Frozen):
     port: int = Field(default=22, ge=1, le=65535, description="SSH port.")
     user: str | None = Field(default=None, pattern=SAFE_TOKEN, description="SSH user.")
     key_file: str | None = Field(default=None, pattern=SAFE_TOKEN, description="Private key file for SSH.")
-    known_hosts: str | None = Field(default=None, pattern=SAFE_TOKEN, description="known_hosts file to verify host keys.")
+    known_hosts: str | None = Field(
+        default=None, pattern=SAFE_TOKEN, description="known_hosts file to verify host keys."
+    )
     python: tuple[str, ...] | None = Field(
         default=None,
         description="argv that runs the device's Python; null on a local device = this interpreter.",
@@ -97,7 +101,8 @@ class DeviceProfile(_Frozen):
     python_version: str = Field(pattern=r"^3\.\d+$", description="Python on the device, e.g. 3.11.")
     runtimes: Runtimes = Field(default_factory=Runtimes, description="Runtimes on the device.")
     cross_compiler: str | None = Field(
-        default=None, pattern=SAFE_TOKEN, description="C compiler that links libraries for this device (null = host cc)."
+        default=None, pattern=SAFE_TOKEN,
+        description="C compiler that links libraries for this device (null = host cc).",
     )
     connection: Connection = Field(description="How to reach the device.")
     source: str | None = Field(default=None, description="File the profile was read from (filled in by the loader).")
@@ -167,13 +172,10 @@ def _raw_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(base_name, str):
         raise ProfileError(f"In {path}: field 'extends' must be a profile name", value=base_name)
-    try:
-        base_path = _resolve_path(base_name) if "/" in base_name else PROFILES_DIR / f"{base_name}.yaml"
-        if not base_path.is_file():
-            raise ProfileError(f"In {path}: base profile {base_name!r} does not exist", value=base_name,
-                               expected=f"one of {', '.join(available_profiles())}")
-    except ProfileError:
-        raise
+    base_path = _resolve_path(base_name) if "/" in base_name else PROFILES_DIR / f"{base_name}.yaml"
+    if not base_path.is_file():
+        raise ProfileError(f"In {path}: base profile {base_name!r} does not exist", value=base_name,
+                           expected=f"one of {', '.join(available_profiles())}")
     base = _raw_profile(base_path, seen + (path,))
     base.pop("name", None)
     return _merge(base, data)

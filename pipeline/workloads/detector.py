@@ -63,7 +63,9 @@ def decode(output: np.ndarray, *, score_threshold: float = 0.1, nms_threshold: f
     keep = scores > score_threshold
     boxes = np.concatenate([centre - size / 2, centre + size / 2], 1)[keep]
     scores = scores[keep]
-    return np.concatenate([boxes, scores[:, None]], 1)[nms(boxes, scores, nms_threshold)] if len(scores) else np.zeros((0, 5))
+    if not len(scores):
+        return np.zeros((0, 5))
+    return np.concatenate([boxes, scores[:, None]], 1)[nms(boxes, scores, nms_threshold)]
 
 
 def iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -85,7 +87,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
         keep.append(int(best))
         if order:
             overlaps = iou(boxes[best], boxes[order])
-            order = [o for o, v in zip(order, overlaps) if v <= threshold]
+            order = [o for o, v in zip(order, overlaps, strict=True) if v <= threshold]
     return keep
 
 

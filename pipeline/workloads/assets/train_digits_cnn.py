@@ -41,7 +41,7 @@ def main() -> None:
     model = build()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(60):
+    for _epoch in range(60):
         model.train()
         perm = torch.randperm(len(xt))
         for i in range(0, len(xt), 64):
