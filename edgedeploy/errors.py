@@ -7,6 +7,7 @@
     │   ├── DataError             calibration / eval data of the wrong shape, dtype or format
     │   ├── ProfileError          a device profile that doesn't validate
     │   └── OptionError           a command-line value that can't be used
+    ├── CheckRefused              a hardware/compiler check refused the request (exit code 4)
     ├── StageError                a stage failed on valid input (exit code 1)
     │   ├── StaticShapeError      the static rewrite of a model changed its outputs
     │   ├── QuantizationError
@@ -103,6 +104,12 @@ class ProfileError(UserInputError):
 
 class OptionError(UserInputError):
     """A command-line option value can't be used."""
+
+
+class CheckRefused(EdgeDeployError):
+    """The device or the compiler can't run what was asked; nothing was quantized or compiled."""
+
+    exit_code = 4
 
 
 class StageError(EdgeDeployError):

@@ -93,3 +93,8 @@ def compile_model(
         library_path=str(library), manifest_path=str(manifest_path), sha256=digest, runtime="tvm",
         target=target_dict, compile_seconds=seconds,
     )
+
+
+def tvm_importable_ops() -> frozenset[str]:
+    """ONNX op types TVM's Relax frontend can import (its converter table)."""
+    return frozenset(onnx_frontend._get_convert_map())

@@ -1,0 +1,263 @@
+"""Stage 0, check: hold the requested scheme and runtime against the device, before any work.
+
+Every check returns pass / warn / refuse with the reason in a user's words and the hardware or
+compiler fact it rests on (../shared/notes/hardware.md), so a refusal can be trusted and
+argued with. `deploy check` prints them; `deploy run` stops before quantizing on a refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import onnx
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.table import Table
+
+from pipeline.ingest import ModelInfo
+from pipeline.quantize import QuantConfig
+from targets.profiles import DeviceProfile
+
+Verdict = Literal["pass", "warn", "refuse"]
+Runtime = Literal["tvm", "onnxruntime"]
+
+# onnxruntime's quantizer writes these ("QOperator" format); TVM 0.27's ONNX importer has none of them.
+QOPERATOR_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+    "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
+    "QLinearReduceMean", "QLinearWhere", "QAttention",
+})
+# Dynamic quantization of Conv (quantize_dynamic) produces ConvInteger.
+DYNAMIC_QUANT_OPS = frozenset({"ConvInteger"})
+
+# Newest default-domain opset each onnxruntime release runs (onnxruntime's compatibility table).
+ORT_MAX_OPSET = {(1, 10): 15, (1, 11): 16, (1, 12): 17, (1, 13): 17, (1, 14): 18, (1, 15): 19, (1, 16): 19,
+                 (1, 17): 20, (1, 18): 21, (1, 19): 21, (1, 20): 21, (1, 21): 22, (1, 22): 22, (1, 23): 23}
+
+# Resident memory of a runtime with nothing loaded (Python + numpy + the runtime), measured on x86-64
+# with the device runner: an estimate for the fit check, not a guarantee.
+RUNTIME_OVERHEAD_MB = {"tvm": 180, "onnxruntime": 120}
+
+
+class CheckResult(BaseModel):
+    """One check's verdict."""
+
+    model_config = ConfigDict(frozen=True)
+    check: str
+    verdict: Verdict
+    reason: str = Field(description="What this means for the user's request.")
+    fact: str = Field(default="", description="The hardware or compiler fact the verdict rests on.")
+    fix: str | None = None
+    nodes: list[str] = Field(default_factory=list, description="Offending nodes as 'name (op)'.")
+
+
+class CheckReport(BaseModel):
+    """All checks for one (model, profile, scheme, runtime)."""
+
+    model_config = ConfigDict(frozen=True)
+    profile: str
+    scheme: str
+    runtime: Runtime
+    results: list[CheckResult]
+    quant: QuantConfig = Field(description="The configuration to use, after the checks' adjustments.")
+
+    @property
+    def refused(self) -> list[CheckResult]:
+        return [r for r in self.results if r.verdict == "refuse"]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = Table(title=f"checks: {self.scheme} on {self.profile} via {self.runtime}", title_justify="left")
+        table.add_column("check")
+        table.add_column("verdict")
+        table.add_column("reason")
+        colour = {"pass": "green", "warn": "yellow", "refuse": "bold red"}
+        for r in self.results:
+            text = r.reason + (f"\n[dim]fact: {r.fact}[/]" if r.fact else "") + (f"\n[cyan]fix: {r.fix}[/]" if r.fix
+                                                                                   else "")
+            table.add_row(r.check, f"[{colour[r.verdict]}]{r.verdict}[/]", text)
+        yield table
+
+
+def _unit(profile: DeviceProfile) -> tuple[str, tuple[str, ...]]:
+    if profile.run_on == "gpu" and profile.gpu:
+        return f"{profile.name}'s GPU ({profile.gpu.name}, compute capability {profile.gpu.compute_capability})", \
+            profile.gpu.precisions
+    return f"{profile.name}'s CPU ({profile.cpu.mcpu or 'this host'})", profile.cpu.precisions
+
+
+def check_precision(profile: DeviceProfile, quant: QuantConfig) -> CheckResult:
+    unit, precisions = _unit(profile)
+    name = "precision vs arithmetic"
+    if quant.scheme == "fp32":
+        return CheckResult(check=name, verdict="pass", reason=f"fp32 runs natively on {unit}")
+    if quant.scheme == "fp16":
+        if "fp16" in precisions:
+            return CheckResult(check=name, verdict="pass", reason=f"{unit} has native fp16 arithmetic")
+        return CheckResult(
+            check=name, verdict="refuse",
+            reason=f"fp16 needs fp16 arithmetic on the unit that runs the model, and {unit} has none: every op "
+                   "would convert to fp32 and back, slower than plain fp32",
+            fact="fp16 arithmetic: Jetson Nano GPU yes, its CPU no; Raspberry Pi 4 no, Pi 5 yes (ARMv8.2 FP16); "
+                 "x86 AVX2/VNNI no (F16C only converts)",
+            fix="use --quant fp32, or --quant int8 to cut memory",
+        )
+    gpu = profile.gpu if profile.run_on == "gpu" else None
+    if gpu is not None:
+        major, minor = (int(x) for x in gpu.compute_capability.split("."))
+        if (major, minor) < (6, 1):
+            return CheckResult(
+                check=name, verdict="refuse",
+                reason=f"int8 has no fast path on {unit}: it would run slower than fp16",
+                fact="int8 on NVIDIA GPUs needs DP4A, from compute capability 6.1; Maxwell (5.3) has none and "
+                     "TensorRT offers no int8 there",
+                fix="use --quant fp16 (native on this GPU, 2x the fp32 rate)",
+            )
+        return CheckResult(check=name, verdict="pass", reason=f"{unit} has DP4A int8 dot products")
+    if profile.cpu.int8_dot_product:
+        return CheckResult(check=name, verdict="pass", reason=f"{unit} has an int8 dot-product instruction")
+    return CheckResult(
+        check=name, verdict="warn",
+        reason=f"{unit} has no int8 dot-product instruction: int8 cuts weight memory 4x, but the speed-up will be "
+               "small or negative",
+        fact="int8 dot products: x86 VNNI (VPDPBUSD) or ARMv8.2 dotprod (SDOT/UDOT); Cortex-A57/A72 and AVX2-only "
+             "x86 have neither",
+    )
+
+
+def check_ort_int8_x86(profile: DeviceProfile, quant: QuantConfig) -> tuple[CheckResult, QuantConfig]:
+    name = "int8 format on x86 without VNNI"
+    if quant.scheme != "int8" or profile.cpu.arch != "x86_64" or profile.cpu.int8_dot_product \
+            or profile.run_on == "gpu":
+        return CheckResult(check=name, verdict="pass", reason="not applicable"), quant
+    adjusted = quant.model_copy(update={"activation_type": "uint8", "reduce_range": True})
+    return CheckResult(
+        check=name, verdict="warn",
+        reason="without VNNI, S8S8 int8 is no faster than fp32 and U8S8 can saturate in VPMADDUBSW: using U8S8 "
+               "with reduce_range (7-bit weights)",
+        fact="onnxruntime on AVX2: u8 x s8 goes through VPMADDUBSW (16-bit saturating sums); S8S8 QDQ measured at "
+             "fp32 speed, S8S8 QOperator 3-5x slower; its docs advise reduce_range there",
+    ), adjusted
+
+
+def _named(nodes: Iterable[onnx.NodeProto]) -> list[str]:
+    return [f"{n.name or '<unnamed>'} ({n.op_type})" for n in nodes]
+
+
+def check_format(model: onnx.ModelProto, runtime: Runtime) -> CheckResult:
+    name = "quantized format vs compiler"
+    bad = [n for n in model.graph.node if n.op_type in QOPERATOR_OPS | DYNAMIC_QUANT_OPS]
+    if runtime != "tvm" or not bad:
+        return CheckResult(check=name, verdict="pass", reason="no QOperator or dynamically quantized Conv nodes"
+                           if not bad else "onnxruntime runs QOperator and ConvInteger nodes")
+    kinds = sorted({n.op_type for n in bad})
+    return CheckResult(
+        check=name, verdict="refuse",
+        reason=f"{len(bad)} node(s) in a quantized format TVM can't import ({', '.join(kinds)})",
+        fact="TVM 0.27's ONNX importer reads QDQ (QuantizeLinear/DequantizeLinear) models only; QOperator ops "
+             "(QLinearConv, QGemm, ...) and ConvInteger (dynamic quantization of Conv) are not in its table",
+        fix="run this model with onnxruntime, or give the fp32 model with --quant int8 (static QDQ)",
+        nodes=_named(bad[:20]),
+    )
+
+
+def check_op_coverage(model: onnx.ModelProto, runtime: Runtime, importable: frozenset[str]) -> CheckResult:
+    name = "op coverage"
+    if runtime == "tvm":
+        missing = [n for n in model.graph.node
+                   if n.domain not in ("", "ai.onnx") or n.op_type not in importable]
+        missing = [n for n in missing if n.op_type not in QOPERATOR_OPS | DYNAMIC_QUANT_OPS]  # said above
+        if missing:
+            return CheckResult(
+                check=name, verdict="refuse",
+                reason=f"{len(missing)} node(s) TVM can't import: "
+                       f"{', '.join(sorted({n.op_type for n in missing}))}",
+                fact="TVM 0.27's ONNX converter table has 164 ops; not LSTM/GRU/RNN, not com.microsoft contrib ops",
+                fix="run the model with onnxruntime, or replace these ops before export",
+                nodes=_named(missing[:20]),
+            )
+    return CheckResult(check=name, verdict="pass", reason=f"every op is importable by {runtime}")
+
+
+def check_opset(model: onnx.ModelProto, profile: DeviceProfile) -> CheckResult:
+    name = "opset vs device onnxruntime"
+    version = profile.runtimes.onnxruntime
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version is None:
+        return CheckResult(check=name, verdict="warn",
+                           reason="no onnxruntime on the device: the fp32 baseline can't be measured there",
+                           fix="install onnxruntime on the device and set runtimes.onnxruntime in the profile")
+    major_minor = tuple(int(x) for x in version.split(".")[:2])
+    newest = ORT_MAX_OPSET.get(major_minor) or (max(ORT_MAX_OPSET.values()) if major_minor > (1, 23) else None)
+    if newest is not None and opset > newest:
+        return CheckResult(
+            check=name, verdict="warn",
+            reason=f"the model uses opset {opset}; onnxruntime {version} on the device runs up to opset {newest}: "
+                   "the fp32 baseline won't load there",
+            fact="onnxruntime's compatibility table: each release runs ONNX opsets up to a fixed version",
+            fix=f"re-export with opset <= {newest}, or update onnxruntime on the device",
+        )
+    return CheckResult(check=name, verdict="pass", reason=f"opset {opset} runs on onnxruntime {version}")
+
+
+def check_memory(info: ModelInfo, profile: DeviceProfile, quant: QuantConfig, runtime: Runtime) -> CheckResult:
+    name = "memory fit"
+    weight_factor = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}[quant.scheme]
+    weights_mb = info.weight_bytes * weight_factor / 2**20
+    activations_mb = info.peak_activation_bytes / 2**20
+    need = weights_mb + activations_mb + RUNTIME_OVERHEAD_MB[runtime]
+    have = profile.memory_mb
+    detail = (f"weights {weights_mb:.1f} MB + peak activations {activations_mb:.1f} MB + {runtime} overhead "
+              f"~{RUNTIME_OVERHEAD_MB[runtime]} MB = {need:.0f} MB of {have} MB")
+    shared = " (shared between CPU and GPU)" if profile.gpu else ""
+    if need > have:
+        return CheckResult(check=name, verdict="refuse", reason=f"the model doesn't fit: {detail}{shared}",
+                           fact="weights + peak activations + runtime overhead must fit the device's memory",
+                           fix="quantize (int8 cuts weights 4x) or use a smaller input shape")
+    if need > 0.8 * have:
+        return CheckResult(check=name, verdict="warn", reason=f"tight: {detail}{shared}; the OS needs room too")
+    return CheckResult(check=name, verdict="pass", reason=detail)
+
+
+def check_runtime(profile: DeviceProfile, runtime: Runtime) -> CheckResult:
+    name = "runtime on the device"
+    py = tuple(int(x) for x in profile.python_version.split("."))
+    if py < (3, 6):
+        return CheckResult(check=name, verdict="refuse",
+                           reason=f"the device runner needs Python >= 3.6; {profile.name} has {profile.python_version}",
+                           fix="install Python 3.6+ on the device")
+    version = getattr(profile.runtimes, runtime)
+    if version is None:
+        wheel_note = (" TVM 0.27 wheels need Python >= 3.9; this device has "
+                      f"{profile.python_version} ({profile.os})") if runtime == "tvm" and py < (3, 9) else ""
+        return CheckResult(
+            check=name, verdict="refuse",
+            reason=f"{runtime} is not on {profile.name}: a compiled artifact couldn't be loaded there.{wheel_note}",
+            fact="the device-side runner loads the artifact with the device's own runtime",
+            fix=(f"build the {runtime} runtime on the board and set runtimes.{runtime} in the profile, "
+                 f"or use the {'onnxruntime' if runtime == 'tvm' else 'tvm'} path"),
+        )
+    return CheckResult(check=name, verdict="pass",
+                       reason=f"{runtime} {version} and Python {profile.python_version} on {profile.name}")
+
+
+def run_checks(
+    model: onnx.ModelProto, info: ModelInfo, profile: DeviceProfile, quant: QuantConfig, *,
+    runtime: Runtime = "tvm", importable: frozenset[str] | None = None,
+) -> CheckReport:
+    """Every check, in order; ``quant`` may come back adjusted (e.g. reduce_range on AVX2)."""
+    if importable is None:
+        from pipeline.compile import tvm_importable_ops
+
+        importable = tvm_importable_ops()
+    ort_result, quant = check_ort_int8_x86(profile, quant)
+    results = [
+        check_precision(profile, quant),
+        ort_result,
+        check_format(model, runtime),
+        check_op_coverage(model, runtime, importable),
+        check_memory(info, profile, quant, runtime),
+        check_runtime(profile, runtime),
+        check_opset(model, profile),
+    ]
+    return CheckReport(profile=profile.name, scheme=quant.label(), runtime=runtime, results=results, quant=quant)
