@@ -17,6 +17,7 @@ from rich.table import Table
 
 from pipeline.ingest import ModelInfo
 from pipeline.quantize import QuantConfig
+from targets.host import Toolchain, detect_toolchain
 from targets.profiles import DeviceProfile
 
 Verdict = Literal["pass", "warn", "refuse"]
@@ -241,9 +242,47 @@ def check_runtime(profile: DeviceProfile, runtime: Runtime) -> CheckResult:
                        reason=f"{runtime} {version} and Python {profile.python_version} on {profile.name}")
 
 
+# CUDA 13 builds code for compute capability 7.5 and newer only (it dropped Maxwell, Pascal and Volta).
+CUDA13_MIN_CC = (7, 5)
+
+
+def check_toolchain(profile: DeviceProfile, toolchain: Toolchain) -> CheckResult:
+    name = "build toolchain"
+    notes = []
+    if profile.cpu.arch != toolchain.arch:
+        compiler = profile.cross_compiler
+        if not compiler or not toolchain.has(compiler):
+            return CheckResult(
+                check=name, verdict="refuse",
+                reason=f"{profile.name} is {profile.cpu.arch} and this machine is {toolchain.arch}: the library needs "
+                       f"a cross linker ({compiler or 'none set in the profile'}), which is not installed",
+                fact="TVM emits object code for the target; linking it into a shared library needs that arch's gcc",
+                fix="make setup (apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross), and set "
+                    "cross_compiler in the profile",
+            )
+        notes.append(f"cross-linked with {compiler}")
+    if profile.run_on == "gpu" and profile.gpu:
+        cc = tuple(int(x) for x in profile.gpu.compute_capability.split("."))
+        nvcc = toolchain.nvcc_version
+        major = int(nvcc.split(".")[0]) if nvcc else None
+        if nvcc is None or (major is not None and major >= 13 and cc < CUDA13_MIN_CC):
+            why = "no CUDA toolkit here" if nvcc is None else f"this machine's CUDA {nvcc} can't target sm_" \
+                f"{profile.gpu.compute_capability.replace('.', '')}"
+            return CheckResult(
+                check=name, verdict="warn",
+                reason=f"{why}: the library carries the kernels as CUDA C source, to be compiled on the board "
+                       f"by its CUDA {profile.gpu.cuda_version}",
+                fact="CUDA toolkits up to 12.x support compute capability 5.3; CUDA 13 dropped it; JetPack 4.6 "
+                     "ships CUDA 10.2",
+                fix="build with a CUDA <= 12 toolkit, or compile the kernels on the device",
+            )
+        notes.append(f"CUDA {nvcc} builds for compute capability {profile.gpu.compute_capability}")
+    return CheckResult(check=name, verdict="pass", reason="; ".join(notes) or "native build on this machine")
+
+
 def run_checks(
     model: onnx.ModelProto, info: ModelInfo, profile: DeviceProfile, quant: QuantConfig, *,
-    runtime: Runtime = "tvm", importable: frozenset[str] | None = None,
+    runtime: Runtime = "tvm", importable: frozenset[str] | None = None, toolchain: Toolchain | None = None,
 ) -> CheckReport:
     """Every check, in order; ``quant`` may come back adjusted (e.g. reduce_range on AVX2)."""
     if importable is None:
@@ -260,4 +299,6 @@ def run_checks(
         check_runtime(profile, runtime),
         check_opset(model, profile),
     ]
+    if runtime == "tvm":
+        results.append(check_toolchain(profile, toolchain or detect_toolchain()))
     return CheckReport(profile=profile.name, scheme=quant.label(), runtime=runtime, results=results, quant=quant)

@@ -26,6 +26,8 @@ from pipeline.versions import tool_versions
 from targets.profiles import DeviceProfile
 
 MANIFEST_SCHEMA = 1
+# ELF e_machine of the library for each profile arch (a cross-link gone wrong shows up here).
+ELF_MACHINES = {"x86_64": 62, "aarch64": 183, "armv7l": 40}
 
 
 class CompiledArtifact(BaseModel):
@@ -37,6 +39,8 @@ class CompiledArtifact(BaseModel):
     sha256: str = Field(description="sha256 of the library.")
     runtime: str = Field(description="The runtime that loads the library on the device.")
     target: dict[str, Any]
+    gpu_target: dict[str, Any] | None = None
+    device_code: str = Field(default="cpu", description="cpu, cuda-source (compiled on the device), cuda-cubin/ptx.")
     compile_seconds: float
 
 
@@ -45,11 +49,54 @@ def profile_sha256(profile: DeviceProfile) -> str:
 
 
 def resolve_target(profile: DeviceProfile) -> dict[str, Any]:
-    """The profile's target with a host-detected mcpu filled in (the `local` profile leaves it open)."""
+    """The profile's CPU target with a host-detected mcpu filled in (the `local` profile leaves it open)."""
     target = profile.tvm_target()
     if "mcpu" not in target:
         target["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
     return target
+
+
+def elf_machine(path: Path) -> int | None:
+    """e_machine of an ELF file, None when it isn't one."""
+    header = Path(path).read_bytes()[:20]
+    if header[:4] != b"\x7fELF":
+        return None
+    return int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+
+
+def _build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any] | None):
+    if gpu is None:
+        return tvm.compile(mod, target=tvm.target.Target(cpu))
+    # CUDA needs every kernel bound to threads: dlight's default GPU schedules do that (no tuning).
+    import tvm.s_tir.dlight as dl
+    from tvm import relax
+
+    target = tvm.target.Target(gpu, host=cpu)
+    with target:
+        mod = tvm.ir.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR(),
+        ])(mod)
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                      dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    return tvm.compile(mod, target=target)
+
+
+def _device_code(executable) -> str:
+    """What the library carries for the GPU: 'cuda-source' (compiled on the device), 'cuda-cubin', 'cuda-ptx';
+    'cpu' without a GPU."""
+    todo = list(executable.mod.imports)
+    while todo:
+        module = todo.pop()
+        if getattr(module, "kind", "") == "cuda":
+            # With a CUDA toolkit that can't target the GPU (CUDA 13 dropped sm_53), TVM keeps only the
+            # CUDA C source; the board's own toolkit must compile it. Say which one this library holds.
+            for fmt in ("cubin", "ptx"):
+                if module.inspect_source(fmt):
+                    return f"cuda-{fmt}"
+            return "cuda-source"
+        todo.extend(module.imports)
+    return "cpu"
 
 
 def compile_model(
@@ -57,12 +104,13 @@ def compile_model(
 ) -> CompiledArtifact:
     """Import into TVM Relax, build for the profile's CPU, export the library, write the manifest."""
     target_dict = resolve_target(profile)
+    gpu_dict = profile.tvm_gpu_target()
     started = time.perf_counter()
     try:
         model = onnx.load(quantized.path)
         shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
         mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
-        executable = tvm.compile(mod, target=tvm.target.Target(target_dict))
+        executable = _build(mod, target_dict, gpu_dict)
         library = workdir / "model.so"
         executable.export_library(str(library), **({"cc": profile.cross_compiler} if profile.cross_compiler else {}))
     except Exception as exc:
@@ -70,9 +118,16 @@ def compile_model(
             f"TVM could not compile the {quantized.config.label()} model for profile {profile.name!r}",
             value=str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__,
             fix="run `deploy check` to see which ops the compiler can't import",
-            target=json.dumps(target_dict),
+            target=json.dumps(gpu_dict or target_dict),
         ) from exc
     seconds = time.perf_counter() - started
+    machine = elf_machine(library)
+    if machine != ELF_MACHINES.get(profile.cpu.arch):
+        raise CompileError(
+            f"The library is not a {profile.cpu.arch} shared object", value=f"ELF e_machine {machine}",
+            expected=f"e_machine {ELF_MACHINES.get(profile.cpu.arch)}",
+            fix=f"check the profile's cross_compiler ({profile.cross_compiler or 'host cc'})",
+        )
     digest = sha256_file(library)
     manifest = {
         "schema": MANIFEST_SCHEMA,
@@ -82,6 +137,9 @@ def compile_model(
         "artifact": {"file": library.name, "sha256": digest, "runtime": "tvm"},
         "profile": {"name": profile.name, "sha256": profile_sha256(profile)},
         "target": target_dict,
+        "gpu_target": gpu_dict,
+        "device_code": _device_code(executable),
+        "elf_machine": machine,
         "inputs": [spec.model_dump() for spec in info.inputs],
         "outputs": [spec.model_dump() for spec in info.outputs],
         "tools": tool_versions(),
@@ -91,10 +149,12 @@ def compile_model(
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return CompiledArtifact(
         library_path=str(library), manifest_path=str(manifest_path), sha256=digest, runtime="tvm",
-        target=target_dict, compile_seconds=seconds,
+        target=target_dict, gpu_target=gpu_dict, device_code=manifest["device_code"], compile_seconds=seconds,
     )
 
 
 def tvm_importable_ops() -> frozenset[str]:
     """ONNX op types TVM's Relax frontend can import (its converter table)."""
-    return frozenset(onnx_frontend._get_convert_map())
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    return frozenset(_get_convert_map())

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,4 +58,39 @@ def detect_host() -> HostFacts:
         features=flags,
         cores=cores,
         memory_mb=_memory_mb(),
+    )
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """What this machine can build with: its arch, the C compilers on PATH, the CUDA toolkit version."""
+
+    arch: str
+    compilers: frozenset[str]
+    nvcc_version: str | None
+
+    def has(self, compiler: str) -> bool:
+        return compiler in self.compilers
+
+
+CROSS_COMPILERS = ("gcc", "cc", "aarch64-linux-gnu-gcc", "arm-linux-gnueabihf-gcc")
+
+
+def _nvcc_version() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+def detect_toolchain() -> Toolchain:
+    return Toolchain(
+        arch=platform.machine(),
+        compilers=frozenset(c for c in CROSS_COMPILERS if shutil.which(c)),
+        nvcc_version=_nvcc_version(),
     )

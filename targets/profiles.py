@@ -116,6 +116,12 @@ class DeviceProfile(_Frozen):
             target["mattr"] = list(self.cpu.mattr)
         return target
 
+    def tvm_gpu_target(self) -> dict[str, Any] | None:
+        """TVM target for the GPU when the model runs there (its host is the CPU target), else None."""
+        if self.run_on != "gpu" or self.gpu is None:
+            return None
+        return {"kind": "cuda", "arch": "sm_" + self.gpu.compute_capability.replace(".", "")}
+
 
 def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))

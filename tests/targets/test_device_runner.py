@@ -77,3 +77,22 @@ def test_missed_minimums_are_marked_invalid(setup, tmp_path):
     assert code == 0 and not report["valid"]
     assert "timed iterations < minimum 100000000" in report["invalid_reason"]
     assert "time limit" in report["invalid_reason"]
+
+
+def test_peak_rss_is_the_runner_own_not_its_parent(setup, tmp_path):
+    """Regression: ru_maxrss carries the parent's peak across fork+exec; a runner started by a 600 MB
+    process reported 600+ MB for a model that needs a few dozen."""
+    model, inputs = setup
+    argv = [sys.executable, str(RUNNER), "--runtime", "onnxruntime", "--artifact", str(model), "--sha256",
+            sha256_file(model), "--inputs", str(inputs), "--input-order", "x", "--outputs",
+            str(tmp_path / "out.npz"), "--min-iterations", "5", "--min-seconds", "0"]
+    parent = (
+        "import json, subprocess, sys\n"
+        "ballast = bytearray(600 * 1024 * 1024)\n"
+        "for i in range(0, len(ballast), 4096): ballast[i] = 1\n"
+        f"out = subprocess.run({argv!r}, capture_output=True, text=True).stdout\n"
+        "print(out.strip().splitlines()[-1])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 10 < report["peak_rss_mb"] < 400
