@@ -101,17 +101,116 @@ def run(
         raise typer.Exit(3)
 
 
+def _build_config(model: Path, profile: str, quant: str, calibration: str, per_channel: bool,
+                  calib_data: Path | None, calib_samples: int, input_shape: list[str] | None):
+    from pipeline.config import RunConfig
+    from pipeline.ingest import parse_input_shapes
+    from pipeline.quantize import QuantConfig
+
+    return RunConfig(
+        model_path=str(_bundled_model(model)), profile=profile,
+        quant=QuantConfig(scheme=quant, calibration=calibration, per_channel=per_channel),
+        calib_data=str(calib_data) if calib_data else None, calib_samples=calib_samples,
+        input_shapes=parse_input_shapes(input_shape or []),
+    )
+
+
+@app.command()
+def check(
+    model: Annotated[Path, typer.Argument(help="The .onnx model, or a bundled workload's name.")],
+    profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
+    quant: Annotated[Literal["fp32", "fp16", "int8"], typer.Option(help="Numeric format to check.")] = "fp32",
+    runtime: Annotated[Literal["tvm", "onnxruntime"], typer.Option(help="Runtime on the device.")] = "tvm",
+    input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
+) -> None:
+    """Only the hardware and compiler checks: pass / warn / refuse, each with its reason. Exit 4 on a refusal."""
+    import tempfile
+
+    try:
+        from pipeline.build import ingest_model
+        from pipeline.checks import run_checks
+        from targets.profiles import load_profile
+
+        config = _build_config(model, profile, quant, "minmax", True, None, 1, input_shape)
+        device = load_profile(profile)
+        with tempfile.TemporaryDirectory(prefix="edgedeploy-check-") as tmp:
+            info = ingest_model(config, Path(tmp))
+            import onnx
+
+            report = run_checks(onnx.load(info.prepared_path), info, device, config.quant, runtime=runtime)
+    except EdgeDeployError as error:
+        exit_with_error(error, as_json=as_json)
+    if as_json:
+        print(json.dumps({**report.model_dump(mode="json"), "refused": bool(report.refused)}))
+    else:
+        stdout.print(report)
+    if report.refused:
+        raise typer.Exit(4)
+
+
+@app.command("compile")
+def compile_command(
+    model: Annotated[Path, typer.Argument(help="The .onnx model, or a bundled workload's name.")],
+    out: Annotated[Path, typer.Option(help="Directory for the library and its manifest.")],
+    profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
+    quant: Annotated[Literal["fp32", "fp16", "int8"], typer.Option(help="Numeric format.")] = "fp32",
+    calibration: Annotated[Literal["minmax", "entropy", "percentile"],
+                           typer.Option(help="int8 range calibration method.")] = "minmax",
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,
+    calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
+    calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
+    input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
+) -> None:
+    """Compile MODEL for a profile on this machine (cross-compiling where the device is another arch)."""
+    try:
+        from pipeline.build import build
+        from targets.profiles import load_profile
+
+        config = _build_config(model, profile, quant, calibration, per_channel, calib_data, calib_samples,
+                               input_shape)
+        with stderr.status(f"compiling for {profile} ..."):
+            result = build(config, load_profile(profile), out)
+    except EdgeDeployError as error:
+        exit_with_error(error, as_json=as_json)
+    art = result.artifact
+    summary = {"library": art.library_path, "manifest": art.manifest_path, "sha256": art.sha256,
+               "target": art.target, "gpu_target": art.gpu_target, "device_code": art.device_code,
+               "scheme": result.quantized.config.label(), "compile_seconds": round(art.compile_seconds, 3),
+               "checks": [c.model_dump(mode="json") for c in result.checks.results]}
+    if as_json:
+        print(json.dumps(summary))
+        return
+    stdout.print(result.checks)
+    stdout.print(f"[green]compiled[/] {summary['scheme']} for [bold]{profile}[/] in {art.compile_seconds:.1f} s: "
+                 f"{art.library_path} ({art.device_code})\nmanifest: {art.manifest_path}")
+
+
 @profiles_app.command("list")
 def profiles_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the bundled device profiles."""
-    from targets.profiles import available_profiles
+    from rich.table import Table
 
-    names = available_profiles()
+    from targets.profiles import available_profiles, load_profile
+
+    try:
+        profiles = [load_profile(name) for name in available_profiles()]
+    except EdgeDeployError as error:
+        exit_with_error(error, as_json=as_json)
     if as_json:
-        print(json.dumps(names))
-    else:
-        for name in names:
-            stdout.print(name)
+        print(json.dumps([p.model_dump(mode="json") for p in profiles]))
+        return
+    table = Table(title="device profiles", title_justify="left")
+    for column in ("name", "runs on", "cpu", "native precisions", "int8 dot", "memory", "python", "transport"):
+        table.add_column(column)
+    for p in profiles:
+        unit = f"GPU sm_{p.gpu.compute_capability.replace('.', '')}" if p.run_on == "gpu" and p.gpu else "CPU"
+        precisions = p.gpu.precisions if p.run_on == "gpu" and p.gpu else p.cpu.precisions
+        table.add_row(p.name, unit, f"{p.cpu.arch} {p.cpu.mcpu or '(host)'}", ", ".join(precisions),
+                      "yes" if p.cpu.int8_dot_product else "no", f"{p.memory_mb} MB", p.python_version,
+                      p.connection.transport)
+    stdout.print(table)
 
 
 @profiles_app.command("show")
@@ -126,7 +225,10 @@ def profiles_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = 
     if as_json:
         print(prof.model_dump_json(indent=2))
     else:
-        stdout.print_json(prof.model_dump_json())
+        import yaml
+        from rich.syntax import Syntax
+
+        stdout.print(Syntax(yaml.safe_dump(prof.model_dump(mode="json"), sort_keys=False), "yaml"))
 
 
 def main() -> None:  # pragma: no cover - console-script shim

@@ -1,4 +1,4 @@
-"""The `deploy run` flow: ingest -> data -> quantize -> compile -> deploy -> benchmark -> report.
+"""The `deploy run` flow: ingest -> check -> data -> quantize -> compile -> deploy -> benchmark -> report.
 
 Tasks pass pydantic models (JSON-serialisable) and file paths, never in-memory arrays. Without
 PREFECT_API_URL, Prefect starts its temporary local server for the run (the embedded default).
@@ -17,15 +17,16 @@ from prefect.runtime import flow_run
 
 from pipeline import progress
 from pipeline.benchmark import BenchmarkReport, benchmark
+from pipeline.build import check_model, ingest_model, prepare, quantize_model
+from pipeline.checks import CheckReport
 from pipeline.compile import CompiledArtifact, compile_model
 from pipeline.config import RunConfig
-from pipeline.data import PreparedData, prepare_data
+from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact, deploy
-from pipeline.ingest import ModelInfo, ingest
-from pipeline.quantize import QuantizedModel, quantize
+from pipeline.ingest import ModelInfo
+from pipeline.quantize import QuantizedModel
 from pipeline.report import RunResult
 from pipeline.versions import tool_versions
-from pipeline.workloads import workload_for
 from pipeline.workloads.base import Samples
 from targets.profiles import DeviceProfile, load_profile
 from targets.transport import LocalTransport, Transport, expand_workdir
@@ -41,26 +42,22 @@ def _transport(profile: DeviceProfile) -> tuple[Transport, str]:
 
 @task(name="ingest", **TASK_OPTIONS)
 def ingest_task(config: RunConfig) -> ModelInfo:
-    return ingest(Path(config.model_path), config.run_dir(), input_shapes=config.input_shapes,
-                  max_bytes=config.max_model_mb * 1024 * 1024)
+    return ingest_model(config, config.run_dir())
+
+
+@task(name="check", **TASK_OPTIONS)
+def check_task(config: RunConfig, info: ModelInfo, profile: DeviceProfile) -> CheckReport:
+    return check_model(info, profile, config, purpose="run")
 
 
 @task(name="data", **TASK_OPTIONS)
-def data_task(config: RunConfig, info: ModelInfo) -> PreparedData:
-    return prepare_data(
-        info.inputs, workload_for(info.sha256), config.run_dir(), scheme=config.quant.scheme,
-        calib_data=config.calib_data, eval_data=config.eval_data,
-        calib_samples=config.calib_samples, eval_samples=config.eval_samples,
-    )
+def data_task(config: RunConfig, info: ModelInfo, checks: CheckReport) -> PreparedData:
+    return prepare(config, info, config.run_dir(), checks.quant.scheme)
 
 
 @task(name="quantize", **TASK_OPTIONS)
-def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData) -> QuantizedModel:
-    names = [s.name for s in info.inputs]
-    calibration = Samples.load(Path(data.calibration_path), names) if data.calibration_path else None
-    if calibration is not None:
-        calibration.source = data.calibration_source
-    return quantize(Path(info.prepared_path), config.run_dir(), config.quant, calibration)
+def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData, checks: CheckReport) -> QuantizedModel:
+    return quantize_model(info, data, checks, config.run_dir())
 
 
 @task(name="compile", **TASK_OPTIONS)
@@ -116,8 +113,9 @@ def deploy_run(config: RunConfig) -> RunResult:
     timings: dict[str, float] = {}
     profile = _timed("profile", timings, load_profile, config.profile)
     info = _timed("ingest", timings, ingest_task, config)
-    data = _timed("data", timings, data_task, config, info)
-    quantized = _timed("quantize", timings, quantize_task, config, info, data)
+    checks = _timed("check", timings, check_task, config, info, profile)
+    data = _timed("data", timings, data_task, config, info, checks)
+    quantized = _timed("quantize", timings, quantize_task, config, info, data, checks)
     compiled = _timed("compile", timings, compile_task, config, quantized, info, profile)
     deployed = _timed("deploy", timings, deploy_task, config, compiled, info, data, profile)
     bench = _timed("benchmark", timings, benchmark_task, config, deployed, info, data, profile)
@@ -125,7 +123,7 @@ def deploy_run(config: RunConfig) -> RunResult:
     result = RunResult.assemble(
         run_id=config.run_id, created=datetime.now(UTC).isoformat(timespec="seconds"), info=info,
         workload=data.workload, profile=profile.name, quantized=quantized, compiled=compiled, bench=bench,
-        stage_seconds={k: round(v, 3) for k, v in timings.items() if k != "profile"},
+        stage_seconds={k: round(v, 3) for k, v in timings.items() if k != "profile"}, checks=checks.results,
         tools=tool_versions(), flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
     )
     path = config.run_dir() / "result.json"

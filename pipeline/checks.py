@@ -51,6 +51,9 @@ class CheckResult(BaseModel):
     fact: str = Field(default="", description="The hardware or compiler fact the verdict rests on.")
     fix: str | None = None
     nodes: list[str] = Field(default_factory=list, description="Offending nodes as 'name (op)'.")
+    blocks: Literal["build", "run"] = Field(
+        default="build", description="build: refusal stops compiling too; run: only running on the device."
+    )
 
 
 class CheckReport(BaseModel):
@@ -66,6 +69,23 @@ class CheckReport(BaseModel):
     @property
     def refused(self) -> list[CheckResult]:
         return [r for r in self.results if r.verdict == "refuse"]
+
+    def refused_for(self, purpose: Literal["build", "run"]) -> list[CheckResult]:
+        """Refusals that stop this purpose: a run needs every check, a build only the build checks."""
+        return [r for r in self.refused if purpose == "run" or r.blocks == "build"]
+
+    def refusal_message(self, purpose: Literal["build", "run"]) -> str:
+        count = len(self.refused_for(purpose))
+        lines = [f"{count} check(s) refused {self.scheme} on {self.profile} via {self.runtime}:"]
+        for r in self.refused_for(purpose):
+            lines.append(f"  - {r.check}: {r.reason}")
+            if r.nodes:
+                lines.append(f"    nodes: {', '.join(r.nodes)}")
+            if r.fact:
+                lines.append(f"    fact: {r.fact}")
+            if r.fix:
+                lines.append(f"    fix: {r.fix}")
+        return "\n".join(lines)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         table = Table(title=f"checks: {self.scheme} on {self.profile} via {self.runtime}", title_justify="left")
@@ -212,7 +232,8 @@ def check_memory(info: ModelInfo, profile: DeviceProfile, quant: QuantConfig, ru
               f"~{RUNTIME_OVERHEAD_MB[runtime]} MB = {need:.0f} MB of {have} MB")
     shared = " (shared between CPU and GPU)" if profile.gpu else ""
     if need > have:
-        return CheckResult(check=name, verdict="refuse", reason=f"the model doesn't fit: {detail}{shared}",
+        return CheckResult(check=name, verdict="refuse", blocks="run",
+                           reason=f"the model doesn't fit: {detail}{shared}",
                            fact="weights + peak activations + runtime overhead must fit the device's memory",
                            fix="quantize (int8 cuts weights 4x) or use a smaller input shape")
     if need > 0.8 * have:
@@ -224,7 +245,7 @@ def check_runtime(profile: DeviceProfile, runtime: Runtime) -> CheckResult:
     name = "runtime on the device"
     py = tuple(int(x) for x in profile.python_version.split("."))
     if py < (3, 6):
-        return CheckResult(check=name, verdict="refuse",
+        return CheckResult(check=name, verdict="refuse", blocks="run",
                            reason=f"the device runner needs Python >= 3.6; {profile.name} has {profile.python_version}",
                            fix="install Python 3.6+ on the device")
     version = getattr(profile.runtimes, runtime)
@@ -232,7 +253,7 @@ def check_runtime(profile: DeviceProfile, runtime: Runtime) -> CheckResult:
         wheel_note = (" TVM 0.27 wheels need Python >= 3.9; this device has "
                       f"{profile.python_version} ({profile.os})") if runtime == "tvm" and py < (3, 9) else ""
         return CheckResult(
-            check=name, verdict="refuse",
+            check=name, verdict="refuse", blocks="run",
             reason=f"{runtime} is not on {profile.name}: a compiled artifact couldn't be loaded there.{wheel_note}",
             fact="the device-side runner loads the artifact with the device's own runtime",
             fix=(f"build the {runtime} runtime on the board and set runtimes.{runtime} in the profile, "

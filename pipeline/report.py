@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.benchmark import BenchmarkReport
+from pipeline.checks import CheckResult
 from pipeline.compile import CompiledArtifact
 from pipeline.ingest import ModelInfo
 from pipeline.metrics import Agreement, LatencyStats
@@ -72,6 +73,7 @@ class RunResult(BaseModel):
     valid: bool
     invalid_reasons: list[str]
     stage_seconds: dict[str, float]
+    checks: list[CheckResult] = Field(default_factory=list, description="Verdicts of the hardware checks.")
     benchmark: dict[str, Any] = Field(description="Settings, raw latency samples, devices, versions.")
     tools: dict[str, str]
     flow_run_id: str | None = None
@@ -82,6 +84,7 @@ class RunResult(BaseModel):
         cls, *, run_id: str, created: str, info: ModelInfo, workload: str | None, profile: str,
         quantized: QuantizedModel, compiled: CompiledArtifact, bench: BenchmarkReport,
         stage_seconds: dict[str, float], tools: dict[str, str], flow_run_id: str | None,
+        checks: list[CheckResult] | None = None,
     ) -> RunResult:
         art, base = bench.artifact, bench.baseline
         reasons = [f"{m.runtime}: {m.invalid_reason}" for m in (art, base) if not m.valid and m.invalid_reason]
@@ -101,7 +104,7 @@ class RunResult(BaseModel):
             accuracy=AccuracySummary(metric=bench.metric, value=art.accuracy, baseline=base.accuracy, delta=delta,
                                      samples=art.samples),
             agreement=bench.agreement, valid=art.valid and base.valid, invalid_reasons=reasons,
-            stage_seconds=stage_seconds,
+            stage_seconds=stage_seconds, checks=checks or [],
             benchmark={
                 "settings": bench.settings.model_dump(),
                 "artifact": art.model_dump(exclude={"latency_ms"}),
@@ -143,10 +146,12 @@ class RunResult(BaseModel):
             f"\nagreement with fp32: top-1 {_pct(self.agreement.top1)}, cosine {self.agreement.cosine:.5f}, "
             f"max abs {self.agreement.max_abs:.3g} over {self.agreement.samples} samples",
         )
+        warnings = [Text(f"warning ({c.check}): {c.reason}", style="yellow") for c in self.checks
+                    if c.verdict == "warn"]
         validity = (Text("valid measurement", style="green") if self.valid
                     else Text("INVALID: " + "; ".join(self.invalid_reasons), style="bold red"))
         footer = Text(f"result: {self.result_path}" if self.result_path else "", style="dim")
-        yield Group(head, stages, side, summary, validity, footer)
+        yield Group(head, stages, side, summary, *warnings, validity, footer)
 
 
 def _file_name(path: str) -> str:
