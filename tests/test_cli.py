@@ -86,3 +86,50 @@ def test_bad_input_is_one_clear_error(prefect_server, isolated_home, tmp_path, c
     error = json.loads(proc.stdout)
     assert error["ok"] is False and message in error["what"] + str(error.get("value")) + str(error.get("expected"))
     assert "error:" in proc.stderr
+
+
+def test_check_refuses_with_reasons_and_exit_4(isolated_home):
+    proc = deploy("check", "digits-cnn", "--profile", "raspberry-pi-4", "--quant", "fp16", "--json",
+                  api_url="http://127.0.0.1:9/api", home=isolated_home)  # no server needed for checks
+    assert proc.returncode == 4, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["refused"] is True
+    (precision,) = [r for r in report["results"] if r["check"] == "precision vs arithmetic"]
+    assert precision["verdict"] == "refuse" and "fp16 arithmetic" in precision["reason"]
+
+
+def test_check_table_passes_for_fp32_on_a_pi(isolated_home):
+    proc = deploy("check", "digits-cnn", "--profile", "raspberry-pi-4", api_url="http://127.0.0.1:9/api",
+                  home=isolated_home)
+    assert proc.returncode == 0, proc.stderr
+    assert "precision vs arithmetic" in proc.stdout and "refuse" not in proc.stdout
+
+
+def test_run_stops_before_quantizing_when_a_check_refuses(prefect_server, isolated_home, tmp_path):  # noqa: F811
+    board = tmp_path / "no-fp16.yaml"
+    board.write_text("extends: local\nname: no-fp16\ncpu:\n  precisions: [fp32, int8]\n")
+    proc = deploy("run", "digits-cnn", "--profile", str(board), "--quant", "fp16", "--json",
+                  api_url=prefect_server, home=isolated_home)
+    assert proc.returncode == 4, proc.stderr
+    assert "Traceback" not in proc.stderr
+    error = json.loads(proc.stdout)
+    assert error["error"] == "CheckRefused" and "precision vs arithmetic" in error["what"]
+    assert not list(isolated_home.rglob("model.fp16.onnx")) and not list(isolated_home.rglob("model.so"))
+
+
+def test_compile_cross_compiles_for_the_pi(isolated_home, tmp_path):
+    proc = deploy("compile", "digits-cnn", "--profile", "raspberry-pi-4", "--out", str(tmp_path / "pi"), "--json",
+                  api_url="http://127.0.0.1:9/api", home=isolated_home)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    header = Path(summary["library"]).read_bytes()[:20]
+    assert int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    assert summary["target"]["mcpu"] == "cortex-a72"
+
+
+def test_bad_profile_file_names_file_field_and_value(isolated_home, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: raspberry-pi-4\nname: bad\ncpu:\n  cores: many\n")
+    proc = deploy("profiles", "show", str(bad), api_url="http://127.0.0.1:9/api", home=isolated_home)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(bad) in proc.stderr and "cpu.cores" in proc.stderr and "many" in proc.stderr

@@ -1,0 +1,28 @@
+"""Every profile compiles a reference workload, on this machine, to a library of the device's architecture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.build import build
+from pipeline.compile import ELF_MACHINES, elf_machine
+from pipeline.config import RunConfig
+from pipeline.workloads import WORKLOADS
+from targets.profiles import available_profiles, load_profile
+
+
+@pytest.mark.parametrize("name", available_profiles())
+def test_every_profile_compiles_the_digits_cnn(name, tmp_path):
+    profile = load_profile(name)
+    config = RunConfig(model_path=str(WORKLOADS["digits-cnn"].model_path()), profile=name)
+    result = build(config, profile, tmp_path)
+    assert elf_machine(result.artifact.library_path) == ELF_MACHINES[profile.cpu.arch]
+    manifest = json.loads(open(result.artifact.manifest_path).read())
+    assert manifest["profile"]["name"] == name and manifest["elf_machine"] == ELF_MACHINES[profile.cpu.arch]
+    if profile.run_on == "gpu":
+        assert manifest["gpu_target"] == {"kind": "cuda", "arch": "sm_53"}
+        assert manifest["device_code"].startswith("cuda")
+    else:
+        assert manifest["device_code"] == "cpu" and manifest["target"]["mtriple"] == profile.cpu.triple

@@ -1,0 +1,112 @@
+"""Table-driven: profile x scheme x model kind -> the verdict and the reason each check gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+from pipeline.checks import run_checks
+from pipeline.compile import tvm_importable_ops
+from pipeline.ingest import ingest
+from pipeline.quantize import QuantConfig
+from targets.host import Toolchain
+from targets.profiles import load_profile
+from tests.conftest import conv_integer_model, conv_model, lstm_model, qoperator_model
+
+MODELS = {"cnn": conv_model, "qoperator": qoperator_model, "convinteger": conv_integer_model, "lstm": lstm_model}
+# This machine as the checks see it, fixed so the table doesn't depend on where the tests run.
+X86_WITH_CROSS_AND_CUDA13 = Toolchain(arch="x86_64", compilers=frozenset({"gcc", "aarch64-linux-gnu-gcc"}),
+                                      nvcc_version="13.0")
+IMPORTABLE = tvm_importable_ops()
+
+# profile, scheme, model kind, runtime, check, verdict, words the reason must contain
+TABLE = [
+    ("jetson-nano", "int8", "cnn", "tvm", "precision vs arithmetic", "refuse", "DP4A"),
+    ("jetson-nano", "fp16", "cnn", "tvm", "precision vs arithmetic", "pass", "native fp16"),
+    ("jetson-nano", "fp32", "cnn", "tvm", "runtime on the device", "refuse", "Python >= 3.9"),
+    ("jetson-nano", "fp32", "cnn", "onnxruntime", "runtime on the device", "pass", "onnxruntime 1.11.0"),
+    ("jetson-nano", "fp16", "cnn", "tvm", "build toolchain", "warn", "CUDA C source"),
+    ("jetson-nano", "fp32", "cnn", "tvm", "memory fit", "pass", "of 4096 MB"),
+    ("raspberry-pi-4", "fp16", "cnn", "tvm", "precision vs arithmetic", "refuse", "fp16 arithmetic"),
+    ("raspberry-pi-4", "int8", "cnn", "tvm", "precision vs arithmetic", "warn", "speed-up will be small"),
+    ("raspberry-pi-4", "fp32", "cnn", "tvm", "build toolchain", "pass", "aarch64-linux-gnu-gcc"),
+    ("raspberry-pi-4", "fp32", "lstm", "tvm", "op coverage", "refuse", "LSTM"),
+    ("raspberry-pi-4", "fp32", "lstm", "onnxruntime", "op coverage", "pass", "onnxruntime"),
+    ("raspberry-pi-5", "fp16", "cnn", "tvm", "precision vs arithmetic", "pass", "native fp16"),
+    ("raspberry-pi-5", "int8", "cnn", "tvm", "precision vs arithmetic", "pass", "int8 dot-product"),
+    ("x86-server", "fp16", "cnn", "tvm", "precision vs arithmetic", "refuse", "F16C only converts"),
+    ("x86-server", "int8", "cnn", "tvm", "precision vs arithmetic", "warn", "no int8 dot-product"),
+    ("x86-server", "int8", "cnn", "tvm", "int8 format on x86 without VNNI", "warn", "reduce_range"),
+    ("x86-server-vnni", "int8", "cnn", "tvm", "precision vs arithmetic", "pass", "int8 dot-product"),
+    ("x86-server-vnni", "int8", "cnn", "tvm", "int8 format on x86 without VNNI", "pass", "not applicable"),
+    ("x86-server", "fp32", "qoperator", "tvm", "quantized format vs compiler", "refuse", "QLinearConv"),
+    ("x86-server", "fp32", "convinteger", "tvm", "quantized format vs compiler", "refuse", "ConvInteger"),
+    ("x86-server", "fp32", "qoperator", "onnxruntime", "quantized format vs compiler", "pass", "onnxruntime runs"),
+    ("x86-server", "fp32", "cnn", "tvm", "build toolchain", "pass", "native build"),
+]
+
+
+@pytest.fixture(scope="module")
+def infos(tmp_path_factory):
+    out = {}
+    for kind, build in MODELS.items():
+        folder = tmp_path_factory.mktemp(kind)
+        onnx.save(build(), str(folder / "m.onnx"))
+        out[kind] = ingest(folder / "m.onnx", folder)
+    return out
+
+
+def _checks(infos, profile, scheme, kind, runtime, toolchain=X86_WITH_CROSS_AND_CUDA13):
+    info = infos[kind]
+    return run_checks(onnx.load(info.prepared_path), info, load_profile(profile), QuantConfig(scheme=scheme),
+                      runtime=runtime, importable=IMPORTABLE, toolchain=toolchain)
+
+
+@pytest.mark.parametrize(("profile", "scheme", "kind", "runtime", "check", "verdict", "words"), TABLE,
+                         ids=[f"{r[0]}-{r[1]}-{r[2]}-{r[3]}-{r[4].split()[0]}" for r in TABLE])
+def test_verdict_table(infos, profile, scheme, kind, runtime, check, verdict, words):
+    report = _checks(infos, profile, scheme, kind, runtime)
+    result = next(r for r in report.results if r.check == check)
+    assert result.verdict == verdict, result.reason
+    assert words in result.reason + result.fact + (result.fix or "")
+    if verdict == "refuse":
+        assert result.fact and result.fix  # every refusal cites its fact and says what to do
+
+
+def test_refusals_name_the_nodes(infos):
+    report = _checks(infos, "x86-server", "fp32", "qoperator", "tvm")
+    (fmt,) = [r for r in report.refused if r.check == "quantized format vs compiler"]
+    assert fmt.nodes == ["conv_q (QLinearConv)"] and "onnxruntime" in fmt.fix
+    lstm = _checks(infos, "raspberry-pi-4", "fp32", "lstm", "tvm").refused[0]
+    assert lstm.nodes == ["lstm_0 (LSTM)"]
+
+
+def test_avx2_int8_is_switched_to_u8s8_reduce_range(infos):
+    report = _checks(infos, "x86-server", "int8", "cnn", "tvm")
+    assert report.quant.activation_type == "uint8" and report.quant.reduce_range
+    assert _checks(infos, "x86-server-vnni", "int8", "cnn", "tvm").quant.reduce_range is False
+
+
+def test_memory_that_does_not_fit_is_refused(infos, tmp_path):
+    small = tmp_path / "tiny-board.yaml"
+    small.write_text("extends: raspberry-pi-4\nname: tiny-board\nmemory_mb: 64\n")
+    info = infos["cnn"]
+    report = run_checks(onnx.load(info.prepared_path), info, load_profile(str(small)), QuantConfig(),
+                        importable=IMPORTABLE, toolchain=X86_WITH_CROSS_AND_CUDA13)
+    (memory,) = [r for r in report.refused if r.check == "memory fit"]
+    assert "of 64 MB" in memory.reason and memory.blocks == "run"
+
+
+def test_missing_cross_toolchain_is_refused(infos):
+    bare = Toolchain(arch="x86_64", compilers=frozenset({"gcc"}), nvcc_version=None)
+    report = _checks(infos, "raspberry-pi-4", "fp32", "cnn", "tvm", toolchain=bare)
+    (tool,) = [r for r in report.refused if r.check == "build toolchain"]
+    assert "gcc-aarch64-linux-gnu" in tool.fix and tool.blocks == "build"
+
+
+def test_cuda12_builds_for_the_nano(infos):
+    cuda12 = Toolchain(arch="x86_64", compilers=frozenset({"gcc", "aarch64-linux-gnu-gcc"}), nvcc_version="12.4")
+    report = _checks(infos, "jetson-nano", "fp16", "cnn", "tvm", toolchain=cuda12)
+    assert next(r for r in report.results if r.check == "build toolchain").verdict == "pass"
