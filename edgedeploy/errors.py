@@ -14,7 +14,11 @@
     │   ├── CompileError
     │   └── BenchmarkError        the device-side runner failed or returned nonsense
     └── TransportError            moving files to / running commands on a device
-        ├── TransportTimeout      connecting timed out; transient: retried
+        ├── TransportTimeout      a connection phase (connect, banner, ...) timed out; transient: retried
+        ├── ConnectFailed         the device refused or dropped the connection; transient: retried
+        ├── HostKeyError          unknown or changed host key; permanent: never retried
+        ├── AuthError             the device refused our key; permanent: never retried
+        ├── PreflightError        the device isn't what the profile says (arch, Python, runtime, disk)
         ├── CommandTimeout        a command on the device ran past its limit and was killed
         └── ChecksumMismatch      permanent: never retried
 
@@ -140,6 +144,24 @@ class TransportTimeout(TransportError):
     """A phase (connect, command, ...) ran past its time limit; another attempt may succeed."""
 
     transient = True
+
+
+class ConnectFailed(TransportError):
+    """The device refused or dropped the connection (network trouble, sshd restarting)."""
+
+    transient = True
+
+
+class HostKeyError(TransportError):
+    """The device's host key is unknown or has changed: refused, never retried."""
+
+
+class AuthError(TransportError):
+    """The device refused our credentials: never retried."""
+
+
+class PreflightError(TransportError):
+    """The device doesn't match its profile, or lacks what the run needs."""
 
 
 class CommandTimeout(TransportError):

@@ -15,6 +15,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from edgedeploy.errors import EdgeDeployError
 from pipeline import progress
 from pipeline.benchmark import BenchmarkReport, benchmark
 from pipeline.build import check_model, ingest_model, prepare, quantize_model
@@ -24,20 +25,31 @@ from pipeline.config import RunConfig
 from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact, deploy
 from pipeline.ingest import ModelInfo
+from pipeline.preflight import preflight
 from pipeline.quantize import QuantizedModel
 from pipeline.report import RunResult
 from pipeline.versions import tool_versions
 from pipeline.workloads.base import Samples
+from targets.connect import open_transport
 from targets.profiles import DeviceProfile, load_profile
-from targets.transport import LocalTransport, Transport, expand_workdir
 
 TASK_OPTIONS = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
-def _transport(profile: DeviceProfile) -> tuple[Transport, str]:
-    if profile.connection.transport == "local":
-        return LocalTransport(), expand_workdir(profile.connection.workdir)
-    raise NotImplementedError(f"transport {profile.connection.transport!r} arrives with the SSH transport")
+def _transient_only(task, task_run, state) -> bool:
+    """Retry network trouble (timeouts, dropped connections); never host-key, auth or checksum failures."""
+    try:
+        state.result()
+    except EdgeDeployError as exc:
+        return exc.transient
+    except Exception:
+        return False
+    return False
+
+
+# Deploying and measuring talk to the device: transient network errors get two more attempts.
+DEVICE_TASK_OPTIONS = {**TASK_OPTIONS, "retries": 2, "retry_delay_seconds": [1, 4],
+                       "retry_condition_fn": _transient_only}
 
 
 @task(name="ingest", **TASK_OPTIONS)
@@ -67,25 +79,27 @@ def compile_task(
     return compile_model(quantized, info, profile, config.run_dir())
 
 
-@task(name="deploy", **TASK_OPTIONS)
+@task(name="deploy", **DEVICE_TASK_OPTIONS)
 def deploy_task(config: RunConfig, compiled: CompiledArtifact, info: ModelInfo, data: PreparedData,
                 profile: DeviceProfile) -> DeployedArtifact:
-    transport, workdir = _transport(profile)
+    transport, workdir = open_transport(profile)
     try:
-        return deploy(transport, workdir, config.run_id, library=Path(compiled.library_path),
-                      manifest=Path(compiled.manifest_path), baseline_model=Path(info.source_path),
-                      inputs=Path(data.eval_path))
+        files = [Path(compiled.library_path), Path(compiled.manifest_path), Path(info.source_path),
+                 Path(data.eval_path)]
+        preflight(transport, profile, workdir, bytes_needed=sum(f.stat().st_size for f in files))
+        return deploy(transport, workdir, config.run_id, library=files[0], manifest=files[1],
+                      baseline_model=files[2], inputs=files[3])
     finally:
         transport.close()
 
 
-@task(name="benchmark", **TASK_OPTIONS)
+@task(name="benchmark", **DEVICE_TASK_OPTIONS)
 def benchmark_task(config: RunConfig, deployed: DeployedArtifact, info: ModelInfo, data: PreparedData,
                    profile: DeviceProfile) -> BenchmarkReport:
     names = [s.name for s in info.inputs]
     samples = Samples.load(Path(data.eval_path), names)
     settings = config.bench if config.bench.threads else config.bench.model_copy(update={"threads": profile.cpu.cores})
-    transport, _ = _transport(profile)
+    transport, _ = open_transport(profile)
     try:
         return benchmark(transport, profile.connection.python_argv(), deployed, samples, input_order=names,
                          kind=data.kind, settings=settings, local_dir=config.run_dir())

@@ -8,12 +8,13 @@ can reuse a base profile with ``extends: NAME`` plus overrides.
 from __future__ import annotations
 
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgedeploy.errors import ProfileError
 from targets.host import detect_host
@@ -83,6 +84,14 @@ class Connection(_Frozen):
         description="argv that runs the device's Python; null on a local device = this interpreter.",
     )
     workdir: str = Field(pattern=SAFE_TOKEN, description="Directory on the device for artifacts and runs.")
+
+    @field_validator("python")
+    @classmethod
+    def _python_is_safe(cls, argv: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for item in argv or ():
+            if not re.fullmatch(SAFE_TOKEN, item):
+                raise ValueError(f"each part of connection.python must match {SAFE_TOKEN}; {item!r} does not")
+        return argv
 
     def python_argv(self) -> list[str]:
         return list(self.python) if self.python else [sys.executable]

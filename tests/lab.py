@@ -1,0 +1,109 @@
+"""The test lab: real sshd servers on loopback, each with its own host key, user key and port, and
+profile files that point at them. One serves an x86 "server"; one an emulated Raspberry Pi 4 whose
+Python is arm64 Debian's under qemu-aarch64 (built by scripts/make_aarch64_root.sh)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+AARCH64 = Path(os.environ.get("EDGEDEPLOY_AARCH64_ROOT", REPO / ".lab" / "aarch64"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+@dataclass
+class LabDevice:
+    """One sshd on 127.0.0.1 and everything a profile needs to reach it."""
+
+    name: str
+    base: Path
+    port: int
+    user: str
+    key_file: Path
+    known_hosts: Path
+    host_public_key: str
+    process: subprocess.Popen
+
+    def profile(self, *, extends: str, python: list[str], **extra) -> Path:
+        data = {
+            "extends": extends, "name": self.name, **extra,
+            "connection": {
+                "transport": "ssh", "host": "127.0.0.1", "port": self.port, "user": self.user,
+                "key_file": str(self.key_file), "known_hosts": str(self.known_hosts), "python": python,
+                "workdir": str(self.base / "device"),
+            },
+        }
+        path = self.base / f"{self.name}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_sshd(base: Path, name: str) -> LabDevice:
+    base.mkdir(parents=True, exist_ok=True)
+    host_pub = keygen(base / "host_key")
+    user_pub = keygen(base / "user_key")
+    (base / "authorized_keys").write_text(user_pub + "\n")
+    port = free_port()
+    key_type, key_body = host_pub.split()[:2]
+    (base / "known_hosts").write_text(f"[127.0.0.1]:{port} {key_type} {key_body}\n")
+    (base / "sshd_config").write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {base / 'host_key'}", f"PidFile {base / 'sshd.pid'}",
+        f"AuthorizedKeysFile {base / 'authorized_keys'}", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no", "PermitRootLogin prohibit-password",
+        "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 50", "MaxSessions 50", "",
+    ]))
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(base / "sshd_config")],
+                               stdout=subprocess.DEVNULL, stderr=open(base / "sshd.log", "wb"))
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(f"sshd exited: {(base / 'sshd.log').read_text()}") from None
+            time.sleep(0.05)
+    import getpass
+
+    return LabDevice(name=name, base=base, port=port, user=getpass.getuser(), key_file=base / "user_key",
+                     known_hosts=base / "known_hosts", host_public_key=host_pub, process=process)
+
+
+def x86_python() -> list[str]:
+    """The x86 lab device runs the runner with this project's interpreter (it has tvm, onnxruntime, numpy)."""
+    return [sys.executable]
+
+
+def aarch64_python() -> list[str] | None:
+    """arm64 Debian Python under qemu-aarch64 with the aarch64 wheels, or None when not built."""
+    root, site = AARCH64 / "root", AARCH64 / "site"
+    if not (AARCH64 / ".ready").exists() or not shutil.which("qemu-aarch64"):
+        return None
+    return ["env", f"PYTHONPATH={site}", "qemu-aarch64", "-L", str(root), str(root / "usr/bin/python3.11")]
