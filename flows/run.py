@@ -138,6 +138,7 @@ def deploy_run(config: RunConfig) -> RunResult:
         run_id=config.run_id, created=datetime.now(UTC).isoformat(timespec="seconds"), info=info,
         workload=data.workload, profile=profile.name, quantized=quantized, compiled=compiled, bench=bench,
         stage_seconds={k: round(v, 3) for k, v in timings.items() if k != "profile"}, checks=checks.results,
+        deployed=deployed,
         tools=tool_versions(), flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
     )
     path = config.run_dir() / "result.json"

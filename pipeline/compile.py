@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +130,6 @@ def compile_model(
     digest = sha256_file(library)
     manifest = {
         "schema": MANIFEST_SCHEMA,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": {"sha256": info.sha256, "source": info.source_path},
         "compiled_model": {"sha256": quantized.sha256, "scheme": quantized.config.model_dump()},
         "artifact": {"file": library.name, "sha256": digest, "runtime": "tvm"},
@@ -143,10 +141,9 @@ def compile_model(
         "inputs": [spec.model_dump() for spec in info.inputs],
         "outputs": [spec.model_dump() for spec in info.outputs],
         "tools": tool_versions(),
-        "compile_seconds": round(seconds, 3),
-    }
+    }  # no timestamps: the same artifact always has the same manifest, so re-deploying sends nothing
     manifest_path = workdir / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return CompiledArtifact(
         library_path=str(library), manifest_path=str(manifest_path), sha256=digest, runtime="tvm",
         target=target_dict, gpu_target=gpu_dict, device_code=manifest["device_code"], compile_seconds=seconds,

@@ -12,6 +12,7 @@ from rich.text import Text
 from pipeline.benchmark import BenchmarkReport
 from pipeline.checks import CheckResult
 from pipeline.compile import CompiledArtifact
+from pipeline.deploy import DeployedArtifact
 from pipeline.ingest import ModelInfo
 from pipeline.metrics import Agreement, LatencyStats
 from pipeline.quantize import QuantizedModel
@@ -74,6 +75,7 @@ class RunResult(BaseModel):
     invalid_reasons: list[str]
     stage_seconds: dict[str, float]
     checks: list[CheckResult] = Field(default_factory=list, description="Verdicts of the hardware checks.")
+    deployment: dict[str, Any] = Field(default_factory=dict, description="Device, and which files were sent.")
     benchmark: dict[str, Any] = Field(description="Settings, raw latency samples, devices, versions.")
     tools: dict[str, str]
     flow_run_id: str | None = None
@@ -84,7 +86,7 @@ class RunResult(BaseModel):
         cls, *, run_id: str, created: str, info: ModelInfo, workload: str | None, profile: str,
         quantized: QuantizedModel, compiled: CompiledArtifact, bench: BenchmarkReport,
         stage_seconds: dict[str, float], tools: dict[str, str], flow_run_id: str | None,
-        checks: list[CheckResult] | None = None,
+        checks: list[CheckResult] | None = None, deployed: DeployedArtifact | None = None,
     ) -> RunResult:
         art, base = bench.artifact, bench.baseline
         reasons = [f"{m.runtime}: {m.invalid_reason}" for m in (art, base) if not m.valid and m.invalid_reason]
@@ -105,6 +107,7 @@ class RunResult(BaseModel):
                                      samples=art.samples),
             agreement=bench.agreement, valid=art.valid and base.valid, invalid_reasons=reasons,
             stage_seconds=stage_seconds, checks=checks or [],
+            deployment=_deployment(deployed) if deployed else {},
             benchmark={
                 "settings": bench.settings.model_dump(),
                 "artifact": art.model_dump(exclude={"latency_ms"}),
@@ -152,6 +155,17 @@ class RunResult(BaseModel):
                     else Text("INVALID: " + "; ".join(self.invalid_reasons), style="bold red"))
         footer = Text(f"result: {self.result_path}" if self.result_path else "", style="dim")
         yield Group(head, stages, side, summary, *warnings, validity, footer)
+
+
+def _deployment(deployed: DeployedArtifact) -> dict[str, Any]:
+    placed = {"runner": deployed.runner, "library": deployed.library, "manifest": deployed.manifest,
+              "baseline_model": deployed.baseline_model, "inputs": deployed.inputs}
+    return {
+        "device": deployed.device, "run_dir": deployed.run_dir,
+        "uploaded": sorted(k for k, p in placed.items() if p.uploaded),
+        "already_there": sorted(k for k, p in placed.items() if not p.uploaded),
+        "library_path": deployed.library.remote_path,
+    }
 
 
 def _file_name(path: str) -> str:

@@ -131,3 +131,26 @@ def lstm_model() -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.fixture(scope="session")
+def lab_x86(tmp_path_factory):
+    """A real sshd on 127.0.0.1 with its own host key, user key and port (the lab's x86 "server")."""
+    from tests.lab import start_sshd
+
+    device = start_sshd(tmp_path_factory.mktemp("lab-x86"), "lab-x86")
+    yield device
+    device.stop()
+
+
+@pytest.fixture(scope="session")
+def lab_pi4(tmp_path_factory):
+    """The emulated Raspberry Pi 4: its own sshd; its Python is arm64 Debian's under qemu-aarch64."""
+    from tests.lab import aarch64_python, start_sshd
+
+    python = aarch64_python()
+    if python is None:
+        pytest.fail("the emulated aarch64 board is not built: run `make setup` (scripts/make_aarch64_root.sh)")
+    device = start_sshd(tmp_path_factory.mktemp("lab-pi4"), "lab-pi4")
+    yield device, python
+    device.stop()

@@ -1,0 +1,127 @@
+"""`deploy run` over real SSH: to the lab's x86 server and to the emulated Raspberry Pi 4 (aarch64
+Python under qemu), with the faults that only show end to end."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgedeploy.errors import AuthError, ChecksumMismatch, ConnectFailed
+from flows.run import deploy_run
+from pipeline.benchmark import BenchmarkSettings, benchmark
+from pipeline.build import build
+from pipeline.config import RunConfig
+from pipeline.deploy import deploy
+from pipeline.quantize import QuantConfig
+from pipeline.workloads import WORKLOADS
+from pipeline.workloads.base import Samples
+from targets.connect import open_transport
+from targets.profiles import load_profile
+from tests.lab import free_port, keygen, x86_python
+
+pytestmark = pytest.mark.slow
+
+DIGITS = str(WORKLOADS["digits-cnn"].model_path())
+QUICK = BenchmarkSettings(warmup=1, min_iterations=5, min_seconds=0.2)
+
+
+def _config(profile: Path, scheme: str = "fp32", **extra) -> RunConfig:
+    return RunConfig(model_path=DIGITS, profile=str(profile), quant=QuantConfig(scheme=scheme), bench=QUICK, **extra)
+
+
+def test_run_over_ssh_to_the_x86_server(prefect_server, lab_x86):
+    profile = lab_x86.profile(extends="x86-server", python=x86_python())
+    first = deploy_run(_config(profile, "int8"))
+    assert first.valid and first.profile == "lab-x86"
+    assert first.benchmark["artifact"]["device_machine"] == "x86_64"
+    assert first.accuracy.value > 0.95 and first.agreement.top1 > 0.97
+    assert first.deployment["device"] == f"{lab_x86.user}@127.0.0.1:{lab_x86.port}"
+    assert "library" in first.deployment["uploaded"]
+    # The same artifact again: nothing but the new run's inputs crosses the network.
+    again = deploy_run(_config(profile, "int8"))
+    assert again.artifact.sha256 == first.artifact.sha256
+    assert {"library", "manifest", "runner", "baseline_model"} <= set(again.deployment["already_there"])
+
+
+def test_run_on_the_emulated_pi4_matches_the_x86_reference(prefect_server, lab_pi4):
+    device, python = lab_pi4
+    profile = device.profile(extends="raspberry-pi-4", python=python,
+                             runtimes={"tvm": "0.27.0", "onnxruntime": "1.27.0"})
+    result = deploy_run(_config(profile, "fp32", eval_samples=40))
+    assert result.valid, result.invalid_reasons
+    assert result.benchmark["artifact"]["device_machine"] == "aarch64"
+    assert result.artifact.target["mcpu"] == "cortex-a72"
+    # The cross-compiled library, run on the (emulated) board, against onnxruntime fp32 on this x86 host.
+    run_dir = Path(result.result_path).parent
+    with np.load(run_dir / "outputs.artifact.npz") as npz:
+        on_board = npz["outputs"]
+    inputs = Samples.load(run_dir / "eval.npz", ["image"]).inputs["image"]
+    session = ort.InferenceSession(DIGITS, providers=["CPUExecutionProvider"])
+    on_x86 = np.concatenate([session.run(None, {"image": x[None]})[0] for x in inputs])
+    np.testing.assert_allclose(on_board, on_x86, rtol=1e-4, atol=1e-4)
+    assert result.accuracy.value == result.accuracy.baseline
+
+
+def test_tampered_library_is_refused_before_loading(lab_x86, tmp_path):
+    profile = load_profile(str(lab_x86.profile(extends="x86-server", python=x86_python())))
+    built = build(_config(Path(profile.source)), profile, tmp_path / "build")
+    samples = WORKLOADS["digits-cnn"].evaluation(5)
+    samples.save(tmp_path / "eval.npz")
+    transport, workdir = open_transport(profile)
+    try:
+        deployed = deploy(transport, workdir, "tamper-test", library=Path(built.artifact.library_path),
+                          manifest=Path(built.artifact.manifest_path), baseline_model=Path(DIGITS),
+                          inputs=tmp_path / "eval.npz")
+        with open(deployed.library.remote_path, "ab") as fh:  # someone edits the library on the device
+            fh.write(b"\0")
+        with pytest.raises(ChecksumMismatch, match="refused to load") as info:
+            benchmark(transport, profile.connection.python_argv(), deployed, samples, input_order=["image"],
+                      kind="classifier", settings=QUICK, local_dir=tmp_path)
+        assert info.value.context["expected_sha256"] == built.artifact.sha256
+    finally:
+        transport.close()
+
+
+def _attempts(flow_run_id, task: str) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def fetch():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                               sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=50)
+            (run,) = [r for r in runs if r.name.startswith(task)]
+            states = await client.read_task_run_states(run.id)
+            return sum(1 for s in states if s.type.value == "RUNNING")
+
+    return asyncio.run(fetch())
+
+
+def _failed_flow_run_id(config: RunConfig):
+    state = deploy_run(config, return_state=True)
+    assert state.is_failed()
+    return state.state_details.flow_run_id, state
+
+
+def test_transient_errors_are_retried_and_auth_errors_are_not(prefect_server, lab_x86, tmp_path):
+    closed = tmp_path / "closed.yaml"
+    closed.write_text(lab_x86.profile(extends="x86-server", python=x86_python()).read_text()
+                      .replace(f"port: {lab_x86.port}", f"port: {free_port()}"))
+    flow_run_id, state = _failed_flow_run_id(_config(closed))
+    with pytest.raises(ConnectFailed):
+        state.result()
+    assert _attempts(flow_run_id, "deploy") == 3  # one try + two retries
+
+    keygen(tmp_path / "stranger")
+    wrong_key = tmp_path / "wrong-key.yaml"
+    wrong_key.write_text(lab_x86.profile(extends="x86-server", python=x86_python()).read_text()
+                         .replace(str(lab_x86.key_file), str(tmp_path / "stranger")))
+    flow_run_id, state = _failed_flow_run_id(_config(wrong_key))
+    with pytest.raises(AuthError):
+        state.result()
+    assert _attempts(flow_run_id, "deploy") == 1
