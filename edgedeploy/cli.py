@@ -187,6 +187,35 @@ def compile_command(
                  f"{art.library_path} ({art.device_code})\nmanifest: {art.manifest_path}")
 
 
+@app.command()
+def doctor(
+    profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
+    as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
+) -> None:
+    """Is the device reachable and ready: host key, architecture, Python, runtimes, free disk."""
+    from rich.table import Table
+
+    from pipeline.preflight import doctor as run_doctor
+    from targets.profiles import load_profile
+
+    try:
+        rows = run_doctor(load_profile(profile))
+    except EdgeDeployError as error:
+        exit_with_error(error, as_json=as_json)
+    healthy = all(r.ok for r in rows)
+    if as_json:
+        print(json.dumps({"profile": profile, "ok": healthy, "checks": [r.model_dump() for r in rows]}))
+    else:
+        table = Table(title=f"doctor: {profile}", title_justify="left")
+        for column in ("check", "", "detail"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(r.check, "[green]ok[/]" if r.ok else "[bold red]FAIL[/]", r.detail)
+        stdout.print(table)
+    if not healthy:
+        raise typer.Exit(1)
+
+
 @profiles_app.command("list")
 def profiles_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the bundled device profiles."""

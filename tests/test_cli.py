@@ -133,3 +133,26 @@ def test_bad_profile_file_names_file_field_and_value(isolated_home, tmp_path):
     proc = deploy("profiles", "show", str(bad), api_url="http://127.0.0.1:9/api", home=isolated_home)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(bad) in proc.stderr and "cpu.cores" in proc.stderr and "many" in proc.stderr
+
+
+def test_doctor_over_ssh(lab_x86, isolated_home):
+    from tests.lab import x86_python
+
+    profile = lab_x86.profile(extends="x86-server", python=x86_python())
+    proc = deploy("doctor", "--profile", str(profile), "--json", api_url="http://127.0.0.1:9/api", home=isolated_home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    checks = {c["check"]: c for c in report["checks"]}
+    assert checks["host key"]["ok"] and checks["architecture"]["detail"] == "device x86_64, profile x86_64"
+    assert checks["tvm"]["ok"] and checks["onnxruntime"]["ok"]
+
+
+def test_doctor_shows_an_unknown_host_key(lab_x86, isolated_home, tmp_path):
+    from tests.lab import x86_python
+
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    profile = lab_x86.profile(extends="x86-server", python=x86_python())
+    profile.write_text(profile.read_text().replace(str(lab_x86.known_hosts), str(empty)))
+    proc = deploy("doctor", "--profile", str(profile), api_url="http://127.0.0.1:9/api", home=isolated_home)
+    assert proc.returncode == 1 and "SHA256:" in proc.stdout and "ssh-keyscan" in proc.stdout
