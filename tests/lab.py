@@ -107,3 +107,12 @@ def aarch64_python() -> list[str] | None:
     if not (AARCH64 / ".ready").exists() or not shutil.which("qemu-aarch64"):
         return None
     return ["env", f"PYTHONPATH={site}", "qemu-aarch64", "-L", str(root), str(root / "usr/bin/python3.11")]
+
+
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (an orphaned zombie waits for init to reap it; it runs nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

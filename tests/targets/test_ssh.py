@@ -23,7 +23,7 @@ from pipeline.deploy import place_file
 from pipeline.preflight import preflight
 from targets.profiles import Connection, load_profile
 from targets.ssh import SSHTimeouts, SSHTransport
-from tests.lab import free_port, keygen, x86_python
+from tests.lab import free_port, keygen, process_running, x86_python
 
 
 def _connection(lab, **changes) -> Connection:
@@ -96,13 +96,6 @@ def test_silent_sshd_times_out_at_the_banner(lab_x86):
     server.close()
 
 
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
 
 def test_hung_command_is_killed_on_the_device_with_its_children(ssh, tmp_path):
     pidfile = tmp_path / "child.pid"
@@ -114,10 +107,10 @@ def test_hung_command_is_killed_on_the_device_with_its_children(ssh, tmp_path):
         ssh.run([sys.executable, "-c", script], timeout=3)
     child = int(pidfile.read_text())
     for _ in range(50):
-        if not _running(child):
+        if not process_running(child):
             break
         time.sleep(0.1)
-    assert not _running(child), "the benchmark's child outlived the timeout"
+    assert not process_running(child), "the benchmark's child outlived the timeout"
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import pytest
 
 from edgedeploy.errors import CommandTimeout
 from targets.transport import LocalTransport
+from tests.lab import process_running
 
 
 def test_run_returns_output():
@@ -28,17 +29,9 @@ def test_hung_command_is_killed_with_its_children(tmp_path):
         LocalTransport().run([sys.executable, "-c", script], timeout=3)
     child = int(pidfile.read_text())
     for _ in range(50):  # the kill is asynchronous
-        if not _running(child):
+        if not process_running(child):
             break
         time.sleep(0.1)
     else:
         pytest.fail(f"child {child} survived the timeout")
 
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphaned zombie waits for init to reap it; it runs nothing)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
