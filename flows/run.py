@@ -27,7 +27,9 @@ from pipeline.deploy import DeployedArtifact, deploy
 from pipeline.ingest import ModelInfo
 from pipeline.preflight import preflight
 from pipeline.quantize import QuantizedModel
+from pipeline.regression import Verdict
 from pipeline.report import RunResult
+from pipeline.store import ResultStore
 from pipeline.versions import tool_versions
 from pipeline.workloads.base import Samples
 from targets.connect import open_transport
@@ -135,7 +137,7 @@ def deploy_run(config: RunConfig) -> RunResult:
     bench = _timed("benchmark", timings, benchmark_task, config, deployed, info, data, profile)
     progress.emit("report", "start")
     result = RunResult.assemble(
-        run_id=config.run_id, created=datetime.now(UTC).isoformat(timespec="seconds"), info=info,
+        run_id=config.run_id, created=datetime.now(UTC).isoformat(), info=info,
         workload=data.workload, profile=profile.name, quantized=quantized, compiled=compiled, bench=bench,
         stage_seconds={k: round(v, 3) for k, v in timings.items() if k != "profile"}, checks=checks.results,
         deployed=deployed,
@@ -143,6 +145,16 @@ def deploy_run(config: RunConfig) -> RunResult:
     )
     path = config.run_dir() / "result.json"
     result = result.model_copy(update={"result_path": str(path)})
-    path.write_text(json.dumps(result.model_dump(mode="json"), indent=2))
     progress.emit("report", "done", str(path))
+    verdict = _timed("record", timings, record_task, config, result, compiled)
+    result = result.model_copy(update={"regression": verdict})
+    path.write_text(json.dumps(result.model_dump(mode="json"), indent=2))
     return result
+
+
+@task(name="record", **TASK_OPTIONS)
+def record_task(config: RunConfig, result: RunResult, compiled: CompiledArtifact) -> Verdict:
+    """Store the result and judge it against its history (regressions mark the run)."""
+    store = ResultStore(config.db_url)
+    manifest = json.loads(Path(compiled.manifest_path).read_text())
+    return store.record(result, manifest=manifest, policy=config.regression)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.benchmark import BenchmarkSettings
 from pipeline.quantize import QuantConfig
+from pipeline.regression import RegressionPolicy
 
 
 def edgedeploy_home() -> Path:
@@ -32,6 +33,8 @@ class RunConfig(BaseModel):
     input_shapes: dict[str, tuple[int, ...]] = Field(default_factory=dict)
     max_model_mb: int = Field(default=2048, ge=1, description="Size cap for the model file.")
     bench: BenchmarkSettings = Field(default_factory=BenchmarkSettings)
+    regression: RegressionPolicy = Field(default_factory=RegressionPolicy)
+    db_url: str | None = Field(default=None, description="Results database; None = $EDGEDEPLOY_DB_URL or SQLite.")
     run_id: str = Field(default="", description="Filled in when empty.")
 
     def with_run_id(self) -> RunConfig:

@@ -16,6 +16,7 @@ from pipeline.deploy import DeployedArtifact
 from pipeline.ingest import ModelInfo
 from pipeline.metrics import Agreement, LatencyStats
 from pipeline.quantize import QuantizedModel
+from pipeline.regression import Verdict
 
 
 class ModelSummary(BaseModel):
@@ -76,6 +77,7 @@ class RunResult(BaseModel):
     stage_seconds: dict[str, float]
     checks: list[CheckResult] = Field(default_factory=list, description="Verdicts of the hardware checks.")
     deployment: dict[str, Any] = Field(default_factory=dict, description="Device, and which files were sent.")
+    regression: Verdict | None = Field(default=None, description="Comparison with this run's history.")
     benchmark: dict[str, Any] = Field(description="Settings, raw latency samples, devices, versions.")
     tools: dict[str, str]
     flow_run_id: str | None = None
@@ -151,6 +153,11 @@ class RunResult(BaseModel):
         )
         warnings = [Text(f"warning ({c.check}): {c.reason}", style="yellow") for c in self.checks
                     if c.verdict == "warn"]
+        if self.regression and self.regression.regressed:
+            warnings.append(Text("REGRESSION: " + "; ".join(self.regression.reasons), style="bold red"))
+        elif self.regression and self.regression.compared_runs:
+            warnings.append(Text(f"no regression against the last {self.regression.compared_runs} run(s)",
+                                 style="green"))
         validity = (Text("valid measurement", style="green") if self.valid
                     else Text("INVALID: " + "; ".join(self.invalid_reasons), style="bold red"))
         footer = Text(f"result: {self.result_path}" if self.result_path else "", style="dim")

@@ -154,3 +154,41 @@ def lab_pi4(tmp_path_factory):
     device = start_sshd(tmp_path_factory.mktemp("lab-pi4"), "lab-pi4")
     yield device, python
     device.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server from Debian's packages, on its own port and socket directory, for the session.
+
+    initdb and pg_ctl refuse to run as root, so they run as the postgres user."""
+    import getpass
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+
+    from tests.lab import free_port
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    if not bins:
+        pytest.fail("PostgreSQL is not installed: run `make setup` (apt-get install postgresql)")
+    bindir = Path(bins[-1])
+    # Not under pytest's tmp dir: that is private to root, and the server runs as postgres.
+    base = Path(tempfile.mkdtemp(prefix="edgedeploy-pg-"))
+    data, sockets = base / "data", base / "sockets"
+    sockets.mkdir()
+    as_postgres = ["runuser", "-u", "postgres", "--"] if getpass.getuser() == "root" else []
+    if as_postgres:
+        shutil.chown(base, "postgres")
+        shutil.chown(sockets, "postgres")
+    port = free_port()
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "edgedeploy", "--auth=trust",
+                    "-E", "UTF8"], check=True, capture_output=True)
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "start",
+                    "-o", f"-p {port} -k {sockets} -h 127.0.0.1"], check=True, capture_output=True)
+    subprocess.run([*as_postgres, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "edgedeploy",
+                    "edgedeploy"], check=True, capture_output=True)
+    yield f"postgresql+psycopg://edgedeploy@127.0.0.1:{port}/edgedeploy"
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                   capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,80 @@
+"""Is a new result a regression against its history? Decided on raw samples, not on two medians.
+
+Latency: a one-sided Mann-Whitney U test (new samples stochastically larger than the history's)
+at significance ``alpha``, AND a Hodges-Lehmann shift (the median of all pairwise differences)
+beyond ``threshold`` of the history's median: significant and big enough to matter, both.
+Accuracy: a drop below the best recent accuracy by more than ``accuracy_budget`` (fraction).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.stats import mannwhitneyu
+
+MAX_PAIRS = 4_000_000  # pairwise differences for the shift estimate; subsample beyond this
+
+
+class RegressionPolicy(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    alpha: float = Field(default=0.01, gt=0, lt=1, description="Significance level of the U test.")
+    threshold: float = Field(default=0.05, ge=0, description="Smallest slow-down that counts (0.05 = 5 %).")
+    accuracy_budget: float = Field(default=0.01, ge=0, description="Allowed accuracy drop (0.01 = 1 point).")
+    history: int = Field(default=5, ge=1, description="How many earlier valid runs form the reference.")
+
+
+class Verdict(BaseModel):
+    """What the comparison found."""
+
+    model_config = ConfigDict(frozen=True)
+    compared_runs: int
+    latency_regression: bool
+    latency_shift: float | None = Field(description="Hodges-Lehmann shift relative to the history's median.")
+    latency_p_value: float | None
+    accuracy_regression: bool
+    accuracy_drop: float | None
+    reasons: list[str]
+
+    @property
+    def regressed(self) -> bool:
+        return self.latency_regression or self.accuracy_regression
+
+
+def _shift(new: np.ndarray, old: np.ndarray, rng: np.random.Generator) -> float:
+    if new.size * old.size > MAX_PAIRS:
+        k = int(np.sqrt(MAX_PAIRS))
+        new = rng.choice(new, size=min(k, new.size), replace=False)
+        old = rng.choice(old, size=min(k, old.size), replace=False)
+    return float(np.median(new[:, None] - old[None, :]))
+
+
+def compare(
+    new_samples: list[float], new_accuracy: float | None,
+    history_samples: list[list[float]], history_accuracy: list[float | None], policy: RegressionPolicy,
+) -> Verdict:
+    """Compare one run with up to ``policy.history`` earlier valid runs of the same (model, profile, scheme)."""
+    reasons: list[str] = []
+    history = [np.asarray(s, np.float64) for s in history_samples[-policy.history:] if len(s)]
+    shift = p_value = None
+    latency = False
+    new = np.asarray(new_samples, np.float64)
+    if history and new.size >= 5:
+        old = np.concatenate(history)
+        p_value = float(mannwhitneyu(new, old, alternative="greater").pvalue)
+        reference = float(np.median(old))
+        shift = _shift(new, old, np.random.default_rng(0)) / reference if reference > 0 else None
+        latency = p_value < policy.alpha and shift is not None and shift > policy.threshold
+        if latency:
+            reasons.append(f"latency {shift * 100:+.1f} % vs the last {len(history)} run(s) "
+                           f"(Mann-Whitney p={p_value:.2g}, threshold {policy.threshold * 100:.0f} %)")
+    known = [a for a in history_accuracy[-policy.history:] if a is not None]
+    drop = None
+    accuracy = False
+    if known and new_accuracy is not None:
+        drop = max(known) - new_accuracy
+        accuracy = drop > policy.accuracy_budget
+        if accuracy:
+            reasons.append(f"accuracy {drop * 100:.2f} points below the recent best "
+                           f"(budget {policy.accuracy_budget * 100:.2f})")
+    return Verdict(compared_runs=len(history), latency_regression=latency, latency_shift=shift,
+                   latency_p_value=p_value, accuracy_regression=accuracy, accuracy_drop=drop, reasons=reasons)
