@@ -17,6 +17,11 @@ app = typer.Typer(help="Get a trained ONNX model onto edge hardware and prove ho
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 profiles_app = typer.Typer(help="Device profiles (device_profiles/*.yaml).", no_args_is_help=True)
 app.add_typer(profiles_app, name="profiles")
+lab_app = typer.Typer(help="The device lab: a matrix of models x devices x schemes, now or every night.",
+                      no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+
+EXIT_REGRESSION = 5
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -213,6 +218,46 @@ def doctor(
             table.add_row(r.check, "[green]ok[/]" if r.ok else "[bold red]FAIL[/]", r.detail)
         stdout.print(table)
     if not healthy:
+        raise typer.Exit(1)
+
+
+@lab_app.command("run")
+def lab_run_command(
+    lab: Annotated[Path, typer.Argument(help="The lab file (YAML).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
+) -> None:
+    """Run the lab's matrix now. Exit 5 when a regression is found, 1 when a job failed."""
+    from rich.table import Table
+
+    try:
+        _quiet_prefect()
+        from flows.console import hide_our_error_tracebacks
+        from flows.lab import lab_run
+        from pipeline.lab import jobs, load_lab
+
+        jobs(load_lab(lab))  # a bad lab file or profile fails here, before Prefect starts
+        hide_our_error_tracebacks()
+        with stderr.status(f"lab {lab.name}: running ..."):
+            summary = lab_run(str(lab.resolve()))
+    except EdgeDeployError as error:
+        exit_with_error(error, as_json=as_json)
+    if as_json:
+        print(json.dumps(summary.model_dump(mode="json")))
+    else:
+        table = Table(title=f"lab {summary.lab}", title_justify="left")
+        for column in ("device", "model", "scheme", "p50 ms", "speed-up", "accuracy", "status"):
+            table.add_column(column)
+        for o in summary.outcomes:
+            status = ("[bold red]REGRESSION[/] " + "; ".join(o.regression_reasons) if o.regression
+                      else f"[red]failed:[/] {o.error.splitlines()[0]}" if o.error
+                      else "[green]ok[/]" if o.valid else "[yellow]invalid[/]")
+            table.add_row(o.device, o.model, o.scheme, "" if o.p50_ms is None else f"{o.p50_ms:.3f}",
+                          "" if o.speedup is None else f"{o.speedup:.2f}x",
+                          "" if o.accuracy is None else f"{o.accuracy * 100:.2f} %", status)
+        stdout.print(table)
+    if summary.regressions:
+        raise typer.Exit(EXIT_REGRESSION)
+    if summary.failures:
         raise typer.Exit(1)
 
 

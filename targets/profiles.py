@@ -49,6 +49,9 @@ class CpuUnit(_Frozen):
     cores: int = Field(ge=1, description="Cores the model may use.")
     precisions: tuple[Precision, ...] = Field(description="Precisions the CPU computes natively.")
     int8_dot_product: bool = Field(description="Has an int8 dot-product instruction (VNNI, ARM dotprod).")
+    llvm_opt_level: int | None = Field(
+        default=None, ge=0, le=3, description="LLVM optimisation level for code generation (null = TVM's default, 3)."
+    )
 
 
 class GpuUnit(_Frozen):
@@ -123,6 +126,8 @@ class DeviceProfile(_Frozen):
             target["mcpu"] = self.cpu.mcpu
         if self.cpu.mattr:
             target["mattr"] = list(self.cpu.mattr)
+        if self.cpu.llvm_opt_level is not None:
+            target["opt-level"] = self.cpu.llvm_opt_level
         return target
 
     def tvm_gpu_target(self) -> dict[str, Any] | None:

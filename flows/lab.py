@@ -1,0 +1,150 @@
+"""The lab flow: every model on every device in every scheme.
+
+Devices run in parallel, one thread each; on a device the jobs run one after the other, and each
+holds the device's Prefect global concurrency limit (`device:<profile name>`, limit 1, strict) so
+that no two jobs ever share a device, even from two lab runs at once. The limits are created
+before the jobs start; `strict=True` makes a job fail rather than run unguarded if its limit is
+missing (a misspelled name). Each lab run publishes a table and a markdown summary as Prefect
+artifacts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+from pydantic import BaseModel, ConfigDict
+
+from edgedeploy.errors import EdgeDeployError
+from flows.run import deploy_run
+from pipeline.lab import LabJob, jobs, load_lab
+
+LIMIT_PREFIX = "device:"
+
+
+class JobOutcome(BaseModel):
+    """What one cell of the matrix did, with its wall-clock interval on the device."""
+
+    model_config = ConfigDict(frozen=True)
+    device: str
+    model: str
+    scheme: str
+    started: str
+    finished: str
+    run_id: str | None = None
+    valid: bool = False
+    p50_ms: float | None = None
+    speedup: float | None = None
+    accuracy: float | None = None
+    regression: bool = False
+    regression_reasons: list[str] = []
+    error: str | None = None
+
+
+class LabSummary(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    lab: str
+    outcomes: list[JobOutcome]
+
+    @property
+    def regressions(self) -> list[JobOutcome]:
+        return [o for o in self.outcomes if o.regression]
+
+    @property
+    def failures(self) -> list[JobOutcome]:
+        return [o for o in self.outcomes if o.error]
+
+
+def limit_name(device: str) -> str:
+    return f"{LIMIT_PREFIX}{device}"
+
+
+def ensure_device_limits(devices: set[str]) -> None:
+    """One slot per device, created if missing (existing limits are left as the lab set them)."""
+
+    async def create() -> None:
+        async with get_client() as client:
+            for device in sorted(devices):
+                try:
+                    await client.read_global_concurrency_limit_by_name(limit_name(device))
+                except ObjectNotFound:
+                    await client.create_global_concurrency_limit(
+                        GlobalConcurrencyLimitCreate(name=limit_name(device), limit=1))
+
+    asyncio.run(create())
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _run_job(job: LabJob) -> JobOutcome:
+    model = Path(job.config.model_path).stem
+    with concurrency(limit_name(job.device), occupy=1, strict=True):
+        started = _now()
+        try:
+            result = deploy_run(job.config)
+        except EdgeDeployError as exc:
+            return JobOutcome(device=job.device, model=model, scheme=job.config.quant.scheme, started=started,
+                              finished=_now(), error=exc.render())
+        finished = _now()
+    verdict = result.regression
+    return JobOutcome(
+        device=job.device, model=result.model.workload or model, scheme=result.scheme, started=started,
+        finished=finished, run_id=result.run_id, valid=result.valid, p50_ms=result.latency_ms.p50,
+        speedup=result.speedup, accuracy=result.accuracy.value,
+        regression=bool(verdict and verdict.regressed), regression_reasons=verdict.reasons if verdict else [],
+    )
+
+
+def _device_queue(device_jobs: list[LabJob]) -> list[JobOutcome]:
+    return [_run_job(job) for job in device_jobs]
+
+
+def _publish(lab_name: str, outcomes: list[JobOutcome]) -> None:
+    create_table_artifact(
+        key=f"lab-{lab_name}",
+        table=[{"device": o.device, "model": o.model, "scheme": o.scheme,
+                "p50 ms": None if o.p50_ms is None else round(o.p50_ms, 3),
+                "speed-up vs ORT fp32": None if o.speedup is None else round(o.speedup, 3),
+                "accuracy": o.accuracy, "valid": o.valid, "regression": o.regression, "error": o.error}
+               for o in outcomes],
+        description=f"lab {lab_name}: latest results",
+    )
+    lines = [f"# Lab {lab_name}", "", f"{len(outcomes)} jobs, "
+             f"{sum(o.regression for o in outcomes)} regression(s), {sum(bool(o.error) for o in outcomes)} failure(s)",
+             ""]
+    for o in outcomes:
+        mark = "REGRESSION" if o.regression else ("FAILED" if o.error else "ok")
+        lines.append(f"- **{o.device}** {o.model} {o.scheme}: {mark}"
+                     + (f" ({'; '.join(o.regression_reasons)})" if o.regression else ""))
+    create_markdown_artifact(key=f"lab-{lab_name}-summary", markdown="\n".join(lines),
+                             description=f"lab {lab_name}: summary")
+
+
+@flow(name="lab-run", persist_result=False, log_prints=False)
+def lab_run(lab_path: str) -> LabSummary:
+    """Run a lab file's matrix now: devices in parallel, one job at a time per device."""
+    lab = load_lab(Path(lab_path))
+    matrix = jobs(lab)
+    by_device: dict[str, list[LabJob]] = {}
+    for job in matrix:
+        by_device.setdefault(job.device, []).append(job)
+    ensure_device_limits(set(by_device))
+    get_run_logger().info("lab %s: %d jobs on %d devices", lab.name, len(matrix), len(by_device))
+    with ThreadPoolExecutor(max_workers=len(by_device), thread_name_prefix="device") as pool:
+        # Each thread carries a copy of this flow's context, so every job is a subflow of this run.
+        futures = [pool.submit(contextvars.copy_context().run, _device_queue, device_jobs)
+                   for device_jobs in by_device.values()]
+        outcomes = [o for future in futures for o in future.result()]
+    _publish(lab.name, outcomes)
+    return LabSummary(lab=lab.name, outcomes=outcomes)
