@@ -11,7 +11,7 @@ from typing import Annotated, Literal, NoReturn
 import typer
 from rich.console import Console
 
-from edgedeploy.errors import EdgeDeployError
+from edgedeploy.errors import EdgeDeployError, OptionError
 
 app = typer.Typer(help="Get a trained ONNX model onto edge hardware and prove how fast and how accurate it is there.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -259,6 +259,34 @@ def lab_run_command(
         raise typer.Exit(EXIT_REGRESSION)
     if summary.failures:
         raise typer.Exit(1)
+
+
+@lab_app.command("schedule")
+def lab_schedule_command(
+    lab: Annotated[Path, typer.Argument(help="The lab file (YAML).")],
+    cron: Annotated[str, typer.Option(help='When to run, as cron (e.g. "0 2 * * *").')],
+    timezone: Annotated[str, typer.Option(help="IANA time zone of the cron expression.")] = "UTC",
+    pool: Annotated[str, typer.Option(help="Prefect work pool whose workers run the lab.")] = "edgedeploy-lab",
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: the lab's name).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
+) -> None:
+    """Create a Prefect deployment that runs the lab on a schedule (needs PREFECT_API_URL: a server)."""
+    try:
+        _quiet_prefect()
+        if not os.environ.get("PREFECT_API_URL"):
+            raise OptionError("Scheduling needs a Prefect server that outlives this command",
+                              fix="prefect server start, then export PREFECT_API_URL=http://127.0.0.1:4200/api")
+        from flows.lab import schedule_lab
+
+        scheduled = schedule_lab(lab, cron=cron, timezone=timezone, work_pool=pool, name=name)
+    except EdgeDeployError as error:
+        exit_with_error(error, as_json=as_json)
+    if as_json:
+        print(scheduled.model_dump_json())
+    else:
+        stdout.print(f"[green]scheduled[/] {scheduled.deployment} ({scheduled.cron}, {scheduled.timezone}) "
+                     f"on work pool {scheduled.work_pool}\nstart a worker on each lab host: "
+                     f"[bold]{scheduled.worker_command}[/]")
 
 
 @profiles_app.command("list")

@@ -148,3 +148,60 @@ def lab_run(lab_path: str) -> LabSummary:
         outcomes = [o for future in futures for o in future.result()]
     _publish(lab.name, outcomes)
     return LabSummary(lab=lab.name, outcomes=outcomes)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ScheduledLab(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    deployment_id: str
+    deployment: str
+    work_pool: str
+    cron: str
+    timezone: str
+    worker_command: str
+
+
+def schedule_lab(lab_path: Path, *, cron: str, timezone: str, work_pool: str, name: str | None = None) -> ScheduledLab:
+    """Create (or update) a deployment of the lab flow on the Prefect server, with a cron schedule.
+
+    The schedule lives in the server's database, so it survives restarts of the worker that serves it.
+    """
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.schedules import Cron
+
+    from edgedeploy.errors import OptionError
+
+    lab = load_lab(lab_path)
+    jobs(lab)  # profiles must load now, not at 2 a.m.
+    try:
+        schedule = Cron(cron, timezone=timezone)
+    except ValueError as exc:
+        raise OptionError("Cannot use this schedule", value=f"{cron!r} in {timezone!r}",
+                          expected="a 5-field cron expression and an IANA time zone",
+                          fix='e.g. --cron "0 2 * * *" --timezone Europe/Berlin') from exc
+
+    async def ensure_pool() -> None:
+        async with get_client() as client:
+            try:
+                await client.create_work_pool(WorkPoolCreate(name=work_pool, type="process"))
+            except ObjectAlreadyExists:
+                pass
+
+    asyncio.run(ensure_pool())
+    deployment_name = name or lab.name
+    flow_from_source = lab_run.from_source(source=str(REPO_ROOT), entrypoint="flows/lab.py:lab_run")
+    # to_deployment + apply rather than Flow.deploy: the latter's check for online workers sends
+    # limit=None, which Prefect 3.8.8's own server rejects (422).
+    deployment = flow_from_source.to_deployment(
+        name=deployment_name, work_pool_name=work_pool, schedules=[schedule],
+        parameters={"lab_path": str(Path(lab_path).resolve())},
+        description=f"edgedeploy lab {lab.name}: {len(lab.models)} model(s) x {len(lab.profiles)} device(s) x "
+                    f"{len(lab.schemes)} scheme(s)",
+    )
+    deployment_id = deployment.apply()
+    return ScheduledLab(deployment_id=str(deployment_id), deployment=f"lab-run/{deployment_name}",
+                        work_pool=work_pool, cron=cron, timezone=timezone,
+                        worker_command=f"prefect worker start --pool {work_pool}")

@@ -44,7 +44,7 @@ def test_two_labs_at_once_never_share_a_device(prefect_server, lab_x86, tmp_path
     assert len(summaries) == 2 and all(not s.failures for s in summaries)
     spans = _intervals(summaries)
     assert len(spans) == 4
-    for (start_a, end_a, _), (start_b, _, _) in zip(spans, spans[1:], strict=False):
+    for (_, end_a, _), (start_b, _, _) in zip(spans, spans[1:], strict=False):
         assert end_a <= start_b, f"jobs overlapped on the device: {spans}"
 
 
