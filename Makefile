@@ -12,14 +12,16 @@ setup: $(STAMP)
 # used, so their dependencies are not installed.
 # apt: a C compiler links TVM's libraries; the aarch64 cross toolchain links them for the Pi and the
 # Jetson; sshd and qemu-user run the test lab (a loopback "server" and an emulated Raspberry Pi 4);
-# PostgreSQL is the shared results database a lab can use (the tests start their own server).
+# PostgreSQL is the shared results database a lab can use (the tests start their own server);
+# Chromium renders the dashboard in its test.
 APT_PACKAGES := gcc g++ make gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross \
-	openssh-server openssh-client qemu-user postgresql
+	openssh-server openssh-client qemu-user postgresql chromium
 
 $(STAMP): pyproject.toml Makefile scripts/make_aarch64_root.sh
 	@if ! command -v gcc >/dev/null 2>&1 || ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 \
 	    || [ ! -e /usr/aarch64-linux-gnu/lib/crti.o ] || [ ! -x /usr/sbin/sshd ] \
-	    || ! command -v qemu-aarch64 >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	    || ! command -v qemu-aarch64 >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	    || ! command -v chromium >/dev/null 2>&1; then \
 	  apt-get update && apt-get install -y --no-install-recommends $(APT_PACKAGES); \
 	fi
 	$(PYTHON) -m venv $(VENV)

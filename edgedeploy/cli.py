@@ -289,6 +289,33 @@ def lab_schedule_command(
                      f"[bold]{scheduled.worker_command}[/]")
 
 
+@app.command()
+def dashboard(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 8765,
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1 = this machine only).")] = "127.0.0.1",
+    db_url: Annotated[str | None, typer.Option(help="Results database (default $EDGEDEPLOY_DB_URL or SQLite).")] = None,
+) -> None:
+    """Serve the device-lab dashboard: devices x models, trends, distributions, regressions (works offline)."""
+    from pipeline.dashboard import make_server
+    from pipeline.store import ResultStore
+
+    try:
+        store = ResultStore(db_url)
+        server = make_server(store, host=host, port=port)
+    except EdgeDeployError as error:
+        exit_with_error(error, as_json=False)
+    except OSError as exc:
+        exit_with_error(OptionError(f"Cannot serve on {host}:{port}", value=exc.strerror,
+                                    fix="choose another --port"), as_json=False)
+    stderr.print(f"dashboard on [bold]http://{host}:{server.server_port}/[/] ({store.engine_url_safe()}); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 @profiles_app.command("list")
 def profiles_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the bundled device profiles."""

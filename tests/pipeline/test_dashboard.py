@@ -1,0 +1,104 @@
+"""The dashboard in a real headless Chromium (Debian's package): the matrix's content, and a screenshot."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from pipeline.dashboard import make_server
+from pipeline.regression import RegressionPolicy
+from pipeline.store import ResultStore
+from tests.factories import make_result
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Flags for a closed network: without the background-networking ones Chromium keeps trying Google's hosts.
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def served(tmp_path):
+    store = ResultStore(f"sqlite:///{tmp_path / 'results.db'}")
+    policy = RegressionPolicy()
+    for night in range(5):
+        store.record(make_result(night, profile="lab-x86"), manifest={"artifact": {"sha256": "aa"}}, policy=policy)
+        store.record(make_result(night, profile="lab-pi4", centre_ms=40.0, seed=100 + night), manifest={},
+                     policy=policy)
+        store.record(make_result(night, profile="lab-x86", model="pp-lcnet-orientation", centre_ms=120.0,
+                                 accuracy=1.0, seed=200 + night), manifest={}, policy=policy)
+    # Night 5 on the Pi: 25 % slower.
+    store.record(make_result(5, profile="lab-pi4", centre_ms=50.0, seed=105), manifest={}, policy=policy)
+    server = make_server(store, port=0, prefect_ui="http://127.0.0.1:4200")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+    server.server_close()
+
+
+class Cells(HTMLParser):
+    """Collect the matrix's cells: (device, model) -> (classes, text)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells, self._current, self._depth = {}, None, 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "td" and "data-device" in attrs:
+            self._current = (attrs["data-device"], attrs["data-model"])
+            self.cells[self._current] = [attrs["class"], ""]
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._current = None
+
+    def handle_data(self, data):
+        if self._current:
+            self.cells[self._current][1] += data + " "
+
+
+def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp / 'profile'}", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_matrix_in_chromium(served, tmp_path):
+    dom = _chromium("--dump-dom", served, tmp=tmp_path)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    parser = Cells()
+    parser.feed(dom.stdout)
+    cells = parser.cells
+    assert set(cells) == {("lab-x86", "digits-cnn"), ("lab-pi4", "digits-cnn"), ("lab-x86", "pp-lcnet-orientation")}
+    pi_classes, pi_text = cells[("lab-pi4", "digits-cnn")]
+    assert "regression" in pi_classes and "REGRESSION" in pi_text and "6 night(s)" in pi_text
+    x86_classes, x86_text = cells[("lab-x86", "digits-cnn")]
+    assert "regression" not in x86_classes and "valid" in x86_text and "top1 99.00 %" in x86_text
+    p50 = float(re.search(r"([\d.]+) ms", x86_text).group(1))
+    assert 9.0 < p50 < 11.0  # the factory's nights centre on 10 ms
+    assert "vs onnxruntime fp32" in x86_text
+    # Per cell: a trend over nights with the regression marked, and the latency distribution.
+    assert dom.stdout.count("class=\"trend\"") == 3 and dom.stdout.count("class=\"histogram\"") == 3
+    assert "circle class=\"regression\"" in dom.stdout
+    assert "/runs/flow-run/" not in dom.stdout or "http://127.0.0.1:4200" in dom.stdout
+    assert "manifest.json" in dom.stdout and "<script" not in dom.stdout and "http" not in dom.stdout.split(
+        "<body>")[0].replace("http-equiv", "")  # nothing fetched from elsewhere
+
+    shot = tmp_path / "dashboard.png"
+    result = _chromium(f"--screenshot={shot}", "--window-size=1400,1100", served, tmp=tmp_path)
+    assert result.returncode == 0 and shot.stat().st_size > 20_000
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_manifest_link_serves_the_stored_manifest(served, tmp_path):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(served + "runs/night004-digits-cnn-lab-x86/manifest.json") as response:
+        assert json.loads(response.read()) == {"artifact": {"sha256": "aa"}}
