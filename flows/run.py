@@ -18,9 +18,9 @@ from prefect.runtime import flow_run
 from edgedeploy.errors import EdgeDeployError
 from pipeline import progress
 from pipeline.benchmark import BenchmarkReport, benchmark
-from pipeline.build import check_model, ingest_model, prepare, quantize_model
+from pipeline.build import check_model, compile_cached, ingest_model, prepare, quantize_model
 from pipeline.checks import CheckReport
-from pipeline.compile import CompiledArtifact, compile_model
+from pipeline.compile import CompiledArtifact
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact, deploy
@@ -35,7 +35,9 @@ from pipeline.workloads.base import Samples
 from targets.connect import open_transport
 from targets.profiles import DeviceProfile, load_profile
 
-TASK_OPTIONS = {"cache_policy": NO_CACHE, "persist_result": False}
+# Task results are persisted as JSON (never pickle). Prefect's own result cache is off: artifacts are
+# reused through pipeline.cache, whose key is the content (model, scheme, data, profile, tools).
+TASK_OPTIONS = {"cache_policy": NO_CACHE, "persist_result": True, "result_serializer": "json"}
 
 
 def _transient_only(task, task_run, state) -> bool:
@@ -71,14 +73,14 @@ def data_task(config: RunConfig, info: ModelInfo, checks: CheckReport) -> Prepar
 
 @task(name="quantize", **TASK_OPTIONS)
 def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData, checks: CheckReport) -> QuantizedModel:
-    return quantize_model(info, data, checks, config.run_dir())
+    return quantize_model(info, data, checks)
 
 
 @task(name="compile", **TASK_OPTIONS)
 def compile_task(
     config: RunConfig, quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile
 ) -> CompiledArtifact:
-    return compile_model(quantized, info, profile, config.run_dir())
+    return compile_cached(quantized, info, profile)
 
 
 @task(name="deploy", **DEVICE_TASK_OPTIONS)
@@ -122,7 +124,7 @@ def _timed(stage: str, timings: dict[str, float], fn, *args):
     return result
 
 
-@flow(name="deploy-run", log_prints=False, persist_result=False)
+@flow(name="deploy-run", log_prints=False, persist_result=True, result_serializer="json")
 def deploy_run(config: RunConfig) -> RunResult:
     """Run one model through every stage on one device profile and report honest numbers."""
     config = config.with_run_id()
@@ -142,6 +144,7 @@ def deploy_run(config: RunConfig) -> RunResult:
         stage_seconds={k: round(v, 3) for k, v in timings.items() if k != "profile"}, checks=checks.results,
         deployed=deployed,
         tools=tool_versions(), flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
+        reused=[name for name, part in (("quantize", quantized), ("compile", compiled)) if part.cached],
     )
     path = config.run_dir() / "result.json"
     result = result.model_copy(update={"result_path": str(path)})

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -12,12 +13,14 @@ import onnx
 from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import CheckRefused
+from pipeline.cache import ArtifactCache, arrays_sha256, cache_key
 from pipeline.checks import CheckReport, Runtime, run_checks
-from pipeline.compile import CompiledArtifact, compile_model
-from pipeline.config import RunConfig
+from pipeline.compile import CompiledArtifact, compile_model, profile_sha256
+from pipeline.config import RunConfig, edgedeploy_home
 from pipeline.data import PreparedData, prepare_data
 from pipeline.ingest import ModelInfo, ingest
 from pipeline.quantize import QuantizedModel, quantize
+from pipeline.versions import tool_versions
 from pipeline.workloads import workload_for
 from pipeline.workloads.base import Samples
 from targets.profiles import DeviceProfile
@@ -54,12 +57,38 @@ def prepare(config: RunConfig, info: ModelInfo, workdir: Path, scheme: str) -> P
     )
 
 
-def quantize_model(info: ModelInfo, data: PreparedData, checks: CheckReport, workdir: Path) -> QuantizedModel:
+def artifact_cache() -> ArtifactCache:
+    return ArtifactCache(edgedeploy_home() / "cache")
+
+
+def quantize_model(info: ModelInfo, data: PreparedData, checks: CheckReport) -> QuantizedModel:
+    """Quantize, or reuse the same model quantized the same way on the same data by the same tools."""
+    if checks.quant.scheme == "fp32":
+        return quantize(Path(info.prepared_path), Path(info.prepared_path).parent, checks.quant, None)
     names = [s.name for s in info.inputs]
     calibration = Samples.load(Path(data.calibration_path), names) if data.calibration_path else None
     if calibration is not None:
         calibration.source = data.calibration_source
-    return quantize(Path(info.prepared_path), workdir, checks.quant, calibration)
+    tools = tool_versions()
+    key = cache_key(model=info.sha256, inputs=[i.model_dump() for i in info.inputs], quant=checks.quant.model_dump(),
+                    calibration=arrays_sha256(calibration.inputs) if calibration else None,
+                    tools={k: tools[k] for k in ("onnx", "onnxruntime", "edgedeploy")})
+    result, hit = artifact_cache().get_or_build(
+        "quantized", key, QuantizedModel,
+        lambda directory: quantize(Path(info.prepared_path), directory, checks.quant, calibration))
+    return result.model_copy(update={"cached": hit})
+
+
+def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile) -> CompiledArtifact:
+    """Compile, or reuse the library built from the same model for the same profile by the same tools."""
+    tools = tool_versions()
+    key = cache_key(model=quantized.sha256, inputs=[i.model_dump() for i in info.inputs],
+                    profile=profile_sha256(profile),
+                    tools={k: tools[k] for k in ("apache-tvm", "apache-tvm-ffi", "edgedeploy")})
+    result, hit = artifact_cache().get_or_build(
+        "compiled", key, CompiledArtifact,
+        lambda directory: compile_model(quantized, info, profile, directory))
+    return result.model_copy(update={"cached": hit})
 
 
 def build(config: RunConfig, profile: DeviceProfile, out_dir: Path) -> BuildResult:
@@ -68,6 +97,11 @@ def build(config: RunConfig, profile: DeviceProfile, out_dir: Path) -> BuildResu
     info = ingest_model(config, out_dir)
     checks = check_model(info, profile, config, purpose="build")
     data = prepare(config, info, out_dir, checks.quant.scheme)
-    quantized = quantize_model(info, data, checks, out_dir)
-    artifact = compile_model(quantized, info, profile, out_dir)
+    quantized = quantize_model(info, data, checks)
+    cached = compile_cached(quantized, info, profile)
+    library = out_dir / Path(cached.library_path).name
+    manifest = out_dir / "manifest.json"
+    shutil.copyfile(cached.library_path, library)
+    shutil.copyfile(cached.manifest_path, manifest)
+    artifact = cached.model_copy(update={"library_path": str(library), "manifest_path": str(manifest)})
     return BuildResult(info=info, checks=checks, quantized=quantized, artifact=artifact)

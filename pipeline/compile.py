@@ -41,6 +41,7 @@ class CompiledArtifact(BaseModel):
     gpu_target: dict[str, Any] | None = None
     device_code: str = Field(default="cpu", description="cpu, cuda-source (compiled on the device), cuda-cubin/ptx.")
     compile_seconds: float
+    cached: bool = Field(default=False, description="Reused from the artifact cache.")
 
 
 def profile_sha256(profile: DeviceProfile) -> str:

@@ -67,6 +67,7 @@ class QuantizedModel(BaseModel):
     config: QuantConfig
     calibration_samples: int = 0
     calibration_source: str = ""
+    cached: bool = Field(default=False, description="Reused from the artifact cache.")
 
 
 class _DropPreprocessAdvice(logging.Filter):

@@ -78,6 +78,7 @@ class RunResult(BaseModel):
     checks: list[CheckResult] = Field(default_factory=list, description="Verdicts of the hardware checks.")
     deployment: dict[str, Any] = Field(default_factory=dict, description="Device, and which files were sent.")
     regression: Verdict | None = Field(default=None, description="Comparison with this run's history.")
+    reused: list[str] = Field(default_factory=list, description="Stages whose output came from the artifact cache.")
     benchmark: dict[str, Any] = Field(description="Settings, raw latency samples, devices, versions.")
     tools: dict[str, str]
     flow_run_id: str | None = None
@@ -89,6 +90,7 @@ class RunResult(BaseModel):
         quantized: QuantizedModel, compiled: CompiledArtifact, bench: BenchmarkReport,
         stage_seconds: dict[str, float], tools: dict[str, str], flow_run_id: str | None,
         checks: list[CheckResult] | None = None, deployed: DeployedArtifact | None = None,
+        reused: list[str] | None = None,
     ) -> RunResult:
         art, base = bench.artifact, bench.baseline
         reasons = [f"{m.runtime}: {m.invalid_reason}" for m in (art, base) if not m.valid and m.invalid_reason]
@@ -109,7 +111,7 @@ class RunResult(BaseModel):
                                      samples=art.samples),
             agreement=bench.agreement, valid=art.valid and base.valid, invalid_reasons=reasons,
             stage_seconds=stage_seconds, checks=checks or [],
-            deployment=_deployment(deployed) if deployed else {},
+            deployment=_deployment(deployed) if deployed else {}, reused=reused or [],
             benchmark={
                 "settings": bench.settings.model_dump(),
                 "artifact": art.model_dump(exclude={"latency_ms"}),

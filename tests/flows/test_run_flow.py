@@ -42,7 +42,10 @@ def _flow_run(flow_run_id: str):
 
 
 def test_digits_fp32_through_the_prefect_server(prefect_server):
-    result = deploy_run(_config("digits-cnn", "fp32"))
+    state = deploy_run(_config("digits-cnn", "fp32"), return_state=True)
+    record = state.data
+    assert record.metadata.serializer.type == "json"  # persisted results are JSON, never pickle
+    result = state.result()
     assert result.valid and result.scheme == "fp32" and result.runtime.startswith("tvm")
     assert result.model.workload == "digits-cnn"
     # The trained CNN scores ~99 % on the held-out split, through both runtimes.
@@ -59,12 +62,23 @@ def test_digits_fp32_through_the_prefect_server(prefect_server):
     assert all(t.state.is_completed() for t in tasks)
 
 
-def test_digits_int8_costs_little_accuracy(prefect_server):
+def test_digits_int8_costs_little_accuracy_and_reruns_reuse_artifacts(prefect_server):
     result = deploy_run(_config("digits-cnn", "int8", calib_samples=200))
     assert result.valid and result.scheme.startswith("int8 QDQ U8S8 minmax per-channel")
     assert result.benchmark["calibration_samples"] == 200
     assert result.accuracy.value > 0.95 and result.agreement.top1 > 0.97
     assert result.agreement.cosine > 0.99
+    assert result.reused == []
+    # Identical inputs: the quantized model and the library come from the cache (a new run id doesn't matter).
+    again = deploy_run(_config("digits-cnn", "int8", calib_samples=200))
+    assert again.reused == ["quantize", "compile"] and again.artifact.sha256 == result.artifact.sha256
+    assert again.run_id != result.run_id
+    # Other calibration data: both recomputed.
+    other = deploy_run(_config("digits-cnn", "int8", calib_samples=150))
+    assert other.reused == []
+    # Stored results stay JSON, never pickle.
+    import json
+    assert json.loads(Path(other.result_path).read_text())["reused"] == []
 
 
 def test_orientation_int8_static_rewrite(prefect_server):
