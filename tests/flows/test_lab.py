@@ -53,7 +53,9 @@ def test_slowed_artifact_is_flagged(prefect_server, lab_x86, tmp_path):
 
     profile = lab_x86.profile(extends="x86-server", python=x86_python())
     db = f"sqlite:///{tmp_path / 'results.db'}"
-    lab = write_lab(tmp_path / "nightly.yaml", [str(profile)], db_url=db)
+    # Run-to-run noise of a 0.6 ms model on this 2-core VM has reached +46 % between two nights of the same
+    # artifact, so this lab asks for a 50 % slow-down; the slowed artifact below is about 3x slower.
+    lab = write_lab(tmp_path / "nightly.yaml", [str(profile)], db_url=db, regression={"threshold": 0.5})
     for _ in range(3):
         assert not lab_run(str(lab)).regressions
     # The next night's artifact is slower: its code was generated at LLVM -O0 (about 3x slower here),

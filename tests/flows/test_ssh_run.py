@@ -40,11 +40,12 @@ def test_run_over_ssh_to_the_x86_server(prefect_server, lab_x86):
     assert first.benchmark["artifact"]["device_machine"] == "x86_64"
     assert first.accuracy.value > 0.95 and first.agreement.top1 > 0.97
     assert first.deployment["device"] == f"{lab_x86.user}@127.0.0.1:{lab_x86.port}"
-    assert "library" in first.deployment["uploaded"]
+    assert "inputs" in first.deployment["uploaded"]
     # The same artifact again: nothing but the new run's inputs crosses the network.
     again = deploy_run(_config(profile, "int8"))
     assert again.artifact.sha256 == first.artifact.sha256
-    assert {"library", "manifest", "runner", "baseline_model"} <= set(again.deployment["already_there"])
+    assert again.deployment["uploaded"] == ["inputs"]
+    assert set(again.deployment["already_there"]) == {"library", "manifest", "runner", "baseline_model"}
 
 
 def test_run_on_the_emulated_pi4_matches_the_x86_reference(prefect_server, lab_pi4):
