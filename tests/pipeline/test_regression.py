@@ -56,3 +56,14 @@ def test_accuracy_drop_beyond_budget():
 def test_no_history_no_verdict():
     verdict = compare([1.0] * 50, 0.9, [], [], POLICY)
     assert not verdict.regressed and verdict.compared_runs == 0
+
+
+def test_a_slowdown_within_ordinary_night_to_night_variation_is_not_flagged():
+    """Nights at 10, 12, 9 and 11.5 ms: a 12.5 ms night is slower than the pooled history, and still ordinary."""
+    rng = np.random.default_rng(6)
+    noisy = [list(rng.normal(c, 0.1, 200)) for c in (10.0, 12.0, 9.0, 11.5)]
+    verdict = compare(list(rng.normal(12.5, 0.1, 200)), None, noisy, [], POLICY)
+    assert verdict.latency_p_value < 0.01 and verdict.latency_shift > POLICY.threshold
+    assert verdict.night_to_night > 0.1 and not verdict.latency_regression
+    steady = [list(rng.normal(10.0, 0.1, 200)) for _ in range(4)]
+    assert compare(list(rng.normal(12.5, 0.1, 200)), None, steady, [], POLICY).latency_regression
