@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Literal, NoReturn
 
@@ -358,7 +357,3 @@ def profiles_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = 
         from rich.syntax import Syntax
 
         stdout.print(Syntax(yaml.safe_dump(prof.model_dump(mode="json"), sort_keys=False), "yaml"))
-
-
-def main() -> None:  # pragma: no cover - console-script shim
-    sys.exit(app())
