@@ -54,12 +54,15 @@ def run(
     model: Annotated[Path, typer.Argument(help="The .onnx model to deploy, or a bundled workload's name "
                                                 "(digits-cnn, pp-lcnet-orientation, yolox-glyph-detector).")],
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
-    quant: Annotated[Literal["fp32", "fp16", "int8"], typer.Option(help="Numeric format to deploy.")] = "fp32",
+    quant: Annotated[Literal["fp32", "fp16", "int8", "auto"],
+                     typer.Option(help="Numeric format to deploy; auto = measure every allowed scheme x runtime "
+                                       "on the device and ship the fastest within --accuracy-budget.")] = "fp32",
     calibration: Annotated[Literal["minmax", "entropy", "percentile"],
                            typer.Option(help="int8 range calibration method.")] = "minmax",
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
     eval_data: Annotated[Path | None, typer.Option(help=".npz of inputs (+labels) or a folder of images.")] = None,
+    accuracy_budget: Annotated[float, typer.Option(min=0, help="auto: allowed drop of the metric, in points.")] = 1.0,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     eval_samples: Annotated[int | None, typer.Option(min=1, help="Cap on evaluation samples.")] = None,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
@@ -80,7 +83,9 @@ def run(
 
         config = RunConfig(
             model_path=str(_bundled_model(model)), profile=profile,
-            quant=QuantConfig(scheme=quant, calibration=calibration, per_channel=per_channel),
+            quant=QuantConfig(scheme="fp32" if quant == "auto" else quant, calibration=calibration,
+                              per_channel=per_channel),
+            auto=quant == "auto", accuracy_budget=accuracy_budget / 100,
             calib_data=str(calib_data) if calib_data else None, eval_data=str(eval_data) if eval_data else None,
             calib_samples=calib_samples, eval_samples=eval_samples,
             input_shapes=parse_input_shapes(input_shape or []), max_model_mb=max_model_mb,

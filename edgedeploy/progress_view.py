@@ -9,7 +9,7 @@ from rich.table import Table
 
 from pipeline import progress
 
-STAGES = ("ingest", "check", "data", "quantize", "compile", "deploy", "benchmark", "report", "record")
+STAGES = ("ingest", "check", "auto", "data", "quantize", "compile", "deploy", "benchmark", "report", "record")
 
 
 class StageProgress:

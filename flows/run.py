@@ -20,11 +20,11 @@ from pipeline import progress
 from pipeline.benchmark import BenchmarkReport, benchmark
 from pipeline.build import check_model, compile_cached, ingest_model, prepare, quantize_model
 from pipeline.checks import CheckReport
-from pipeline.compile import CompiledArtifact
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact, deploy
 from pipeline.ingest import ModelInfo
+from pipeline.manifest import CompiledArtifact
 from pipeline.preflight import preflight
 from pipeline.quantize import QuantizedModel
 from pipeline.regression import Verdict
@@ -131,6 +131,8 @@ def deploy_run(config: RunConfig) -> RunResult:
     timings: dict[str, float] = {}
     profile = _timed("profile", timings, load_profile, config.profile)
     info = _timed("ingest", timings, ingest_task, config)
+    if config.auto:
+        return _auto_run(config, profile, info, timings)
     checks = _timed("check", timings, check_task, config, info, profile)
     data = _timed("data", timings, data_task, config, info, checks)
     quantized = _timed("quantize", timings, quantize_task, config, info, data, checks)
@@ -146,6 +148,10 @@ def deploy_run(config: RunConfig) -> RunResult:
         tools=tool_versions(), flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
         reused=[name for name, part in (("quantize", quantized), ("compile", compiled)) if part.cached],
     )
+    return _finish(config, result, compiled, timings)
+
+
+def _finish(config: RunConfig, result: RunResult, compiled: CompiledArtifact, timings: dict[str, float]) -> RunResult:
     path = config.run_dir() / "result.json"
     result = result.model_copy(update={"result_path": str(path)})
     progress.emit("report", "done", str(path))
@@ -153,6 +159,24 @@ def deploy_run(config: RunConfig) -> RunResult:
     result = result.model_copy(update={"regression": verdict})
     path.write_text(json.dumps(result.model_dump(mode="json"), indent=2))
     return result
+
+
+def _auto_run(config: RunConfig, profile: DeviceProfile, info: ModelInfo, timings: dict[str, float]) -> RunResult:
+    """--quant auto: every allowed candidate measured on the device; the fastest within budget ships."""
+    from flows.auto import auto_select, bench_report
+
+    selection, shipped, baseline, data = _timed("auto", timings, auto_select, config, info, profile)
+    progress.emit("report", "start")
+    bench = bench_report(shipped, baseline, metric=selection.metric, settings=config.bench,
+                         classifier=data.kind != "detector")
+    result = RunResult.assemble(
+        run_id=config.run_id, created=datetime.now(UTC).isoformat(), info=info, workload=data.workload,
+        profile=profile.name, quantized=shipped.quantized, compiled=shipped.artifact, bench=bench,
+        stage_seconds={k: round(v, 3) for k, v in timings.items() if k != "profile"}, deployed=shipped.deployed,
+        tools=tool_versions(), flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
+    )
+    result = result.model_copy(update={"auto": selection})
+    return _finish(config, result, shipped.artifact, timings)
 
 
 @task(name="record", **TASK_OPTIONS)

@@ -69,16 +69,17 @@ class BenchmarkReport(BaseModel):
 
 def _run_runner(
     transport: Transport, python: list[str], deployed: DeployedArtifact, *, runtime: str,
-    input_order: list[str], settings: BenchmarkSettings, local_dir: Path,
+    input_order: list[str], settings: BenchmarkSettings, local_dir: Path, which: str,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    name = "artifact" if runtime == "tvm" else "baseline"
+    """Run the device runner on the artifact (which="artifact") or on the fp32 baseline (which="baseline")."""
+    name = which
     remote_out = posixpath.join(deployed.run_dir, f"outputs.{name}.npz")
     argv = [*python, deployed.runner.remote_path, "--runtime", runtime,
             "--inputs", deployed.inputs.remote_path, "--input-order", ",".join(input_order),
             "--outputs", remote_out, "--warmup", str(settings.warmup),
             "--min-iterations", str(settings.min_iterations), "--min-seconds", str(settings.min_seconds),
             "--max-seconds", str(settings.max_seconds), "--threads", str(settings.threads)]
-    if runtime == "tvm":
+    if which == "artifact":
         argv += ["--artifact", deployed.library.remote_path, "--manifest", deployed.manifest.remote_path]
     else:
         argv += ["--artifact", deployed.baseline_model.remote_path, "--sha256", deployed.baseline_model.sha256]
@@ -119,19 +120,31 @@ def _measurement(report: dict[str, Any], kind: str | None, outputs: np.ndarray, 
     )
 
 
+def measure(
+    transport: Transport, python: list[str], deployed: DeployedArtifact, samples: Samples, *, which: str,
+    input_order: list[str], kind: str | None, settings: BenchmarkSettings, local_dir: Path,
+) -> tuple[Measurement, np.ndarray]:
+    """One runtime on the device: the deployed artifact (which="artifact") or onnxruntime fp32 ("baseline")."""
+    runtime = deployed.runtime if which == "artifact" else "onnxruntime"
+    report, outputs = _run_runner(transport, python, deployed, runtime=runtime, input_order=input_order,
+                                  settings=settings, local_dir=local_dir, which=which)
+    return _measurement(report, kind, outputs, samples), outputs
+
+
+def metric_name(kind: str | None, samples: Samples) -> str | None:
+    return ("mAP@0.5" if kind == "detector" else "top1") if kind and samples.labels is not None else None
+
+
 def benchmark(
     transport: Transport, python: list[str], deployed: DeployedArtifact, samples: Samples, *,
     input_order: list[str], kind: str | None, settings: BenchmarkSettings, local_dir: Path,
 ) -> BenchmarkReport:
     """Measure the artifact, then the baseline, on the device; score and compare them."""
-    art_report, art_out = _run_runner(transport, python, deployed, runtime="tvm", input_order=input_order,
-                                      settings=settings, local_dir=local_dir)
-    base_report, base_out = _run_runner(transport, python, deployed, runtime="onnxruntime",
-                                        input_order=input_order, settings=settings, local_dir=local_dir)
+    common = {"input_order": input_order, "kind": kind, "settings": settings, "local_dir": local_dir}
+    artifact, art_out = measure(transport, python, deployed, samples, which="artifact", **common)
+    baseline, base_out = measure(transport, python, deployed, samples, which="baseline", **common)
     return BenchmarkReport(
-        artifact=_measurement(art_report, kind, art_out, samples),
-        baseline=_measurement(base_report, kind, base_out, samples),
+        artifact=artifact, baseline=baseline,
         agreement=agreement(art_out, base_out, classifier=kind != "detector"),
-        metric=("mAP@0.5" if kind == "detector" else "top1") if kind and samples.labels is not None else None,
-        settings=settings,
+        metric=metric_name(kind, samples), settings=settings,
     )

@@ -15,10 +15,11 @@ from pydantic import BaseModel, ConfigDict
 from edgedeploy.errors import CheckRefused
 from pipeline.cache import ArtifactCache, arrays_sha256, cache_key
 from pipeline.checks import CheckReport, Runtime, run_checks
-from pipeline.compile import CompiledArtifact, compile_model, profile_sha256
+from pipeline.compile import compile_model
 from pipeline.config import RunConfig, edgedeploy_home
 from pipeline.data import PreparedData, prepare_data
 from pipeline.ingest import ModelInfo, ingest
+from pipeline.manifest import CompiledArtifact, package_onnx, profile_sha256
 from pipeline.quantize import QuantizedModel, quantize
 from pipeline.versions import tool_versions
 from pipeline.workloads import workload_for
@@ -76,6 +77,16 @@ def quantize_model(info: ModelInfo, data: PreparedData, checks: CheckReport) -> 
     result, hit = artifact_cache().get_or_build(
         "quantized", key, QuantizedModel,
         lambda directory: quantize(Path(info.prepared_path), directory, checks.quant, calibration))
+    return result.model_copy(update={"cached": hit})
+
+
+def package_cached(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile) -> CompiledArtifact:
+    """The onnxruntime artifact (the .onnx and its manifest), content-addressed like a library."""
+    tools = tool_versions()
+    key = cache_key(model=quantized.sha256, profile=profile_sha256(profile), runtime="onnxruntime",
+                    tools={k: tools[k] for k in ("onnxruntime", "edgedeploy")})
+    result, hit = artifact_cache().get_or_build(
+        "packaged", key, CompiledArtifact, lambda directory: package_onnx(quantized, info, profile, directory))
     return result.model_copy(update={"cached": hit})
 
 

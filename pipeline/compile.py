@@ -14,39 +14,16 @@ from typing import Any
 
 import onnx
 import tvm
-from pydantic import BaseModel, ConfigDict, Field
 from tvm.relax.frontend import onnx as onnx_frontend
 
 from edgedeploy.errors import CompileError
-from pipeline.hashing import sha256_bytes, sha256_file
 from pipeline.ingest import ModelInfo
+from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profile_sha256, write_manifest
 from pipeline.quantize import QuantizedModel
-from pipeline.versions import tool_versions
 from targets.profiles import DeviceProfile
 
-MANIFEST_SCHEMA = 1
-# ELF e_machine of the library for each profile arch (a cross-link gone wrong shows up here).
-ELF_MACHINES = {"x86_64": 62, "aarch64": 183, "armv7l": 40}
-
-
-class CompiledArtifact(BaseModel):
-    """A compiled library and its manifest, on this machine."""
-
-    model_config = ConfigDict(frozen=True)
-    library_path: str
-    manifest_path: str
-    sha256: str = Field(description="sha256 of the library.")
-    runtime: str = Field(description="The runtime that loads the library on the device.")
-    target: dict[str, Any]
-    gpu_target: dict[str, Any] | None = None
-    device_code: str = Field(default="cpu", description="cpu, cuda-source (compiled on the device), cuda-cubin/ptx.")
-    compile_seconds: float
-    cached: bool = Field(default=False, description="Reused from the artifact cache.")
-
-
-def profile_sha256(profile: DeviceProfile) -> str:
-    return sha256_bytes(profile.model_dump_json(exclude={"source"}).encode())
-
+__all__ = ["ELF_MACHINES", "CompiledArtifact", "compile_model", "elf_machine", "profile_sha256",
+           "tvm_importable_ops"]
 
 def resolve_target(profile: DeviceProfile) -> dict[str, Any]:
     """The profile's CPU target with a host-detected mcpu filled in (the `local` profile leaves it open)."""
@@ -54,14 +31,6 @@ def resolve_target(profile: DeviceProfile) -> dict[str, Any]:
     if "mcpu" not in target:
         target["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
     return target
-
-
-def elf_machine(path: Path) -> int | None:
-    """e_machine of an ELF file, None when it isn't one."""
-    header = Path(path).read_bytes()[:20]
-    if header[:4] != b"\x7fELF":
-        return None
-    return int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
 
 
 def _build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any] | None):
@@ -128,26 +97,10 @@ def compile_model(
             expected=f"e_machine {ELF_MACHINES.get(profile.cpu.arch)}",
             fix=f"check the profile's cross_compiler ({profile.cross_compiler or 'host cc'})",
         )
-    digest = sha256_file(library)
-    manifest = {
-        "schema": MANIFEST_SCHEMA,
-        "model": {"sha256": info.sha256, "source": info.source_path},
-        "compiled_model": {"sha256": quantized.sha256, "scheme": quantized.config.model_dump()},
-        "artifact": {"file": library.name, "sha256": digest, "runtime": "tvm"},
-        "profile": {"name": profile.name, "sha256": profile_sha256(profile)},
-        "target": target_dict,
-        "gpu_target": gpu_dict,
-        "device_code": _device_code(executable),
-        "elf_machine": machine,
-        "inputs": [spec.model_dump() for spec in info.inputs],
-        "outputs": [spec.model_dump() for spec in info.outputs],
-        "tools": tool_versions(),
-    }  # no timestamps: the same artifact always has the same manifest, so re-deploying sends nothing
-    manifest_path = workdir / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return CompiledArtifact(
-        library_path=str(library), manifest_path=str(manifest_path), sha256=digest, runtime="tvm",
-        target=target_dict, gpu_target=gpu_dict, device_code=manifest["device_code"], compile_seconds=seconds,
+    device_code = _device_code(executable)
+    return write_manifest(
+        library, quantized, info, profile, runtime="tvm", seconds=seconds,
+        extra={"target": target_dict, "gpu_target": gpu_dict, "device_code": device_code, "elf_machine": machine},
     )
 
 

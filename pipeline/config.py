@@ -34,6 +34,9 @@ class RunConfig(BaseModel):
     max_model_mb: int = Field(default=2048, ge=1, description="Size cap for the model file.")
     bench: BenchmarkSettings = Field(default_factory=BenchmarkSettings)
     regression: RegressionPolicy = Field(default_factory=RegressionPolicy)
+    auto: bool = Field(default=False, description="--quant auto: measure every allowed candidate, ship the best.")
+    accuracy_budget: float = Field(default=0.01, ge=0, description="Allowed drop of the workload's metric (0.01 = "
+                                   "1 point); without labels, of top-1 agreement with fp32.")
     db_url: str | None = Field(default=None, description="Results database; None = $EDGEDEPLOY_DB_URL or SQLite.")
     run_id: str = Field(default="", description="Filled in when empty.")
 
@@ -41,7 +44,7 @@ class RunConfig(BaseModel):
         if self.run_id:
             return self
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        scheme = self.quant.scheme
+        scheme = "auto" if self.auto else self.quant.scheme
         name = Path(self.model_path).stem[:32]
         profile = Path(self.profile).stem[:24]
         return self.model_copy(update={"run_id": f"{stamp}-{name}-{profile}-{scheme}-{secrets.token_hex(2)}"})

@@ -66,6 +66,7 @@ class DeployedArtifact(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     device: str
+    runtime: str = "tvm"  # what loads `library` on the device: tvm, or onnxruntime for an .onnx artifact
     runner: Placement
     library: Placement
     manifest: Placement
@@ -76,7 +77,7 @@ class DeployedArtifact(BaseModel):
 
 def deploy(
     transport: Transport, workdir: str, run_id: str, *, library: Path, manifest: Path,
-    baseline_model: Path, inputs: Path,
+    baseline_model: Path, inputs: Path, runtime: str = "tvm",
 ) -> DeployedArtifact:
     """Place runner, library + manifest, the fp32 baseline model and the inputs on the device.
 
@@ -90,7 +91,7 @@ def deploy(
     placed_library = place_file(transport, library, posixpath.join(artifact_dir, library.name), sha256=lib_sha)
     placed_manifest = place_file(transport, manifest, posixpath.join(artifact_dir, "manifest.json"))
     return DeployedArtifact(
-        device=transport.name,
+        device=transport.name, runtime=runtime,
         runner=place_file(transport, RUNNER_SOURCE, posixpath.join(workdir, "bin", "device_runner.py")),
         library=placed_library,
         manifest=placed_manifest,

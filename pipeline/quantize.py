@@ -49,13 +49,17 @@ class QuantConfig(BaseModel):
     per_channel: bool = Field(default=True, description="One weight scale per output channel (else per tensor).")
     activation_type: Literal["uint8", "int8"] = Field(default="uint8", description="int8 activation type.")
     reduce_range: bool = Field(default=False, description="7-bit weights (avoids VPMADDUBSW saturation).")
+    format: Literal["qdq", "qoperator"] = Field(
+        default="qdq", description="QDQ (QuantizeLinear/DequantizeLinear: TVM and onnxruntime) or QOperator "
+        "(QLinearConv, ...: onnxruntime only).")
 
     def label(self) -> str:
         if self.scheme != "int8":
             return self.scheme
         act = "U8S8" if self.activation_type == "uint8" else "S8S8"
         grain = "per-channel" if self.per_channel else "per-tensor"
-        return f"int8 QDQ {act} {self.calibration} {grain}" + (" reduce-range" if self.reduce_range else "")
+        fmt = "QDQ" if self.format == "qdq" else "QOperator"
+        return f"int8 {fmt} {act} {self.calibration} {grain}" + (" reduce-range" if self.reduce_range else "")
 
 
 class QuantizedModel(BaseModel):
@@ -143,7 +147,7 @@ def _convert(model_path: Path, out: Path, config: QuantConfig, calibration: Samp
         str(model_path),
         str(out),
         _Reader(calibration),
-        quant_format=QuantFormat.QDQ,
+        quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
         per_channel=config.per_channel,
         reduce_range=config.reduce_range,
         activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,

@@ -9,11 +9,12 @@ from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.auto import AutoSelection
 from pipeline.benchmark import BenchmarkReport
 from pipeline.checks import CheckResult
-from pipeline.compile import CompiledArtifact
 from pipeline.deploy import DeployedArtifact
 from pipeline.ingest import ModelInfo
+from pipeline.manifest import CompiledArtifact
 from pipeline.metrics import Agreement, LatencyStats
 from pipeline.quantize import QuantizedModel
 from pipeline.regression import Verdict
@@ -79,6 +80,7 @@ class RunResult(BaseModel):
     deployment: dict[str, Any] = Field(default_factory=dict, description="Device, and which files were sent.")
     regression: Verdict | None = Field(default=None, description="Comparison with this run's history.")
     reused: list[str] = Field(default_factory=list, description="Stages whose output came from the artifact cache.")
+    auto: AutoSelection | None = Field(default=None, description="--quant auto: every candidate and the choice.")
     benchmark: dict[str, Any] = Field(description="Settings, raw latency samples, devices, versions.")
     tools: dict[str, str]
     flow_run_id: str | None = None
@@ -100,7 +102,8 @@ class RunResult(BaseModel):
             model=ModelSummary(path=info.source_path, sha256=info.sha256, workload=workload,
                                parameters=info.parameters, flops=info.flops, op_census=info.op_census,
                                static_rewrite=info.static_rewrite),
-            profile=profile, scheme=quantized.config.label(), runtime=f"tvm {art.versions.get('tvm', '')}".strip(),
+            profile=profile, scheme=quantized.config.label(),
+            runtime=f"{art.runtime} {art.versions.get(art.runtime, '')}".strip(),
             artifact=ArtifactSummary(sha256=compiled.sha256, path=compiled.library_path,
                                      manifest=compiled.manifest_path, target=compiled.target),
             latency_ms=art.latency_ms, peak_rss_mb=art.peak_rss_mb,
@@ -163,7 +166,8 @@ class RunResult(BaseModel):
         validity = (Text("valid measurement", style="green") if self.valid
                     else Text("INVALID: " + "; ".join(self.invalid_reasons), style="bold red"))
         footer = Text(f"result: {self.result_path}" if self.result_path else "", style="dim")
-        yield Group(head, stages, side, summary, *warnings, validity, footer)
+        parts = [self.auto] if self.auto else []
+        yield Group(head, stages, *parts, side, summary, *warnings, validity, footer)
 
 
 def _deployment(deployed: DeployedArtifact) -> dict[str, Any]:

@@ -1,0 +1,156 @@
+"""The `--quant auto` flow body: one Prefect task per candidate, each measured on the device against
+the same onnxruntime fp32 baseline; pipeline.auto chooses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from prefect import task
+from pydantic import BaseModel, ConfigDict
+
+from edgedeploy.errors import DataError, EdgeDeployError
+from pipeline.auto import AutoSelection, Candidate, CandidateOutcome, choose, default_candidates, outcome, plot_svg
+from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement, measure, metric_name
+from pipeline.build import compile_cached, package_cached, prepare, quantize_model
+from pipeline.checks import run_checks
+from pipeline.config import RunConfig
+from pipeline.data import PreparedData
+from pipeline.deploy import DeployedArtifact, deploy
+from pipeline.ingest import ModelInfo
+from pipeline.manifest import CompiledArtifact
+from pipeline.metrics import agreement
+from pipeline.quantize import QuantConfig, QuantizedModel
+from pipeline.workloads.base import Samples
+from targets.connect import open_transport
+from targets.profiles import DeviceProfile
+
+TASK_OPTIONS = {"persist_result": True, "result_serializer": "json", "cache_policy": None}
+
+
+class Measured(BaseModel):
+    """A candidate's (or the baseline's) artifact, deployment and measurement."""
+
+    model_config = ConfigDict(frozen=True)
+    quantized: QuantizedModel
+    artifact: CompiledArtifact
+    deployed: DeployedArtifact
+    measurement: Measurement
+    outputs_path: str
+
+
+def _settings(config: RunConfig, profile: DeviceProfile) -> BenchmarkSettings:
+    return config.bench if config.bench.threads else config.bench.model_copy(update={"threads": profile.cpu.cores})
+
+
+def _measure(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
+             quantized: QuantizedModel, artifact: CompiledArtifact, *, which: str, folder: str) -> Measured:
+    names = [s.name for s in info.inputs]
+    samples = Samples.load(Path(data.eval_path), names)
+    local = config.run_dir() / folder
+    local.mkdir(parents=True, exist_ok=True)
+    transport, workdir = open_transport(profile)
+    try:
+        deployed = deploy(transport, workdir, config.run_id, library=Path(artifact.library_path),
+                          manifest=Path(artifact.manifest_path), baseline_model=Path(info.source_path),
+                          inputs=Path(data.eval_path), runtime=artifact.runtime)
+        measurement, outputs = measure(transport, profile.connection.python_argv(), deployed, samples, which=which,
+                                       input_order=names, kind=data.kind, settings=_settings(config, profile),
+                                       local_dir=local)
+    finally:
+        transport.close()
+    path = local / f"outputs.{which}.npz"
+    np.savez(path, outputs=outputs)
+    return Measured(quantized=quantized, artifact=artifact, deployed=deployed, measurement=measurement,
+                    outputs_path=str(path))
+
+
+def original_as_artifact(info: ModelInfo, profile: DeviceProfile) -> tuple[QuantizedModel, CompiledArtifact]:
+    """What ships when nothing beats it: the user's own model, run by onnxruntime in fp32."""
+    original = QuantizedModel(path=info.source_path, sha256=info.sha256, config=QuantConfig(scheme="fp32"))
+    return original, package_cached(original, info, profile)
+
+
+@task(name="baseline", **TASK_OPTIONS)
+def baseline_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
+                  folder: str = "baseline") -> Measured:
+    original, artifact = original_as_artifact(info, profile)
+    return _measure(config, info, data, profile, original, artifact, which="baseline", folder=folder)
+
+
+@task(name="candidate", **TASK_OPTIONS)
+def candidate_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
+                   candidate: Candidate, index: int) -> Measured:
+    checks = run_checks(onnx.load(info.prepared_path), info, profile, candidate.quant, runtime=candidate.runtime)
+    # Measure exactly this candidate: the checks' own adjustments (e.g. reduce_range) are candidates themselves.
+    checks = checks.model_copy(update={"quant": candidate.quant})
+    quantized = quantize_model(info, data, checks)
+    artifact = (compile_cached(quantized, info, profile) if candidate.runtime == "tvm"
+                else package_cached(quantized, info, profile))
+    return _measure(config, info, data, profile, quantized, artifact, which="artifact", folder=f"candidate-{index}")
+
+
+def _refusal(candidate: Candidate, info: ModelInfo, profile: DeviceProfile, data: PreparedData) -> str | None:
+    if candidate.quant.scheme == "int8" and not data.calibration_path:
+        return "no calibration data (pass --calib-data)"
+    report = run_checks(onnx.load(info.prepared_path), info, profile, candidate.quant, runtime=candidate.runtime)
+    refused = report.refused
+    return f"{refused[0].check}: {refused[0].reason}" if refused else None
+
+
+def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
+                ) -> tuple[AutoSelection, Measured, Measured, PreparedData]:
+    """(the selection, what ships, the baseline, the data). Never ships anything slower than the baseline."""
+    try:
+        data = prepare(config, info, config.run_dir(), "int8")
+    except DataError:  # an unknown model without --calib-data: int8 candidates are refused, the rest still run
+        data = prepare(config, info, config.run_dir(), "fp32")
+    baseline = baseline_task(config, info, data, profile)
+    with np.load(baseline.outputs_path) as npz:
+        base_out = npz["outputs"]
+    names = [s.name for s in info.inputs]
+    metric = metric_name(data.kind, Samples.load(Path(data.eval_path), names))
+    outcomes: list[CandidateOutcome] = []
+    runs: list[tuple[Candidate, Measured, object]] = []
+    for index, candidate in enumerate(default_candidates()):
+        label = candidate.label()
+        reason = _refusal(candidate, info, profile, data)
+        if reason:
+            outcomes.append(CandidateOutcome(label=label, runtime=candidate.runtime, scheme=candidate.quant.label(),
+                                             status="refused", reason=reason))
+            continue
+        try:
+            run = candidate_task.with_options(task_run_name=f"candidate {label}")(
+                config, info, data, profile, candidate, index)
+        except EdgeDeployError as exc:
+            outcomes.append(CandidateOutcome(label=label, runtime=candidate.runtime, scheme=candidate.quant.label(),
+                                             status="failed", reason=exc.what))
+            continue
+        with np.load(run.outputs_path) as npz:
+            runs.append((candidate, run, agreement(npz["outputs"], base_out, classifier=data.kind != "detector")))
+    # The baseline again, after the candidates: whichever of its two measurements is faster is the one to
+    # beat, so a baseline measured on a cold machine can't make a candidate look faster than it is.
+    again = baseline_task.with_options(task_run_name="baseline (again)")(config, info, data, profile,
+                                                                          folder="baseline-again")
+    if again.measurement.latency_ms.p50 < baseline.measurement.latency_ms.p50:
+        baseline = again
+    measured: dict[str, Measured] = {}
+    for candidate, run, agree in runs:
+        outcomes.append(outcome(candidate, run.measurement, baseline.measurement, agree, metric=metric,
+                                budget=config.accuracy_budget))
+        measured[candidate.label()] = run
+    selection = choose(outcomes, budget=config.accuracy_budget, metric=metric, baseline=baseline.measurement)
+    (config.run_dir() / "auto.svg").write_text(plot_svg(selection))
+    (config.run_dir() / "auto.json").write_text(json.dumps(selection.model_dump(mode="json"), indent=2))
+    shipped = measured[selection.chosen] if selection.chosen else baseline
+    return selection, shipped, baseline, data
+
+
+def bench_report(shipped: Measured, baseline: Measured, *, metric: str | None, settings: BenchmarkSettings,
+                 classifier: bool) -> BenchmarkReport:
+    with np.load(shipped.outputs_path) as a, np.load(baseline.outputs_path) as b:
+        agree = agreement(a["outputs"], b["outputs"], classifier=classifier)
+    return BenchmarkReport(artifact=shipped.measurement, baseline=baseline.measurement, agreement=agree,
+                           metric=metric, settings=settings)

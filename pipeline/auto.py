@@ -1,0 +1,176 @@
+"""`--quant auto`: measure every scheme the checks allow on every runtime of the device, and ship the
+fastest that stays within the accuracy budget, or onnxruntime fp32 when nothing beats it.
+
+"Beats" means measured faster on the device: the candidate's p50 is at least 2 % below the baseline's
+AND a one-sided Mann-Whitney U test on the raw samples says so (p < 0.01). Noise doesn't promote a
+candidate, so the shipped artifact is never slower than what the user already has.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.table import Table
+from scipy.stats import mannwhitneyu
+
+from pipeline.benchmark import Measurement
+from pipeline.metrics import Agreement
+from pipeline.quantize import QuantConfig
+
+Runtime = Literal["tvm", "onnxruntime"]
+FASTER_ALPHA = 0.01
+MIN_SPEEDUP = 1.02  # smaller gains are within what a re-measurement moves
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    runtime: Runtime
+    quant: QuantConfig
+
+    def label(self) -> str:
+        return f"{self.runtime} {self.quant.label()}"
+
+
+def default_candidates() -> list[Candidate]:
+    """onnxruntime's own int8 options are candidates too (measured, not assumed)."""
+    int8 = QuantConfig(scheme="int8")
+    ort = [
+        QuantConfig(scheme="fp32"), int8, int8.model_copy(update={"reduce_range": True}),
+        int8.model_copy(update={"activation_type": "int8"}), int8.model_copy(update={"format": "qoperator"}),
+        int8.model_copy(update={"per_channel": False}), int8.model_copy(update={"calibration": "percentile"}),
+        int8.model_copy(update={"calibration": "entropy"}), QuantConfig(scheme="fp16"),
+    ]
+    tvm = [QuantConfig(scheme="fp32"), int8, QuantConfig(scheme="fp16")]
+    return ([Candidate(runtime="onnxruntime", quant=q) for q in ort]
+            + [Candidate(runtime="tvm", quant=q) for q in tvm])
+
+
+class CandidateOutcome(BaseModel):
+    """One candidate: measured on the device, refused by a check, or failed."""
+
+    model_config = ConfigDict(frozen=True)
+    label: str
+    runtime: Runtime
+    scheme: str
+    status: Literal["measured", "refused", "failed"]
+    reason: str | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    accuracy: float | None = None
+    agreement: Agreement | None = None
+    speedup: float | None = None
+    faster_p_value: float | None = Field(default=None, description="One-sided U test: faster than the baseline.")
+    within_budget: bool = False
+    valid: bool = False
+    artifact_sha256: str | None = None
+
+
+def outcome(candidate: Candidate, measured: Measurement, baseline: Measurement, agreement: Agreement, *,
+            metric: str | None, budget: float) -> CandidateOutcome:
+    if metric and measured.accuracy is not None and baseline.accuracy is not None:
+        within = measured.accuracy >= baseline.accuracy - budget
+    elif agreement.top1 is not None:  # no labels: stay with the fp32 reference's answers
+        within = agreement.top1 >= 1 - budget
+    else:
+        within = agreement.cosine >= 0.99
+    p_value = float(mannwhitneyu(measured.samples_ms, baseline.samples_ms, alternative="less").pvalue)
+    return CandidateOutcome(
+        label=candidate.label(), runtime=candidate.runtime, scheme=candidate.quant.label(), status="measured",
+        p50_ms=measured.latency_ms.p50, p90_ms=measured.latency_ms.p90, accuracy=measured.accuracy,
+        agreement=agreement, speedup=baseline.latency_ms.p50 / measured.latency_ms.p50,
+        faster_p_value=p_value, within_budget=within, valid=measured.valid, artifact_sha256=measured.artifact_sha256,
+    )
+
+
+class AutoSelection(BaseModel):
+    """Every candidate, and the one shipped."""
+
+    model_config = ConfigDict(frozen=True)
+    outcomes: list[CandidateOutcome]
+    chosen: str | None = Field(description="Label of the shipped candidate; None = onnxruntime fp32 on the original.")
+    reason: str
+    budget: float
+    metric: str | None
+    baseline_p50_ms: float
+    baseline_accuracy: float | None
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table = Table(title=f"--quant auto: {len(self.outcomes)} candidates, measured on the device",
+                      title_justify="left")
+        for column in ("candidate", "p50 ms", "speed-up", self.metric or "agreement", "within budget", "status"):
+            table.add_column(column)
+        for o in sorted(self.outcomes, key=lambda o: (o.status != "measured", o.p50_ms or 0)):
+            quality = (f"{o.accuracy * 100:.2f} %" if o.accuracy is not None
+                       else f"top-1 {o.agreement.top1 * 100:.1f} %" if o.agreement and o.agreement.top1 is not None
+                       else f"cos {o.agreement.cosine:.4f}" if o.agreement else "")
+            style = "bold green" if o.label == self.chosen else ""
+            table.add_row(
+                f"[{style}]{o.label}[/]" if style else o.label,
+                "" if o.p50_ms is None else f"{o.p50_ms:.3f}",
+                "" if o.speedup is None else f"{o.speedup:.2f}x", quality,
+                ("yes" if o.within_budget else "no") if o.status == "measured" else "",
+                o.status if o.status == "measured" else f"{o.status}: {o.reason}",
+            )
+        yield table
+        yield f"[bold]shipped:[/] {self.chosen or 'onnxruntime fp32 (the original model)'}: {self.reason}"
+
+
+def choose(
+    outcomes: list[CandidateOutcome], *, budget: float, metric: str | None, baseline: Measurement
+) -> AutoSelection:
+    """The fastest candidate that is valid, within budget and measurably faster than onnxruntime fp32."""
+    eligible = [o for o in outcomes if o.status == "measured" and o.valid and o.within_budget
+                and o.p50_ms is not None and baseline.latency_ms.p50 / o.p50_ms >= MIN_SPEEDUP
+                and o.faster_p_value is not None and o.faster_p_value < FASTER_ALPHA]
+    common = {"outcomes": outcomes, "budget": budget, "metric": metric, "baseline_p50_ms": baseline.latency_ms.p50,
+              "baseline_accuracy": baseline.accuracy}
+    if not eligible:
+        return AutoSelection(chosen=None, reason="nothing beat onnxruntime fp32 within the accuracy budget, so "
+                             "onnxruntime fp32 ships", **common)
+    best = min(eligible, key=lambda o: o.p50_ms)
+    return AutoSelection(chosen=best.label, reason=f"fastest within budget: {best.speedup:.2f}x onnxruntime fp32 "
+                         f"(U test p={best.faster_p_value:.2g})", **common)
+
+
+def plot_svg(selection: AutoSelection, width: int = 640, height: int = 360) -> str:
+    """Latency (x, log scale) against the quality measure (y), one dot per measured candidate."""
+    import math
+
+    measured = [o for o in selection.outcomes if o.status == "measured" and o.p50_ms]
+    if not measured:
+        return ""
+
+    def quality(o: CandidateOutcome) -> float:
+        if o.accuracy is not None:
+            return o.accuracy
+        if o.agreement is None:
+            return 0.0
+        return o.agreement.top1 if o.agreement.top1 is not None else o.agreement.cosine
+
+    xs = [math.log10(o.p50_ms) for o in measured] + [math.log10(selection.baseline_p50_ms)]
+    ys = [quality(o) for o in measured]
+    x0, x1 = min(xs) - 0.1, max(xs) + 0.1
+    y0, y1 = min(ys) - 0.01, max(ys) + 0.01
+    pad = 50
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (pad + (x - x0) / (x1 - x0) * (width - 2 * pad),
+                height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad))
+
+    dots = []
+    for o in measured:
+        x, y = px(math.log10(o.p50_ms), quality(o))
+        colour = "#1a7f37" if o.label == selection.chosen else ("#0969da" if o.within_budget else "#cf222e")
+        dots.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{colour}"><title>{html.escape(o.label)}: '
+                    f'{o.p50_ms:.3f} ms</title></circle><text x="{x + 7:.1f}" y="{y - 6:.1f}" font-size="10">'
+                    f'{html.escape(o.label)}</text>')
+    bx, _ = px(math.log10(selection.baseline_p50_ms), y0)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
+            f'<line x1="{bx:.1f}" y1="{pad}" x2="{bx:.1f}" y2="{height - pad}" stroke="#8c959f" stroke-dasharray="4"/>'
+            f'<text x="{bx + 4:.1f}" y="{pad - 6}" font-size="11">onnxruntime fp32</text>'
+            f'<text x="{width / 2 - 60}" y="{height - 12}" font-size="12">p50 latency (ms, log scale)</text>'
+            f'<text x="8" y="20" font-size="12">{html.escape(selection.metric or "agreement with fp32")}</text>'
+            f'{"".join(dots)}</svg>')

@@ -1,0 +1,87 @@
+"""Artifacts and their manifests: what runs on the device, tied by sha256 to the model it came from,
+the scheme, the profile and the tool versions. No compiler imports here: an onnxruntime artifact is
+packaged without TVM.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.hashing import sha256_bytes, sha256_file
+from pipeline.ingest import ModelInfo
+from pipeline.quantize import QuantizedModel
+from pipeline.versions import tool_versions
+from targets.profiles import DeviceProfile
+
+MANIFEST_SCHEMA = 1
+# ELF e_machine of the library for each profile arch (a cross-link gone wrong shows up here).
+ELF_MACHINES = {"x86_64": 62, "aarch64": 183, "armv7l": 40}
+
+
+class CompiledArtifact(BaseModel):
+    """What runs on the device (a TVM library, or an .onnx for onnxruntime) and its manifest, on this machine."""
+
+    model_config = ConfigDict(frozen=True)
+    library_path: str
+    manifest_path: str
+    sha256: str = Field(description="sha256 of the library.")
+    runtime: str = Field(description="The runtime that loads the library on the device.")
+    target: dict[str, Any]
+    gpu_target: dict[str, Any] | None = None
+    device_code: str = Field(default="cpu", description="cpu, cuda-source (compiled on the device), cuda-cubin/ptx.")
+    compile_seconds: float
+    cached: bool = Field(default=False, description="Reused from the artifact cache.")
+
+
+def profile_sha256(profile: DeviceProfile) -> str:
+    return sha256_bytes(profile.model_dump_json(exclude={"source"}).encode())
+
+
+def elf_machine(path: Path) -> int | None:
+    """e_machine of an ELF file, None when it isn't one."""
+    header = Path(path).read_bytes()[:20]
+    if header[:4] != b"\x7fELF":
+        return None
+    return int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+
+
+def write_manifest(
+    artifact: Path, quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, *, runtime: str,
+    seconds: float, extra: dict[str, Any],
+) -> CompiledArtifact:
+    """Write manifest.json next to the artifact. No timestamps: the same artifact always has the same
+    manifest, so re-deploying it sends nothing."""
+    digest = sha256_file(artifact)
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "model": {"sha256": info.sha256, "source": info.source_path},
+        "compiled_model": {"sha256": quantized.sha256, "scheme": quantized.config.model_dump()},
+        "artifact": {"file": artifact.name, "sha256": digest, "runtime": runtime},
+        "profile": {"name": profile.name, "sha256": profile_sha256(profile)},
+        "inputs": [spec.model_dump() for spec in info.inputs],
+        "outputs": [spec.model_dump() for spec in info.outputs],
+        "tools": tool_versions(),
+        **extra,
+    }
+    manifest_path = artifact.parent / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return CompiledArtifact(
+        library_path=str(artifact), manifest_path=str(manifest_path), sha256=digest, runtime=runtime,
+        target=extra.get("target", {}), gpu_target=extra.get("gpu_target"),
+        device_code=extra.get("device_code", "cpu"), compile_seconds=seconds,
+    )
+
+
+def package_onnx(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, workdir: Path) -> CompiledArtifact:
+    """An onnxruntime artifact: the (quantized) .onnx itself, with the same kind of manifest as a library."""
+    started = time.perf_counter()
+    artifact = workdir / "model.onnx"
+    shutil.copyfile(quantized.path, artifact)
+    return write_manifest(artifact, quantized, info, profile, runtime="onnxruntime",
+                          seconds=time.perf_counter() - started, extra={"device_code": "onnx"})

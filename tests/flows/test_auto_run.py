@@ -1,0 +1,40 @@
+"""--quant auto end to end: every candidate measured on the device, the choice never slower than onnxruntime fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.run import deploy_run
+from pipeline.benchmark import BenchmarkSettings
+from pipeline.config import RunConfig
+from pipeline.workloads import WORKLOADS
+
+pytestmark = pytest.mark.slow
+
+
+def test_auto_on_digits(prefect_server, tmp_path):
+    board = tmp_path / "no-fp16.yaml"  # fp16 refused by the checks: those candidates must say why
+    board.write_text("extends: local\nname: no-fp16\ncpu:\n  precisions: [fp32, int8]\n")
+    result = deploy_run(RunConfig(model_path=str(WORKLOADS["digits-cnn"].model_path()), profile=str(board),
+                                  auto=True, eval_samples=100, calib_samples=100,
+                                  bench=BenchmarkSettings(warmup=2, min_iterations=200, min_seconds=0.3)))
+    selection = result.auto
+    statuses = {o.label: o for o in selection.outcomes}
+    assert len(statuses) == 12
+    assert statuses["onnxruntime fp16"].status == "refused" and "fp16" in statuses["onnxruntime fp16"].reason
+    assert statuses["tvm fp16"].status == "refused"
+    assert statuses["tvm int8 QDQ U8S8 minmax per-channel"].status == "measured"
+    assert statuses["onnxruntime int8 QOperator U8S8 minmax per-channel"].status == "measured"
+    # Never slower than what the user already has: either a candidate measurably faster within budget, or
+    # onnxruntime fp32 itself.
+    assert result.latency_ms.p50 <= result.baseline.latency_ms.p50
+    if selection.chosen:
+        chosen = statuses[selection.chosen]
+        assert chosen.within_budget and chosen.faster_p_value < 0.01
+        assert result.accuracy.value >= result.accuracy.baseline - 0.01
+    else:
+        assert result.speedup == 1.0 and result.runtime.startswith("onnxruntime")
+    plot = Path(result.result_path).with_name("auto.svg").read_text()
+    assert plot.startswith("<svg") and "onnxruntime fp32" in plot

@@ -1,0 +1,53 @@
+"""--quant auto's choice on constructed measurements: never slower, never outside the budget, never by noise."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.auto import Candidate, choose, outcome
+from pipeline.benchmark import Measurement
+from pipeline.metrics import Agreement, LatencyStats
+from pipeline.quantize import QuantConfig
+
+AGREE = Agreement(top1=1.0, cosine=1.0, max_abs=0.0, samples=100)
+
+
+def _measurement(centre: float, accuracy: float | None = 0.99, seed: int = 0, valid: bool = True) -> Measurement:
+    samples = list(np.random.default_rng(seed).normal(centre, centre * 0.05, 300))
+    return Measurement(runtime="onnxruntime", artifact_sha256="x", versions={}, latency_ms=LatencyStats.from_samples(
+        samples), samples_ms=samples, warmup=1, peak_rss_mb=1, load_seconds=0, timed_seconds=1, samples=100,
+        accuracy=accuracy, valid=valid, invalid_reason=None, device_python="3.11", device_machine="x86_64")
+
+
+INT8 = Candidate(runtime="onnxruntime", quant=QuantConfig(scheme="int8"))
+TVM = Candidate(runtime="tvm", quant=QuantConfig(scheme="fp32"))
+
+
+def test_fastest_within_budget_wins():
+    base = _measurement(10.0)
+    fast = outcome(INT8, _measurement(6.0, 0.985, seed=1), base, AGREE, metric="top1", budget=0.01)
+    faster_but_inaccurate = outcome(TVM, _measurement(4.0, 0.90, seed=2), base, AGREE, metric="top1", budget=0.01)
+    selection = choose([fast, faster_but_inaccurate], budget=0.01, metric="top1", baseline=base)
+    assert selection.chosen == INT8.label() and not faster_but_inaccurate.within_budget
+
+
+def test_nothing_faster_ships_onnxruntime_fp32():
+    base = _measurement(10.0)
+    slow = outcome(TVM, _measurement(80.0, seed=3), base, AGREE, metric="top1", budget=0.01)
+    selection = choose([slow], budget=0.01, metric="top1", baseline=base)
+    assert selection.chosen is None and "onnxruntime fp32 ships" in selection.reason
+
+
+def test_noise_never_promotes_a_candidate():
+    """The same distribution as the baseline: its p50 may land lower by chance, the U test won't agree."""
+    base = _measurement(10.0, seed=4)
+    for seed in range(5, 25):
+        same = outcome(INT8, _measurement(10.0, seed=seed), base, AGREE, metric="top1", budget=0.01)
+        assert choose([same], budget=0.01, metric="top1", baseline=base).chosen is None
+
+
+def test_without_labels_agreement_is_the_budget():
+    base = _measurement(10.0, accuracy=None)
+    disagreeing = Agreement(top1=0.95, cosine=0.9, max_abs=1.0, samples=100)
+    cand = outcome(INT8, _measurement(5.0, accuracy=None, seed=7), base, disagreeing, metric=None, budget=0.01)
+    assert not cand.within_budget and choose([cand], budget=0.01, metric=None, baseline=base).chosen is None
