@@ -63,6 +63,8 @@ def run(
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
     eval_data: Annotated[Path | None, typer.Option(help=".npz of inputs (+labels) or a folder of images.")] = None,
     accuracy_budget: Annotated[float, typer.Option(min=0, help="auto: allowed drop of the metric, in points.")] = 1.0,
+    tune_trials: Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM build "
+                                                         "(0 = none; local CPU profiles only).")] = 0,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     eval_samples: Annotated[int | None, typer.Option(min=1, help="Cap on evaluation samples.")] = None,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
@@ -85,7 +87,7 @@ def run(
             model_path=str(_bundled_model(model)), profile=profile,
             quant=QuantConfig(scheme="fp32" if quant == "auto" else quant, calibration=calibration,
                               per_channel=per_channel),
-            auto=quant == "auto", accuracy_budget=accuracy_budget / 100,
+            auto=quant == "auto", accuracy_budget=accuracy_budget / 100, tune_trials=tune_trials,
             calib_data=str(calib_data) if calib_data else None, eval_data=str(eval_data) if eval_data else None,
             calib_samples=calib_samples, eval_samples=eval_samples,
             input_shapes=parse_input_shapes(input_shape or []), max_model_mb=max_model_mb,
@@ -111,7 +113,7 @@ def run(
 
 
 def _build_config(model: Path, profile: str, quant: str, calibration: str, per_channel: bool,
-                  calib_data: Path | None, calib_samples: int, input_shape: list[str] | None):
+                  calib_data: Path | None, calib_samples: int, input_shape: list[str] | None, tune_trials: int = 0):
     from pipeline.config import RunConfig
     from pipeline.ingest import parse_input_shapes
     from pipeline.quantize import QuantConfig
@@ -120,7 +122,7 @@ def _build_config(model: Path, profile: str, quant: str, calibration: str, per_c
         model_path=str(_bundled_model(model)), profile=profile,
         quant=QuantConfig(scheme=quant, calibration=calibration, per_channel=per_channel),
         calib_data=str(calib_data) if calib_data else None, calib_samples=calib_samples,
-        input_shapes=parse_input_shapes(input_shape or []),
+        input_shapes=parse_input_shapes(input_shape or []), tune_trials=tune_trials,
     )
 
 
@@ -170,6 +172,7 @@ def compile_command(
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
+    tune_trials: Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task (local CPU only).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
 ) -> None:
     """Compile MODEL for a profile on this machine (cross-compiling where the device is another arch)."""
@@ -178,7 +181,7 @@ def compile_command(
         from targets.profiles import load_profile
 
         config = _build_config(model, profile, quant, calibration, per_channel, calib_data, calib_samples,
-                               input_shape)
+                               input_shape, tune_trials)
         with stderr.status(f"compiling for {profile} ..."):
             result = build(config, load_profile(profile), out)
     except EdgeDeployError as error:
@@ -187,6 +190,7 @@ def compile_command(
     summary = {"library": art.library_path, "manifest": art.manifest_path, "sha256": art.sha256,
                "target": art.target, "gpu_target": art.gpu_target, "device_code": art.device_code,
                "scheme": result.quantized.config.label(), "compile_seconds": round(art.compile_seconds, 3),
+               "tuning": art.tuning,
                "checks": [c.model_dump(mode="json") for c in result.checks.results]}
     if as_json:
         print(json.dumps(summary))

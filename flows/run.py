@@ -80,7 +80,7 @@ def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData, checks
 def compile_task(
     config: RunConfig, quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile
 ) -> CompiledArtifact:
-    return compile_cached(quantized, info, profile)
+    return compile_cached(quantized, info, profile, tune_trials=config.tune_trials)
 
 
 @task(name="deploy", **DEVICE_TASK_OPTIONS)

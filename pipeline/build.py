@@ -90,8 +90,17 @@ def package_cached(quantized: QuantizedModel, info: ModelInfo, profile: DevicePr
     return result.model_copy(update={"cached": hit})
 
 
-def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile) -> CompiledArtifact:
-    """Compile, or reuse the library built from the same model for the same profile by the same tools."""
+def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, *,
+                   tune_trials: int = 0) -> CompiledArtifact:
+    """Compile, or reuse the library built from the same model for the same profile by the same tools.
+
+    A tuned build is never taken from the cache: each one adds trials to the persistent tuning database
+    ($EDGEDEPLOY_HOME/tuning/<target>), so the library can get faster night after night."""
+    if tune_trials:
+        workdir = edgedeploy_home() / "tuned" / f"{quantized.sha256[:16]}-{profile.name}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        return compile_model(quantized, info, profile, workdir, tune_trials=tune_trials,
+                             tuning_root=edgedeploy_home() / "tuning")
     tools = tool_versions()
     key = cache_key(model=quantized.sha256, inputs=[i.model_dump() for i in info.inputs],
                     profile=profile_sha256(profile),
@@ -109,7 +118,7 @@ def build(config: RunConfig, profile: DeviceProfile, out_dir: Path) -> BuildResu
     checks = check_model(info, profile, config, purpose="build")
     data = prepare(config, info, out_dir, checks.quant.scheme)
     quantized = quantize_model(info, data, checks)
-    cached = compile_cached(quantized, info, profile)
+    cached = compile_cached(quantized, info, profile, tune_trials=config.tune_trials)
     library = out_dir / Path(cached.library_path).name
     manifest = out_dir / "manifest.json"
     shutil.copyfile(cached.library_path, library)

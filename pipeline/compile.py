@@ -14,9 +14,11 @@ from typing import Any
 
 import onnx
 import tvm
+from pydantic import BaseModel, ConfigDict, Field
 from tvm.relax.frontend import onnx as onnx_frontend
 
 from edgedeploy.errors import CompileError
+from pipeline.hashing import sha256_bytes
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profile_sha256, write_manifest
 from pipeline.quantize import QuantizedModel
@@ -31,6 +33,81 @@ def resolve_target(profile: DeviceProfile) -> dict[str, Any]:
     if "mcpu" not in target:
         target["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
     return target
+
+
+class Tuning(BaseModel):
+    """MetaSchedule tuning of this build: how many trials were added, in how long, to which database."""
+
+    model_config = ConfigDict(frozen=True)
+    trials_per_task: int
+    tasks: int
+    seconds: float
+    database: str
+    records: int = Field(description="Tuning records in the database after this run (all runs, all models).")
+
+
+EVOLUTIONARY_MIN_TRIALS = 64
+
+
+def tuning_dir(target: dict[str, Any], root: Path) -> Path:
+    """One persistent database per target: a workload tuned once serves every later run and model."""
+    return root / sha256_bytes(json.dumps(target, sort_keys=True).encode())[:16]
+
+
+def _fused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    from tvm import relax
+
+    with target:
+        return tvm.ir.transform.Sequential([
+            relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR(),
+        ])(mod)
+
+
+def _in_process_builder():
+    """MetaSchedule's LocalBuilder starts worker processes that each spend ~40 s importing TVM's tensor
+    intrinsics; building in this process takes 0.1-0.5 s per candidate."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for item in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(item.mod, item.target, item.params)),
+                                                 None))
+                except Exception as exc:  # a candidate that doesn't build is a failed trial, not a failed run
+                    results.append(BuilderResult(None, str(exc)))
+            return results
+
+    return InProcessBuilder()
+
+
+def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_dir: Path):
+    """Add ``trials`` MetaSchedule trials per task (measured on THIS machine) and build from the database."""
+    from tvm.s_tir import meta_schedule as ms
+
+    target = tvm.target.Target(cpu)
+    mod = _fused(mod, target)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    database_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    database = ms.relax_integration.tune_relax(
+        mod, params={}, target=target, work_dir=str(database_dir), max_trials_global=trials * max(len(tasks), 1),
+        max_trials_per_task=trials, num_trials_per_iter=min(trials, 16), builder=_in_process_builder(),
+        # The evolutionary search breeds a population of 2048 per round: worth it for real budgets, minutes
+        # of overhead for a handful of trials, where random sampling of the design space does as well.
+        strategy="evolutionary" if trials >= EVOLUTIONARY_MIN_TRIALS else "replay-trace",
+    )
+    seconds = time.perf_counter() - started
+    executable = ms.relax_integration.compile_relax(database, mod, target, params=None)
+    records = len(database.get_all_tuning_records())
+    return executable, Tuning(trials_per_task=trials, tasks=len(tasks), seconds=seconds, database=str(database_dir),
+                              records=records)
 
 
 def _build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any] | None):
@@ -69,17 +146,32 @@ def _device_code(executable) -> str:
 
 
 def compile_model(
-    quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, workdir: Path
+    quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, workdir: Path, *,
+    tune_trials: int = 0, tuning_root: Path | None = None,
 ) -> CompiledArtifact:
-    """Import into TVM Relax, build for the profile's CPU, export the library, write the manifest."""
+    """Import into TVM Relax, build for the profile's CPU (MetaSchedule-tuned when ``tune_trials`` > 0),
+    export the library, write the manifest."""
     target_dict = resolve_target(profile)
     gpu_dict = profile.tvm_gpu_target()
+    if tune_trials and (gpu_dict or profile.connection.transport != "local"):
+        raise CompileError(
+            f"Tuning for profile {profile.name!r} is not available yet",
+            value=f"--tune-trials {tune_trials}",
+            expected="a local CPU profile: tuning measures candidates on the machine they will run on, and "
+                     "measuring on a remote board needs TVM's RPC server there, which edgedeploy doesn't start yet",
+            fix="use --tune-trials 0 for this profile",
+        )
+    tuning = None
     started = time.perf_counter()
     try:
         model = onnx.load(quantized.path)
         shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
         mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
-        executable = _build(mod, target_dict, gpu_dict)
+        if tune_trials:
+            root = tuning_root or workdir / "tuning"
+            executable, tuning = _tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root))
+        else:
+            executable = _build(mod, target_dict, gpu_dict)
         library = workdir / "model.so"
         executable.export_library(str(library), **({"cc": profile.cross_compiler} if profile.cross_compiler else {}))
     except Exception as exc:
@@ -98,10 +190,12 @@ def compile_model(
             fix=f"check the profile's cross_compiler ({profile.cross_compiler or 'host cc'})",
         )
     device_code = _device_code(executable)
-    return write_manifest(
+    artifact = write_manifest(
         library, quantized, info, profile, runtime="tvm", seconds=seconds,
-        extra={"target": target_dict, "gpu_target": gpu_dict, "device_code": device_code, "elf_machine": machine},
+        extra={"target": target_dict, "gpu_target": gpu_dict, "device_code": device_code, "elf_machine": machine,
+               "tuning": tuning.model_dump() if tuning else None},
     )
+    return artifact.model_copy(update={"tuning": tuning.model_dump() if tuning else None})
 
 
 def tvm_importable_ops() -> frozenset[str]:

@@ -34,6 +34,7 @@ class RunConfig(BaseModel):
     max_model_mb: int = Field(default=2048, ge=1, description="Size cap for the model file.")
     bench: BenchmarkSettings = Field(default_factory=BenchmarkSettings)
     regression: RegressionPolicy = Field(default_factory=RegressionPolicy)
+    tune_trials: int = Field(default=0, ge=0, description="MetaSchedule trials per task (0 = no tuning).")
     auto: bool = Field(default=False, description="--quant auto: measure every allowed candidate, ship the best.")
     accuracy_budget: float = Field(default=0.01, ge=0, description="Allowed drop of the workload's metric (0.01 = "
                                    "1 point); without labels, of top-1 agreement with fp32.")

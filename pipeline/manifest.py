@@ -36,6 +36,7 @@ class CompiledArtifact(BaseModel):
     gpu_target: dict[str, Any] | None = None
     device_code: str = Field(default="cpu", description="cpu, cuda-source (compiled on the device), cuda-cubin/ptx.")
     compile_seconds: float
+    tuning: dict[str, Any] | None = Field(default=None, description="MetaSchedule tuning done for this build.")
     cached: bool = Field(default=False, description="Reused from the artifact cache.")
 
 

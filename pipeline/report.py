@@ -37,6 +37,7 @@ class ArtifactSummary(BaseModel):
     path: str
     manifest: str
     target: dict[str, Any]
+    tuning: dict[str, Any] | None = None
 
 
 class BaselineSummary(BaseModel):
@@ -105,7 +106,7 @@ class RunResult(BaseModel):
             profile=profile, scheme=quantized.config.label(),
             runtime=f"{art.runtime} {art.versions.get(art.runtime, '')}".strip(),
             artifact=ArtifactSummary(sha256=compiled.sha256, path=compiled.library_path,
-                                     manifest=compiled.manifest_path, target=compiled.target),
+                                     manifest=compiled.manifest_path, target=compiled.target, tuning=compiled.tuning),
             latency_ms=art.latency_ms, peak_rss_mb=art.peak_rss_mb,
             baseline=BaselineSummary(runtime=f"onnxruntime {base.versions.get('onnxruntime', '')} fp32".strip(),
                                      latency_ms=base.latency_ms, valid=base.valid, invalid_reason=base.invalid_reason),
@@ -166,7 +167,12 @@ class RunResult(BaseModel):
         validity = (Text("valid measurement", style="green") if self.valid
                     else Text("INVALID: " + "; ".join(self.invalid_reasons), style="bold red"))
         footer = Text(f"result: {self.result_path}" if self.result_path else "", style="dim")
-        parts = [self.auto] if self.auto else []
+        parts: list[Any] = [self.auto] if self.auto else []
+        if self.artifact.tuning:
+            t = self.artifact.tuning
+            parts.append(Text(f"tuned: {t['trials_per_task']} MetaSchedule trials per task over {t['tasks']} tasks "
+                              f"in {t['seconds']:.0f} s; the database ({t['database']}) now holds "
+                              f"{t['records']} records"))
         yield Group(head, stages, *parts, side, summary, *warnings, validity, footer)
 
 
