@@ -7,8 +7,13 @@ next to it ties the library to its model, profile, scheme and tool versions by s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +92,34 @@ def _in_process_builder():
     return InProcessBuilder()
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """MetaSchedule logs to the process's stdout (Python handlers bound at import, and C++), which belongs to
+    --json: point file descriptor 1 at stderr while it runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    moved = [h for name in list(logging.Logger.manager.loggerDict) if name.startswith("tvm")
+             for h in getattr(logging.getLogger(name), "handlers", [])
+             if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.__stdout__)]
+    try:
+        os.dup2(2, 1)
+        for handler in moved:
+            handler.setStream(sys.stderr)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        for handler in moved:
+            handler.setStream(sys.stdout)
+
+
 def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_dir: Path):
+    with _stdout_to_stderr():
+        return _tune_and_compile(mod, cpu, trials, database_dir)
+
+
+def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_dir: Path):
     """Add ``trials`` MetaSchedule trials per task (measured on THIS machine) and build from the database."""
     from tvm.s_tir import meta_schedule as ms
 

@@ -46,3 +46,18 @@ def test_tuning_for_a_remote_board_is_refused_clearly(tmp_path):
     with pytest.raises(CompileError, match="Tuning for profile 'raspberry-pi-4'") as exc:
         compile_model(q, info, load_profile("raspberry-pi-4"), tmp_path, tune_trials=4)
     assert "RPC" in exc.value.expected
+
+
+def test_tuning_keeps_stdout_for_json(tmp_path):
+    """Regression: MetaSchedule's log lines went to stdout and broke `deploy compile/run --json`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "edgedeploy", "compile", "digits-cnn", "--out", str(tmp_path / "out"),
+                           "--tune-trials", "1", "--json"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "EDGEDEPLOY_HOME": str(tmp_path / "home")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    assert summary["tuning"]["trials_per_task"] == 1 and "LocalRunner" in proc.stderr
