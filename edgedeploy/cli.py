@@ -10,7 +10,7 @@ from typing import Annotated, Literal, NoReturn
 import typer
 from rich.console import Console
 
-from edgedeploy.errors import EdgeDeployError, OptionError
+from edgedeploy.errors import CheckRefused, EdgeDeployError, OptionError
 
 app = typer.Typer(help="Get a trained ONNX model onto edge hardware and prove how fast and how accurate it is there.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -157,7 +157,7 @@ def check(
     else:
         stdout.print(report)
     if report.refused:
-        raise typer.Exit(4)
+        raise typer.Exit(CheckRefused.exit_code)
 
 
 @app.command("compile")
