@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import DataError, EdgeDeployError
@@ -27,7 +28,8 @@ from pipeline.workloads.base import Samples
 from targets.connect import open_transport
 from targets.profiles import DeviceProfile
 
-TASK_OPTIONS = {"persist_result": True, "result_serializer": "json", "cache_policy": None}
+# As in flows/run.py: JSON results, and no Prefect result cache (the baseline is measured twice on purpose).
+TASK_OPTIONS = {"persist_result": True, "result_serializer": "json", "cache_policy": NO_CACHE}
 
 
 class Measured(BaseModel):
