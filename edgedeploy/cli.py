@@ -298,6 +298,41 @@ def lab_schedule_command(
 
 
 @app.command()
+def bench(
+    workloads: Annotated[list[str] | None, typer.Argument(help="Reference workloads (default: all three).")] = None,
+    out: Annotated[Path, typer.Option(help="Where bench.md and the plots go.")] = Path("docs"),
+    eval_samples: Annotated[int | None, typer.Option(min=1, help="Cap on evaluation samples per workload.")] = None,
+    min_iterations: Annotated[int, typer.Option(min=1, help="Minimum timed iterations per candidate.")] = 20,
+    min_seconds: Annotated[float, typer.Option(min=0, help="Minimum timed seconds per candidate.")] = 2.0,
+) -> None:
+    """Every reference workload through onnxruntime and TVM in every scheme, side by side: docs/bench.md."""
+    try:
+        _quiet_prefect()
+        from flows.console import hide_our_error_tracebacks
+        from flows.run import deploy_run
+        from pipeline.bench import write
+        from pipeline.benchmark import BenchmarkSettings
+        from pipeline.config import RunConfig
+        from pipeline.workloads import WORKLOADS
+
+        hide_our_error_tracebacks()
+        names = workloads or list(WORKLOADS)
+        unknown = [n for n in names if n not in WORKLOADS]
+        if unknown:
+            raise OptionError("Unknown workload", value=", ".join(unknown), expected=", ".join(WORKLOADS))
+        results = []
+        for name in names:
+            with stderr.status(f"bench: {name} ..."):
+                results.append(deploy_run(RunConfig(
+                    model_path=str(WORKLOADS[name].model_path()), auto=True, eval_samples=eval_samples,
+                    bench=BenchmarkSettings(min_iterations=min_iterations, min_seconds=min_seconds))))
+        path = write(results, out)
+    except EdgeDeployError as error:
+        exit_with_error(error, as_json=False)
+    stdout.print(f"[green]wrote[/] {path}")
+
+
+@app.command()
 def dashboard(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 8765,
     host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1 = this machine only).")] = "127.0.0.1",

@@ -156,3 +156,15 @@ def test_doctor_shows_an_unknown_host_key(lab_x86, isolated_home, tmp_path):
     profile.write_text(profile.read_text().replace(str(lab_x86.known_hosts), str(empty)))
     proc = deploy("doctor", "--profile", str(profile), api_url="http://127.0.0.1:9/api", home=isolated_home)
     assert proc.returncode == 1 and "SHA256:" in proc.stdout and "ssh-keyscan" in proc.stdout
+
+
+def test_bench_writes_the_side_by_side_table(prefect_server, isolated_home, tmp_path):  # noqa: F811
+    proc = deploy("bench", "digits-cnn", "--out", str(tmp_path / "docs"), "--eval-samples", "50",
+                  "--min-iterations", "50", "--min-seconds", "0.1", api_url=prefect_server, home=isolated_home)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "docs" / "bench.md").read_text()
+    assert "## digits-cnn" in table and "% of peak" in table and "GFLOP/s" in table
+    for candidate in ("onnxruntime fp32", "onnxruntime int8 QDQ U8S8 minmax per-channel", "tvm fp32",
+                      "tvm int8 QDQ U8S8 minmax per-channel"):
+        assert f"| {candidate} |" in table
+    assert (tmp_path / "docs" / "bench-digits-cnn.svg").read_text().startswith("<svg")
