@@ -8,6 +8,7 @@ next to it ties the library to its model, profile, scheme and tool versions by s
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -60,6 +61,8 @@ def tuning_dir(target: dict[str, Any], root: Path) -> Path:
 
 
 def _fused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Lower Relax ops to TIR and fuse them: what both MetaSchedule (tasks to tune) and dlight (kernels to
+    bind to GPU threads) work on."""
     from tvm import relax
 
     with target:
@@ -147,14 +150,10 @@ def _build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any] | None):
         return tvm.compile(mod, target=tvm.target.Target(cpu))
     # CUDA needs every kernel bound to threads: dlight's default GPU schedules do that (no tuning).
     import tvm.s_tir.dlight as dl
-    from tvm import relax
 
     target = tvm.target.Target(gpu, host=cpu)
+    mod = _fused(mod, target)
     with target:
-        mod = tvm.ir.transform.Sequential([
-            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-            relax.transform.FuseOps(), relax.transform.FuseTIR(),
-        ])(mod)
         mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
     return tvm.compile(mod, target=target)
@@ -230,6 +229,7 @@ def compile_model(
     return artifact.model_copy(update={"tuning": tuning.model_dump() if tuning else None})
 
 
+@functools.cache
 def tvm_importable_ops() -> frozenset[str]:
     """ONNX op types TVM's Relax frontend can import (its converter table)."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
