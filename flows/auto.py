@@ -85,19 +85,18 @@ def baseline_task(config: RunConfig, info: ModelInfo, data: PreparedData, profil
 @task(name="candidate", **TASK_OPTIONS)
 def candidate_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
                    candidate: Candidate, index: int) -> Measured:
-    checks = run_checks(onnx.load(info.prepared_path), info, profile, candidate.quant, runtime=candidate.runtime)
-    # Measure exactly this candidate: the checks' own adjustments (e.g. reduce_range) are candidates themselves.
-    checks = checks.model_copy(update={"quant": candidate.quant})
-    quantized = quantize_model(info, data, checks)
+    # Exactly this candidate's configuration: the checks' own adjustments (e.g. reduce_range) are candidates too.
+    quantized = quantize_model(info, data, candidate.quant)
     artifact = (compile_cached(quantized, info, profile) if candidate.runtime == "tvm"
                 else package_cached(quantized, info, profile))
     return _measure(config, info, data, profile, quantized, artifact, which="artifact", folder=f"candidate-{index}")
 
 
-def _refusal(candidate: Candidate, info: ModelInfo, profile: DeviceProfile, data: PreparedData) -> str | None:
+def _refusal(candidate: Candidate, model: onnx.ModelProto, info: ModelInfo, profile: DeviceProfile,
+             data: PreparedData) -> str | None:
     if candidate.quant.scheme == "int8" and not data.calibration_path:
         return "no calibration data (pass --calib-data)"
-    report = run_checks(onnx.load(info.prepared_path), info, profile, candidate.quant, runtime=candidate.runtime)
+    report = run_checks(model, info, profile, candidate.quant, runtime=candidate.runtime)
     refused = report.refused
     return f"{refused[0].check}: {refused[0].reason}" if refused else None
 
@@ -116,9 +115,10 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     metric = metric_name(data.kind, Samples.load(Path(data.eval_path), names))
     outcomes: list[CandidateOutcome] = []
     runs: list[tuple[Candidate, Measured, object]] = []
+    model = onnx.load(info.prepared_path)
     for index, candidate in enumerate(default_candidates()):
         label = candidate.label()
-        reason = _refusal(candidate, info, profile, data)
+        reason = _refusal(candidate, model, info, profile, data)
         if reason:
             outcomes.append(CandidateOutcome(label=label, runtime=candidate.runtime, scheme=candidate.quant.label(),
                                              status="refused", reason=reason))

@@ -73,7 +73,7 @@ def data_task(config: RunConfig, info: ModelInfo, checks: CheckReport) -> Prepar
 
 @task(name="quantize", **TASK_OPTIONS)
 def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData, checks: CheckReport) -> QuantizedModel:
-    return quantize_model(info, data, checks)
+    return quantize_model(info, data, checks.quant)
 
 
 @task(name="compile", **TASK_OPTIONS)

@@ -20,7 +20,7 @@ from pipeline.config import RunConfig, edgedeploy_home
 from pipeline.data import PreparedData, prepare_data
 from pipeline.ingest import ModelInfo, ingest
 from pipeline.manifest import CompiledArtifact, package_onnx, profile_sha256
-from pipeline.quantize import QuantizedModel, quantize
+from pipeline.quantize import QuantConfig, QuantizedModel, quantize
 from pipeline.versions import tool_versions
 from pipeline.workloads import workload_for
 from pipeline.workloads.base import Samples
@@ -62,21 +62,21 @@ def artifact_cache() -> ArtifactCache:
     return ArtifactCache(edgedeploy_home() / "cache")
 
 
-def quantize_model(info: ModelInfo, data: PreparedData, checks: CheckReport) -> QuantizedModel:
+def quantize_model(info: ModelInfo, data: PreparedData, quant: QuantConfig) -> QuantizedModel:
     """Quantize, or reuse the same model quantized the same way on the same data by the same tools."""
-    if checks.quant.scheme == "fp32":
-        return quantize(Path(info.prepared_path), Path(info.prepared_path).parent, checks.quant, None)
+    if quant.scheme == "fp32":
+        return quantize(Path(info.prepared_path), Path(info.prepared_path).parent, quant, None)
     names = [s.name for s in info.inputs]
     calibration = Samples.load(Path(data.calibration_path), names) if data.calibration_path else None
     if calibration is not None:
         calibration.source = data.calibration_source
     tools = tool_versions()
-    key = cache_key(model=info.sha256, inputs=[i.model_dump() for i in info.inputs], quant=checks.quant.model_dump(),
+    key = cache_key(model=info.sha256, inputs=[i.model_dump() for i in info.inputs], quant=quant.model_dump(),
                     calibration=arrays_sha256(calibration.inputs) if calibration else None,
                     tools={k: tools[k] for k in ("onnx", "onnxruntime", "edgedeploy")})
     result, hit = artifact_cache().get_or_build(
         "quantized", key, QuantizedModel,
-        lambda directory: quantize(Path(info.prepared_path), directory, checks.quant, calibration))
+        lambda directory: quantize(Path(info.prepared_path), directory, quant, calibration))
     return result.model_copy(update={"cached": hit})
 
 
@@ -117,7 +117,7 @@ def build(config: RunConfig, profile: DeviceProfile, out_dir: Path) -> BuildResu
     info = ingest_model(config, out_dir)
     checks = check_model(info, profile, config, purpose="build")
     data = prepare(config, info, out_dir, checks.quant.scheme)
-    quantized = quantize_model(info, data, checks)
+    quantized = quantize_model(info, data, checks.quant)
     cached = compile_cached(quantized, info, profile, tune_trials=config.tune_trials)
     library = out_dir / Path(cached.library_path).name
     manifest = out_dir / "manifest.json"
