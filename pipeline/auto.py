@@ -67,6 +67,16 @@ class CandidateOutcome(BaseModel):
     valid: bool = False
     artifact_sha256: str | None = None
 
+    def quality_text(self) -> str:
+        """The metric when there are labels, else agreement with the fp32 reference."""
+        if self.accuracy is not None:
+            return f"{self.accuracy * 100:.2f} %"
+        if self.agreement is None:
+            return ""
+        if self.agreement.top1 is not None:
+            return f"top-1 {self.agreement.top1 * 100:.1f} %"
+        return f"cos {self.agreement.cosine:.4f}"
+
 
 def outcome(candidate: Candidate, measured: Measurement, baseline: Measurement, agreement: Agreement, *,
             metric: str | None, budget: float) -> CandidateOutcome:
@@ -103,14 +113,11 @@ class AutoSelection(BaseModel):
         for column in ("candidate", "p50 ms", "speed-up", self.metric or "agreement", "within budget", "status"):
             table.add_column(column)
         for o in sorted(self.outcomes, key=lambda o: (o.status != "measured", o.p50_ms or 0)):
-            quality = (f"{o.accuracy * 100:.2f} %" if o.accuracy is not None
-                       else f"top-1 {o.agreement.top1 * 100:.1f} %" if o.agreement and o.agreement.top1 is not None
-                       else f"cos {o.agreement.cosine:.4f}" if o.agreement else "")
             style = "bold green" if o.label == self.chosen else ""
             table.add_row(
                 f"[{style}]{o.label}[/]" if style else o.label,
                 "" if o.p50_ms is None else f"{o.p50_ms:.3f}",
-                "" if o.speedup is None else f"{o.speedup:.2f}x", quality,
+                "" if o.speedup is None else f"{o.speedup:.2f}x", o.quality_text(),
                 ("yes" if o.within_budget else "no") if o.status == "measured" else "",
                 o.status if o.status == "measured" else f"{o.status}: {o.reason}",
             )

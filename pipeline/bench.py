@@ -60,11 +60,8 @@ def markdown(results: list[RunResult]) -> str:
             if o.status != "measured":
                 lines.append(f"| {o.label} | {o.status}: {o.reason} | | | | |")
                 continue
-            quality = (f"{o.accuracy * 100:.2f} %" if o.accuracy is not None
-                       else f"top-1 {o.agreement.top1 * 100:.1f} %" if o.agreement and o.agreement.top1 is not None
-                       else f"cos {o.agreement.cosine:.4f}" if o.agreement else "")
             pct = flops / (o.p50_ms / 1000) / 1e9 / peak * 100
-            lines.append(f"| {o.label} | {o.p50_ms:.3f} | {o.speedup:.2f}x | {pct:.1f} % | {quality} | "
+            lines.append(f"| {o.label} | {o.p50_ms:.3f} | {o.speedup:.2f}x | {pct:.1f} % | {o.quality_text()} | "
                          f"{'yes' if o.within_budget else 'no'} |")
         lines.append("")
     return "\n".join(lines)

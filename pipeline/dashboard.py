@@ -176,9 +176,9 @@ def make_handler(store: ResultStore, prefect_ui: str | None):
                 self._send(HTTPStatus.OK, render(store, prefect_ui=prefect_ui), "text/html; charset=utf-8")
             elif path.startswith("/runs/") and path.endswith("/manifest.json"):
                 run_id = path[len("/runs/"):-len("/manifest.json")]
-                match = [r for r in store.runs() if r.run_id == run_id]
-                if match:
-                    self._send(HTTPStatus.OK, json.dumps(match[0].manifest, indent=2), "application/json")
+                row = store.run(run_id)
+                if row is not None:
+                    self._send(HTTPStatus.OK, json.dumps(row.manifest, indent=2), "application/json")
                 else:
                     self._send(HTTPStatus.NOT_FOUND, "no such run", "text/plain")
             else:

@@ -147,6 +147,10 @@ class ResultStore:
         with Session(self.engine) as session:
             return list(session.scalars(query))
 
+    def run(self, run_id: str) -> RunRow | None:
+        with Session(self.engine) as session:
+            return session.get(RunRow, run_id)
+
     def samples(self, run_id: str) -> dict[str, list[float]]:
         with Session(self.engine) as session:
             rows = session.scalars(select(SampleRow).where(SampleRow.run_id == run_id))
