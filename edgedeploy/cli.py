@@ -49,6 +49,23 @@ def _bundled_model(model: Path) -> Path:
     return workload.model_path() if workload else model
 
 
+def _build_config(model: Path, profile: str, quant: str, calibration: str, per_channel: bool,
+                  calib_data: Path | None, calib_samples: int, input_shape: list[str] | None, tune_trials: int = 0,
+                  **options):
+    """The RunConfig every command builds from its options; `options` are RunConfig's other fields."""
+    from pipeline.config import RunConfig
+    from pipeline.ingest import parse_input_shapes
+    from pipeline.quantize import QuantConfig
+
+    return RunConfig(
+        model_path=str(_bundled_model(model)), profile=profile,
+        quant=QuantConfig(scheme="fp32" if quant == "auto" else quant, calibration=calibration,
+                          per_channel=per_channel),
+        auto=quant == "auto", calib_data=str(calib_data) if calib_data else None, calib_samples=calib_samples,
+        input_shapes=parse_input_shapes(input_shape or []), tune_trials=tune_trials, **options,
+    )
+
+
 @app.command()
 def run(
     model: Annotated[Path, typer.Argument(help="The .onnx model to deploy, or a bundled workload's name "
@@ -79,18 +96,11 @@ def run(
     try:
         _quiet_prefect()
         from pipeline.benchmark import BenchmarkSettings
-        from pipeline.config import RunConfig
-        from pipeline.ingest import parse_input_shapes
-        from pipeline.quantize import QuantConfig
 
-        config = RunConfig(
-            model_path=str(_bundled_model(model)), profile=profile,
-            quant=QuantConfig(scheme="fp32" if quant == "auto" else quant, calibration=calibration,
-                              per_channel=per_channel),
-            auto=quant == "auto", accuracy_budget=accuracy_budget / 100, tune_trials=tune_trials,
-            calib_data=str(calib_data) if calib_data else None, eval_data=str(eval_data) if eval_data else None,
-            calib_samples=calib_samples, eval_samples=eval_samples,
-            input_shapes=parse_input_shapes(input_shape or []), max_model_mb=max_model_mb,
+        config = _build_config(
+            model, profile, quant, calibration, per_channel, calib_data, calib_samples, input_shape, tune_trials,
+            eval_data=str(eval_data) if eval_data else None, eval_samples=eval_samples, max_model_mb=max_model_mb,
+            accuracy_budget=accuracy_budget / 100,
             bench=BenchmarkSettings(warmup=warmup, min_iterations=min_iterations, min_seconds=min_seconds,
                                     max_seconds=max_seconds),
         ).with_run_id()
@@ -110,20 +120,6 @@ def run(
         stdout.print(result)
     if not result.valid:
         raise typer.Exit(3)
-
-
-def _build_config(model: Path, profile: str, quant: str, calibration: str, per_channel: bool,
-                  calib_data: Path | None, calib_samples: int, input_shape: list[str] | None, tune_trials: int = 0):
-    from pipeline.config import RunConfig
-    from pipeline.ingest import parse_input_shapes
-    from pipeline.quantize import QuantConfig
-
-    return RunConfig(
-        model_path=str(_bundled_model(model)), profile=profile,
-        quant=QuantConfig(scheme=quant, calibration=calibration, per_channel=per_channel),
-        calib_data=str(calib_data) if calib_data else None, calib_samples=calib_samples,
-        input_shapes=parse_input_shapes(input_shape or []), tune_trials=tune_trials,
-    )
 
 
 @app.command()
