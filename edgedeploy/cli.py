@@ -57,6 +57,10 @@ def _build_config(model: Path, profile: str, quant: str, calibration: str, per_c
     from pipeline.ingest import parse_input_shapes
     from pipeline.quantize import QuantConfig
 
+    if options.get("partial") and quant != "int8":
+        raise OptionError("--partial keeps some layers of an int8 model in float", value=f"--quant {quant}",
+                          fix="use --quant int8 --partial (--quant auto tries partial int8 by itself)")
+
     return RunConfig(
         model_path=str(_bundled_model(model)), profile=profile,
         quant=QuantConfig(scheme="fp32" if quant == "auto" else quant, calibration=calibration,
@@ -79,7 +83,10 @@ def run(
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
     eval_data: Annotated[Path | None, typer.Option(help=".npz of inputs (+labels) or a folder of images.")] = None,
-    accuracy_budget: Annotated[float, typer.Option(min=0, help="auto: allowed drop of the metric, in points.")] = 1.0,
+    accuracy_budget: Annotated[float, typer.Option(min=0, help="auto and --partial: allowed drop of the metric, "
+                                                               "in points.")] = 1.0,
+    partial: Annotated[bool, typer.Option("--partial", help="int8: keep the most sensitive layers in float until "
+                                                            "the accuracy budget is met.")] = False,
     tune_trials: Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM build "
                                                          "(0 = none; local CPU profiles only).")] = 0,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
@@ -100,7 +107,7 @@ def run(
         config = _build_config(
             model, profile, quant, calibration, per_channel, calib_data, calib_samples, input_shape, tune_trials,
             eval_data=str(eval_data) if eval_data else None, eval_samples=eval_samples, max_model_mb=max_model_mb,
-            accuracy_budget=accuracy_budget / 100,
+            accuracy_budget=accuracy_budget / 100, partial=partial,
             bench=BenchmarkSettings(warmup=warmup, min_iterations=min_iterations, min_seconds=min_seconds,
                                     max_seconds=max_seconds),
         ).with_run_id()
@@ -169,6 +176,10 @@ def compile_command(
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
     tune_trials: Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task (local CPU only).")] = 0,
+    partial: Annotated[bool, typer.Option("--partial", help="int8: keep the most sensitive layers in float until "
+                                                            "the accuracy budget is met.")] = False,
+    accuracy_budget: Annotated[float, typer.Option(min=0, help="--partial: allowed drop of the metric, "
+                                                               "in points.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
 ) -> None:
     """Compile MODEL for a profile on this machine (cross-compiling where the device is another arch)."""
@@ -177,7 +188,7 @@ def compile_command(
         from targets.profiles import load_profile
 
         config = _build_config(model, profile, quant, calibration, per_channel, calib_data, calib_samples,
-                               input_shape, tune_trials)
+                               input_shape, tune_trials, partial=partial, accuracy_budget=accuracy_budget / 100)
         with stderr.status(f"compiling for {profile} ..."):
             result = build(config, load_profile(profile), out)
     except EdgeDeployError as error:
@@ -186,7 +197,7 @@ def compile_command(
     summary = {"library": art.library_path, "manifest": art.manifest_path, "sha256": art.sha256,
                "target": art.target, "gpu_target": art.gpu_target, "device_code": art.device_code,
                "scheme": result.quantized.config.label(), "compile_seconds": round(art.compile_seconds, 3),
-               "tuning": art.tuning,
+               "tuning": art.tuning, "kept_float": list(result.quantized.config.keep_float),
                "checks": [c.model_dump(mode="json") for c in result.checks.results]}
     if as_json:
         print(json.dumps(summary))

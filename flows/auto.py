@@ -23,6 +23,7 @@ from pipeline.deploy import DeployedArtifact, deploy
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
 from pipeline.metrics import agreement
+from pipeline.partial import PartialPlan
 from pipeline.quantize import QuantConfig, QuantizedModel
 from pipeline.workloads.base import Samples
 from targets.connect import open_transport
@@ -101,6 +102,17 @@ def _refusal(candidate: Candidate, model: onnx.ModelProto, info: ModelInfo, prof
     return f"{refused[0].check}: {refused[0].reason}" if refused else None
 
 
+def _partial_plan(config: RunConfig, info: ModelInfo, profile: DeviceProfile, data: PreparedData,
+                  model: onnx.ModelProto) -> PartialPlan | None:
+    """Does the default int8 stay within budget, and if not, which layers must stay float? (host-side)"""
+    from flows.run import partial_task
+
+    int8 = Candidate(runtime="onnxruntime", quant=QuantConfig(scheme="int8"))
+    if _refusal(int8, model, info, profile, data):
+        return None
+    return partial_task(config, info, data, int8.quant)
+
+
 def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
                 ) -> tuple[AutoSelection, Measured, Measured, PreparedData]:
     """(the selection, what ships, the baseline, the data). Never ships anything slower than the baseline."""
@@ -116,7 +128,12 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     outcomes: list[CandidateOutcome] = []
     runs: list[tuple[Candidate, Measured, object]] = []
     model = onnx.load(info.prepared_path)
-    for index, candidate in enumerate(default_candidates()):
+    partial = _partial_plan(config, info, profile, data, model)
+    candidates = default_candidates()
+    if partial and partial.keep_float:  # full int8 misses the budget: try it with the sensitive layers in float
+        kept = QuantConfig(scheme="int8", keep_float=partial.keep_float)
+        candidates += [Candidate(runtime="onnxruntime", quant=kept), Candidate(runtime="tvm", quant=kept)]
+    for index, candidate in enumerate(candidates):
         label = candidate.label()
         reason = _refusal(candidate, model, info, profile, data)
         if reason:
@@ -144,6 +161,7 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
                                 budget=config.accuracy_budget))
         measured[candidate.label()] = run
     selection = choose(outcomes, budget=config.accuracy_budget, metric=metric, baseline=baseline.measurement)
+    selection = selection.model_copy(update={"partial": partial})
     (config.run_dir() / "auto.svg").write_text(plot_svg(selection))
     (config.run_dir() / "auto.json").write_text(json.dumps(selection.model_dump(mode="json"), indent=2))
     shipped = measured[selection.chosen] if selection.chosen else baseline

@@ -1,4 +1,4 @@
-"""The `deploy run` flow: ingest -> check -> data -> quantize -> compile -> deploy -> benchmark -> report.
+"""The `deploy run` flow: ingest -> check -> data -> [partial] -> quantize -> compile -> deploy -> benchmark -> report.
 
 Tasks pass pydantic models (JSON-serialisable) and file paths, never in-memory arrays. Without
 PREFECT_API_URL, Prefect starts its temporary local server for the run (the embedded default).
@@ -25,8 +25,9 @@ from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact, deploy
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
+from pipeline.partial import PartialPlan, plan_partial
 from pipeline.preflight import preflight
-from pipeline.quantize import QuantizedModel
+from pipeline.quantize import QuantConfig, QuantizedModel
 from pipeline.regression import Verdict
 from pipeline.report import RunResult
 from pipeline.store import ResultStore
@@ -71,9 +72,14 @@ def data_task(config: RunConfig, info: ModelInfo, checks: CheckReport) -> Prepar
     return prepare(config, info, config.run_dir(), checks.quant.scheme)
 
 
+@task(name="partial", **TASK_OPTIONS)
+def partial_task(config: RunConfig, info: ModelInfo, data: PreparedData, quant: QuantConfig) -> PartialPlan:
+    return plan_partial(info, data, quant, budget=config.accuracy_budget, workdir=config.run_dir() / "partial")
+
+
 @task(name="quantize", **TASK_OPTIONS)
-def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData, checks: CheckReport) -> QuantizedModel:
-    return quantize_model(info, data, checks.quant)
+def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData, quant: QuantConfig) -> QuantizedModel:
+    return quantize_model(info, data, quant)
 
 
 @task(name="compile", **TASK_OPTIONS)
@@ -135,7 +141,9 @@ def deploy_run(config: RunConfig) -> RunResult:
         return _auto_run(config, profile, info, timings)
     checks = _timed("check", timings, check_task, config, info, profile)
     data = _timed("data", timings, data_task, config, info, checks)
-    quantized = _timed("quantize", timings, quantize_task, config, info, data, checks)
+    partial = _timed("partial", timings, partial_task, config, info, data, checks.quant) if config.partial else None
+    quant = checks.quant.model_copy(update={"keep_float": partial.keep_float}) if partial else checks.quant
+    quantized = _timed("quantize", timings, quantize_task, config, info, data, quant)
     compiled = _timed("compile", timings, compile_task, config, quantized, info, profile)
     deployed = _timed("deploy", timings, deploy_task, config, compiled, info, data, profile)
     bench = _timed("benchmark", timings, benchmark_task, config, deployed, info, data, profile)
@@ -148,6 +156,7 @@ def deploy_run(config: RunConfig) -> RunResult:
         tools=tool_versions(), flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
         reused=[name for name, part in (("quantize", quantized), ("compile", compiled)) if part.cached],
     )
+    result = result.model_copy(update={"partial": partial})
     return _finish(config, result, compiled, timings)
 
 

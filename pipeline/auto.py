@@ -17,7 +17,8 @@ from rich.table import Table
 from scipy.stats import mannwhitneyu
 
 from pipeline.benchmark import Measurement
-from pipeline.metrics import Agreement
+from pipeline.metrics import Agreement, within_budget
+from pipeline.partial import PartialPlan
 from pipeline.quantize import QuantConfig
 
 Runtime = Literal["tvm", "onnxruntime"]
@@ -80,12 +81,8 @@ class CandidateOutcome(BaseModel):
 
 def outcome(candidate: Candidate, measured: Measurement, baseline: Measurement, agreement: Agreement, *,
             metric: str | None, budget: float) -> CandidateOutcome:
-    if metric and measured.accuracy is not None and baseline.accuracy is not None:
-        within = measured.accuracy >= baseline.accuracy - budget
-    elif agreement.top1 is not None:  # no labels: stay with the fp32 reference's answers
-        within = agreement.top1 >= 1 - budget
-    else:
-        within = agreement.cosine >= 0.99
+    within = within_budget(measured.accuracy if metric else None, baseline.accuracy if metric else None,
+                           agreement, budget)
     p_value = float(mannwhitneyu(measured.samples_ms, baseline.samples_ms, alternative="less").pvalue)
     return CandidateOutcome(
         label=candidate.label(), runtime=candidate.runtime, scheme=candidate.quant.label(), status="measured",
@@ -106,6 +103,7 @@ class AutoSelection(BaseModel):
     metric: str | None
     baseline_p50_ms: float
     baseline_accuracy: float | None
+    partial: PartialPlan | None = Field(default=None, description="Whether int8 needed layers in float, and which.")
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         table = Table(title=f"--quant auto: {len(self.outcomes)} candidates, measured on the device",
@@ -122,6 +120,8 @@ class AutoSelection(BaseModel):
                 o.status if o.status == "measured" else f"{o.status}: {o.reason}",
             )
         yield table
+        if self.partial:
+            yield self.partial
         yield f"[bold]shipped:[/] {self.chosen or 'onnxruntime fp32 (the original model)'}: {self.reason}"
 
 

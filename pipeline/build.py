@@ -20,6 +20,7 @@ from pipeline.config import RunConfig, edgedeploy_home
 from pipeline.data import PreparedData, prepare_data
 from pipeline.ingest import ModelInfo, ingest
 from pipeline.manifest import CompiledArtifact, package_onnx, profile_sha256
+from pipeline.partial import plan_partial
 from pipeline.quantize import QuantConfig, QuantizedModel, quantize
 from pipeline.versions import tool_versions
 from pipeline.workloads import workload_for
@@ -117,7 +118,11 @@ def build(config: RunConfig, profile: DeviceProfile, out_dir: Path) -> BuildResu
     info = ingest_model(config, out_dir)
     checks = check_model(info, profile, config, purpose="build")
     data = prepare(config, info, out_dir, checks.quant.scheme)
-    quantized = quantize_model(info, data, checks.quant)
+    quant = checks.quant
+    if config.partial:
+        plan = plan_partial(info, data, quant, budget=config.accuracy_budget, workdir=out_dir / "partial")
+        quant = quant.model_copy(update={"keep_float": plan.keep_float})
+    quantized = quantize_model(info, data, quant)
     cached = compile_cached(quantized, info, profile, tune_trials=config.tune_trials)
     library = out_dir / Path(cached.library_path).name
     manifest = out_dir / "manifest.json"

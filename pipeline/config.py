@@ -35,6 +35,8 @@ class RunConfig(BaseModel):
     bench: BenchmarkSettings = Field(default_factory=BenchmarkSettings)
     regression: RegressionPolicy = Field(default_factory=RegressionPolicy)
     tune_trials: int = Field(default=0, ge=0, description="MetaSchedule trials per task (0 = no tuning).")
+    partial: bool = Field(default=False, description="int8: keep the most sensitive layers in float until the "
+                          "accuracy budget is met (per-layer sensitivity).")
     auto: bool = Field(default=False, description="--quant auto: measure every allowed candidate, ship the best.")
     accuracy_budget: float = Field(default=0.01, ge=0, description="Allowed drop of the workload's metric (0.01 = "
                                    "1 point); without labels, of top-1 agreement with fp32.")

@@ -224,6 +224,22 @@ def make_static(
     return static, worst
 
 
+def name_unnamed_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed node a unique name (op type and position): partial quantization and the report
+    refer to layers by name, and onnxruntime's quantizer can only exclude a node that has one."""
+    taken = {n.name for n in model.graph.node if n.name}
+    named = 0
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            named += 1
+    return named
+
+
 def ingest(
     model_path: Path, workdir: Path, *, input_shapes: dict[str, tuple[int, ...]] | None = None,
     max_bytes: int = DEFAULT_MAX_MODEL_BYTES,
@@ -239,7 +255,8 @@ def ingest(
         prepared, diff = make_static(model, shapes, prepared_path)
     else:
         prepared, diff = _pin_inputs(model, shapes), None
-        onnx.save(prepared, str(prepared_path))
+    name_unnamed_nodes(prepared)
+    onnx.save(prepared, str(prepared_path))
     weights, weight_bytes = parameters(prepared)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ModelInfo(

@@ -99,3 +99,14 @@ def agreement(outputs: np.ndarray, reference: np.ndarray, *, classifier: bool) -
         max_abs=float(np.abs(a - b).max()) if n else 0.0,
         samples=n,
     )
+
+
+def within_budget(value: float | None, reference: float | None, agree: Agreement, budget: float) -> bool:
+    """Is a variant's quality acceptable? Its metric at most ``budget`` below the fp32 reference's when the
+    samples have labels; without labels, top-1 agreement with fp32 of at least 1 - budget (classifiers), or a
+    mean cosine similarity of at least 0.99 (other outputs)."""
+    if value is not None and reference is not None:
+        return value >= reference - budget
+    if agree.top1 is not None:
+        return agree.top1 >= 1 - budget
+    return agree.cosine >= 0.99

@@ -52,6 +52,8 @@ class QuantConfig(BaseModel):
     format: Literal["qdq", "qoperator"] = Field(
         default="qdq", description="QDQ (QuantizeLinear/DequantizeLinear: TVM and onnxruntime) or QOperator "
         "(QLinearConv, ...: onnxruntime only).")
+    keep_float: tuple[str, ...] = Field(
+        default=(), description="Partial quantization: layers (node names) left in float, the most sensitive ones.")
 
     def label(self) -> str:
         if self.scheme != "int8":
@@ -59,7 +61,8 @@ class QuantConfig(BaseModel):
         act = "U8S8" if self.activation_type == "uint8" else "S8S8"
         grain = "per-channel" if self.per_channel else "per-tensor"
         fmt = "QDQ" if self.format == "qdq" else "QOperator"
-        return f"int8 {fmt} {act} {self.calibration} {grain}" + (" reduce-range" if self.reduce_range else "")
+        return (f"int8 {fmt} {act} {self.calibration} {grain}" + (" reduce-range" if self.reduce_range else "")
+                + (f" ({len(self.keep_float)} layers float)" if self.keep_float else ""))
 
 
 class QuantizedModel(BaseModel):
@@ -134,38 +137,60 @@ def _at_least_opset(model_path: Path, workdir: Path, version: int) -> Path:
     return upgraded
 
 
-def _convert(model_path: Path, out: Path, config: QuantConfig, calibration: Samples | None) -> None:
+def _convert(model_path: Path, out: Path, config: QuantConfig, calibration: Samples | None, *,
+             only: list[str] | None = None, calibration_cache: Path | None = None) -> None:
     if config.scheme == "fp16":
         half = convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True)
         topological_sort(half.graph)
         onnx.save(half, str(out))
         return
-    if calibration is None or len(calibration) == 0:
+    cached_ranges = calibration_cache is not None and calibration_cache.is_file()
+    if not cached_ranges and (calibration is None or len(calibration) == 0):
         raise QuantizationError("int8 needs calibration samples", fix="pass --calib-data PATH")
     model_path = _at_least_opset(model_path, out.parent, PER_CHANNEL_MIN_OPSET)
     quantize_static(
         str(model_path),
         str(out),
-        _Reader(calibration),
+        None if cached_ranges else _Reader(calibration),
         quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
         per_channel=config.per_channel,
         reduce_range=config.reduce_range,
         activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=_METHODS[config.calibration],
+        nodes_to_quantize=only,
+        nodes_to_exclude=list(config.keep_float) or None,
+        calibration_cache_path=calibration_cache,
     )
 
 
-def quantize(model_path: Path, workdir: Path, config: QuantConfig, calibration: Samples | None) -> QuantizedModel:
-    """Write the model for ``config.scheme`` into ``workdir``."""
+# The layers partial quantization decides about: the ones with weights, where int8 saves the most.
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def weighted_layers(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(node name, op type) of every layer with a constant weight, in graph order."""
+    constants = {t.name for t in model.graph.initializer}
+    return [(n.name, n.op_type) for n in model.graph.node
+            if n.op_type in WEIGHTED_OPS and n.name and any(i in constants for i in n.input[1:2])]
+
+
+def quantize(model_path: Path, workdir: Path, config: QuantConfig, calibration: Samples | None, *,
+             only: list[str] | None = None, calibration_cache: Path | None = None,
+             out_name: str | None = None) -> QuantizedModel:
+    """Write the model for ``config.scheme`` into ``workdir``.
+
+    ``only`` quantizes just those nodes (a sensitivity probe); ``calibration_cache`` keeps the int8 ranges
+    in a file so that many variants of one model calibrate once.
+    """
     model_path = Path(model_path)
     if config.scheme == "fp32":
         return QuantizedModel(path=str(model_path), sha256=sha256_file(model_path), config=config)
-    out = workdir / f"model.{config.scheme}.onnx"
+    out = workdir / (out_name or f"model.{config.scheme}.onnx")
     try:
         # onnxruntime's calibrators print progress on stdout, which belongs to --json output.
         with contextlib.redirect_stdout(sys.stderr):
-            _convert(model_path, out, config, calibration)
+            _convert(model_path, out, config, calibration, only=only, calibration_cache=calibration_cache)
     except QuantizationError:
         raise
     except Exception as exc:

@@ -16,6 +16,7 @@ from pipeline.deploy import DeployedArtifact
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
 from pipeline.metrics import Agreement, LatencyStats
+from pipeline.partial import PartialPlan
 from pipeline.quantize import QuantizedModel
 from pipeline.regression import Verdict
 
@@ -82,6 +83,7 @@ class RunResult(BaseModel):
     regression: Verdict | None = Field(default=None, description="Comparison with this run's history.")
     reused: list[str] = Field(default_factory=list, description="Stages whose output came from the artifact cache.")
     auto: AutoSelection | None = Field(default=None, description="--quant auto: every candidate and the choice.")
+    partial: PartialPlan | None = Field(default=None, description="--partial: layer sensitivity, layers kept float.")
     benchmark: dict[str, Any] = Field(description="Settings, raw latency samples, devices, versions.")
     tools: dict[str, str]
     flow_run_id: str | None = None
@@ -167,7 +169,7 @@ class RunResult(BaseModel):
         validity = (Text("valid measurement", style="green") if self.valid
                     else Text("INVALID: " + "; ".join(self.invalid_reasons), style="bold red"))
         footer = Text(f"result: {self.result_path}" if self.result_path else "", style="dim")
-        parts: list[Any] = [self.auto] if self.auto else []
+        parts: list[Any] = [p for p in (self.auto, self.partial) if p]
         if self.artifact.tuning:
             t = self.artifact.tuning
             parts.append(Text(f"tuned: {t['trials_per_task']} MetaSchedule trials per task over {t['tasks']} tasks "

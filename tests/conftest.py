@@ -133,6 +133,44 @@ def lstm_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
+def sensitive_model() -> onnx.ModelProto:
+    """x[1,4,8,8] -> conv_a -> conv_b -> Relu -> GlobalAveragePool -> Flatten -> fc -> y[1,10].
+
+    conv_a's channel 0 carries an offset of 500 that conv_b ignores: quantizing that tensor per tensor leaves
+    a handful of levels for the seven channels the answer depends on, so int8 changes the argmax; fc is harmless.
+    """
+    rng = np.random.default_rng(0)
+    wa = (rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
+    ba = np.zeros(8, np.float32)
+    ba[0] = 500.0
+    wb = (rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(np.float32)
+    wb[:, 0] = 0.0
+    wfc = rng.standard_normal((10, 8)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((wa, "wa"), (ba, "ba"), (wb, "wb"), (wfc, "wfc"))]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
+        helper.make_node("Conv", ["a", "wb"], ["b"], pads=[1, 1, 1, 1], name="conv_b"),
+        helper.make_node("Relu", ["b"], ["r"]),  # unnamed on purpose: ingest names it
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wfc"], ["y"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(nodes, "sensitive", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.fixture
+def sensitive_onnx(tmp_path) -> Path:
+    """The sensitive model, with calibration and evaluation inputs next to it (calib.npz, eval.npz)."""
+    path = tmp_path / "sensitive.onnx"
+    onnx.save(sensitive_model(), path)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((64, 4, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((40, 4, 8, 8)).astype(np.float32))
+    return path
+
+
 @pytest.fixture(scope="session")
 def lab_x86(tmp_path_factory):
     """A real sshd on 127.0.0.1 with its own host key, user key and port (the lab's x86 "server")."""

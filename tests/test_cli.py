@@ -71,12 +71,13 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "bad input shape": (["digits-cnn", "--input-shape", "image=1,x"], "--input-shape"),
         "wrong calibration dtype": (["digits-cnn", "--quant", "int8", "--calib-data", str(wrong_dtype)],
                                     "wrong dtype"),
+        "partial without int8": (["digits-cnn", "--partial"], "--partial"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "garbage model", "empty model", "missing model", "unknown profile", "bad input shape",
-    "wrong calibration dtype",
+    "wrong calibration dtype", "partial without int8",
 ])
 def test_bad_input_is_one_clear_error(prefect_server, isolated_home, tmp_path, case):  # noqa: F811
     args, message = _bad_inputs(tmp_path)[case]

@@ -102,3 +102,18 @@ def test_run_that_misses_its_minimums_is_invalid(prefect_server):
                                                         max_seconds=1)))
     assert not result.valid
     assert any("timed iterations < minimum" in reason for reason in result.invalid_reasons)
+
+
+def test_partial_int8_through_the_flow(prefect_server, sensitive_onnx):
+    """--partial: a `partial` task ranks the layers, the quantized model keeps the sensitive ones in float and
+    the result names them."""
+    folder = sensitive_onnx.parent
+    config = RunConfig(model_path=str(sensitive_onnx), profile="local", quant=QuantConfig(scheme="int8"),
+                       partial=True, calib_data=str(folder / "calib.npz"), eval_data=str(folder / "eval.npz"),
+                       accuracy_budget=0.02, bench=QUICK)
+    result = deploy_run(config)
+    _, tasks = _flow_run(result.flow_run_id)
+    assert "partial" in [t.name.rsplit("-", 1)[0] for t in tasks]
+    assert result.partial is not None and set(result.partial.keep_float) == {"conv_a", "conv_b"}
+    assert "(2 layers float)" in result.scheme
+    assert result.agreement.top1 >= 0.98  # as the host-side plan promised, now measured on the device
