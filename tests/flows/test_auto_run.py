@@ -38,3 +38,21 @@ def test_auto_on_digits(prefect_server, tmp_path):
         assert result.speedup == 1.0 and result.runtime.startswith("onnxruntime")
     plot = Path(result.result_path).with_name("auto.svg").read_text()
     assert plot.startswith("<svg") and "onnxruntime fp32" in plot
+    # Full int8 keeps the digits' accuracy: no partial candidates needed.
+    assert selection.partial is not None and selection.partial.keep_float == ()
+
+
+def test_auto_adds_partial_candidates_when_full_int8_misses_the_budget(prefect_server, sensitive_onnx):
+    folder = sensitive_onnx.parent
+    result = deploy_run(RunConfig(model_path=str(sensitive_onnx), profile="local", auto=True, accuracy_budget=0.02,
+                                  calib_data=str(folder / "calib.npz"), eval_data=str(folder / "eval.npz"),
+                                  bench=BenchmarkSettings(warmup=1, min_iterations=20, min_seconds=0.1)))
+    selection = result.auto
+    assert set(selection.partial.keep_float) == {"conv_a", "conv_b"}
+    statuses = {o.label: o for o in selection.outcomes}
+    full = statuses["onnxruntime int8 QDQ U8S8 minmax per-channel"]
+    partial = statuses["onnxruntime int8 QDQ U8S8 minmax per-channel (2 layers float)"]
+    assert full.status == partial.status == "measured"
+    assert not full.within_budget and partial.within_budget  # measured on the device, as planned on the host
+    assert "tvm int8 QDQ U8S8 minmax per-channel (2 layers float)" in statuses
+    assert selection.chosen != full.label
