@@ -30,13 +30,16 @@ class Candidate(BaseModel):
     model_config = ConfigDict(frozen=True)
     runtime: Runtime
     quant: QuantConfig
+    tune_trials: int = Field(default=0, description="TVM: MetaSchedule trials per task (0 = default schedules).")
 
     def label(self) -> str:
-        return f"{self.runtime} {self.quant.label()}"
+        tuned = f" tuned {self.tune_trials}/task" if self.tune_trials else ""
+        return f"{self.runtime} {self.quant.label()}{tuned}"
 
 
-def default_candidates() -> list[Candidate]:
-    """onnxruntime's own int8 options are candidates too (measured, not assumed)."""
+def default_candidates(tune_trials: int = 0) -> list[Candidate]:
+    """onnxruntime's own int8 options are candidates too (measured, not assumed). With ``tune_trials``, TVM's
+    candidates are MetaSchedule-tuned, and TVM fp32 with its default schedules stays as the reference."""
     int8 = QuantConfig(scheme="int8")
     ort = [
         QuantConfig(scheme="fp32"), int8, int8.model_copy(update={"reduce_range": True}),
@@ -45,8 +48,9 @@ def default_candidates() -> list[Candidate]:
         int8.model_copy(update={"calibration": "entropy"}), QuantConfig(scheme="fp16"),
     ]
     tvm = [QuantConfig(scheme="fp32"), int8, QuantConfig(scheme="fp16")]
-    return ([Candidate(runtime="onnxruntime", quant=q) for q in ort]
-            + [Candidate(runtime="tvm", quant=q) for q in tvm])
+    untuned = [Candidate(runtime="tvm", quant=QuantConfig(scheme="fp32"))] if tune_trials else []
+    return ([Candidate(runtime="onnxruntime", quant=q) for q in ort] + untuned
+            + [Candidate(runtime="tvm", quant=q, tune_trials=tune_trials) for q in tvm])
 
 
 class CandidateOutcome(BaseModel):

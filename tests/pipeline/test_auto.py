@@ -51,3 +51,15 @@ def test_without_labels_agreement_is_the_budget():
     disagreeing = Agreement(top1=0.95, cosine=0.9, max_abs=1.0, samples=100)
     cand = outcome(INT8, _measurement(5.0, accuracy=None, seed=7), base, disagreeing, metric=None, budget=0.01)
     assert not cand.within_budget and choose([cand], budget=0.01, metric=None, baseline=base).chosen is None
+
+
+def test_tuning_makes_the_tvm_candidates_tuned_and_keeps_the_default_as_reference():
+    from pipeline.auto import default_candidates
+
+    plain = [c.label() for c in default_candidates()]
+    tuned = [c.label() for c in default_candidates(32)]
+    assert len(plain) == 12 and not any("tuned" in label for label in plain)
+    assert "tvm fp32" in tuned and "tvm fp32 tuned 32/task" in tuned
+    assert "tvm int8 QDQ U8S8 minmax per-channel tuned 32/task" in tuned
+    assert all("tuned" not in label for label in tuned if label.startswith("onnxruntime"))
+    assert len(set(tuned)) == len(tuned) == 13
