@@ -311,6 +311,9 @@ def bench(
     eval_samples: Annotated[int | None, typer.Option(min=1, help="Cap on evaluation samples per workload.")] = None,
     min_iterations: Annotated[int, typer.Option(min=1, help="Minimum timed iterations per candidate.")] = 20,
     min_seconds: Annotated[float, typer.Option(min=0, help="Minimum timed seconds per candidate.")] = 2.0,
+    profile: Annotated[str, typer.Option(help="Device profile name or YAML file (e.g. a lab device).")] = "local",
+    tune_trials: Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM candidates "
+                                                         "(0 = TVM's default schedules).")] = 0,
 ) -> None:
     """Every reference workload through onnxruntime and TVM in every scheme, side by side: docs/bench.md."""
     try:
@@ -332,6 +335,7 @@ def bench(
             with stderr.status(f"bench: {name} ..."):
                 results.append(deploy_run(RunConfig(
                     model_path=str(WORKLOADS[name].model_path()), auto=True, eval_samples=eval_samples,
+                    profile=profile, tune_trials=tune_trials,
                     bench=BenchmarkSettings(min_iterations=min_iterations, min_seconds=min_seconds))))
         path = write(results, out)
     except EdgeDeployError as error:
