@@ -1,0 +1,43 @@
+"""Run a command against the x86 lab device: a real sshd on 127.0.0.1 (own host key, user key, port) whose
+Python is this project's, as the tests' `lab_x86` fixture starts it; `{profile}` in the command becomes the
+profile file that reaches it.
+
+    .venv/bin/python scripts/with_lab_x86.py deploy bench --profile {profile} --out docs
+
+The device, its keys and its working directory live in a temporary folder removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.lab import start_sshd, x86_python  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="lab-x86-") as base:
+        device = start_sshd(Path(base) / "device", "lab-x86")
+        try:
+            # The x86-server class (AVX2 target, no VNNI) with this machine's core count, so that neither
+            # runtime starts more threads than there are cores.
+            profile = device.profile(extends="x86-server", python=x86_python(), cpu={"cores": os.cpu_count()})
+            command = [part.replace("{profile}", str(profile)) for part in argv]
+            if command[0] == "deploy":
+                command = [sys.executable, "-m", "edgedeploy", *command[1:]]
+            print(f"lab-x86: sshd on 127.0.0.1:{device.port}, profile {profile}", file=sys.stderr)
+            return subprocess.run(command).returncode
+        finally:
+            device.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
