@@ -88,7 +88,7 @@ def run(
     partial: Annotated[bool, typer.Option("--partial", help="int8: keep the most sensitive layers in float until "
                                                             "the accuracy budget is met.")] = False,
     tune_trials: Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM build "
-                                                         "(0 = none; local CPU profiles only).")] = 0,
+                                                         "(0 = none; a board is timed over SSH).")] = 0,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     eval_samples: Annotated[int | None, typer.Option(min=1, help="Cap on evaluation samples.")] = None,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
@@ -175,7 +175,8 @@ def compile_command(
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
-    tune_trials: Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task (local CPU only).")] = 0,
+    tune_trials: Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task (a board: timed over "
+                                                         "SSH).")] = 0,
     partial: Annotated[bool, typer.Option("--partial", help="int8: keep the most sensitive layers in float until "
                                                             "the accuracy budget is met.")] = False,
     accuracy_budget: Annotated[float, typer.Option(min=0, help="--partial: allowed drop of the metric, "

@@ -23,7 +23,7 @@ import tvm
 from pydantic import BaseModel, ConfigDict, Field
 from tvm.relax.frontend import onnx as onnx_frontend
 
-from edgedeploy.errors import CompileError
+from edgedeploy.errors import CompileError, EdgeDeployError
 from pipeline.hashing import sha256_bytes
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profile_sha256, write_manifest
@@ -50,6 +50,8 @@ class Tuning(BaseModel):
     seconds: float
     database: str
     records: int = Field(description="Tuning records in the database after this run (all runs, all models).")
+    measured_on: str = Field(default="local", description="Where candidates were timed: 'local', or the board "
+                                                          "(user@host:port) whose RPC server timed them over SSH.")
 
 
 EVOLUTIONARY_MIN_TRIALS = 64
@@ -73,12 +75,15 @@ def _fused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ])(mod)
 
 
-def _in_process_builder():
+def _in_process_builder(export=None):
     """MetaSchedule's LocalBuilder starts worker processes that each spend ~40 s importing TVM's tensor
-    intrinsics; building in this process takes 0.1-0.5 s per candidate."""
+    intrinsics; building in this process takes 0.1-0.5 s per candidate. ``export`` turns a built candidate into
+    a file (MetaSchedule's default: a .tar of objects)."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    export = export or default_export
 
     @derived_object
     class InProcessBuilder(PyBuilder):
@@ -86,8 +91,7 @@ def _in_process_builder():
             results = []
             for item in build_inputs:
                 try:
-                    results.append(BuilderResult(default_export(default_build(item.mod, item.target, item.params)),
-                                                 None))
+                    results.append(BuilderResult(export(default_build(item.mod, item.target, item.params)), None))
                 except Exception as exc:  # a candidate that doesn't build is a failed trial, not a failed run
                     results.append(BuilderResult(None, str(exc)))
             return results
@@ -117,13 +121,69 @@ def _stdout_to_stderr() -> Iterator[None]:
             handler.setStream(sys.stdout)
 
 
-def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_dir: Path):
+@contextlib.contextmanager
+def _unnamed_handlers_detached(name: str = "tvm.s_tir.meta_schedule") -> Iterator[None]:
+    """MetaSchedule configures its logger again on every run by listing that logger's handlers BY NAME, and fails
+    on one without a name ('NoneType' object has no attribute 'format'): pytest >= 9 attaches its capture handlers
+    to every non-propagating logger, so a second tuning in one test session broke. Detach those meanwhile."""
+    logger = logging.getLogger(name)
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for handler in unnamed:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            logger.addHandler(handler)
+
+
+def _tuning_refusal(profile: DeviceProfile, trials: int) -> CompileError | None:
+    """Why ``profile`` can't be tuned for, or None. A local CPU is timed here; a board over SSH by TVM's RPC server
+    started there (pipeline.remote_tuning)."""
+    if profile.tvm_gpu_target():
+        expected = ("a CPU profile: GPU kernels are built with dlight's default schedules, and tuning them would "
+                    "need CUDA on the board and a GPU runner, which edgedeploy doesn't have")
+    elif profile.connection.transport != "local" and not profile.runtimes.tvm:
+        expected = ("a board with TVM: tuning times each candidate with TVM's RPC server on the board, and this "
+                    "profile says it has no TVM (runtimes.tvm: null)")
+    else:
+        return None
+    return CompileError(f"Tuning for profile {profile.name!r} is not available", value=f"--tune-trials {trials}",
+                        expected=expected, fix="use --tune-trials 0 for this profile")
+
+
+def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_dir: Path,
+                 profile: DeviceProfile | None = None):
+    """Tune and build; candidates are timed here, or on the board when ``profile`` is reached over SSH."""
     with _stdout_to_stderr():
-        return _tune_and_compile(mod, cpu, trials, database_dir)
+        if profile is None or profile.connection.transport == "local":
+            return _tune_and_compile(mod, cpu, trials, database_dir)
+        from pipeline import remote_tuning
+
+        with remote_tuning.board_runner(profile) as board:
+            # Each candidate is linked here (the board's cross compiler) and loaded there as it is.
+            export = functools.partial(remote_tuning.export_shared, cross_compiler=profile.cross_compiler)
+            executable, tuning = _tune_and_compile(mod, cpu, trials, database_dir, runner=board.runner,
+                                                   builder=_in_process_builder(export), measured_on=board.where)
+            stats, server_ended = board.runner.stats, not board.server.running
+        if server_ended:  # before we stopped it: whatever it timed after that is missing
+            raise CompileError(f"TVM's RPC server on the device {board.where} exited during tuning",
+                               value=board.server.output(15) or "(no output)", measured=stats.measured,
+                               failed=stats.failed, fix="see the server's last lines; run again to add trials")
+        if stats.failed and not stats.measured:
+            raise CompileError(
+                f"No tuning candidate could be timed on the device {board.where}", value=stats.first_error,
+                fix=f"check that the device's TVM is this machine's version ({tvm.__version__}) and can load "
+                    "libraries linked here, or use --tune-trials 0",
+                failed=stats.failed,
+            )
+        return executable, tuning
 
 
-def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_dir: Path):
-    """Add ``trials`` MetaSchedule trials per task (measured on THIS machine) and build from the database."""
+def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_dir: Path, *,
+                      runner=None, builder=None, measured_on: str = "local"):
+    """Add ``trials`` MetaSchedule trials per task and build from the database. Candidates are timed by
+    ``runner``: MetaSchedule's LocalRunner (on THIS machine) when None."""
     from tvm.s_tir import meta_schedule as ms
 
     target = tvm.target.Target(cpu)
@@ -131,18 +191,20 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     tasks = ms.relax_integration.extract_tasks(mod, target)
     database_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    database = ms.relax_integration.tune_relax(
-        mod, params={}, target=target, work_dir=str(database_dir), max_trials_global=trials * max(len(tasks), 1),
-        max_trials_per_task=trials, num_trials_per_iter=min(trials, 16), builder=_in_process_builder(),
-        # The evolutionary search breeds a population of 2048 per round: worth it for real budgets, minutes
-        # of overhead for a handful of trials, where random sampling of the design space does as well.
-        strategy="evolutionary" if trials >= EVOLUTIONARY_MIN_TRIALS else "replay-trace",
-    )
+    with _unnamed_handlers_detached():
+        database = ms.relax_integration.tune_relax(
+            mod, params={}, target=target, work_dir=str(database_dir), max_trials_global=trials * max(len(tasks), 1),
+            max_trials_per_task=trials, num_trials_per_iter=min(trials, 16), builder=builder or _in_process_builder(),
+            runner=runner or "local",
+            # The evolutionary search breeds a population of 2048 per round: worth it for real budgets, minutes
+            # of overhead for a handful of trials, where random sampling of the design space does as well.
+            strategy="evolutionary" if trials >= EVOLUTIONARY_MIN_TRIALS else "replay-trace",
+        )
     seconds = time.perf_counter() - started
     executable = ms.relax_integration.compile_relax(database, mod, target, params=None)
     records = len(database.get_all_tuning_records())
     return executable, Tuning(trials_per_task=trials, tasks=len(tasks), seconds=seconds, database=str(database_dir),
-                              records=records)
+                              records=records, measured_on=measured_on)
 
 
 def _build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any] | None):
@@ -184,14 +246,8 @@ def compile_model(
     export the library, write the manifest."""
     target_dict = resolve_target(profile)
     gpu_dict = profile.tvm_gpu_target()
-    if tune_trials and (gpu_dict or profile.connection.transport != "local"):
-        raise CompileError(
-            f"Tuning for profile {profile.name!r} is not available yet",
-            value=f"--tune-trials {tune_trials}",
-            expected="a local CPU profile: tuning measures candidates on the machine they will run on, and "
-                     "measuring on a remote board needs TVM's RPC server there, which edgedeploy doesn't start yet",
-            fix="use --tune-trials 0 for this profile",
-        )
+    if tune_trials and (refusal := _tuning_refusal(profile, tune_trials)):
+        raise refusal
     tuning = None
     started = time.perf_counter()
     try:
@@ -200,11 +256,13 @@ def compile_model(
         mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
         if tune_trials:
             root = tuning_root or workdir / "tuning"
-            executable, tuning = _tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root))
+            executable, tuning = _tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root), profile)
         else:
             executable = _build(mod, target_dict, gpu_dict)
         library = workdir / "model.so"
         executable.export_library(str(library), **({"cc": profile.cross_compiler} if profile.cross_compiler else {}))
+    except EdgeDeployError:  # tuning on a board: the device or the connection said what went wrong
+        raise
     except Exception as exc:
         raise CompileError(
             f"TVM could not compile the {quantized.config.label()} model for profile {profile.name!r}",

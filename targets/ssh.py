@@ -6,15 +6,27 @@ refused and never retried. Connect, banner, auth and each command have their own
 keepalive is on. Every remote command is an argv list joined with shlex quoting, and runs under
 `timeout` on the device, which signals its whole process group: a hung benchmark leaves
 no orphan. A dropped connection is re-opened by the next operation, so cleanup still happens.
+
+Two more things ride on the same connection, for tuning on the board: a long-running command (TVM's RPC
+server) started with ``start()`` and tied to its SSH channel, so that it dies with its whole process group
+when we stop it, when the connection drops or when its time limit passes; and ``forward()``, a port on
+127.0.0.1 here whose connections are carried to a (host, port) as the device sees it ("direct-tcpip").
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import posixpath
+import re
+import select
 import shlex
+import socket
+import threading
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +42,26 @@ from edgedeploy.errors import (
 )
 from targets.profiles import Connection
 from targets.transport import CommandResult
+
+# Runs a long-lived command on the device and ties it to the SSH channel that started it. It says the command's
+# pid and process group (the group of the `timeout` around it: timeout makes its own), then waits; when its stdin
+# ends (we closed it, or the connection dropped: sshd closes the pipe) or the command exits, it signals the whole
+# process group, TERM and a second later KILL, so nothing the command started outlives it.
+SUPERVISOR = """\
+exec 3<&0 </dev/null
+"$@" 3<&- &
+child=$!
+read -r _ _ _ _ pgid _ 2>/dev/null </proc/$$/stat || pgid=$PPID
+echo "edgedeploy-started pid=$child pgid=$pgid"
+teardown() { trap '' TERM; kill -TERM 0 2>/dev/null; sleep 1; kill -KILL 0 2>/dev/null; }
+( read -r _ <&3; teardown ) &
+exec 3<&-
+wait "$child"
+echo "edgedeploy-exited status=$?"
+teardown
+"""
+_STARTED = re.compile(r"^edgedeploy-started pid=(\d+) pgid=(\d+)$")
+_EXITED = re.compile(r"^edgedeploy-exited status=(\d+)$")
 
 # How `timeout -k 5 T` ends a command that ran too long: 124 (TERM worked), 137 (KILL needed), or no
 # status at all (-1 from paramiko) when the KILL sent to the process group took timeout itself down too.
@@ -256,3 +288,276 @@ class SSHTransport:
         if path == "~" or path.startswith("~/"):
             return posixpath.join(self.home(), path[2:])
         return path
+
+    # -- for tuning on the board: a server left running, and a port forwarded to it ---------------------
+    def start(self, argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -> RemoteProcess:
+        """Start ``argv`` on the device and leave it running (a server); ``stop()`` the result when done.
+
+        It runs under ``timeout -k 5 T`` like every command, inside a supervisor that kills its whole process
+        group when it exits, when ``stop()`` closes its stdin, or when the SSH connection drops."""
+        prefix = ["env", *(f"{k}={v}" for k, v in (env or {}).items())] if env else []
+        command = shlex.join(["timeout", "-k", "5", f"{timeout:.0f}", "sh", "-c", SUPERVISOR, "edgedeploy-supervisor",
+                              *prefix, *argv])
+        client = self._ssh()
+        try:
+            channel = client.get_transport().open_session(timeout=self.timeouts.connect)
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError) as exc:
+            self.close()
+            raise ConnectFailed(f"Lost the connection starting a command: {exc}", host=self.name) from exc
+        process = RemoteProcess(self, channel, argv)
+        try:
+            process.wait_started(30)
+        except BaseException:
+            process.stop()
+            raise
+        return process
+
+    @contextlib.contextmanager
+    def forward(self, host: str, port: int) -> Iterator[PortForward]:
+        """A port on 127.0.0.1 here whose connections reach ``host:port`` as the device sees it.
+
+        Checked on entry (one connection opened and closed at once): a device whose sshd forbids forwarding,
+        or with nothing listening there, is refused with the reason. Every connection is closed on exit."""
+        client = self._ssh()
+        forward = PortForward(client.get_transport(), (host, port), name=self.name, timeout=self.timeouts.connect)
+        try:
+            forward.probe()
+            yield forward
+        finally:
+            forward.close()
+
+
+class RemoteProcess:
+    """A command left running on the device, tied to one SSH channel (see ``SUPERVISOR``).
+
+    Its stdout and stderr are read all the time (a server blocked on a full pipe would hang whoever talks to
+    it); the last lines are kept for ``wait_for`` and for error messages."""
+
+    def __init__(self, transport: SSHTransport, channel: paramiko.Channel, argv: list[str]) -> None:
+        self.host = transport.name
+        self.argv = tuple(argv)
+        self.pid: int | None = None
+        self.pgid: int | None = None
+        self.exit_status: int | None = None  # the command's own status, when it exited by itself
+        self._transport = transport
+        self._channel = channel
+        self._lines: deque[str] = deque(maxlen=4000)
+        self._ended = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name=f"edgedeploy-remote-{transport.name}", daemon=True)
+        self._reader.start()
+
+    @property
+    def running(self) -> bool:
+        """False once the channel has ended: the command and everything it started are gone."""
+        return not self._ended
+
+    def _read(self) -> None:
+        partial = {False: b"", True: b""}  # stdout, stderr
+        channel = self._channel
+        try:
+            while True:
+                select.select([channel], [], [], 0.5)
+                got = False
+                for is_err, ready, recv in ((False, channel.recv_ready, channel.recv),
+                                            (True, channel.recv_stderr_ready, channel.recv_stderr)):
+                    while ready():
+                        data = recv(65536)
+                        if not data:
+                            break
+                        got = True
+                        *complete, partial[is_err] = (partial[is_err] + data).split(b"\n")
+                        self._add([line.decode(errors="replace") for line in complete])
+                if not got and (channel.closed or channel.eof_received) and not channel.recv_ready() \
+                        and not channel.recv_stderr_ready():
+                    break
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        finally:
+            self._add([rest.decode(errors="replace") for rest in partial.values() if rest])
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
+
+    def _add(self, lines: list[str]) -> None:
+        with self._changed:
+            for line in lines:
+                if (started := _STARTED.match(line)) and self.pid is None:
+                    self.pid, self.pgid = int(started[1]), int(started[2])
+                    continue
+                if exited := _EXITED.match(line):
+                    self.exit_status = int(exited[1])
+                    continue
+                self._lines.append(line)
+            self._changed.notify_all()
+
+    def output(self, last: int = 30) -> str:
+        """The last lines it printed (stdout and stderr interleaved as they arrived)."""
+        with self._changed:
+            return "\n".join(list(self._lines)[-last:])
+
+    def wait_started(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.pid is None:
+                if self._ended or time.monotonic() > deadline:
+                    raise TransportError(
+                        "A command on the device did not start", host=self.host, command=" ".join(self.argv[:4]),
+                        value=self.output(10) or "(no output)", fix="check that `sh` and GNU `timeout` exist there",
+                    )
+                self._changed.wait(0.5)
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float, *, what: str) -> re.Match[str]:
+        """The first line that matches ``pattern``, once it is printed; ``what`` names it in errors. Raises
+        TransportError if the command ends first, CommandTimeout if it doesn't come within ``timeout``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self._lines:
+                    if match := regex.search(line):
+                        return match
+                if self._ended:
+                    status = "" if self.exit_status is None else f" with status {self.exit_status}"
+                    raise TransportError(f"{' '.join(self.argv[:4])} exited on the device{status} before {what}",
+                                         host=self.host, value=self.output(15) or "(no output)")
+                if time.monotonic() > deadline:
+                    raise CommandTimeout(f"{' '.join(self.argv[:4])} did not get to {what} within {timeout:.0f} s",
+                                         host=self.host, value=self.output(15) or "(no output)")
+                self._changed.wait(0.5)
+
+    def stop(self, grace: float = 10.0) -> bool:
+        """End the command and everything it started; True when the device confirmed it (the channel ended).
+
+        Closing its stdin makes the supervisor kill the process group; if the channel doesn't end within
+        ``grace`` seconds, the group is killed from a second command. Never raises: it runs in cleanup."""
+        if not self._ended:
+            with contextlib.suppress(Exception):
+                self._channel.shutdown_write()
+            self._reader.join(grace)
+            if self._reader.is_alive() and self.pgid is not None:
+                with contextlib.suppress(Exception):
+                    self._transport.run(["kill", "-KILL", "--", f"-{self.pgid}"], timeout=15)
+                self._reader.join(5)
+        with contextlib.suppress(Exception):
+            self._channel.close()
+        return self._ended
+
+    def __enter__(self) -> RemoteProcess:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+class PortForward:
+    """127.0.0.1:``port`` here, each connection carried over the SSH connection to ``destination`` as the device
+    sees it (a "direct-tcpip" channel), both ways, half-closes included."""
+
+    def __init__(self, transport: paramiko.Transport, destination: tuple[str, int], *, name: str,
+                 timeout: float) -> None:
+        self.destination = destination
+        self.name = name
+        self.connections = 0  # carried so far
+        self.error: TransportError | None = None  # why the last connection could not be carried, if it couldn't
+        self._transport = transport
+        self._timeout = timeout
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[tuple[socket.socket, paramiko.Channel]] = set()
+        self._threads: list[threading.Thread] = []
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port: int = self._listener.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept, name=f"edgedeploy-forward-{self.port}", daemon=True)
+        self._acceptor.start()
+
+    def _channel(self, peer: tuple[str, int]) -> paramiko.Channel:
+        host, port = self.destination
+        try:
+            return self._transport.open_channel("direct-tcpip", self.destination, peer, timeout=self._timeout)
+        except paramiko.ChannelException as exc:
+            if exc.code == 1:  # SSH_OPEN_ADMINISTRATIVELY_PROHIBITED
+                raise TransportError("The device's sshd does not allow port forwarding", host=self.name,
+                                     value=exc.text, fix="set `AllowTcpForwarding yes` (or `local`) in the "
+                                                         "device's sshd_config and reload sshd") from None
+            raise TransportError(f"The device could not connect to {host}:{port}", host=self.name,
+                                 value=exc.text, expected=f"something listening on {host}:{port} there") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ConnectFailed(f"Could not open a forwarded connection to {host}:{port}: {exc}",
+                                host=self.name) from exc
+
+    def probe(self) -> None:
+        """Raise now, with the reason, if connections can't be carried (forwarding refused, nothing there)."""
+        self._channel(("127.0.0.1", self.port)).close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                if not select.select([self._listener], [], [], 0.2)[0]:
+                    continue
+                sock, peer = self._listener.accept()
+            except (OSError, ValueError):  # the listener was closed
+                return
+            try:
+                channel = self._channel(peer)
+            except TransportError as exc:
+                self.error = exc
+                sock.close()
+                continue
+            with self._lock:
+                self._open.add((sock, channel))
+                self.connections += 1
+                thread = threading.Thread(target=self._carry, args=(sock, channel), daemon=True)
+                self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+            thread.start()
+
+    def _carry(self, sock: socket.socket, channel: paramiko.Channel) -> None:
+        reading = {sock: True, channel: True}
+        try:
+            while any(reading.values()) and not self._closed.is_set():
+                ready = select.select([end for end, still in reading.items() if still], [], [], 0.2)[0]
+                if sock in ready:
+                    data = sock.recv(65536)
+                    if data:
+                        channel.sendall(data)
+                    else:  # the local side is done sending: pass the half-close on
+                        reading[sock] = False
+                        channel.shutdown_write()
+                if channel in ready:
+                    data = channel.recv(65536)
+                    if data:
+                        sock.sendall(data)
+                    else:
+                        reading[channel] = False
+                        sock.shutdown(socket.SHUT_WR)
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        finally:
+            with self._lock:
+                self._open.discard((sock, channel))
+            for end in (channel, sock):
+                with contextlib.suppress(Exception):
+                    end.close()
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def close(self) -> None:
+        """Stop listening and close every connection, both ends."""
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        self._acceptor.join(5)
+        with self._lock:
+            pairs, threads = list(self._open), list(self._threads)
+        for sock, channel in pairs:
+            for end in (channel, sock):
+                with contextlib.suppress(Exception):
+                    end.close()
+        for thread in threads:
+            thread.join(5)

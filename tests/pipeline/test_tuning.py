@@ -1,7 +1,11 @@
 """MetaSchedule tuning with a persistent database: trials accumulate run after run, and the tuned library
-computes what onnxruntime computes."""
+computes what onnxruntime computes; for a board over SSH, candidates are timed on the board."""
 
 from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -13,6 +17,7 @@ from pipeline.ingest import ingest, sample_inputs
 from pipeline.quantize import QuantConfig, quantize
 from pipeline.workloads import WORKLOADS
 from targets.profiles import load_profile
+from tests.lab import process_running, x86_python
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +45,120 @@ def test_tuning_database_grows_and_results_match(tmp_path):
     np.testing.assert_allclose(tuned, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_tuning_for_a_remote_board_is_refused_clearly(tmp_path):
-    info = ingest(WORKLOADS["digits-cnn"].model_path(), tmp_path)
-    q = quantize(tmp_path / "model.static.onnx", tmp_path, QuantConfig(), None)
-    with pytest.raises(CompileError, match="Tuning for profile 'raspberry-pi-4'") as exc:
-        compile_model(q, info, load_profile("raspberry-pi-4"), tmp_path, tune_trials=4)
-    assert "RPC" in exc.value.expected
+@pytest.fixture
+def digits(tmp_path):
+    model = WORKLOADS["digits-cnn"].model_path()
+    info = ingest(model, tmp_path / "ingest")
+    return model, info, quantize(tmp_path / "ingest" / "model.static.onnx", tmp_path, QuantConfig(), None)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes of a process group (the lab device is this machine)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[2] == str(pgid) and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def _all_gone(pids: list[int], within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while any(process_running(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_path, monkeypatch):
+    """MetaSchedule's candidates are timed by TVM's RPC server started on the device over SSH, through a forwarded
+    port; the server and everything it started are gone afterwards, and the tuned library is right."""
+    from tvm.s_tir.meta_schedule.database import JSONDatabase
+
+    from pipeline import remote_tuning
+
+    model, info, q = digits
+    profile = load_profile(str(lab_x86.profile(extends="x86-server", python=x86_python())))
+    sessions = []
+    real_board_runner = remote_tuning.board_runner
+
+    @contextlib.contextmanager
+    def watched(profile, **options):
+        with real_board_runner(profile, **options) as board:
+            sessions.append((board, _group_members(board.server.pgid)))
+            yield board
+
+    monkeypatch.setattr(remote_tuning, "board_runner", watched)
+    (tmp_path / "out").mkdir()
+    artifact = compile_model(q, info, profile, tmp_path / "out", tune_trials=1, tuning_root=tmp_path / "tuning")
+
+    [(board, server_group)] = sessions
+    tuning = artifact.tuning
+    assert tuning["measured_on"] == f"{lab_x86.user}@127.0.0.1:{lab_x86.port}" == board.where
+    assert board.runner.stats.measured >= tuning["tasks"] >= 5 and board.runner.stats.failed == 0
+    # The device's server loaded each candidate (from its scratch directory in the device's workdir) ...
+    server_log = board.server.output(4000)
+    workdir = lab_x86.base / "device"
+    loads = [line for line in server_log.splitlines() if f"load_module {workdir}/rpc-" in line]
+    assert len(loads) == board.runner.stats.measured, server_log[-2000:]
+    # ... and every record in the database carries the times it measured.
+    records = JSONDatabase(work_dir=tuning["database"]).get_all_tuning_records()
+    assert len(records) == tuning["records"] >= tuning["tasks"]
+    assert all(r.run_secs and all(float(s) > 0 for s in r.run_secs) for r in records)
+    # Nothing is left on the device: no server, none of its children, no scratch directory; no forward here.
+    assert board.server.pid in server_group and len(server_group) >= 3  # timeout, supervisor, server, its worker
+    assert _all_gone(server_group) and not board.server.running
+    assert board.forward.open_connections == 0
+    assert not list(workdir.glob("rpc-*"))
+
+    import tvm
+    from tvm import relax
+
+    x = sample_inputs(info.inputs, seed=1)["image"]
+    vm = relax.VirtualMachine(tvm.runtime.load_module(artifact.library_path), tvm.cpu())
+    tuned = vm["main"](tvm.runtime.tensor(x)).numpy()
+    expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    np.testing.assert_allclose(tuned, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failed_board_session_leaves_nothing_behind(lab_x86):
+    """An error while tuning: the server on the device, its children and its scratch directory all go."""
+    from pipeline.remote_tuning import rpc_runner
+    from targets.connect import open_transport
+
+    profile = load_profile(str(lab_x86.profile(extends="x86-server", python=x86_python())))
+    transport, workdir = open_transport(profile)
+    try:
+        with pytest.raises(RuntimeError, match="tuning blew up"):
+            with rpc_runner(transport, profile.connection.python_argv(), workdir) as board:
+                group = _group_members(board.server.pgid)
+                assert board.server.pid in group and board.device_port
+                raise RuntimeError("tuning blew up")
+        assert _all_gone(group)
+        assert not list(Path(workdir).glob("rpc-*"))
+    finally:
+        transport.close()
+
+
+def test_tuning_for_a_gpu_board_is_refused_clearly(digits, tmp_path):
+    _, info, q = digits
+    with pytest.raises(CompileError, match="Tuning for profile 'jetson-nano' is not available") as exc:
+        compile_model(q, info, load_profile("jetson-nano"), tmp_path, tune_trials=4)
+    assert "GPU" in exc.value.expected and exc.value.fix == "use --tune-trials 0 for this profile"
+
+
+def test_tuning_for_a_board_without_tvm_is_refused_clearly(lab_x86, digits, tmp_path):
+    _, info, q = digits
+    profile = load_profile(str(lab_x86.profile(extends="x86-server", python=x86_python(),
+                                               runtimes={"tvm": None})))
+    with pytest.raises(CompileError, match="Tuning for profile 'lab-x86' is not available") as exc:
+        compile_model(q, info, profile, tmp_path, tune_trials=4)
+    assert "RPC server" in exc.value.expected
 
 
 def test_tuning_keeps_stdout_for_json(tmp_path):

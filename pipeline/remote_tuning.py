@@ -1,0 +1,226 @@
+"""Tuning for a board over SSH: MetaSchedule measures every candidate on the board itself.
+
+    this machine                                             the board (over one SSH connection)
+    MetaSchedule
+     ├─ builder: in this process; links each candidate's .so here (the profile's cross compiler, if any)
+     └─ TunnelRunner ─ worker process ─ rpc.connect(127.0.0.1:F)
+                                          F: PortForward ── direct-tcpip ──► 127.0.0.1:P
+                                                                              python -m tvm.exec.rpc_server
+                                                                              (SSHTransport.start: dies with its
+                                                                               process group when we are done)
+
+The RPC client runs in a worker process (MetaSchedule's PopenPoolExecutor, as its own RPCRunner does), never in
+this one: TVM frees remote objects in destructors that wait for the board's answer while holding the GIL, and the
+answer comes through the forward's threads, which live here and need the GIL: both in one process deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tvm.ir.utils import derived_object
+from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, PyRunnerFuture, RunnerResult
+from tvm.support.popen_pool import PopenPoolExecutor
+
+from edgedeploy.errors import PreflightError, TransportError
+from targets.profiles import DeviceProfile
+
+if TYPE_CHECKING:
+    from targets.ssh import PortForward, RemoteProcess, SSHTransport
+
+SERVER_MODULE = "tvm.exec.rpc_server"
+SERVER_PORTS = (9090, 9199)  # the server takes the first free port in [start, end) on the board's loopback
+BOUND = r"bind to 127\.0\.0\.1:(\d+)"  # what tvm.rpc.server logs once it listens
+# How long the server may live at most (the `timeout` around it): a safety net only; it is stopped as soon as
+# tuning ends, and dies at once if this process or the SSH connection goes away.
+SERVER_LIFETIME_S = 6 * 3600
+SERVER_FIX = ("TVM's RPC server needs TVM's `rpc` extra on the device (pip install 'apache-tvm[rpc]': cloudpickle, "
+              "psutil), and starts a worker with its own interpreter (sys.executable), which must run there by itself "
+              "(not under an emulator without binfmt_misc)")
+
+
+def export_shared(module, cross_compiler: str | None) -> str:
+    """Builder export: a candidate as a shared library linked here (with the board's cross compiler, if any). The
+    board's RPC server loads it as it is, where MetaSchedule's default .tar would need a C compiler on the board.
+    MetaSchedule removes its directory once the candidate is timed (meta_schedule.remove_build_dir)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="edgedeploy-candidate-"), "candidate.so")
+    module.export_library(path, **({"cc": cross_compiler} if cross_compiler else {}))
+    return path
+
+
+def _measure(port: int, key: str, session_timeout: float, evaluator: EvaluatorConfig, alloc_repeat: int,
+             artifact_path: str, device_type: str, args_info: list) -> list[float]:
+    """In the worker process: one RPC session per candidate (a crash or hang ends only that session); the
+    board's server deletes the uploaded file with the session's directory."""
+    from tvm import rpc
+    from tvm.s_tir.meta_schedule.runner.rpc_runner import (
+        default_alloc_argument,
+        default_run_evaluator,
+        default_upload_module,
+    )
+
+    session = rpc.connect("127.0.0.1", port, key=key, session_timeout=session_timeout)
+    device = session.device(device_type, 0)
+    module = default_upload_module(session, artifact_path, os.path.basename(artifact_path))
+    args = default_alloc_argument(session, device, args_info, alloc_repeat)
+    return default_run_evaluator(session, module, device, evaluator, args)
+
+
+@dataclass
+class MeasureStats:
+    """What the runner saw: candidates timed on the board, and those that failed (with the first reason)."""
+
+    measured: int = 0
+    failed: int = 0
+    first_error: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, error: str | None) -> None:
+        with self._lock:
+            if error is None:
+                self.measured += 1
+            else:
+                self.failed += 1
+                self.first_error = self.first_error or error
+
+
+@derived_object
+class TunnelRunnerFuture(PyRunnerFuture):
+    """One candidate being timed by the worker; its result is counted in ``stats`` once."""
+
+    def __init__(self, future, timeout_s: float, stats: MeasureStats, where: str) -> None:
+        super().__init__()
+        self.future = future
+        self.timeout_s = timeout_s
+        self.stats = stats
+        self.where = where
+        self._result: RunnerResult | None = None
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self) -> RunnerResult:
+        if self._result is None:
+            try:
+                costs, error = [float(c) for c in self.future.result()], None
+            except TimeoutError:
+                costs, error = None, f"measuring on {self.where} ran past {self.timeout_s:.0f} s"
+            except Exception as exc:  # a candidate that fails on the board is a failed trial, not a failed run
+                costs, error = None, f"measuring on {self.where} failed: {str(exc).strip()[-2000:]}"
+            self.stats.count(error)
+            self._result = RunnerResult(costs, error)
+        return self._result
+
+
+@derived_object
+class TunnelRunner(PyRunner):
+    """MetaSchedule runner that times candidates with the board's RPC server at 127.0.0.1:``port`` here (a
+    forwarded port), one candidate at a time (the server serves one session at a time). ``key`` is the server's:
+    it refuses clients that don't know it."""
+
+    def __init__(self, port: int, *, key: str, where: str, evaluator: EvaluatorConfig | None = None,
+                 session_timeout: float = 60.0, alloc_repeat: int = 1) -> None:
+        super().__init__()
+        self.port = port
+        self.key = key
+        self.where = where
+        self.evaluator = evaluator or EvaluatorConfig()
+        self.session_timeout = session_timeout
+        self.alloc_repeat = alloc_repeat
+        self.stats = MeasureStats()
+        # A worker waits for the board's answer past the session limit, which the server enforces itself.
+        self._timeout = session_timeout + 30
+        self._pool = PopenPoolExecutor(max_workers=1, timeout=self._timeout)
+
+    def run(self, runner_inputs):
+        return [
+            TunnelRunnerFuture(
+                self._pool.submit(_measure, self.port, self.key, self.session_timeout, self.evaluator,
+                                  self.alloc_repeat, str(item.artifact_path), str(item.device_type),
+                                  [info.as_json() for info in item.args_info]),
+                self._timeout, self.stats, self.where)
+            for item in runner_inputs
+        ]
+
+    def shutdown(self) -> None:
+        """Kill the worker process (it holds an RPC connection to the board)."""
+        self._pool.shutdown(wait=False)
+
+
+@dataclass
+class BoardRunner:
+    """A tuning session on a board: the runner to give MetaSchedule, and what serves it there."""
+
+    runner: TunnelRunner
+    server: RemoteProcess
+    forward: PortForward
+    device_port: int
+    where: str
+
+
+@contextlib.contextmanager
+def rpc_runner(transport: SSHTransport, python: list[str], workdir: str, *, startup_timeout: float = 180.0,
+               lifetime: float = SERVER_LIFETIME_S, evaluator: EvaluatorConfig | None = None,
+               session_timeout: float = 60.0) -> Iterator[BoardRunner]:
+    """Start TVM's RPC server on the board with its ``python``, forward a local port to it, yield the runner;
+    on exit (error or not) stop the worker, the forward and the server with everything it started, and remove
+    the server's scratch directory (its per-session directories live there, not in the board's /tmp).
+
+    The server listens on the board's loopback only, and serves only clients that send its random key: the
+    forwarded port on this machine's loopback is no open door to the board for other local users."""
+    scratch = f"{workdir.rstrip('/')}/rpc-{secrets.token_hex(4)}"
+    key = f"edgedeploy-{secrets.token_hex(8)}"
+    transport.makedirs(scratch)
+    try:
+        server = transport.start(
+            [*python, "-m", SERVER_MODULE, "--host", "127.0.0.1", "--port", str(SERVER_PORTS[0]),
+             "--port-end", str(SERVER_PORTS[1]), "--key", key],
+            timeout=lifetime, env={"TMPDIR": scratch, "PYTHONUNBUFFERED": "1"},
+        )
+        with server:
+            try:
+                device_port = int(server.wait_for(BOUND, startup_timeout, what="listening (TVM's RPC server)")[1])
+            except TransportError as exc:
+                raise type(exc)(exc.what, value=exc.value, host=transport.name, fix=SERVER_FIX) from None
+            with transport.forward("127.0.0.1", device_port) as forward:
+                runner = TunnelRunner(forward.port, key=key, where=transport.name, evaluator=evaluator,
+                                      session_timeout=session_timeout)
+                try:
+                    yield BoardRunner(runner, server, forward, device_port, transport.name)
+                finally:
+                    runner.shutdown()
+    finally:
+        with contextlib.suppress(TransportError):
+            transport.run(["rm", "-rf", "--", scratch], timeout=60)
+
+
+@contextlib.contextmanager
+def board_runner(profile: DeviceProfile, **options) -> Iterator[BoardRunner]:
+    """``rpc_runner`` for the board a profile describes: its own SSH connection, checked first (the board's
+    machine and its TVM), closed at the end."""
+    from pipeline.preflight import probe
+    from targets.connect import open_transport
+
+    transport, workdir = open_transport(profile)
+    try:
+        facts = probe(transport, profile, workdir)
+        if facts.machine != profile.cpu.arch:
+            raise PreflightError(f"The device is {facts.machine}, but profile {profile.name!r} says "
+                                 f"{profile.cpu.arch}", host=transport.name,
+                                 fix="use the profile that matches this device")
+        if not facts.tvm:
+            raise PreflightError("Tuning on the device needs TVM there (its RPC server times the candidates), "
+                                 "and its Python can't import tvm", host=transport.name,
+                                 value=" ".join(profile.connection.python_argv()),
+                                 fix="pip install apache-tvm on the device (the version this machine has)")
+        with rpc_runner(transport, profile.connection.python_argv(), workdir, **options) as board:
+            yield board
+    finally:
+        transport.close()
