@@ -20,6 +20,7 @@ from typing import Any
 
 import onnx
 import tvm
+import tvm_ffi
 from pydantic import BaseModel, ConfigDict, Field
 from tvm.relax.frontend import onnx as onnx_frontend
 
@@ -28,6 +29,7 @@ from pipeline.hashing import sha256_bytes
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profile_sha256, write_manifest
 from pipeline.quantize import QuantizedModel
+from pipeline.tuning_curve import CurvePoint, tuning_curve
 from targets.profiles import DeviceProfile
 
 __all__ = ["ELF_MACHINES", "CompiledArtifact", "compile_model", "elf_machine", "profile_sha256",
@@ -50,6 +52,8 @@ class Tuning(BaseModel):
     seconds: float
     database: str
     records: int = Field(description="Tuning records in the database after this run (all runs, all models).")
+    curve: list[CurvePoint] = Field(default_factory=list, description="Estimated latency of this model against "
+                                    "its trials so far (all runs): MetaSchedule's per-kernel times x calls.")
     measured_on: str = Field(default="local", description="Where candidates were timed: 'local', or the board "
                                                           "(user@host:port) whose RPC server timed them over SSH.")
 
@@ -203,8 +207,10 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     seconds = time.perf_counter() - started
     executable = ms.relax_integration.compile_relax(database, mod, target, params=None)
     records = len(database.get_all_tuning_records())
+    # The database names each kernel by this hash; weight = its calls per inference.
+    weights = {str(tvm_ffi.structural_hash(task.dispatched[0])): float(task.weight) for task in tasks}
     return executable, Tuning(trials_per_task=trials, tasks=len(tasks), seconds=seconds, database=str(database_dir),
-                              records=records, measured_on=measured_on)
+                              records=records, measured_on=measured_on, curve=tuning_curve(database_dir, weights))
 
 
 def _build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any] | None):
