@@ -160,8 +160,9 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
         baseline = again
     measured: dict[str, Measured] = {}
     for candidate, run, agree in runs:
-        outcomes.append(outcome(candidate, run.measurement, baseline.measurement, agree, metric=metric,
-                                budget=config.accuracy_budget))
+        measured_outcome = outcome(candidate, run.measurement, baseline.measurement, agree, metric=metric,
+                                   budget=config.accuracy_budget)
+        outcomes.append(measured_outcome.model_copy(update={"tuning": run.artifact.tuning}))
         measured[candidate.label()] = run
     selection = choose(outcomes, budget=config.accuracy_budget, metric=metric, baseline=baseline.measurement)
     selection = selection.model_copy(update={"partial": partial})

@@ -71,6 +71,7 @@ class CandidateOutcome(BaseModel):
     within_budget: bool = False
     valid: bool = False
     artifact_sha256: str | None = None
+    tuning: dict | None = Field(default=None, description="TVM tuned: trials, time and the latency-vs-trials curve.")
 
     def quality_text(self) -> str:
         """The metric when there are labels, else agreement with the fp32 reference."""

@@ -6,10 +6,12 @@ same device runner, the same baseline rules.
 
 from __future__ import annotations
 
+import html
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.auto import plot_svg
+from pipeline.auto import AutoSelection, CandidateOutcome, plot_svg
 from pipeline.report import RunResult
 from targets.host import detect_host
 
@@ -65,7 +67,58 @@ def markdown(results: list[RunResult]) -> str:
             lines.append(f"| {o.label} | {o.p50_ms:.3f} | {o.speedup:.2f}x | {pct:.1f} % | {o.quality_text()} | "
                          f"{'yes' if o.within_budget else 'no'} |")
         lines.append("")
+        lines += _tuning_lines(name, selection)
     return "\n".join(lines)
+
+
+def _tuned(selection: AutoSelection) -> list[CandidateOutcome]:
+    return [o for o in selection.outcomes if o.status == "measured" and o.tuning and o.tuning.get("curve")]
+
+
+def _tuning_lines(name: str, selection: AutoSelection) -> list[str]:
+    tuned = _tuned(selection)
+    if not tuned:
+        return []
+    lines = ["### TVM tuning: latency against trials", "",
+             f"![latency vs trials](bench-{name}-tuning.svg)", "",
+             "| candidate | trials this run | tuning time | trials so far | estimated ms (first -> last) "
+             "| measured p50 ms |",
+             "|---|---|---|---|---|---|"]
+    for o in tuned:
+        t, curve = o.tuning, o.tuning["curve"]
+        lines.append(f"| {o.label} | {t['trials_per_task']} x {t['tasks']} tasks | {t['seconds'] / 60:.1f} min | "
+                     f"{curve[-1]['trials']} | {curve[0]['estimated_ms']:.3f} -> {curve[-1]['estimated_ms']:.3f} | "
+                     f"{o.p50_ms:.3f} |")
+    return [*lines, ""]
+
+
+def tuning_svg(selection: AutoSelection, width: int = 640, height: int = 320) -> str:
+    """Estimated latency (y, log scale) against trials (x), one line per tuned candidate, with onnxruntime fp32."""
+    tuned = _tuned(selection)
+    if not tuned:
+        return ""
+    points = [(p["trials"], p["estimated_ms"]) for o in tuned for p in o.tuning["curve"]]
+    ys = [math.log10(y) for _, y in points] + [math.log10(selection.baseline_p50_ms)]
+    x1, y0, y1 = max(x for x, _ in points), min(ys) - 0.1, max(ys) + 0.1
+    pad = 50
+
+    def px(x: float, y_ms: float) -> str:
+        return (f"{pad + x / max(x1, 1) * (width - 2 * pad):.1f},"
+                f"{height - pad - (math.log10(y_ms) - y0) / (y1 - y0) * (height - 2 * pad):.1f}")
+
+    colours = ["#0969da", "#8250df", "#bf3989", "#1a7f37"]
+    lines = [f'<polyline fill="none" stroke="{colours[i % 4]}" stroke-width="2" points="'
+             + " ".join(px(p["trials"], p["estimated_ms"]) for p in o.tuning["curve"])
+             + f'"><title>{html.escape(o.label)}</title></polyline>' for i, o in enumerate(tuned)]
+    labels = [f'<text x="{width - pad - 200}" y="{pad + 14 * i}" font-size="11" fill="{colours[i % 4]}">'
+              f'{html.escape(o.label)}</text>' for i, o in enumerate(tuned)]
+    _, base_y = px(0, selection.baseline_p50_ms).split(",")
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
+            f'<line x1="{pad}" y1="{base_y}" x2="{width - pad}" y2="{base_y}" stroke="#8c959f" stroke-dasharray="4"/>'
+            f'<text x="{pad + 4}" y="{float(base_y) - 4:.1f}" font-size="11">onnxruntime fp32 '
+            f'{selection.baseline_p50_ms:.3f} ms</text>{"".join(lines)}{"".join(labels)}'
+            f'<text x="{width / 2 - 40}" y="{height - 12}" font-size="12">trials (all runs)</text>'
+            f'<text x="8" y="20" font-size="12">estimated latency (ms, log scale)</text></svg>')
 
 
 def write(results: list[RunResult], out: Path) -> Path:
@@ -74,6 +127,8 @@ def write(results: list[RunResult], out: Path) -> Path:
         if result.auto:
             name = result.model.workload or Path(result.model.path).stem
             (out / f"bench-{name}.svg").write_text(plot_svg(result.auto))
+            if curve := tuning_svg(result.auto):
+                (out / f"bench-{name}-tuning.svg").write_text(curve)
     path = out / "bench.md"
     path.write_text(markdown(results))
     return path

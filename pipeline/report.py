@@ -174,8 +174,16 @@ class RunResult(BaseModel):
             t = self.artifact.tuning
             parts.append(Text(f"tuned: {t['trials_per_task']} MetaSchedule trials per task over {t['tasks']} tasks "
                               f"in {t['seconds']:.0f} s; the database ({t['database']}) now holds "
-                              f"{t['records']} records"))
+                              f"{t['records']} records" + _curve_text(t.get("curve") or [])))
         yield Group(head, stages, *parts, side, summary, *warnings, validity, footer)
+
+
+def _curve_text(curve: list[dict[str, Any]]) -> str:
+    if not curve:
+        return ""
+    first, last = curve[0], curve[-1]
+    return (f"\nestimated latency against trials (kernels timed alone x calls): {first['estimated_ms']:.3f} ms "
+            f"after {first['trials']} trials -> {last['estimated_ms']:.3f} ms after {last['trials']}")
 
 
 def _deployment(deployed: DeployedArtifact) -> dict[str, Any]:

@@ -1,0 +1,40 @@
+"""docs/bench.md: the side-by-side table and, for tuned TVM candidates, latency against trials."""
+
+from __future__ import annotations
+
+from pipeline.auto import AutoSelection, CandidateOutcome
+from pipeline.bench import markdown, write
+from tests.factories import make_result
+
+
+def _outcome(label: str, p50: float, tuning: dict | None = None) -> CandidateOutcome:
+    return CandidateOutcome(label=label, runtime="tvm" if label.startswith("tvm") else "onnxruntime",
+                            scheme="fp32", status="measured", p50_ms=p50, p90_ms=p50, speedup=2.0 / p50,
+                            within_budget=True, valid=True, tuning=tuning)
+
+
+def test_tuned_candidates_get_a_latency_against_trials_section(tmp_path):
+    curve = [{"trials": 29, "estimated_ms": 40.0}, {"trials": 290, "estimated_ms": 9.5},
+             {"trials": 580, "estimated_ms": 3.1}]
+    tuning = {"trials_per_task": 10, "tasks": 29, "seconds": 600.0, "curve": curve}
+    selection = AutoSelection(
+        outcomes=[_outcome("onnxruntime fp32", 2.0), _outcome("tvm fp32", 60.0),
+                  _outcome("tvm fp32 tuned 10/task", 3.4, tuning)],
+        chosen=None, reason="nothing beat onnxruntime fp32", budget=0.01, metric="top1", baseline_p50_ms=2.0,
+        baseline_accuracy=0.99)
+    result = make_result(1, model="digits-cnn").model_copy(update={"auto": selection})
+    text = markdown([result])
+    assert "### TVM tuning: latency against trials" in text
+    assert "| tvm fp32 tuned 10/task | 10 x 29 tasks | 10.0 min | 580 | 40.000 -> 3.100 | 3.400 |" in text
+    write([result], tmp_path)
+    svg = (tmp_path / "bench-digits-cnn-tuning.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 1 and "onnxruntime fp32 2.000 ms" in svg
+
+
+def test_no_tuning_no_curve(tmp_path):
+    selection = AutoSelection(outcomes=[_outcome("tvm fp32", 60.0)], chosen=None, reason="-", budget=0.01,
+                              metric=None, baseline_p50_ms=2.0, baseline_accuracy=None)
+    result = make_result(1, model="digits-cnn").model_copy(update={"auto": selection})
+    assert "TVM tuning" not in markdown([result])
+    write([result], tmp_path)
+    assert not (tmp_path / "bench-digits-cnn-tuning.svg").exists()
