@@ -3,6 +3,9 @@ Python is this project's, as the tests' `lab_x86` fixture starts it; `{profile}`
 profile file that reaches it.
 
     .venv/bin/python scripts/with_lab_x86.py deploy bench --profile {profile} --out docs
+    .venv/bin/python scripts/with_lab_x86.py --extends x86-server-vnni deploy run ... --profile {profile}
+
+The device's class is `x86-server` (AVX2, no VNNI) unless `--extends` names another x86 profile.
 
 The device, its keys and its working directory live in a temporary folder removed afterwards.
 """
@@ -21,15 +24,18 @@ from tests.lab import start_sshd, x86_python  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
+    extends = "x86-server"
+    if argv[:1] == ["--extends"] and len(argv) > 1:
+        extends, argv = argv[1], argv[2:]
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="lab-x86-") as base:
         device = start_sshd(Path(base) / "device", "lab-x86")
         try:
-            # The x86-server class (AVX2 target, no VNNI) with this machine's core count, so that neither
+            # The profile's CPU class with this machine's core count, so that neither
             # runtime starts more threads than there are cores.
-            profile = device.profile(extends="x86-server", python=x86_python(), cpu={"cores": os.cpu_count()})
+            profile = device.profile(extends=extends, python=x86_python(), cpu={"cores": os.cpu_count()})
             command = [part.replace("{profile}", str(profile)) for part in argv]
             if command[0] == "deploy":
                 command = [sys.executable, "-m", "edgedeploy", *command[1:]]
