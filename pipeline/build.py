@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from edgedeploy.errors import CheckRefused
 from pipeline.cache import ArtifactCache, arrays_sha256, cache_key
 from pipeline.checks import CheckReport, Runtime, run_checks
-from pipeline.compile import compile_model
+from pipeline.compile import COMPILE_REVISION, compile_model
 from pipeline.config import RunConfig, edgedeploy_home
 from pipeline.data import PreparedData, prepare_data
 from pipeline.ingest import ModelInfo, ingest
@@ -104,7 +104,7 @@ def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DevicePr
                              tuning_root=edgedeploy_home() / "tuning")
     tools = tool_versions()
     key = cache_key(model=quantized.sha256, inputs=[i.model_dump() for i in info.inputs],
-                    profile=profile_sha256(profile),
+                    profile=profile_sha256(profile), compiler=COMPILE_REVISION,
                     tools={k: tools[k] for k in ("apache-tvm", "apache-tvm-ffi", "edgedeploy")})
     result, hit = artifact_cache().get_or_build(
         "compiled", key, CompiledArtifact,

@@ -1,4 +1,4 @@
-"""Stage 3, compile: the only module that imports tvm.
+"""Stage 3, compile: with pipeline.tvm_int8 and pipeline.remote_tuning, the only modules that import tvm.
 
 TVM Relax imports the (static, possibly QDQ) ONNX model and builds a shared library for the
 profile's target, cross-linked where the device is another architecture. The manifest written
@@ -30,6 +30,7 @@ from pipeline.ingest import ModelInfo
 from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profile_sha256, write_manifest
 from pipeline.quantize import QuantizedModel
 from pipeline.tuning_curve import CurvePoint, tuning_curve
+from pipeline.tvm_int8 import integerize
 from targets.profiles import DeviceProfile
 
 __all__ = ["ELF_MACHINES", "CompiledArtifact", "compile_model", "elf_machine", "profile_sha256",
@@ -59,6 +60,8 @@ class Tuning(BaseModel):
 
 
 EVOLUTIONARY_MIN_TRIALS = 64
+# Part of the artifact cache key: a library built by an earlier revision of this module is not reused.
+COMPILE_REVISION = "2: integer QDQ kernels"
 
 
 def tuning_dir(target: dict[str, Any], root: Path) -> Path:
@@ -260,6 +263,8 @@ def compile_model(
         model = onnx.load(quantized.path)
         shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
         mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+        # Before anything folds the int8 weights into float constants: QDQ conv/matmul -> integer kernels.
+        mod, integer_ops = integerize(mod) if quantized.config.scheme == "int8" else (mod, 0)
         if tune_trials:
             root = tuning_root or workdir / "tuning"
             executable, tuning = _tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root), profile)
@@ -288,7 +293,7 @@ def compile_model(
     artifact = write_manifest(
         library, quantized, info, profile, runtime="tvm", seconds=seconds,
         extra={"target": target_dict, "gpu_target": gpu_dict, "device_code": device_code, "elf_machine": machine,
-               "tuning": tuning.model_dump() if tuning else None},
+               "tuning": tuning.model_dump() if tuning else None, "integer_ops": integer_ops},
     )
     return artifact.model_copy(update={"tuning": tuning.model_dump() if tuning else None})
 

@@ -37,6 +37,7 @@ class CompiledArtifact(BaseModel):
     device_code: str = Field(default="cpu", description="cpu, cuda-source (compiled on the device), cuda-cubin/ptx.")
     compile_seconds: float
     tuning: dict[str, Any] | None = Field(default=None, description="MetaSchedule tuning done for this build.")
+    integer_ops: int = Field(default=0, description="conv2d/matmul computed in int8 x int8 -> int32 (TVM int8).")
     cached: bool = Field(default=False, description="Reused from the artifact cache.")
 
 
@@ -75,7 +76,7 @@ def write_manifest(
     return CompiledArtifact(
         library_path=str(artifact), manifest_path=str(manifest_path), sha256=digest, runtime=runtime,
         target=extra.get("target", {}), gpu_target=extra.get("gpu_target"),
-        device_code=extra.get("device_code", "cpu"), compile_seconds=seconds,
+        device_code=extra.get("device_code", "cpu"), compile_seconds=seconds, integer_ops=extra.get("integer_ops", 0),
     )
 
 

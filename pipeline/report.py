@@ -39,6 +39,7 @@ class ArtifactSummary(BaseModel):
     manifest: str
     target: dict[str, Any]
     tuning: dict[str, Any] | None = None
+    integer_ops: int = Field(default=0, description="TVM int8: conv2d/matmul computed as int8 x int8 -> int32.")
 
 
 class BaselineSummary(BaseModel):
@@ -108,7 +109,8 @@ class RunResult(BaseModel):
             profile=profile, scheme=quantized.config.label(),
             runtime=f"{art.runtime} {art.versions.get(art.runtime, '')}".strip(),
             artifact=ArtifactSummary(sha256=compiled.sha256, path=compiled.library_path,
-                                     manifest=compiled.manifest_path, target=compiled.target, tuning=compiled.tuning),
+                                     manifest=compiled.manifest_path, target=compiled.target, tuning=compiled.tuning,
+                                     integer_ops=compiled.integer_ops),
             latency_ms=art.latency_ms, peak_rss_mb=art.peak_rss_mb,
             baseline=BaselineSummary(runtime=f"onnxruntime {base.versions.get('onnxruntime', '')} fp32".strip(),
                                      latency_ms=base.latency_ms, valid=base.valid, invalid_reason=base.invalid_reason),
@@ -170,6 +172,9 @@ class RunResult(BaseModel):
                     else Text("INVALID: " + "; ".join(self.invalid_reasons), style="bold red"))
         footer = Text(f"result: {self.result_path}" if self.result_path else "", style="dim")
         parts: list[Any] = [p for p in (self.auto, self.partial) if p]
+        if self.artifact.integer_ops:
+            parts.append(Text(f"integer kernels: {self.artifact.integer_ops} conv/matmul compute int8 x int8 -> "
+                              "int32 in TVM (the rest of the graph stays float)"))
         if self.artifact.tuning:
             t = self.artifact.tuning
             parts.append(Text(f"tuned: {t['trials_per_task']} MetaSchedule trials per task over {t['tasks']} tasks "

@@ -68,6 +68,7 @@ def test_digits_int8_costs_little_accuracy_and_reruns_reuse_artifacts(prefect_se
     assert result.benchmark["calibration_samples"] == 200
     assert result.accuracy.value > 0.95 and result.agreement.top1 > 0.97
     assert result.agreement.cosine > 0.99
+    assert result.artifact.integer_ops == 4  # every conv and the classifier's matmul run in int8 in TVM
     assert result.reused == []
     # Identical inputs: the quantized model and the library come from the cache (a new run id doesn't matter).
     again = deploy_run(_config("digits-cnn", "int8", calib_samples=200))
@@ -86,6 +87,7 @@ def test_orientation_int8_static_rewrite(prefect_server):
     assert result.model.static_rewrite  # PP-LCNet computes its Reshape target with Shape at run time
     assert result.valid and result.accuracy.samples == 16
     assert result.accuracy.baseline >= 0.9 and result.accuracy.value >= 0.9
+    assert result.artifact.integer_ops >= 30  # PP-LCNet's convs and its classifier, in integers
 
 
 def test_detector_int8_map(prefect_server):
@@ -93,6 +95,7 @@ def test_detector_int8_map(prefect_server):
                                 bench=BenchmarkSettings(warmup=1, min_iterations=3, min_seconds=0)))
     assert result.accuracy.metric == "mAP@0.5" and result.agreement.top1 is None
     assert result.accuracy.baseline > 0.8 and result.accuracy.value > 0.8
+    assert result.artifact.integer_ops >= 50  # per-channel QDQ after the opset-13 upgrade, in integers
     assert result.valid
 
 

@@ -1,0 +1,205 @@
+"""Integer kernels for QDQ models in TVM Relax: turn fake-quant conv2d/matmul into int8 x int8 -> int32.
+
+TVM 0.27's ONNX importer maps DequantizeLinear/QuantizeLinear to ``R.dequantize``/``R.quantize`` and keeps
+every Conv/Gemm/MatMul in float, so a QDQ model computes exactly what the fp32 model computes (plus the
+rounding): as slow as fp32. :func:`integerize` rewrites, before any constant folding,
+
+    [add(] conv2d(dequantize(xq, sx, zx), dequantize(Wq, sw, 0)) [, dequantize(bq, sx*sw, 0))]       (Conv)
+    [add(] matmul(dequantize(xq, sx, zx), [permute_dims](dequantize(Wq, sw, 0))) [, ...bias)]  (MatMul, Gemm)
+
+into
+
+    acc = conv2d(xq, Wq, out_dtype="int32")               # the heavy op: 8-bit inputs, 32-bit accumulation
+    y   = float32(acc + bq - zx * sum(Wq)) * (sx * sw)    # bias and zero-point term in int32 (exact), rescale
+
+onnxruntime quantizes a bias to int32 with scale sx*sw, i.e. in the accumulator's units, so it is added
+before the rescale, as its own QLinearConv does; a bias with any other scale stays a float add after ``y``.
+``y`` is the float tensor the original op produced, so what follows is untouched: usually the next layer's
+``quantize``. TVM fuses subtract/astype/multiply/quantize into the conv's epilogue, which makes the chain
+int8 -> int32 accumulate -> rescale -> requantize to the next int8 tensor into one kernel.
+
+Zero points: weights must be symmetric (zero point 0, what onnxruntime writes for QInt8 weights); the
+activation zero point may be anything. A uint8 activation with zx != 0 stays uint8 (uint8 x int8 is also
+the operand pair x86 VNNI's vpdpbusd multiplies) and its zero point is subtracted afterwards as the
+constant conv(zx, W) = zx * sum(W) per output channel. That identity only holds where every input the
+window sees is a real pixel: the float conv pads with 0.0, which in the quantized domain is the value zx,
+not 0. So a padded conv with zx != 0 pads explicitly with zx first and convolves unpadded. (The
+alternative, subtracting zx in int16/int32 before the conv, is exact too but doubles or quadruples the
+bytes moved and gives up the 8-bit dot-product instructions.)
+
+Left in float: every other op (pooling, activations, residual adds, ...) and every conv/matmul whose
+weights are not constant symmetric int8 or whose activation scale is not per tensor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
+
+__all__ = ["count_integer_ops", "integerize"]
+
+_INT8 = ("int8", "uint8")
+_FLOAT_OUT = ("None", "", "void", "float32")  # out_dtype unset (the importer's choice: the input's) or float32
+
+
+def _const(expr: relax.Expr) -> np.ndarray:
+    return expr.value.numpy()  # TVM 0.27 constants are tvm.ir.GenericConst (the tensor in .value)
+
+
+def _dtype(expr: relax.Expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def _per_channel(scale: np.ndarray, axis: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The dequantize scale broadcast to the weight's full shape (``axis`` is ignored for a scalar)."""
+    if scale.size == 1:
+        return np.full(shape, scale.reshape(()), np.float32)
+    view = [1] * len(shape)
+    view[axis] = scale.size
+    return np.broadcast_to(scale.reshape(view), shape)
+
+
+def _weight(dq: relax.Call) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int8 weights, their per-element float scale) of a constant symmetric dequantize, else None."""
+    wq, scale, zero = (_const(a) for a in dq.args)
+    if wq.dtype != np.int8 or np.any(zero != 0):
+        return None
+    return wq, _per_channel(scale.astype(np.float32), int(dq.attrs.axis), wq.shape)
+
+
+def _activation(dq: relax.Call) -> tuple[relax.Expr, float, int] | None:
+    """(int8/uint8 tensor, scale, zero point) of a per-tensor dequantize of a computed tensor, else None."""
+    xq, scale, zero = dq.args
+    if _dtype(xq) not in _INT8 or _const(scale).size != 1 or _const(zero).size != 1:
+        return None
+    return xq, float(_const(scale).reshape(())), int(_const(zero).reshape(()))
+
+
+def _uniform(scale: np.ndarray, axes: tuple[int, ...]) -> np.ndarray | None:
+    """The scale as one value per output channel if it doesn't vary over ``axes`` (the reduced ones)."""
+    first = scale[tuple(slice(0, 1) if i in axes else slice(None) for i in range(scale.ndim))]
+    return first if np.all(scale == first) else None
+
+
+def _bias(b_dq: relax.Call, scale: np.ndarray) -> np.ndarray | None:
+    """The int32 bias as-is when its dequantize scale is the accumulator's (sx*sw, what onnxruntime writes)."""
+    bq, sb, zb = (_const(a) for a in b_dq.args)
+    if bq.dtype != np.int32 or np.any(zb != 0) or bq.size != scale.size or \
+            not np.allclose(np.broadcast_to(sb, scale.shape), scale, rtol=1e-5, atol=0):
+        return None
+    return bq.astype(np.int64).reshape(scale.shape)
+
+
+def _conv(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call) -> tuple[relax.Expr, ...] | None:
+    a = call.attrs
+    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW") or \
+            str(a.out_dtype) not in _FLOAT_OUT:
+        return None
+    act, weight = _activation(x_dq), _weight(w_dq)
+    if act is None or weight is None:
+        return None
+    xq, sx, zx = act
+    wq, sw = weight
+    sw_out = _uniform(sw, (1, 2, 3))  # [O,1,1,1]: one scale per output channel
+    if sw_out is None:
+        return None
+    padding = [int(p) for p in a.padding]  # top, left, bottom, right
+    if zx != 0 and any(padding):
+        top, left, bottom, right = padding
+        xq = relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx))
+        padding = [0, 0, 0, 0]
+    acc = relax.op.nn.conv2d(xq, relax.const(wq), strides=a.strides, padding=padding, dilation=a.dilation,
+                             groups=a.groups, out_dtype="int32")
+    # conv(zx, W)[o] = zx * sum of W[o] over its input channels and window.
+    return acc, zx * wq.astype(np.int64).sum(axis=(1, 2, 3)), sx * sw_out.reshape(-1), (1, -1, 1, 1)
+
+
+def _matmul(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, perm: relax.Call | None) -> tuple | None:
+    if str(call.attrs.out_dtype) not in _FLOAT_OUT:
+        return None
+    act, weight = _activation(x_dq), _weight(w_dq)
+    if act is None or weight is None or weight[0].ndim != 2:
+        return None
+    xq, sx, zx = act
+    wq, sw = weight
+    if perm is not None:  # Gemm with transB: the importer transposes the [N,K] weight; do it on the constant
+        axes = None if perm.attrs.axes is None else [int(i) for i in perm.attrs.axes]
+        wq, sw = np.ascontiguousarray(np.transpose(wq, axes)), np.transpose(sw, axes)
+    sw_out = _uniform(sw, (0,))  # weight is [K,N]: one scale per output column
+    if sw_out is None:
+        return None
+    acc = relax.op.matmul(xq, relax.const(wq), out_dtype="int32")
+    return acc, zx * wq.astype(np.int64).sum(axis=0), sx * sw_out.reshape(-1), (-1,)
+
+
+def _patterns() -> dict[str, DFPattern]:
+    p = {"x_dq": is_op("relax.dequantize")(wildcard(), is_const(), is_const()),
+         "w_dq": is_op("relax.dequantize")(is_const(), is_const(), is_const()),
+         "b_dq": is_op("relax.dequantize")(is_const(), is_const(), is_const())}
+    p["w_t"] = is_op("relax.permute_dims")(p["w_dq"])
+    p["conv"] = is_op("relax.nn.conv2d")(p["x_dq"], p["w_dq"])
+    p["matmul"] = is_op("relax.matmul")(p["x_dq"], p["w_dq"] | p["w_t"])
+    # The importer adds a Conv's bias as reshape(bias, [1,O,1,1]), a Gemm's as is.
+    bias = is_op("relax.reshape")(p["b_dq"], wildcard()) | p["b_dq"]
+    p["with_bias"] = is_op("relax.add")(p["conv"] | p["matmul"], bias)
+    p["without_bias"] = p["conv"] | p["matmul"]
+    return p
+
+
+def count_integer_ops(mod: tvm.IRModule) -> int:
+    """conv2d/matmul calls in the Relax functions that take 8-bit inputs and accumulate in int32."""
+    found = 0
+
+    def visit(expr: relax.Expr) -> None:
+        nonlocal found
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and \
+                expr.op.name in ("relax.nn.conv2d", "relax.matmul") and \
+                str(expr.attrs.out_dtype) == "int32" and all(_dtype(arg) in _INT8 for arg in expr.args):
+            found += 1
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def integerize(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """Rewrite QDQ conv2d/matmul into integer ones; returns the new module and how many ops became integer.
+
+    Run it on what ``relax.frontend.onnx.from_onnx(..., keep_params_in_input=False)`` returns, before
+    ``FoldConstant`` (which turns the int8 weights' dequantize into plain float constants).
+    """
+    p = _patterns()
+
+    def rewriter(orig: relax.Call, matched) -> relax.Expr:
+        if p["conv"] in matched:
+            core = _conv(matched[p["conv"]], matched[p["x_dq"]], matched[p["w_dq"]])
+        else:
+            core = _matmul(matched[p["matmul"]], matched[p["x_dq"]], matched[p["w_dq"]], matched.get(p["w_t"]))
+        if core is None:
+            return orig  # returning the call unchanged leaves it in float
+        acc, correction, scale, shape = core
+        if p["b_dq"] in matched:
+            # An int32 bias quantized with scale sx*sw is in the accumulator's units: add it there, exactly,
+            # as onnxruntime's QLinearConv does. Any other bias: leave the add to the bias-less pass.
+            bias = _bias(matched[p["b_dq"]], scale)
+            if bias is None:
+                return orig
+            correction = correction - bias
+        # Zero-point term and bias are subtracted while still in int32 (exact); then one float multiply.
+        if np.any(correction != 0):
+            acc = relax.op.subtract(acc, relax.const(correction.reshape(shape).astype(np.int32)))
+        return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale.reshape(shape).astype(np.float32)))
+
+    before = count_integer_ops(mod)
+    out = mod
+    # With-bias first: once a conv is rewritten alone, its bias add no longer matches.
+    for pattern in (p["with_bias"], p["without_bias"]):
+        out = tvm.IRModule({gvar: relax.dpl.rewrite_call(pattern, rewriter, func)
+                            if isinstance(func, relax.Function) else func
+                            for gvar, func in out.functions.items()}, attrs=out.attrs)
+        # Drop what the rewrite orphaned (the weights' float dequantize, a bias-less conv a bias add fed on).
+        out = relax.transform.DeadCodeElimination()(out)
+    return out, count_integer_ops(out) - before
