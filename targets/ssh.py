@@ -199,10 +199,8 @@ class SSHTransport:
         self._sftp = self._client = None
 
     # -- primitives -----------------------------------------------------------------------------
-    def run(self, argv: list[str], *, timeout: float | None = None, env: dict[str, str] | None = None) -> CommandResult:
-        limit = timeout or self.timeouts.command
-        prefix = ["env", *(f"{k}={v}" for k, v in (env or {}).items())] if env else []
-        command = shlex.join(["timeout", "-k", "5", f"{limit:.0f}", *prefix, *argv])
+    def _exec(self, command: str) -> paramiko.Channel:
+        """A new session channel running ``command`` (a shell string already quoted)."""
         client = self._ssh()
         try:
             channel = client.get_transport().open_session(timeout=self.timeouts.connect)
@@ -210,6 +208,13 @@ class SSHTransport:
         except (paramiko.SSHException, OSError) as exc:
             self.close()
             raise ConnectFailed(f"Lost the connection starting a command: {exc}", host=self.name) from exc
+        return channel
+
+    def run(self, argv: list[str], *, timeout: float | None = None, env: dict[str, str] | None = None) -> CommandResult:
+        limit = timeout or self.timeouts.command
+        prefix = ["env", *(f"{k}={v}" for k, v in (env or {}).items())] if env else []
+        command = shlex.join(["timeout", "-k", "5", f"{limit:.0f}", *prefix, *argv])
+        channel = self._exec(command)
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + limit + 30  # the device's own timeout should fire first
         started = time.monotonic()
@@ -298,13 +303,7 @@ class SSHTransport:
         prefix = ["env", *(f"{k}={v}" for k, v in (env or {}).items())] if env else []
         command = shlex.join(["timeout", "-k", "5", f"{timeout:.0f}", "sh", "-c", SUPERVISOR, "edgedeploy-supervisor",
                               *prefix, *argv])
-        client = self._ssh()
-        try:
-            channel = client.get_transport().open_session(timeout=self.timeouts.connect)
-            channel.exec_command(command)
-        except (paramiko.SSHException, OSError) as exc:
-            self.close()
-            raise ConnectFailed(f"Lost the connection starting a command: {exc}", host=self.name) from exc
+        channel = self._exec(command)
         process = RemoteProcess(self, channel, argv)
         try:
             process.wait_started(30)

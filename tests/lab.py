@@ -116,3 +116,28 @@ def process_running(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of a process group (the lab devices are this machine)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def all_gone(pids: list[int], within: float = 10.0) -> bool:
+    """Whether every one of ``pids`` has ended within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while any(process_running(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

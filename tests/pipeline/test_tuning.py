@@ -4,7 +4,6 @@ computes what onnxruntime computes; for a board over SSH, candidates are timed o
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from pipeline.ingest import ingest, sample_inputs
 from pipeline.quantize import QuantConfig, quantize
 from pipeline.workloads import WORKLOADS
 from targets.profiles import load_profile
-from tests.lab import process_running, x86_python
+from tests.lab import all_gone, group_members, x86_python
 
 pytestmark = pytest.mark.slow
 
@@ -56,29 +55,6 @@ def digits(tmp_path):
     return model, info, quantize(tmp_path / "ingest" / "model.static.onnx", tmp_path, QuantConfig(), None)
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live processes of a process group (the lab device is this machine)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if fields[2] == str(pgid) and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
-
-
-def _all_gone(pids: list[int], within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while any(process_running(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_path, monkeypatch):
     """MetaSchedule's candidates are timed by TVM's RPC server started on the device over SSH, through a forwarded
     port; the server and everything it started are gone afterwards, and the tuned library is right."""
@@ -94,7 +70,7 @@ def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_pat
     @contextlib.contextmanager
     def watched(profile, **options):
         with real_board_runner(profile, **options) as board:
-            sessions.append((board, _group_members(board.server.pgid)))
+            sessions.append((board, group_members(board.server.pgid)))
             yield board
 
     monkeypatch.setattr(remote_tuning, "board_runner", watched)
@@ -116,7 +92,7 @@ def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_pat
     assert all(r.run_secs and all(float(s) > 0 for s in r.run_secs) for r in records)
     # Nothing is left on the device: no server, none of its children, no scratch directory; no forward here.
     assert board.server.pid in server_group and len(server_group) >= 3  # timeout, supervisor, server, its worker
-    assert _all_gone(server_group) and not board.server.running
+    assert all_gone(server_group) and not board.server.running
     assert board.forward.open_connections == 0
     assert not list(workdir.glob("rpc-*"))
 
@@ -140,10 +116,10 @@ def test_a_failed_board_session_leaves_nothing_behind(lab_x86):
     try:
         with pytest.raises(RuntimeError, match="tuning blew up"):
             with rpc_runner(transport, profile.connection.python_argv(), workdir) as board:
-                group = _group_members(board.server.pgid)
+                group = group_members(board.server.pgid)
                 assert board.server.pid in group and board.device_port
                 raise RuntimeError("tuning blew up")
-        assert _all_gone(group)
+        assert all_gone(group)
         assert not list(Path(workdir).glob("rpc-*"))
     finally:
         transport.close()

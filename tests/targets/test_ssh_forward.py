@@ -7,14 +7,13 @@ import hashlib
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from edgedeploy.errors import TransportError
 from targets.profiles import Connection
 from targets.ssh import SSHTransport
-from tests.lab import free_port, process_running, x86_python
+from tests.lab import all_gone, free_port, group_members, x86_python
 
 
 @pytest.fixture
@@ -25,30 +24,6 @@ def ssh(lab_x86):
     transport = SSHTransport(conn)
     yield transport
     transport.close()
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes in a process group (this machine is the lab device)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[2] == str(pgid) and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
-def gone(pids: list[int], within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while any(process_running(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 class DigestServer:
@@ -142,7 +117,7 @@ def test_started_command_is_stopped_with_its_children(ssh):
     started = time.monotonic()
     assert process.stop()
     assert time.monotonic() - started < 5
-    assert gone(members) and not process.running
+    assert all_gone(members, within=5.0) and not process.running
 
 
 def test_started_command_dies_when_the_connection_drops(ssh):
@@ -150,7 +125,7 @@ def test_started_command_dies_when_the_connection_drops(ssh):
     members = group_members(process.pgid)
     assert process.pid in members
     ssh.close()  # as if this machine vanished: sshd closes the command's stdin
-    assert gone(members)
+    assert all_gone(members, within=5.0)
     process.stop()
 
 
