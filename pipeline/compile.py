@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tvm.relax.frontend import onnx as onnx_frontend
 
 from edgedeploy.errors import CompileError, EdgeDeployError
+from pipeline.forked_builds import build_all
 from pipeline.hashing import sha256_bytes
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profile_sha256, write_manifest
@@ -82,28 +83,32 @@ def _fused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         ])(mod)
 
 
-def _in_process_builder(export=None):
+BUILD_TIMEOUT_S = 60.0  # a candidate LLVM needs longer for is a failed trial (real ones take 0.1-2 s)
+
+
+def _in_process_builder(export=None, timeout_s: float = BUILD_TIMEOUT_S):
     """MetaSchedule's LocalBuilder starts worker processes that each spend ~40 s importing TVM's tensor
-    intrinsics; building in this process takes 0.1-0.5 s per candidate. ``export`` turns a built candidate into
-    a file (MetaSchedule's default: a .tar of objects)."""
+    intrinsics; a fork of this process builds in 0.1-0.5 s per candidate, and one that hangs the compiler is
+    stopped after ``timeout_s`` (pipeline.forked_builds). ``export`` turns a built candidate into a file
+    (MetaSchedule's default: a .tar of objects)."""
+    import tvm.s_tir.tensor_intrin  # noqa: F401 - imported once here, not in every forked build
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
 
     export = export or default_export
 
-    @derived_object
-    class InProcessBuilder(PyBuilder):
-        def build(self, build_inputs):
-            results = []
-            for item in build_inputs:
-                try:
-                    results.append(BuilderResult(export(default_build(item.mod, item.target, item.params)), None))
-                except Exception as exc:  # a candidate that doesn't build is a failed trial, not a failed run
-                    results.append(BuilderResult(None, str(exc)))
-            return results
+    def build_one(item) -> str:
+        return export(default_build(item.mod, item.target, item.params))
 
-    return InProcessBuilder()
+    @derived_object
+    class ForkedBuilder(PyBuilder):
+        def build(self, build_inputs):
+            # A candidate that doesn't build (or not in time) is a failed trial, not a failed run.
+            return [BuilderResult(path, error)
+                    for path, error in build_all(list(build_inputs), build_one, timeout_s=timeout_s)]
+
+    return ForkedBuilder()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,38 @@
+"""Tuning's builds in forked children: a candidate that hangs the compiler, or crashes it, is one failed trial;
+the others still build."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pipeline.forked_builds import build_all
+
+
+def _build(item: str) -> str:
+    if item == "hang":
+        time.sleep(60)
+    if item == "crash":
+        os._exit(3)
+    if item == "error":
+        raise ValueError("no schedule for this")
+    return f"/built/{item}.so"
+
+
+def test_hung_crashed_and_failed_builds_fail_alone():
+    started = time.monotonic()
+    outcomes = build_all(["a", "hang", "b", "crash", "error", "c"], _build, timeout_s=1.0)
+    assert outcomes[0] == ("/built/a.so", None) and outcomes[2] == ("/built/b.so", None)
+    assert outcomes[5] == ("/built/c.so", None)
+    assert outcomes[1][0] is None and "longer than 1 s" in outcomes[1][1]
+    assert outcomes[3] == (None, "the build crashed its process")
+    assert outcomes[4][0] is None and "ValueError: no schedule for this" in outcomes[4][1]
+    assert time.monotonic() - started < 20  # the hung build was stopped, not waited for
+
+
+def test_builds_run_in_a_child_not_here():
+    assert build_all(["x"], lambda _: str(os.getpid()), timeout_s=10)[0][0] != str(os.getpid())
+
+
+def test_empty_batch():
+    assert build_all([], _build, timeout_s=1) == []
