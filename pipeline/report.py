@@ -178,6 +178,7 @@ class RunResult(BaseModel):
         if self.artifact.tuning:
             t = self.artifact.tuning
             parts.append(Text(f"tuned: {t['trials_per_task']} MetaSchedule trials per task over {t['tasks']} tasks "
+                              f"({t.get('scheduled', 0)} kernels built with a tuned schedule) "
                               f"in {t['seconds']:.0f} s; the database ({t['database']}) now holds "
                               f"{t['records']} records" + _curve_text(t.get("curve") or [])))
         yield Group(head, stages, *parts, side, summary, *warnings, validity, footer)

@@ -33,6 +33,9 @@ def test_tuning_database_grows_and_results_match(tmp_path):
     assert first.tuning["database"] == second.tuning["database"]  # one database per target
     assert first.tuning["tasks"] >= 5 and first.tuning["records"] > 0
     assert second.tuning["records"] > first.tuning["records"]  # the next night adds trials
+    # Regression: the library is built from the tuned kernels (a module fused twice matched none of them, and
+    # the "tuned" PP-LCNet ran at 172 ms against 134 ms untuned).
+    assert second.tuning["scheduled"] == second.tuning["tasks"]
     # Latency against trials, over both runs: the estimate only ever improves as trials are added.
     curve = [point["estimated_ms"] for point in second.tuning["curve"]]
     assert curve and second.tuning["curve"][-1]["trials"] > first.tuning["curve"][-1]["trials"]
