@@ -49,6 +49,15 @@ def _bundled_model(model: Path) -> Path:
     return workload.model_path() if workload else model
 
 
+# Options `run` and `compile` share.
+AccuracyBudget = Annotated[float, typer.Option(min=0, help="auto and --partial: allowed drop of the metric, "
+                                                          "in points.")]
+Partial = Annotated[bool, typer.Option("--partial", help="int8: keep the most sensitive layers in float until the "
+                                                         "accuracy budget is met.")]
+TuneTrials = Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM build (0 = none; a "
+                                                     "board is timed over SSH).")]
+
+
 def _build_config(model: Path, profile: str, quant: str, calibration: str, per_channel: bool,
                   calib_data: Path | None, calib_samples: int, input_shape: list[str] | None, tune_trials: int = 0,
                   **options):
@@ -83,12 +92,9 @@ def run(
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
     eval_data: Annotated[Path | None, typer.Option(help=".npz of inputs (+labels) or a folder of images.")] = None,
-    accuracy_budget: Annotated[float, typer.Option(min=0, help="auto and --partial: allowed drop of the metric, "
-                                                               "in points.")] = 1.0,
-    partial: Annotated[bool, typer.Option("--partial", help="int8: keep the most sensitive layers in float until "
-                                                            "the accuracy budget is met.")] = False,
-    tune_trials: Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM build "
-                                                         "(0 = none; a board is timed over SSH).")] = 0,
+    accuracy_budget: AccuracyBudget = 1.0,
+    partial: Partial = False,
+    tune_trials: TuneTrials = 0,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     eval_samples: Annotated[int | None, typer.Option(min=1, help="Cap on evaluation samples.")] = None,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
@@ -175,12 +181,9 @@ def compile_command(
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
-    tune_trials: Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task (a board: timed over "
-                                                         "SSH).")] = 0,
-    partial: Annotated[bool, typer.Option("--partial", help="int8: keep the most sensitive layers in float until "
-                                                            "the accuracy budget is met.")] = False,
-    accuracy_budget: Annotated[float, typer.Option(min=0, help="--partial: allowed drop of the metric, "
-                                                               "in points.")] = 1.0,
+    tune_trials: TuneTrials = 0,
+    partial: Partial = False,
+    accuracy_budget: AccuracyBudget = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
 ) -> None:
     """Compile MODEL for a profile on this machine (cross-compiling where the device is another arch)."""
