@@ -112,7 +112,7 @@ def _scheduled_kernels(database, decomposed: tvm.IRModule, target: tvm.target.Ta
 BUILD_TIMEOUT_S = 60.0  # a candidate LLVM needs longer for is a failed trial (real ones take 0.1-2 s)
 
 
-def _in_process_builder(export=None, timeout_s: float = BUILD_TIMEOUT_S):
+def _forked_builder(export=None, timeout_s: float = BUILD_TIMEOUT_S):
     """MetaSchedule's LocalBuilder starts worker processes that each spend ~40 s importing TVM's tensor
     intrinsics; a fork of this process builds in 0.1-0.5 s per candidate, and one that hangs the compiler is
     stopped after ``timeout_s`` (pipeline.forked_builds). ``export`` turns a built candidate into a file
@@ -202,7 +202,7 @@ def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_d
             # Each candidate is linked here (the board's cross compiler) and loaded there as it is.
             export = functools.partial(remote_tuning.export_shared, cross_compiler=profile.cross_compiler)
             executable, tuning = _tune_and_compile(mod, cpu, trials, database_dir, runner=board.runner,
-                                                   builder=_in_process_builder(export), measured_on=board.where)
+                                                   builder=_forked_builder(export), measured_on=board.where)
             stats, server_ended = board.runner.stats, not board.server.running
         if server_ended:  # before we stopped it: whatever it timed after that is missing
             raise CompileError(f"TVM's RPC server on the device {board.where} exited during tuning",
@@ -233,7 +233,7 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     with _unnamed_handlers_detached():
         database = ms.relax_integration.tune_relax(
             mod, params={}, target=target, work_dir=str(database_dir), max_trials_global=trials * max(len(tasks), 1),
-            max_trials_per_task=trials, num_trials_per_iter=min(trials, 16), builder=builder or _in_process_builder(),
+            max_trials_per_task=trials, num_trials_per_iter=min(trials, 16), builder=builder or _forked_builder(),
             runner=runner or "local",
             # The evolutionary search breeds a population of 2048 per round: worth it for real budgets, minutes
             # of overhead for a handful of trials, where random sampling of the design space does as well.
