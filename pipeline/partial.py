@@ -23,7 +23,7 @@ from rich.table import Table
 from edgedeploy.errors import QuantizationError
 from pipeline.data import PreparedData
 from pipeline.ingest import ModelInfo
-from pipeline.metrics import Agreement, accuracy, agreement, within_budget
+from pipeline.metrics import accuracy, agreement, within_budget
 from pipeline.quantize import QuantConfig, quantize, weighted_layers
 from pipeline.workloads.base import Samples
 
@@ -85,7 +85,7 @@ class _Evaluator:
         self.kind = data.kind
         self.labelled = data.kind is not None and self.samples.labels is not None
         self.reference = self.outputs(Path(info.prepared_path))
-        self.reference_quality = self._metric(self.reference) if self.labelled else 1.0
+        self.reference_quality = accuracy(self.kind, self.reference, self.samples.labels) if self.labelled else 1.0
 
     def outputs(self, model: Path, limit: int | None = None) -> np.ndarray:
         options = ort.SessionOptions()
@@ -95,27 +95,20 @@ class _Evaluator:
         return np.concatenate([session.run(None, {k: self.samples.inputs[k][i:i + 1] for k in self.names})[0]
                                for i in range(n)])
 
-    def _metric(self, outputs: np.ndarray) -> float:
-        return accuracy(self.kind, outputs, self.samples.labels)
-
-    def _agreement(self, outputs: np.ndarray) -> Agreement:
-        return agreement(outputs, self.reference, classifier=self.kind != "detector")
 
     def metric_name(self) -> str:
         if self.labelled:
             return "mAP@0.5" if self.kind == "detector" else "top-1"
         return "top-1 agreement with fp32" if self.kind != "detector" else "cosine with fp32"
 
-    def quality(self, outputs: np.ndarray) -> float:
+    def score(self, outputs: np.ndarray, budget: float) -> tuple[float, bool]:
+        """(quality, within the budget): the metric when there are labels, else agreement with fp32."""
+        agree = agreement(outputs, self.reference, classifier=self.kind != "detector")
         if self.labelled:
-            return self._metric(outputs)
-        agree = self._agreement(outputs)
-        return agree.top1 if agree.top1 is not None else agree.cosine
-
-    def within(self, outputs: np.ndarray, budget: float) -> bool:
-        value = self._metric(outputs) if self.labelled else None
-        return within_budget(value, self.reference_quality if self.labelled else None, self._agreement(outputs),
-                             budget)
+            value = accuracy(self.kind, outputs, self.samples.labels)
+            return value, within_budget(value, self.reference_quality, agree, budget)
+        quality = agree.top1 if agree.top1 is not None else agree.cosine
+        return quality, within_budget(None, None, agree, budget)
 
     def relative_error(self, outputs: np.ndarray) -> float:
         ref = self.reference[: len(outputs)].reshape(len(outputs), -1).astype(np.float64)
@@ -142,11 +135,11 @@ def plan_partial(info: ModelInfo, data: PreparedData, quant: QuantConfig, *, bud
         return Path(quantize(prepared, workdir, config, calibration, only=only, calibration_cache=ranges,
                              out_name=name).path)
 
-    full = evaluator.outputs(variant(quant, "full.onnx"))
+    full_quality, full_within = evaluator.score(evaluator.outputs(variant(quant, "full.onnx")), budget)
     common = {"metric": evaluator.metric_name(), "fp32_quality": evaluator.reference_quality,
-              "full_int8_quality": evaluator.quality(full)}
+              "full_int8_quality": full_quality}
     layers = weighted_layers(onnx.load(str(prepared)))
-    if evaluator.within(full, budget):
+    if full_within:
         return PartialPlan(**common, layers=len(layers), ranking=[], steps=[], keep_float=(), within_budget=True,
                            reason="full int8 is within the accuracy budget: no layer needs float",
                            seconds=time.perf_counter() - started)
@@ -160,8 +153,8 @@ def plan_partial(info: ModelInfo, data: PreparedData, quant: QuantConfig, *, bud
     for k in range(1, min(MAX_FLOAT_LAYERS, len(ranking)) + 1):
         keep = tuple(layer.name for layer in ranking[:k])
         outputs = evaluator.outputs(variant(quant.model_copy(update={"keep_float": keep}), f"keep{k}.onnx"))
-        steps.append(PartialStep(kept_float=k, quality=evaluator.quality(outputs),
-                                 within_budget=evaluator.within(outputs, budget)))
+        quality, within = evaluator.score(outputs, budget)
+        steps.append(PartialStep(kept_float=k, quality=quality, within_budget=within))
         if steps[-1].within_budget:
             break
     best = next((s for s in steps if s.within_budget), None) or max(steps, key=lambda s: s.quality)

@@ -60,6 +60,18 @@ wait "$child"
 echo "edgedeploy-exited status=$?"
 teardown
 """
+
+
+def _env_words(env: dict[str, str] | None) -> list[str]:
+    return ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
+
+
+def _under_timeout(limit: float, words: list[str]) -> str:
+    """The shell line that runs ``words`` under `timeout -k 5 LIMIT` (every word quoted): the device ends it
+    and its process group when the time is up, whatever happens to us."""
+    return shlex.join(["timeout", "-k", "5", f"{limit:.0f}", *words])
+
+
 _STARTED = re.compile(r"^edgedeploy-started pid=(\d+) pgid=(\d+)$")
 _EXITED = re.compile(r"^edgedeploy-exited status=(\d+)$")
 
@@ -212,9 +224,7 @@ class SSHTransport:
 
     def run(self, argv: list[str], *, timeout: float | None = None, env: dict[str, str] | None = None) -> CommandResult:
         limit = timeout or self.timeouts.command
-        prefix = ["env", *(f"{k}={v}" for k, v in (env or {}).items())] if env else []
-        command = shlex.join(["timeout", "-k", "5", f"{limit:.0f}", *prefix, *argv])
-        channel = self._exec(command)
+        channel = self._exec(_under_timeout(limit, [*_env_words(env), *argv]))
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + limit + 30  # the device's own timeout should fire first
         started = time.monotonic()
@@ -300,10 +310,8 @@ class SSHTransport:
 
         It runs under ``timeout -k 5 T`` like every command, inside a supervisor that kills its whole process
         group when it exits, when ``stop()`` closes its stdin, or when the SSH connection drops."""
-        prefix = ["env", *(f"{k}={v}" for k, v in (env or {}).items())] if env else []
-        command = shlex.join(["timeout", "-k", "5", f"{timeout:.0f}", "sh", "-c", SUPERVISOR, "edgedeploy-supervisor",
-                              *prefix, *argv])
-        channel = self._exec(command)
+        channel = self._exec(_under_timeout(timeout, ["sh", "-c", SUPERVISOR, "edgedeploy-supervisor",
+                                                      *_env_words(env), *argv]))
         process = RemoteProcess(self, channel, argv)
         try:
             process.wait_started(30)
