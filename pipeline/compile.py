@@ -198,9 +198,10 @@ def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_d
             return _tune_and_compile(mod, cpu, trials, database_dir)
         from pipeline import remote_tuning
 
-        with remote_tuning.board_runner(profile) as board:
+        with remote_tuning.board_runner(profile) as board, remote_tuning.candidate_scratch() as scratch:
             # Each candidate is linked here (the board's cross compiler) and loaded there as it is.
-            export = functools.partial(remote_tuning.export_shared, cross_compiler=profile.cross_compiler)
+            export = functools.partial(remote_tuning.export_shared, cross_compiler=profile.cross_compiler,
+                                       scratch=scratch)
             executable, tuning = _tune_and_compile(mod, cpu, trials, database_dir, runner=board.runner,
                                                    builder=_forked_builder(export), measured_on=board.where)
             stats, server_ended = board.runner.stats, not board.server.running
@@ -229,15 +230,17 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     mod = _fuse(decomposed, target)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     database_dir.mkdir(parents=True, exist_ok=True)
+    # The evolutionary search breeds a population of 2048 per round: worth it for real budgets, minutes of overhead
+    # for a handful of trials, where random sampling of the design space does as well. Each round costs seconds of
+    # breeding and cost-model training whatever it measures, so it measures 64 (MetaSchedule's default).
+    evolutionary = trials >= EVOLUTIONARY_MIN_TRIALS
     started = time.perf_counter()
     with _unnamed_handlers_detached():
         database = ms.relax_integration.tune_relax(
             mod, params={}, target=target, work_dir=str(database_dir), max_trials_global=trials * max(len(tasks), 1),
-            max_trials_per_task=trials, num_trials_per_iter=min(trials, 16), builder=builder or _forked_builder(),
-            runner=runner or "local",
-            # The evolutionary search breeds a population of 2048 per round: worth it for real budgets, minutes
-            # of overhead for a handful of trials, where random sampling of the design space does as well.
-            strategy="evolutionary" if trials >= EVOLUTIONARY_MIN_TRIALS else "replay-trace",
+            max_trials_per_task=trials, num_trials_per_iter=min(trials, 64 if evolutionary else 16),
+            builder=builder or _forked_builder(), runner=runner or "local",
+            strategy="evolutionary" if evolutionary else "replay-trace",
         )
     seconds = time.perf_counter() - started
     # compile_relax fuses by itself: give it the module before fusion, or the tuned kernels never match.

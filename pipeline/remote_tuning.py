@@ -46,13 +46,22 @@ SERVER_FIX = ("TVM's RPC server needs TVM's `rpc` extra on the device (pip insta
               "(not under an emulator without binfmt_misc)")
 
 
-def export_shared(module, cross_compiler: str | None) -> str:
+def export_shared(module, cross_compiler: str | None, scratch: str | None = None) -> str:
     """Builder export: a candidate as a shared library linked here (with the board's cross compiler, if any). The
     board's RPC server loads it as it is, where MetaSchedule's default .tar would need a C compiler on the board.
-    MetaSchedule removes its directory once the candidate is timed (meta_schedule.remove_build_dir)."""
-    path = os.path.join(tempfile.mkdtemp(prefix="edgedeploy-candidate-"), "candidate.so")
+    MetaSchedule removes its directory once the candidate is timed (meta_schedule.remove_build_dir); those built
+    but not yet timed when tuning stops are left to whoever owns ``scratch`` (``candidate_scratch``)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="edgedeploy-candidate-", dir=scratch), "candidate.so")
     module.export_library(path, **({"cc": cross_compiler} if cross_compiler else {}))
     return path
+
+
+@contextlib.contextmanager
+def candidate_scratch() -> Iterator[str]:
+    """A directory for one tuning run's candidate libraries, removed with everything left in it when the run ends,
+    however it ends: a run stopped by an error or Ctrl-C leaves a whole batch built and never timed."""
+    with tempfile.TemporaryDirectory(prefix="edgedeploy-tuning-") as scratch:
+        yield scratch
 
 
 def _measure(port: int, key: str, session_timeout: float, evaluator: EvaluatorConfig, alloc_repeat: int,

@@ -4,6 +4,7 @@ computes what onnxruntime computes; for a board over SSH, candidates are timed o
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,9 @@ def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_pat
             yield board
 
     monkeypatch.setattr(remote_tuning, "board_runner", watched)
+    scratch = tmp_path / "scratch"  # where the candidates are linked here (the forked builds inherit it)
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     (tmp_path / "out").mkdir()
     artifact = compile_model(q, info, profile, tmp_path / "out", tune_trials=1, tuning_root=tmp_path / "tuning")
 
@@ -98,6 +102,8 @@ def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_pat
     assert all_gone(server_group) and not board.server.running
     assert board.forward.open_connections == 0
     assert not list(workdir.glob("rpc-*"))
+    # Nor here: no candidate library (a tuning run links thousands).
+    assert not list(scratch.iterdir())
 
     import tvm
     from tvm import relax
@@ -157,3 +163,21 @@ def test_tuning_keeps_stdout_for_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)  # the whole of stdout is one JSON object
     assert summary["tuning"]["trials_per_task"] == 1 and "LocalRunner" in proc.stderr
+
+
+def test_candidates_built_but_never_timed_are_removed_when_tuning_stops(tmp_path, monkeypatch):
+    """Regression: a tuning run stopped mid-batch (an error, Ctrl-C) left every candidate it had linked and not yet
+    timed in /tmp (514 directories after one stopped run)."""
+    from pipeline.remote_tuning import candidate_scratch, export_shared
+
+    class Built:  # stands in for a built candidate: only its export is under test
+        def export_library(self, path, **_):
+            Path(path).write_bytes(b"\x7fELF")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        with candidate_scratch() as scratch:
+            linked = [Path(export_shared(Built(), None, scratch)) for _ in range(3)]
+            assert all(path.is_file() for path in linked)
+            raise KeyboardInterrupt
+    assert not list(tmp_path.iterdir())
