@@ -21,6 +21,7 @@ lab_app = typer.Typer(help="The device lab: a matrix of models x devices x schem
 app.add_typer(lab_app, name="lab")
 
 EXIT_REGRESSION = 5
+TRIALS_WITHIN_MINUTES = 1000  # --tune-minutes alone: the clock ends the run, not this
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -56,11 +57,14 @@ Partial = Annotated[bool, typer.Option("--partial", help="int8: keep the most se
                                                          "accuracy budget is met.")]
 TuneTrials = Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM build (0 = none; a "
                                                      "board is timed over SSH).")]
+TuneMinutes = Annotated[float | None, typer.Option(min=0.1, help="Stop tuning after this many minutes (the database "
+                                                                "keeps every trial); alone: up to "
+                                                                "1000 trials per task.")]
 
 
 def _build_config(model: Path, profile: str, quant: str, calibration: str, per_channel: bool,
                   calib_data: Path | None, calib_samples: int, input_shape: list[str] | None, tune_trials: int = 0,
-                  **options):
+                  tune_minutes: float | None = None, **options):
     """The RunConfig every command builds from its options; `options` are RunConfig's other fields."""
     from pipeline.config import RunConfig
     from pipeline.ingest import parse_input_shapes
@@ -75,7 +79,8 @@ def _build_config(model: Path, profile: str, quant: str, calibration: str, per_c
         quant=QuantConfig(scheme="fp32" if quant == "auto" else quant, calibration=calibration,
                           per_channel=per_channel),
         auto=quant == "auto", calib_data=str(calib_data) if calib_data else None, calib_samples=calib_samples,
-        input_shapes=parse_input_shapes(input_shape or []), tune_trials=tune_trials, **options,
+        input_shapes=parse_input_shapes(input_shape or []), tune_minutes=tune_minutes,
+        tune_trials=tune_trials or (TRIALS_WITHIN_MINUTES if tune_minutes else 0), **options,
     )
 
 
@@ -95,6 +100,7 @@ def run(
     accuracy_budget: AccuracyBudget = 1.0,
     partial: Partial = False,
     tune_trials: TuneTrials = 0,
+    tune_minutes: TuneMinutes = None,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     eval_samples: Annotated[int | None, typer.Option(min=1, help="Cap on evaluation samples.")] = None,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
@@ -112,7 +118,7 @@ def run(
 
         config = _build_config(
             model, profile, quant, calibration, per_channel, calib_data, calib_samples, input_shape, tune_trials,
-            eval_data=str(eval_data) if eval_data else None, eval_samples=eval_samples, max_model_mb=max_model_mb,
+            tune_minutes, eval_data=str(eval_data) if eval_data else None, eval_samples=eval_samples, max_model_mb=max_model_mb,
             accuracy_budget=accuracy_budget / 100, partial=partial,
             bench=BenchmarkSettings(warmup=warmup, min_iterations=min_iterations, min_seconds=min_seconds,
                                     max_seconds=max_seconds),
@@ -182,6 +188,7 @@ def compile_command(
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
     tune_trials: TuneTrials = 0,
+    tune_minutes: TuneMinutes = None,
     partial: Partial = False,
     accuracy_budget: AccuracyBudget = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
@@ -192,7 +199,8 @@ def compile_command(
         from targets.profiles import load_profile
 
         config = _build_config(model, profile, quant, calibration, per_channel, calib_data, calib_samples,
-                               input_shape, tune_trials, partial=partial, accuracy_budget=accuracy_budget / 100)
+                               input_shape, tune_trials, tune_minutes, partial=partial,
+                               accuracy_budget=accuracy_budget / 100)
         with stderr.status(f"compiling for {profile} ..."):
             result = build(config, load_profile(profile), out)
     except EdgeDeployError as error:

@@ -86,7 +86,8 @@ def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData, quant:
 def compile_task(
     config: RunConfig, quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile
 ) -> CompiledArtifact:
-    return compile_cached(quantized, info, profile, tune_trials=config.tune_trials)
+    return compile_cached(quantized, info, profile, tune_trials=config.tune_trials,
+                          tune_minutes=config.tune_minutes)
 
 
 @task(name="deploy", **DEVICE_TASK_OPTIONS)

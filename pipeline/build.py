@@ -92,7 +92,7 @@ def package_cached(quantized: QuantizedModel, info: ModelInfo, profile: DevicePr
 
 
 def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, *,
-                   tune_trials: int = 0) -> CompiledArtifact:
+                   tune_trials: int = 0, tune_minutes: float | None = None) -> CompiledArtifact:
     """Compile, or reuse the library built from the same model for the same profile by the same tools.
 
     A tuned build is never taken from the cache: each one adds trials to the persistent tuning database
@@ -100,7 +100,7 @@ def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DevicePr
     if tune_trials:
         workdir = edgedeploy_home() / "tuned" / f"{quantized.sha256[:16]}-{profile.name}"
         workdir.mkdir(parents=True, exist_ok=True)
-        return compile_model(quantized, info, profile, workdir, tune_trials=tune_trials,
+        return compile_model(quantized, info, profile, workdir, tune_trials=tune_trials, tune_minutes=tune_minutes,
                              tuning_root=edgedeploy_home() / "tuning")
     tools = tool_versions()
     key = cache_key(model=quantized.sha256, inputs=[i.model_dump() for i in info.inputs],
@@ -123,7 +123,8 @@ def build(config: RunConfig, profile: DeviceProfile, out_dir: Path) -> BuildResu
         plan = plan_partial(info, data, quant, budget=config.accuracy_budget, workdir=out_dir / "partial")
         quant = quant.model_copy(update={"keep_float": plan.keep_float})
     quantized = quantize_model(info, data, quant)
-    cached = compile_cached(quantized, info, profile, tune_trials=config.tune_trials)
+    cached = compile_cached(quantized, info, profile, tune_trials=config.tune_trials,
+                            tune_minutes=config.tune_minutes)
     library = out_dir / Path(cached.library_path).name
     manifest = out_dir / "manifest.json"
     shutil.copyfile(cached.library_path, library)

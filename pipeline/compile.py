@@ -59,6 +59,9 @@ class Tuning(BaseModel):
     scheduled: int = Field(default=0, description="Kernels of the built library that got a tuned schedule.")
     measured_on: str = Field(default="local", description="Where candidates were timed: 'local', or the board "
                                                           "(user@host:port) whose RPC server timed them over SSH.")
+    minutes: float | None = Field(default=None, description="The run's time budget (--tune-minutes), if any.")
+    stopped_by_time: bool = Field(default=False, description="The time budget ended the run before its trials.")
+    trials_added: int = Field(default=0, description="Records this run added to the database.")
 
 
 EVOLUTIONARY_MIN_TRIALS = 64
@@ -115,7 +118,7 @@ BUILD_TIMEOUT_S = 60.0  # a candidate LLVM needs longer for is a failed trial (r
 def _forked_builder(export=None, timeout_s: float = BUILD_TIMEOUT_S):
     """MetaSchedule's LocalBuilder starts worker processes that each spend ~40 s importing TVM's tensor
     intrinsics; a fork of this process builds in 0.1-0.5 s per candidate, and one that hangs the compiler is
-    stopped after ``timeout_s`` (pipeline.forked_builds). ``export`` turns a built candidate into a file
+    stopped after ``timeout_s`` (pipeline.forked_builds); one child per core. ``export`` turns a built candidate into a file
     (MetaSchedule's default: a .tar of objects)."""
     import tvm.s_tir.tensor_intrin  # noqa: F401 - imported once here, not in every forked build
     from tvm.ir.utils import derived_object
@@ -132,7 +135,8 @@ def _forked_builder(export=None, timeout_s: float = BUILD_TIMEOUT_S):
         def build(self, build_inputs):
             # A candidate that doesn't build (or not in time) is a failed trial, not a failed run.
             return [BuilderResult(path, error)
-                    for path, error in build_all(list(build_inputs), build_one, timeout_s=timeout_s)]
+                    for path, error in build_all(list(build_inputs), build_one, timeout_s=timeout_s,
+                                                  workers=os.cpu_count() or 1)]
 
     return ForkedBuilder()
 
@@ -191,19 +195,20 @@ def _tuning_refusal(profile: DeviceProfile, trials: int) -> CompileError | None:
 
 
 def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_dir: Path,
-                 profile: DeviceProfile | None = None):
+                 profile: DeviceProfile | None = None, minutes: float | None = None):
     """Tune and build; candidates are timed here, or on the board when ``profile`` is reached over SSH."""
     with _stdout_to_stderr():
         if profile is None or profile.connection.transport == "local":
-            return _tune_and_compile(mod, cpu, trials, database_dir)
+            return _tune_and_compile(mod, cpu, trials, database_dir, minutes=minutes)
         from pipeline import remote_tuning
 
         with remote_tuning.board_runner(profile) as board, remote_tuning.candidate_scratch() as scratch:
             # Each candidate is linked here (the board's cross compiler) and loaded there as it is.
             export = functools.partial(remote_tuning.export_shared, cross_compiler=profile.cross_compiler,
                                        scratch=scratch)
-            executable, tuning = _tune_and_compile(mod, cpu, trials, database_dir, runner=board.runner,
-                                                   builder=_forked_builder(export), measured_on=board.where)
+            executable, tuning = _tune_and_compile(
+                mod, cpu, trials, database_dir, runner=board.runner, builder=_forked_builder(export),
+                measured_on=board.where, minutes=minutes, shared_machine=_is_loopback(profile.connection.host))
             stats, server_ended = board.runner.stats, not board.server.running
         if server_ended:  # before we stopped it: whatever it timed after that is missing
             raise CompileError(f"TVM's RPC server on the device {board.where} exited during tuning",
@@ -219,11 +224,20 @@ def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_d
         return executable, tuning
 
 
+def _is_loopback(host: str | None) -> bool:
+    """A board behind an sshd on this machine (the x86 lab device) shares its cores with the tuning run."""
+    return host in ("127.0.0.1", "::1", "localhost")
+
+
 def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_dir: Path, *,
-                      runner=None, builder=None, measured_on: str = "local"):
-    """Add ``trials`` MetaSchedule trials per task and build from the database. Candidates are timed by
-    ``runner``: MetaSchedule's LocalRunner (on THIS machine) when None."""
+                      runner=None, builder=None, measured_on: str = "local", minutes: float | None = None,
+                      shared_machine: bool = True):
+    """Add up to ``trials`` MetaSchedule trials per task (for at most ``minutes``) and build from the database.
+    Candidates are timed by ``runner``: MetaSchedule's LocalRunner (on THIS machine) when None; on a
+    ``shared_machine`` nothing else of the run goes on while they are timed."""
     from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.tuning_control import Deadline, OneAtATime
 
     target = tvm.target.Target(cpu)
     decomposed = _decomposed(mod, target)
@@ -234,13 +248,17 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     # for a handful of trials, where random sampling of the design space does as well. Each round costs seconds of
     # breeding and cost-model training whatever it measures, so it measures 64 (MetaSchedule's default).
     evolutionary = trials >= EVOLUTIONARY_MIN_TRIALS
+    runner = runner or ms.runner.LocalRunner()
+    deadline = Deadline(minutes * 60) if minutes else None
+    before = _records(database_dir)
     started = time.perf_counter()
     with _unnamed_handlers_detached():
         database = ms.relax_integration.tune_relax(
             mod, params={}, target=target, work_dir=str(database_dir), max_trials_global=trials * max(len(tasks), 1),
             max_trials_per_task=trials, num_trials_per_iter=min(trials, 64 if evolutionary else 16),
-            builder=builder or _forked_builder(), runner=runner or "local",
+            builder=builder or _forked_builder(), runner=OneAtATime(runner) if shared_machine else runner,
             strategy="evolutionary" if evolutionary else "replay-trace",
+            measure_callbacks=[*ms.MeasureCallback.create("default"), *([deadline] if deadline else [])],
         )
     seconds = time.perf_counter() - started
     # compile_relax fuses by itself: give it the module before fusion, or the tuned kernels never match.
@@ -250,7 +268,18 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     weights = {str(tvm_ffi.structural_hash(task.dispatched[0])): float(task.weight) for task in tasks}
     return executable, Tuning(trials_per_task=trials, tasks=len(tasks), seconds=seconds, database=str(database_dir),
                               records=records, measured_on=measured_on, curve=tuning_curve(database_dir, weights),
-                              scheduled=_scheduled_kernels(database, decomposed, target))
+                              scheduled=_scheduled_kernels(database, decomposed, target), minutes=minutes,
+                              stopped_by_time=bool(deadline and deadline.reached),
+                              trials_added=_records(database_dir) - before)
+
+
+def _records(database_dir: Path) -> int:
+    """Tuning records in a database directory so far (one JSON line each)."""
+    path = database_dir / "database_tuning_record.json"
+    if not path.exists():
+        return 0
+    with path.open("rb") as lines:
+        return sum(1 for line in lines if line.strip())
 
 
 def _build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any] | None):
@@ -286,7 +315,7 @@ def _device_code(executable) -> str:
 
 def compile_model(
     quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, workdir: Path, *,
-    tune_trials: int = 0, tuning_root: Path | None = None,
+    tune_trials: int = 0, tune_minutes: float | None = None, tuning_root: Path | None = None,
 ) -> CompiledArtifact:
     """Import into TVM Relax, build for the profile's CPU (MetaSchedule-tuned when ``tune_trials`` > 0),
     export the library, write the manifest."""
@@ -304,7 +333,8 @@ def compile_model(
         mod, integer_ops = integerize(mod) if quantized.config.scheme == "int8" else (mod, 0)
         if tune_trials:
             root = tuning_root or workdir / "tuning"
-            executable, tuning = _tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root), profile)
+            executable, tuning = _tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root), profile,
+                                              minutes=tune_minutes)
         else:
             executable = _build(mod, target_dict, gpu_dict)
         library = workdir / "model.so"

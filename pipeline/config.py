@@ -35,6 +35,7 @@ class RunConfig(BaseModel):
     bench: BenchmarkSettings = Field(default_factory=BenchmarkSettings)
     regression: RegressionPolicy = Field(default_factory=RegressionPolicy)
     tune_trials: int = Field(default=0, ge=0, description="MetaSchedule trials per task (0 = no tuning).")
+    tune_minutes: float | None = Field(default=None, gt=0, description="Time budget of a tuning run.")
     partial: bool = Field(default=False, description="int8: keep the most sensitive layers in float until the "
                           "accuracy budget is met (per-layer sensitivity).")
     auto: bool = Field(default=False, description="--quant auto: measure every allowed candidate, ship the best.")

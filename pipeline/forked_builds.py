@@ -16,7 +16,8 @@ import selectors
 import signal
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import TextIO, TypeVar
 
 Item = TypeVar("Item")
 Outcome = tuple[str | None, str | None]  # (artifact path, error)
@@ -42,37 +43,68 @@ def _reap(pid: int, kill: bool) -> None:
     os.waitpid(pid, 0)
 
 
-def build_all(items: Sequence[Item], build: Callable[[Item], str], *, timeout_s: float) -> list[Outcome]:
-    """``build(item)`` for every item, in forked children; an item past ``timeout_s`` (or that crashes its
-    child) gets an error instead of a path."""
+@dataclass
+class _Child:
+    """A forked builder: its process, the pipe it reports on, the items it has yet to report."""
+
+    pid: int
+    reports: TextIO
+    pending: list[int]
+    deadline: float
+
+
+def _spawn(items: Sequence[Item], indices: list[int], build: Callable[[Item], str], timeout_s: float) -> _Child:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: build, report, and leave without running this process's exit handlers
+        os.close(read_fd)
+        try:
+            _child(items, indices, build, write_fd)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    return _Child(pid, os.fdopen(read_fd), list(indices), time.monotonic() + timeout_s)
+
+
+def build_all(items: Sequence[Item], build: Callable[[Item], str], *, timeout_s: float,
+              workers: int = 1) -> list[Outcome]:
+    """``build(item)`` for every item, in up to ``workers`` forked children at once (each builds its share one
+    after the other); an item past ``timeout_s`` (or that crashes its child) gets an error instead of a path, and
+    a new child carries on with the rest of that share."""
     outcomes: dict[int, Outcome] = {}
-    pending = list(range(len(items)))
-    while pending:
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: build, report, and leave without running this process's exit handlers
-            os.close(read_fd)
-            try:
-                _child(items, pending, build, write_fd)
-            finally:
-                os._exit(0)
-        os.close(write_fd)
-        killed = False
-        with os.fdopen(read_fd) as reports, selectors.DefaultSelector() as selector:
-            selector.register(reports, selectors.EVENT_READ)
-            deadline = time.monotonic() + timeout_s
-            while pending:
-                if not selector.select(max(deadline - time.monotonic(), 0)):
-                    outcomes[pending.pop(0)] = (None, f"build took longer than {timeout_s:.0f} s: stopped")
-                    killed = True
-                    break
-                line = reports.readline()
-                if not line:  # the child died mid-build (a crash in the compiler)
-                    outcomes[pending.pop(0)] = (None, "the build crashed its process")
-                    break
-                index, path, error = json.loads(line)
-                outcomes[index] = (path, error)
-                pending.remove(index)
-                deadline = time.monotonic() + timeout_s
-        _reap(pid, kill=killed)
+    shares = [list(range(len(items)))[w::max(workers, 1)] for w in range(max(workers, 1))]
+    children = [_spawn(items, share, build, timeout_s) for share in shares if share]
+    with selectors.DefaultSelector() as selector:
+        for child in children:
+            selector.register(child.reports, selectors.EVENT_READ, child)
+        while children:
+            wait = max(min(child.deadline for child in children) - time.monotonic(), 0)
+            ready = {key.data.pid for key, _ in selector.select(wait)}
+            for child in list(children):
+                if child.pid in ready:
+                    line = child.reports.readline()
+                    if line:
+                        index, path, error = json.loads(line)
+                        outcomes[index] = (path, error)
+                        child.pending.remove(index)
+                        child.deadline = time.monotonic() + timeout_s
+                        if child.pending:
+                            continue
+                        ended, killed = None, False
+                    else:  # the child died mid-build (a crash in the compiler)
+                        ended, killed = "the build crashed its process", False
+                elif time.monotonic() >= child.deadline:
+                    ended, killed = f"build took longer than {timeout_s:.0f} s: stopped", True
+                else:
+                    continue
+                if ended:
+                    outcomes[child.pending.pop(0)] = (None, ended)
+                selector.unregister(child.reports)
+                child.reports.close()
+                _reap(child.pid, kill=killed)
+                children.remove(child)
+                if child.pending:  # a new child carries on with the rest of this share
+                    successor = _spawn(items, child.pending, build, timeout_s)
+                    selector.register(successor.reports, selectors.EVENT_READ, successor)
+                    children.append(successor)
     return [outcomes[i] for i in range(len(items))]

@@ -36,3 +36,19 @@ def test_builds_run_in_a_child_not_here():
 
 def test_empty_batch():
     assert build_all([], _build, timeout_s=1) == []
+
+
+def test_builds_share_the_work_between_children():
+    outcomes = build_all(list("abcdef"), lambda _: str(os.getpid()), timeout_s=10, workers=2)
+    assert len({path for path, _ in outcomes}) == 2 and all(error is None for _, error in outcomes)
+    assert outcomes[0][0] == outcomes[2][0] == outcomes[4][0] != outcomes[1][0]
+
+
+def test_a_hung_build_stops_only_its_own_child():
+    started = time.monotonic()
+    outcomes = build_all(["hang", "a", "crash", "b", "c", "d"], _build, timeout_s=1.0, workers=2)
+    assert outcomes[0][0] is None and "longer than 1 s" in outcomes[0][1]
+    assert outcomes[2] == (None, "the build crashed its process")
+    assert [path for path, _ in outcomes[1::2]] == ["/built/a.so", "/built/b.so", "/built/d.so"]
+    assert outcomes[4] == ("/built/c.so", None)
+    assert time.monotonic() - started < 20

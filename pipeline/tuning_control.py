@@ -1,0 +1,63 @@
+"""How a MetaSchedule run measures and when it stops: a time budget, and clean timings on a shared machine.
+
+MetaSchedule overlaps its work: while the runner times one task's candidates, it already breeds and builds the
+next task's, on every core. Right for a board across the network; on the machine that also does the search (the
+`local` profile, or a lab device behind a loopback sshd) the timings then include the search's load, and the
+cost model learns from noise. ``one_at_a_time`` makes the runner finish timing before anything else runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tvm.ir.utils import derived_object
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
+
+
+@derived_object
+class _Measured(PyRunnerFuture):
+    """A candidate already timed."""
+
+    def __init__(self, result: RunnerResult) -> None:
+        super().__init__()
+        self._result = result
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> RunnerResult:
+        return self._result
+
+
+@derived_object
+class OneAtATime(PyRunner):
+    """``runner``, but ``run`` returns only once every candidate of the batch is timed: nothing else of the
+    tuning run (search, builds) runs beside the measurements."""
+
+    def __init__(self, runner) -> None:
+        super().__init__()
+        self.runner = runner
+
+    def run(self, runner_inputs):
+        return [_Measured(future.result()) for future in self.runner.run(runner_inputs)]
+
+
+@derived_object
+class Deadline(PyMeasureCallback):
+    """Stops a tuning run ``seconds`` after it started: after each measured batch past that time, every task
+    still open is ended (MetaSchedule's first round still gives every task one batch; the database keeps all)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.started = time.monotonic()
+        self.reached = False
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        if time.monotonic() - self.started < self.seconds:
+            return
+        self.reached = True
+        for index, task in enumerate(task_scheduler.tasks_):
+            if not task.is_terminated:
+                task_scheduler.terminate_task(index)
