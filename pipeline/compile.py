@@ -1,4 +1,5 @@
-"""Stage 3, compile: with pipeline.tvm_int8 and pipeline.remote_tuning, the only modules that import tvm.
+"""Stage 3, compile: with pipeline.tvm_int8, tvm_vnni, tuning_control and remote_tuning, the only modules that
+import tvm.
 
 TVM Relax imports the (static, possibly QDQ) ONNX model and builds a shared library for the
 profile's target, cross-linked where the device is another architecture. The manifest written
@@ -32,6 +33,7 @@ from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profi
 from pipeline.quantize import QuantizedModel
 from pipeline.tuning_curve import CurvePoint, tuning_curve
 from pipeline.tvm_int8 import integerize
+from pipeline.tvm_vnni import count_vnni_ops
 from targets.profiles import DeviceProfile
 
 __all__ = ["ELF_MACHINES", "CompiledArtifact", "compile_model", "elf_machine", "profile_sha256",
@@ -66,7 +68,7 @@ class Tuning(BaseModel):
 
 EVOLUTIONARY_MIN_TRIALS = 64
 # Part of the artifact cache key: a library built by an earlier revision of this module is not reused.
-COMPILE_REVISION = "2: integer QDQ kernels"
+COMPILE_REVISION = "3: VNNI-ready pointwise kernels"
 
 
 def tuning_dir(target: dict[str, Any], root: Path) -> Path:
@@ -224,6 +226,11 @@ def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_d
         return executable, tuning
 
 
+def _has_vnni(profile: DeviceProfile) -> bool:
+    """AVX-512 VNNI: vpdpbusd on 512-bit registers (what pipeline.tvm_vnni's kernels are laid out for)."""
+    return profile.cpu.arch == "x86_64" and "avx512_vnni" in profile.cpu.features and not profile.tvm_gpu_target()
+
+
 def _is_loopback(host: str | None) -> bool:
     """A board behind an sshd on this machine (the x86 lab device) shares its cores with the tuning run."""
     return host in ("127.0.0.1", "::1", "localhost")
@@ -330,7 +337,8 @@ def compile_model(
         shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
         mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
         # Before anything folds the int8 weights into float constants: QDQ conv/matmul -> integer kernels.
-        mod, integer_ops = integerize(mod) if quantized.config.scheme == "int8" else (mod, 0)
+        mod, integer_ops = (integerize(mod, vnni=_has_vnni(profile)) if quantized.config.scheme == "int8"
+                            else (mod, 0))
         if tune_trials:
             root = tuning_root or workdir / "tuning"
             executable, tuning = _tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root), profile,
@@ -360,7 +368,8 @@ def compile_model(
     artifact = write_manifest(
         library, quantized, info, profile, runtime="tvm", seconds=seconds,
         extra={"target": target_dict, "gpu_target": gpu_dict, "device_code": device_code, "elf_machine": machine,
-               "tuning": tuning.model_dump() if tuning else None, "integer_ops": integer_ops},
+               "tuning": tuning.model_dump() if tuning else None, "integer_ops": integer_ops,
+               "vnni_ops": count_vnni_ops(mod)},
     )
     return artifact.model_copy(update={"tuning": tuning.model_dump() if tuning else None})
 

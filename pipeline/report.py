@@ -40,6 +40,7 @@ class ArtifactSummary(BaseModel):
     target: dict[str, Any]
     tuning: dict[str, Any] | None = None
     integer_ops: int = Field(default=0, description="TVM int8: conv2d/matmul computed as int8 x int8 -> int32.")
+    vnni_ops: int = Field(default=0, description="Of those, laid out for AVX-512 VNNI's vpdpbusd.")
 
 
 class BaselineSummary(BaseModel):
@@ -110,7 +111,7 @@ class RunResult(BaseModel):
             runtime=f"{art.runtime} {art.versions.get(art.runtime, '')}".strip(),
             artifact=ArtifactSummary(sha256=compiled.sha256, path=compiled.library_path,
                                      manifest=compiled.manifest_path, target=compiled.target, tuning=compiled.tuning,
-                                     integer_ops=compiled.integer_ops),
+                                     integer_ops=compiled.integer_ops, vnni_ops=compiled.vnni_ops),
             latency_ms=art.latency_ms, peak_rss_mb=art.peak_rss_mb,
             baseline=BaselineSummary(runtime=f"onnxruntime {base.versions.get('onnxruntime', '')} fp32".strip(),
                                      latency_ms=base.latency_ms, valid=base.valid, invalid_reason=base.invalid_reason),
@@ -173,8 +174,9 @@ class RunResult(BaseModel):
         footer = Text(f"result: {self.result_path}" if self.result_path else "", style="dim")
         parts: list[Any] = [p for p in (self.auto, self.partial) if p]
         if self.artifact.integer_ops:
+            vnni = f", {self.artifact.vnni_ops} of them laid out for VNNI" if self.artifact.vnni_ops else ""
             parts.append(Text(f"integer kernels: {self.artifact.integer_ops} conv/matmul compute int8 x int8 -> "
-                              "int32 in TVM (the rest of the graph stays float)"))
+                              f"int32 in TVM{vnni} (the rest of the graph stays float)"))
         if self.artifact.tuning:
             t = self.artifact.tuning
             parts.append(Text(f"tuned: {t['trials_per_task']} MetaSchedule trials per task over {t['tasks']} tasks "

@@ -38,6 +38,8 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
 
+from pipeline.tvm_vnni import VnniKernels, count_vnni_ops, fits, register_vnni_intrinsic
+
 __all__ = ["count_integer_ops", "integerize"]
 
 _INT8 = ("int8", "uint8")
@@ -92,7 +94,29 @@ def _bias(b_dq: relax.Call, scale: np.ndarray) -> np.ndarray | None:
     return bq.astype(np.int64).reshape(scale.shape)
 
 
-def _conv(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call) -> tuple[relax.Expr, ...] | None:
+def _static_shape(expr: relax.Expr) -> list[int] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or not isinstance(ty.shape, relax.ShapeExpr) or \
+            not all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values):
+        return None
+    return [int(d) for d in ty.shape.values]
+
+
+def _vnni_pointwise(xq: relax.Expr, wq: np.ndarray, a, padding: list[int], vnni: VnniKernels) -> relax.Expr | None:
+    """A 1x1 conv as channel-last matmul with packed weights (pipeline.tvm_vnni), or None where it doesn't fit."""
+    shape = _static_shape(xq)
+    o, c = wq.shape[:2]
+    if shape is None or len(shape) != 4 or shape[0] != 1 or _dtype(xq) != "uint8" or wq.shape[2:] != (1, 1) or \
+            any(padding) or int(a.groups) != 1 or any(int(s) != 1 for s in a.strides) or not fits(c, o):
+        return None
+    _, _, h, w = shape
+    pixels = relax.op.permute_dims(relax.op.reshape(xq, [c, h * w]), [1, 0])  # [H*W, C]: channels contiguous
+    acc = vnni.call(pixels, h * w, wq.reshape(o, c))
+    return relax.op.reshape(relax.op.permute_dims(acc, [1, 0]), [1, o, h, w])
+
+
+def _conv(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call,
+          vnni: VnniKernels | None = None) -> tuple[relax.Expr, ...] | None:
     a = call.attrs
     if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW") or \
             str(a.out_dtype) not in _FLOAT_OUT:
@@ -110,13 +134,16 @@ def _conv(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call) -> tuple[relax.E
         top, left, bottom, right = padding
         xq = relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx))
         padding = [0, 0, 0, 0]
-    acc = relax.op.nn.conv2d(xq, relax.const(wq), strides=a.strides, padding=padding, dilation=a.dilation,
-                             groups=a.groups, out_dtype="int32")
+    acc = _vnni_pointwise(xq, wq, a, padding, vnni) if vnni else None
+    if acc is None:
+        acc = relax.op.nn.conv2d(xq, relax.const(wq), strides=a.strides, padding=padding, dilation=a.dilation,
+                                 groups=a.groups, out_dtype="int32")
     # conv(zx, W)[o] = zx * sum of W[o] over its input channels and window.
     return acc, zx * wq.astype(np.int64).sum(axis=(1, 2, 3)), sx * sw_out.reshape(-1), (1, -1, 1, 1)
 
 
-def _matmul(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, perm: relax.Call | None) -> tuple | None:
+def _matmul(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, perm: relax.Call | None,
+            vnni: VnniKernels | None = None) -> tuple | None:
     if str(call.attrs.out_dtype) not in _FLOAT_OUT:
         return None
     act, weight = _activation(x_dq), _weight(w_dq)
@@ -130,7 +157,11 @@ def _matmul(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, perm: relax.Ca
     sw_out = _uniform(sw, (0,))  # weight is [K,N]: one scale per output column
     if sw_out is None:
         return None
-    acc = relax.op.matmul(xq, relax.const(wq), out_dtype="int32")
+    shape = _static_shape(xq)
+    if vnni and shape is not None and len(shape) == 2 and _dtype(xq) == "uint8" and fits(*wq.shape):
+        acc = vnni.call(xq, shape[0], np.ascontiguousarray(wq.T))  # weight [K,N] -> [N,K] rows to pack
+    else:
+        acc = relax.op.matmul(xq, relax.const(wq), out_dtype="int32")
     return acc, zx * wq.astype(np.int64).sum(axis=0), sx * sw_out.reshape(-1), (-1,)
 
 
@@ -165,19 +196,22 @@ def count_integer_ops(mod: tvm.IRModule) -> int:
     return found
 
 
-def integerize(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+def integerize(mod: tvm.IRModule, *, vnni: bool = False) -> tuple[tvm.IRModule, int]:
     """Rewrite QDQ conv2d/matmul into integer ones; returns the new module and how many ops became integer.
+    With ``vnni``, pointwise convs and matmuls that fit become VNNI-ready kernels (pipeline.tvm_vnni).
 
     Run it on what ``relax.frontend.onnx.from_onnx(..., keep_params_in_input=False)`` returns, before
     ``FoldConstant`` (which turns the int8 weights' dequantize into plain float constants).
     """
     p = _patterns()
+    kernels = VnniKernels() if vnni else None
 
     def rewriter(orig: relax.Call, matched) -> relax.Expr:
         if p["conv"] in matched:
-            core = _conv(matched[p["conv"]], matched[p["x_dq"]], matched[p["w_dq"]])
+            core = _conv(matched[p["conv"]], matched[p["x_dq"]], matched[p["w_dq"]], kernels)
         else:
-            core = _matmul(matched[p["matmul"]], matched[p["x_dq"]], matched[p["w_dq"]], matched.get(p["w_t"]))
+            core = _matmul(matched[p["matmul"]], matched[p["x_dq"]], matched[p["w_dq"]], matched.get(p["w_t"]),
+                           kernels)
         if core is None:
             return orig  # returning the call unchanged leaves it in float
         acc, correction, scale, shape = core
@@ -193,7 +227,7 @@ def integerize(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
             acc = relax.op.subtract(acc, relax.const(correction.reshape(shape).astype(np.int32)))
         return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale.reshape(shape).astype(np.float32)))
 
-    before = count_integer_ops(mod)
+    before = count_integer_ops(mod) + count_vnni_ops(mod)
     out = mod
     # With-bias first: once a conv is rewritten alone, its bias add no longer matches.
     for pattern in (p["with_bias"], p["without_bias"]):
@@ -202,4 +236,7 @@ def integerize(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
                             for gvar, func in out.functions.items()}, attrs=out.attrs)
         # Drop what the rewrite orphaned (the weights' float dequantize, a bias-less conv a bias add fed on).
         out = relax.transform.DeadCodeElimination()(out)
-    return out, count_integer_ops(out) - before
+    if kernels and kernels.functions:
+        register_vnni_intrinsic()
+        out = tvm.IRModule({**dict(out.functions.items()), **kernels.functions}, attrs=out.attrs)
+    return out, count_integer_ops(out) + count_vnni_ops(out) - before

@@ -1,0 +1,127 @@
+"""AVX-512 VNNI for the integer kernels of pipeline.tvm_int8: pointwise convs and matmuls that MetaSchedule
+can tensorize with ``vpdpbusd`` (16 int32 lanes += 4 uint8 x 4 int8 products each, one instruction).
+
+MetaSchedule offers that instruction (its ``dot_16x4_vnni`` tensor intrinsic) only where a kernel reads
+
+- the uint8 activations 4 input channels at a time, contiguous: channel-last, [pixels, C];
+- the int8 weights as whole 16 (outputs) x 4 (inputs) tiles, contiguous: packed [O/16, C/4, 16, 4].
+
+An NCHW conv2d is neither, so it never got a VNNI candidate. :func:`pointwise_to_vnni` rewrites each
+integer 1x1 conv (stride 1, unpadded, ungrouped; the bulk of a MobileNet-style network's work) and each
+integer matmul with a constant weight into
+
+    a   = permute_dims(reshape(xq, [C, H*W]))           # [H*W, C] uint8 (fused into the producer's quantize)
+    acc = call_tir(vnni_matmul, a, W_packed) -> [H*W, O] int32
+    acc = reshape(permute_dims(acc), [1, O, H, W])       # back to what conv2d returned, same int32 values
+
+The int32 sums are exactly conv2d's: vpdpbusd adds the uint8 x int8 products in int32 without saturating
+(unlike the AVX2 vpmaddubsw path, which saturates pairs in int16). Untuned, the kernel is plain loops as
+fast as before; tuned, MetaSchedule picks VNNI tiles where they are faster.
+
+TVM 0.27's own ``dot_16x4_vnni`` does not build with the LLVM it ships ("Call parameter type does not
+match function signature"): LLVM now declares vpdpbusd.512's multiplicands as <64 x i8> where TVM passes
+<16 x i32>. ``register_vnni_intrinsic`` re-registers it under the same name with the new operand types.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import tvm
+from tvm import relax, te
+
+LANES, GROUP = 16, 4  # vpdpbusd: 16 int32 outputs, each the sum of 4 uint8 x int8 products
+VNNI_INTRINSIC = "dot_16x4_vnni"
+KERNEL_PREFIX = "vnni_matmul_"
+
+
+@functools.cache
+def register_vnni_intrinsic() -> None:
+    """Override TVM's ``dot_16x4_vnni`` implementation with one this LLVM accepts (same description)."""
+    import tvm.s_tir.tensor_intrin  # noqa: F401 - registers TVM's own first; this one replaces it
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def vnni_impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_u8x4 = A.vload([0], "uint8x4")
+            a_i32 = T.reinterpret(a_u8x4, dtype="int32")
+            a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")  # the 4 bytes, in every lane
+            b_i8x64 = B.vload([0, 0], dtype="int8x64")
+            c_i32x16 = C.vload([0], dtype="int32x16")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), c_i32x16, a_u8x64, b_i8x64,
+                dtype="int32x16")
+
+    TensorIntrin.register(VNNI_INTRINSIC, dot_product_16x4_u8i8i32_desc, vnni_impl, override=True)
+
+
+def packed_weight(w: np.ndarray) -> np.ndarray:
+    """[O, C] int8 -> [O/16, C/4, 16, 4]: each 16 x 4 tile vpdpbusd reads is 64 contiguous bytes."""
+    o, c = w.shape
+    return np.ascontiguousarray(w.reshape(o // LANES, LANES, c // GROUP, GROUP).transpose(0, 2, 1, 3))
+
+
+def vnni_matmul(m: int, k: int, n: int) -> tvm.tirx.PrimFunc:
+    """out[i, j] = sum_r int32(a[i, r]) * int32(w_packed[j/16, r/4, j%16, r%4]): uint8 [m, k] x packed int8."""
+    a = te.placeholder((m, k), "uint8", name="a")
+    w = te.placeholder((n // LANES, k // GROUP, LANES, GROUP), "int8", name="w")
+    r = te.reduce_axis((0, k), name="r")
+    out = te.compute(
+        (m, n),
+        lambda i, j: te.sum(a[i, r].astype("int32")
+                            * w[j // LANES, r // GROUP, j % LANES, r % GROUP].astype("int32"), axis=r),
+        name="vnni_matmul",
+    )
+    return te.create_prim_func([a, w, out]).with_attr("global_symbol", f"{KERNEL_PREFIX}{m}x{k}x{n}")
+
+
+class VnniKernels:
+    """The PrimFuncs the rewrite calls, one per (m, k, n), to be added to the module."""
+
+    def __init__(self) -> None:
+        self._builder = relax.BlockBuilder()  # gives each kernel's GlobalVar its function type
+        self._by_shape: dict[tuple[int, int, int], tvm.ir.GlobalVar] = {}
+
+    @property
+    def functions(self) -> dict[tvm.ir.GlobalVar, tvm.tirx.PrimFunc]:
+        return dict(self._builder.get().functions.items())
+
+    def call(self, a: relax.Expr, m: int, w: np.ndarray) -> relax.Expr:
+        """int32 ``a @ w.T`` for uint8 ``a`` [m, k] and int8 ``w`` [n, k]."""
+        n, k = w.shape
+        gvar = self._by_shape.get((m, k, n))
+        if gvar is None:
+            kernel = vnni_matmul(m, k, n)
+            gvar = self._by_shape[(m, k, n)] = self._builder.add_func(kernel, kernel.attrs["global_symbol"])
+        return relax.call_tir(gvar, [a, relax.const(packed_weight(w))], out_ty=relax.TensorType((m, n), "int32"))
+
+
+def count_vnni_ops(mod: tvm.IRModule) -> int:
+    """Calls of the VNNI-ready kernels in the module's Relax functions."""
+    found = 0
+
+    def visit(expr: relax.Expr) -> None:
+        nonlocal found
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir" \
+                and expr.args[0].name_hint.startswith(KERNEL_PREFIX):
+            found += 1
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def fits(c: int, o: int) -> bool:
+    """Whole vpdpbusd tiles: input channels in 4s, outputs in 16s."""
+    return c % GROUP == 0 and o % LANES == 0
