@@ -178,12 +178,18 @@ class RunResult(BaseModel):
             parts.append(Text(f"integer kernels: {self.artifact.integer_ops} conv/matmul compute int8 x int8 -> "
                               f"int32 in TVM{vnni} (the rest of the graph stays float)"))
         if self.artifact.tuning:
-            t = self.artifact.tuning
-            parts.append(Text(f"tuned: {t['trials_per_task']} MetaSchedule trials per task over {t['tasks']} tasks "
-                              f"({t.get('scheduled', 0)} kernels built with a tuned schedule) "
-                              f"in {t['seconds']:.0f} s; the database ({t['database']}) now holds "
-                              f"{t['records']} records" + _curve_text(t.get("curve") or [])))
+            parts.append(Text(tuning_text(self.artifact.tuning)))
         yield Group(head, stages, *parts, side, summary, *warnings, validity, footer)
+
+
+def tuning_text(t: dict[str, Any]) -> str:
+    """One paragraph on a build's tuning (pipeline.compile.Tuning as a dict)."""
+    budget = (f", ended by the {t['minutes']:g}-minute budget" if t.get("stopped_by_time")
+              else f" (budget {t['minutes']:g} min)" if t.get("minutes") else "")
+    return (f"tuned: up to {t['trials_per_task']} MetaSchedule trials per task over {t['tasks']} tasks, "
+            f"{t.get('trials_added', 0)} trials added in {t['seconds']:.0f} s{budget} ({t.get('scheduled', 0)} "
+            f"kernels built with a tuned schedule); the database ({t['database']}) now holds {t['records']} records"
+            + _curve_text(t.get("curve") or []))
 
 
 def _curve_text(curve: list[dict[str, Any]]) -> str:
