@@ -119,9 +119,9 @@ BUILD_TIMEOUT_S = 60.0  # a candidate LLVM needs longer for is a failed trial (r
 
 def _forked_builder(export=None, timeout_s: float = BUILD_TIMEOUT_S):
     """MetaSchedule's LocalBuilder starts worker processes that each spend ~40 s importing TVM's tensor
-    intrinsics; a fork of this process builds in 0.1-0.5 s per candidate, and one that hangs the compiler is
-    stopped after ``timeout_s`` (pipeline.forked_builds); one child per core. ``export`` turns a built candidate into a file
-    (MetaSchedule's default: a .tar of objects)."""
+    intrinsics; forks of this process (one per core) build in 0.1-0.5 s per candidate, and one that hangs the
+    compiler is stopped after ``timeout_s`` (pipeline.forked_builds). ``export`` turns a built candidate into a
+    file (MetaSchedule's default: a .tar of objects)."""
     import tvm.s_tir.tensor_intrin  # noqa: F401 - imported once here, not in every forked build
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
