@@ -260,13 +260,20 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     before = _records(database_dir)
     started = time.perf_counter()
     with _unnamed_handlers_detached():
-        database = ms.relax_integration.tune_relax(
-            mod, params={}, target=target, work_dir=str(database_dir), max_trials_global=trials * max(len(tasks), 1),
-            max_trials_per_task=trials, num_trials_per_iter=min(trials, 64 if evolutionary else 16),
-            builder=builder or _forked_builder(), runner=OneAtATime(runner) if shared_machine else runner,
-            strategy="evolutionary" if evolutionary else "replay-trace",
-            measure_callbacks=[*ms.MeasureCallback.create("default"), *([deadline] if deadline else [])],
-        )
+        try:
+            database = ms.relax_integration.tune_relax(
+                mod, params={}, target=target, work_dir=str(database_dir),
+                max_trials_global=trials * max(len(tasks), 1), max_trials_per_task=trials,
+                num_trials_per_iter=min(trials, 64 if evolutionary else 16), builder=builder or _forked_builder(),
+                runner=OneAtATime(runner) if shared_machine else runner,
+                strategy="evolutionary" if evolutionary else "replay-trace",
+                measure_callbacks=[*ms.MeasureCallback.create("default"), *([deadline] if deadline else [])],
+            )
+        except Exception:
+            if not (deadline and deadline.reached):
+                raise
+            # The budget ended the run (pipeline.tuning_control.TimeUp): every trial is in the database.
+            database = ms.database.JSONDatabase(work_dir=str(database_dir))
     seconds = time.perf_counter() - started
     # compile_relax fuses by itself: give it the module before fusion, or the tuned kernels never match.
     executable = ms.relax_integration.compile_relax(database, decomposed, target, params=None)

@@ -43,21 +43,30 @@ class OneAtATime(PyRunner):
         return [_Measured(future.result()) for future in self.runner.run(runner_inputs)]
 
 
+class TimeUp(Exception):
+    """Raised by ``Deadline`` to end a tuning run; the database already holds every trial measured."""
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
 @derived_object
 class Deadline(PyMeasureCallback):
-    """Stops a tuning run ``seconds`` after it started: after each measured batch past that time, every task
-    still open is ended (MetaSchedule's first round still gives every task one batch; the database keeps all)."""
+    """Ends a tuning run ``seconds`` after it started: the first measured batch joined past that time raises
+    ``TimeUp`` out of MetaSchedule (after the database callback has stored it), and the caller builds from the
+    database. MetaSchedule joins batches only once its first round has given every task one.
+
+    Why not end the tasks: MetaSchedule's schedulers join a task's batch and then hand that task out without
+    looking again, so a task ended from inside its own join fails a check in C++ ("!task->is_terminated")."""
 
     def __init__(self, seconds: float) -> None:
         super().__init__()
         self.seconds = seconds
-        self.started = time.monotonic()
+        self.started = _now()
         self.reached = False
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
-        if time.monotonic() - self.started < self.seconds:
-            return
-        self.reached = True
-        for index, task in enumerate(task_scheduler.tasks_):
-            if not task.is_terminated:
-                task_scheduler.terminate_task(index)
+        if _now() - self.started >= self.seconds:
+            self.reached = True
+            raise TimeUp(f"tuning time budget of {self.seconds:.0f} s reached")
