@@ -58,8 +58,8 @@ Partial = Annotated[bool, typer.Option("--partial", help="int8: keep the most se
 TuneTrials = Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM build (0 = none; a "
                                                      "board is timed over SSH).")]
 TuneMinutes = Annotated[float | None, typer.Option(min=0.1, help="Stop tuning after this many minutes (the database "
-                                                                "keeps every trial); alone: up to "
-                                                                "1000 trials per task.")]
+                                                                f"keeps every trial); alone: up to "
+                                                                f"{TRIALS_WITHIN_MINUTES} trials per task.")]
 
 
 def _build_config(model: Path, profile: str, quant: str, calibration: str, per_channel: bool,
@@ -118,8 +118,8 @@ def run(
 
         config = _build_config(
             model, profile, quant, calibration, per_channel, calib_data, calib_samples, input_shape, tune_trials,
-            tune_minutes, eval_data=str(eval_data) if eval_data else None, eval_samples=eval_samples, max_model_mb=max_model_mb,
-            accuracy_budget=accuracy_budget / 100, partial=partial,
+            tune_minutes, eval_data=str(eval_data) if eval_data else None, eval_samples=eval_samples,
+            max_model_mb=max_model_mb, accuracy_budget=accuracy_budget / 100, partial=partial,
             bench=BenchmarkSettings(warmup=warmup, min_iterations=min_iterations, min_seconds=min_seconds,
                                     max_seconds=max_seconds),
         ).with_run_id()

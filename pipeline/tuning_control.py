@@ -3,7 +3,7 @@
 MetaSchedule overlaps its work: while the runner times one task's candidates, it already breeds and builds the
 next task's, on every core. Right for a board across the network; on the machine that also does the search (the
 `local` profile, or a lab device behind a loopback sshd) the timings then include the search's load, and the
-cost model learns from noise. ``one_at_a_time`` makes the runner finish timing before anything else runs.
+cost model learns from noise. ``OneAtATime`` makes the runner finish timing before anything else runs.
 """
 
 from __future__ import annotations
