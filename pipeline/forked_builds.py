@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TextIO, TypeVar
+from typing import TypeVar
 
 Item = TypeVar("Item")
 Outcome = tuple[str | None, str | None]  # (artifact path, error)
@@ -45,12 +45,22 @@ def _reap(pid: int, kill: bool) -> None:
 
 @dataclass
 class _Child:
-    """A forked builder: its process, the pipe it reports on, the items it has yet to report."""
+    """A forked builder: its process, the pipe it reports on (read raw: a buffered reader can hold a finished
+    report that select() no longer sees), the items it has yet to report."""
 
     pid: int
-    reports: TextIO
+    fd: int
     pending: list[int]
     deadline: float
+    unread: bytes = b""
+
+    def reports(self) -> list[str] | None:
+        """The complete report lines the pipe has now; None at end of file (the child is gone)."""
+        chunk = os.read(self.fd, 1 << 16)
+        if not chunk:
+            return None
+        *lines, self.unread = (self.unread + chunk).split(b"\n")
+        return [line.decode() for line in lines]
 
 
 def _spawn(items: Sequence[Item], indices: list[int], build: Callable[[Item], str], timeout_s: float) -> _Child:
@@ -63,7 +73,7 @@ def _spawn(items: Sequence[Item], indices: list[int], build: Callable[[Item], st
         finally:
             os._exit(0)
     os.close(write_fd)
-    return _Child(pid, os.fdopen(read_fd), list(indices), time.monotonic() + timeout_s)
+    return _Child(pid, read_fd, list(indices), time.monotonic() + timeout_s)
 
 
 def build_all(items: Sequence[Item], build: Callable[[Item], str], *, timeout_s: float,
@@ -76,18 +86,19 @@ def build_all(items: Sequence[Item], build: Callable[[Item], str], *, timeout_s:
     children = [_spawn(items, share, build, timeout_s) for share in shares if share]
     with selectors.DefaultSelector() as selector:
         for child in children:
-            selector.register(child.reports, selectors.EVENT_READ, child)
+            selector.register(child.fd, selectors.EVENT_READ, child)
         while children:
             wait = max(min(child.deadline for child in children) - time.monotonic(), 0)
             ready = {key.data.pid for key, _ in selector.select(wait)}
             for child in list(children):
                 if child.pid in ready:
-                    line = child.reports.readline()
-                    if line:
-                        index, path, error = json.loads(line)
-                        outcomes[index] = (path, error)
-                        child.pending.remove(index)
-                        child.deadline = time.monotonic() + timeout_s
+                    lines = child.reports()
+                    if lines is not None:
+                        for line in lines:
+                            index, path, error = json.loads(line)
+                            outcomes[index] = (path, error)
+                            child.pending.remove(index)
+                            child.deadline = time.monotonic() + timeout_s
                         if child.pending:
                             continue
                         ended, killed = None, False
@@ -99,12 +110,12 @@ def build_all(items: Sequence[Item], build: Callable[[Item], str], *, timeout_s:
                     continue
                 if ended:
                     outcomes[child.pending.pop(0)] = (None, ended)
-                selector.unregister(child.reports)
-                child.reports.close()
+                selector.unregister(child.fd)
+                os.close(child.fd)
                 _reap(child.pid, kill=killed)
                 children.remove(child)
                 if child.pending:  # a new child carries on with the rest of this share
                     successor = _spawn(items, child.pending, build, timeout_s)
-                    selector.register(successor.reports, selectors.EVENT_READ, successor)
+                    selector.register(successor.fd, selectors.EVENT_READ, successor)
                     children.append(successor)
     return [outcomes[i] for i in range(len(items))]

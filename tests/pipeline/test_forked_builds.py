@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from pipeline.forked_builds import build_all
+from pipeline.forked_builds import _Child, build_all
 
 
 def _build(item: str) -> str:
@@ -14,6 +14,8 @@ def _build(item: str) -> str:
         time.sleep(60)
     if item == "crash":
         os._exit(3)
+    if item == "slow":
+        time.sleep(3)
     if item == "error":
         raise ValueError("no schedule for this")
     return f"/built/{item}.so"
@@ -52,3 +54,24 @@ def test_a_hung_build_stops_only_its_own_child():
     assert [path for path, _ in outcomes[1::2]] == ["/built/a.so", "/built/b.so", "/built/d.so"]
     assert outcomes[4] == ("/built/c.so", None)
     assert time.monotonic() - started < 20
+
+
+def test_quick_reports_then_a_slow_build():
+    outcomes = build_all(["a", "b", "slow"], _build, timeout_s=1.5)
+    assert outcomes[:2] == [("/built/a.so", None), ("/built/b.so", None)]
+    assert outcomes[2][0] is None and "longer than 2 s" in outcomes[2][1]
+
+
+def test_reports_that_arrive_in_one_read_are_all_taken():
+    """Regression (found reading the code): a buffered reader could take two reports in one read, and select()
+    then saw nothing; the second waited behind the next build and, if that one was slow, was charged with its
+    timeout and lost. Whether two reports share a read is a race, so the pipe is filled here by hand."""
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b'[0, "/a.so", null]\n[1, null, "failed"]\n[2, "/c')
+    child = _Child(pid=0, fd=read_fd, pending=[0, 1, 2], deadline=0.0)
+    assert child.reports() == ['[0, "/a.so", null]', '[1, null, "failed"]']
+    os.write(write_fd, b'.so", null]\n')
+    os.close(write_fd)
+    assert child.reports() == ['[2, "/c.so", null]']
+    assert child.reports() is None
+    os.close(read_fd)
