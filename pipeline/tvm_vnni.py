@@ -15,8 +15,8 @@ integer matmul with a constant weight into
     acc = reshape(permute_dims(acc), [1, O, H, W])       # back to what conv2d returned, same int32 values
 
 The int32 sums are exactly conv2d's: vpdpbusd adds the uint8 x int8 products in int32 without saturating
-(unlike the AVX2 vpmaddubsw path, which saturates pairs in int16). Untuned, the kernel is plain loops as
-fast as before; tuned, MetaSchedule picks VNNI tiles where they are faster.
+(unlike the AVX2 vpmaddubsw path, which saturates pairs in int16). Untuned, the kernel is plain loops like
+any untuned TVM kernel; tuning tensorizes it with vpdpbusd.
 
 TVM 0.27's own ``dot_16x4_vnni`` does not build with the LLVM it ships ("Call parameter type does not
 match function signature"): LLVM now declares vpdpbusd.512's multiplicands as <64 x i8> where TVM passes
