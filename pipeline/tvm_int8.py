@@ -38,7 +38,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
 
-from pipeline.tvm_vnni import VnniKernels, count_vnni_ops, fits, register_vnni_intrinsic
+from pipeline.tvm_vnni import VnniKernels, count_calls, count_vnni_ops, fits, register_vnni_intrinsic
 
 __all__ = ["count_integer_ops", "integerize"]
 
@@ -181,19 +181,8 @@ def _patterns() -> dict[str, DFPattern]:
 
 def count_integer_ops(mod: tvm.IRModule) -> int:
     """conv2d/matmul calls in the Relax functions that take 8-bit inputs and accumulate in int32."""
-    found = 0
-
-    def visit(expr: relax.Expr) -> None:
-        nonlocal found
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and \
-                expr.op.name in ("relax.nn.conv2d", "relax.matmul") and \
-                str(expr.attrs.out_dtype) == "int32" and all(_dtype(arg) in _INT8 for arg in expr.args):
-            found += 1
-
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    return found
+    return count_calls(mod, lambda call: call.op.name in ("relax.nn.conv2d", "relax.matmul")
+                       and str(call.attrs.out_dtype) == "int32" and all(_dtype(arg) in _INT8 for arg in call.args))
 
 
 def integerize(mod: tvm.IRModule, *, vnni: bool = False) -> tuple[tvm.IRModule, int]:

@@ -26,6 +26,7 @@ match function signature"): LLVM now declares vpdpbusd.512's multiplicands as <6
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import tvm
@@ -106,20 +107,25 @@ class VnniKernels:
         return relax.call_tir(gvar, [a, relax.const(packed_weight(w))], out_ty=relax.TensorType((m, n), "int32"))
 
 
-def count_vnni_ops(mod: tvm.IRModule) -> int:
-    """Calls of the VNNI-ready kernels in the module's Relax functions."""
+def count_calls(mod: tvm.IRModule, wanted: Callable[[relax.Call], bool]) -> int:
+    """Calls of an operator (``wanted(call)``) in the module's Relax functions."""
     found = 0
 
     def visit(expr: relax.Expr) -> None:
         nonlocal found
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir" \
-                and expr.args[0].name_hint.startswith(KERNEL_PREFIX):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and wanted(expr):
             found += 1
 
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
     return found
+
+
+def count_vnni_ops(mod: tvm.IRModule) -> int:
+    """Calls of the VNNI-ready kernels in the module's Relax functions."""
+    return count_calls(mod, lambda call: call.op.name == "relax.call_tir"
+                       and call.args[0].name_hint.startswith(KERNEL_PREFIX))
 
 
 def fits(c: int, o: int) -> bool:
