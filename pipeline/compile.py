@@ -277,14 +277,14 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     seconds = time.perf_counter() - started
     # compile_relax fuses by itself: give it the module before fusion, or the tuned kernels never match.
     executable = ms.relax_integration.compile_relax(database, decomposed, target, params=None)
-    records = len(database.get_all_tuning_records())
+    records = _records(database_dir)
     # The database names each kernel by this hash; weight = its calls per inference.
     weights = {str(tvm_ffi.structural_hash(task.dispatched[0])): float(task.weight) for task in tasks}
     return executable, Tuning(trials_per_task=trials, tasks=len(tasks), seconds=seconds, database=str(database_dir),
                               records=records, measured_on=measured_on, curve=tuning_curve(database_dir, weights),
                               scheduled=_scheduled_kernels(database, decomposed, target), minutes=minutes,
                               stopped_by_time=bool(deadline and deadline.reached),
-                              trials_added=_records(database_dir) - before)
+                              trials_added=records - before)
 
 
 def _records(database_dir: Path) -> int:
