@@ -21,7 +21,6 @@ lab_app = typer.Typer(help="The device lab: a matrix of models x devices x schem
 app.add_typer(lab_app, name="lab")
 
 EXIT_REGRESSION = 5
-TRIALS_WITHIN_MINUTES = 1000  # --tune-minutes alone: the clock ends the run, not this
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -58,8 +57,8 @@ Partial = Annotated[bool, typer.Option("--partial", help="int8: keep the most se
 TuneTrials = Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM build (0 = none; a "
                                                      "board is timed over SSH).")]
 TuneMinutes = Annotated[float | None, typer.Option(min=0.1, help="Stop tuning after this many minutes (the database "
-                                                                f"keeps every trial); alone: up to "
-                                                                f"{TRIALS_WITHIN_MINUTES} trials per task.")]
+                                                                "keeps every trial); without --tune-trials, the "
+                                                                "clock alone ends the run.")]
 
 
 def _build_config(model: Path, profile: str, quant: str, calibration: str, per_channel: bool,
@@ -79,8 +78,8 @@ def _build_config(model: Path, profile: str, quant: str, calibration: str, per_c
         quant=QuantConfig(scheme="fp32" if quant == "auto" else quant, calibration=calibration,
                           per_channel=per_channel),
         auto=quant == "auto", calib_data=str(calib_data) if calib_data else None, calib_samples=calib_samples,
-        input_shapes=parse_input_shapes(input_shape or []), tune_minutes=tune_minutes,
-        tune_trials=tune_trials or (TRIALS_WITHIN_MINUTES if tune_minutes else 0), **options,
+        input_shapes=parse_input_shapes(input_shape or []), tune_trials=tune_trials, tune_minutes=tune_minutes,
+        **options,
     )
 
 

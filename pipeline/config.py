@@ -6,8 +6,9 @@ import os
 import secrets
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.benchmark import BenchmarkSettings
 from pipeline.quantize import QuantConfig
@@ -17,6 +18,9 @@ from pipeline.regression import RegressionPolicy
 def edgedeploy_home() -> Path:
     """Where runs and local devices live: $EDGEDEPLOY_HOME, default ~/.cache/edgedeploy."""
     return Path(os.environ.get("EDGEDEPLOY_HOME", "~/.cache/edgedeploy")).expanduser()
+
+
+TRIALS_WITHIN_MINUTES = 1000  # a time budget without a trial count: the clock ends the run, not this
 
 
 class RunConfig(BaseModel):
@@ -35,7 +39,8 @@ class RunConfig(BaseModel):
     bench: BenchmarkSettings = Field(default_factory=BenchmarkSettings)
     regression: RegressionPolicy = Field(default_factory=RegressionPolicy)
     tune_trials: int = Field(default=0, ge=0, description="MetaSchedule trials per task (0 = no tuning).")
-    tune_minutes: float | None = Field(default=None, gt=0, description="Time budget of a tuning run.")
+    tune_minutes: float | None = Field(default=None, gt=0, description="Time budget of a tuning run; alone, it "
+                                       f"allows up to {TRIALS_WITHIN_MINUTES} trials per task.")
     partial: bool = Field(default=False, description="int8: keep the most sensitive layers in float until the "
                           "accuracy budget is met (per-layer sensitivity).")
     auto: bool = Field(default=False, description="--quant auto: measure every allowed candidate, ship the best.")
@@ -43,6 +48,13 @@ class RunConfig(BaseModel):
                                    "1 point); without labels, of top-1 agreement with fp32.")
     db_url: str | None = Field(default=None, description="Results database; None = $EDGEDEPLOY_DB_URL or SQLite.")
     run_id: str = Field(default="", description="Filled in when empty.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trials_for_a_time_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tune_minutes") and not data.get("tune_trials"):
+            return {**data, "tune_trials": TRIALS_WITHIN_MINUTES}
+        return data
 
     def with_run_id(self) -> RunConfig:
         if self.run_id:
