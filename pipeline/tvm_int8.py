@@ -185,6 +185,33 @@ def count_integer_ops(mod: tvm.IRModule) -> int:
                        and str(call.attrs.out_dtype) == "int32" and all(_dtype(arg) in _INT8 for arg in call.args))
 
 
+@relax.expr_functor.mutator
+class _QuantParamsAsTensors(relax.PyExprMutator):
+    """A scalar scale or zero point of a quantize/dequantize becomes a one-element tensor.
+
+    TVM's legalization writes a scalar constant into the kernel as a literal, so layers that differ only in
+    their scales (every layer: each has its own) become distinct kernels, and MetaSchedule tunes each apart:
+    PP-LCNet's five identical depthwise convs were five tuning tasks. Read from a one-element buffer, the
+    value is the same float (same division, same rounding) and identical layers share one kernel."""
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name in ("relax.quantize", "relax.dequantize")) or \
+                isinstance(call.args[0], tvm.ir.GenericConst):  # a constant's (de)quantize is folded anyway
+            return call
+        scalars = [i for i, arg in enumerate(call.args)
+                   if i and isinstance(arg, tvm.ir.GenericConst) and _const(arg).ndim == 0]
+        if not scalars:
+            return call
+        args = [relax.const(_const(arg).reshape(1)) if i in scalars else arg for i, arg in enumerate(call.args)]
+        return relax.Call(call.op, args, call.attrs)
+
+
+def _quant_params_as_tensors(mod: tvm.IRModule) -> tvm.IRModule:
+    return tvm.IRModule({gvar: _QuantParamsAsTensors().visit_expr(func) if isinstance(func, relax.Function)
+                         else func for gvar, func in mod.functions.items()}, attrs=mod.attrs)
+
+
 def integerize(mod: tvm.IRModule, *, vnni: bool = False) -> tuple[tvm.IRModule, int]:
     """Rewrite QDQ conv2d/matmul into integer ones; returns the new module and how many ops became integer.
     With ``vnni``, pointwise convs and matmuls that fit become VNNI-ready kernels (pipeline.tvm_vnni).
@@ -228,4 +255,5 @@ def integerize(mod: tvm.IRModule, *, vnni: bool = False) -> tuple[tvm.IRModule, 
     if kernels and kernels.functions:
         register_vnni_intrinsic()
         out = tvm.IRModule({**dict(out.functions.items()), **kernels.functions}, attrs=out.attrs)
+    out = _quant_params_as_tensors(out)
     return out, count_integer_ops(out) + count_vnni_ops(out) - before

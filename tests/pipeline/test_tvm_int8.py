@@ -167,3 +167,43 @@ def test_digits_cnn_integer_agrees_with_onnxruntime(digits, tmp_path, activation
     assert np.abs(ours - theirs).max() <= 2 * _output_step(path) + 1e-6
     # And the int8 model still classifies digits: a wrong rewrite shows up here even where both would agree.
     assert (ours.argmax(1) == samples.labels).mean() >= 0.9
+
+
+def _chain_of_convs() -> onnx.ModelProto:
+    """x[1,8,8,8] -> Conv -> Conv -> Conv (8 -> 8 channels, 3x3, pad 1): the first two differ only in their
+    weights and the scales their activations get."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32) / (i + 1), f"w{i}")
+             for i in range(3)]
+    nodes = [helper.make_node("Conv", [src, f"w{i}"], [dst], pads=[1, 1, 1, 1])
+             for i, (src, dst) in enumerate((("x", "a"), ("a", "b"), ("b", "y")))]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_layers_that_differ_only_in_scales_share_one_tuning_task(tmp_path):
+    """Each layer has its own quantization scales; written into the kernels as literals they made every layer a
+    kernel of its own (PP-LCNet int8: 62 tuning tasks, 54 with the scales read from buffers)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compile import _decomposed, _fuse
+
+    onnx.save(_chain_of_convs(), str(tmp_path / "chain.onnx"))
+    rng = np.random.default_rng(3)
+    calibration = Samples({"x": rng.uniform(*CALIBRATION_RANGE, (8, 1, 8, 8, 8)).reshape(8, 8, 8, 8)
+                           .astype(np.float32)})
+    path = _int8_model(tmp_path / "chain.onnx", tmp_path, calibration, "uint8")
+    integer, count = integerize(_import(path, {"x": [1, 8, 8, 8]}))
+    assert count == 3
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
+    tasks = ms.relax_integration.extract_tasks(_fuse(_decomposed(integer, target), target), target)
+    convs = sorted(int(task.weight) for task in tasks if "conv2d" in task.task_name)
+    # The first two convs (each requantized to the next layer's scale) are one kernel called twice; the last
+    # one also dequantizes the output, a kernel of its own.
+    assert convs == [1, 2], [(task.task_name, int(task.weight)) for task in tasks]
+
+    vm, session = _vm(integer), ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = rng.uniform(*CALIBRATION_RANGE, (1, 8, 8, 8)).astype(np.float32)
+    ours, (theirs,) = vm["main"](tvm.runtime.tensor(x)).numpy(), session.run(None, {"x": x})
+    assert np.abs(ours - theirs).max() <= 2 * _output_step(path) + 1e-6
