@@ -110,9 +110,9 @@ def _vnni_pointwise(xq: relax.Expr, wq: np.ndarray, a, padding: list[int], vnni:
             any(padding) or int(a.groups) != 1 or any(int(s) != 1 for s in a.strides) or not fits(c, o):
         return None
     _, _, h, w = shape
-    pixels = relax.op.permute_dims(relax.op.reshape(xq, [c, h * w]), [1, 0])  # [H*W, C]: channels contiguous
-    acc = vnni.call(pixels, h * w, wq.reshape(o, c))
-    return relax.op.reshape(relax.op.permute_dims(acc, [1, 0]), [1, o, h, w])
+    pixels = relax.op.permute_dims(xq, [0, 2, 3, 1])  # [1, H, W, C]: channels contiguous
+    acc = vnni.call(pixels, (1, h, w), wq.reshape(o, c))
+    return relax.op.permute_dims(acc, [0, 3, 1, 2])
 
 
 def _conv(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call,
@@ -159,7 +159,7 @@ def _matmul(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, perm: relax.Ca
         return None
     shape = _static_shape(xq)
     if vnni and shape is not None and len(shape) == 2 and _dtype(xq) == "uint8" and fits(*wq.shape):
-        acc = vnni.call(xq, shape[0], np.ascontiguousarray(wq.T))  # weight [K,N] -> [N,K] rows to pack
+        acc = vnni.call(xq, (shape[0],), np.ascontiguousarray(wq.T))  # weight [K,N] -> [N,K] rows to pack
     else:
         acc = relax.op.matmul(xq, relax.const(wq), out_dtype="int32")
     return acc, zx * wq.astype(np.int64).sum(axis=0), sx * sw_out.reshape(-1), (-1,)

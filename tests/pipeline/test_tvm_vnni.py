@@ -80,18 +80,19 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run vpdpbusd")
-def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path):
+@pytest.mark.parametrize("lead", [(64,), (1, 8, 8)], ids=["matmul", "channel-last-conv"])
+def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, lead):
     """Regression: TVM 0.27's own dot_16x4_vnni failed every build with its bundled LLVM, so no tuned int8
-    kernel ever used VNNI."""
+    kernel ever used VNNI. A 1x1 conv's kernel keeps its [1, H, W] pixels (no reshape around it)."""
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
     from pipeline.compile import _forked_builder, _unnamed_handlers_detached
 
     register_vnni_intrinsic()
-    m, k, n = 64, 32, 32
+    k, n = 32, 32
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
-    mod = tvm.IRModule({"main": vnni_matmul(m, k, n).with_attr("global_symbol", "main")})
+    mod = tvm.IRModule({"main": vnni_matmul(lead, k, n).with_attr("global_symbol", "main")})
     with _unnamed_handlers_detached():  # a tuning run earlier in the session left pytest's handlers behind
         database = ms.tune_tir(mod, target, str(tmp_path / "tuning"), max_trials_global=16, num_trials_per_iter=16,
                                builder=_forked_builder(), strategy="replay-trace", seed=7)
@@ -108,9 +109,9 @@ def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path):
     assert "vpdpbusd" in assembly
 
     rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    a = rng.integers(0, 256, (*lead, k), dtype=np.uint8)
     w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-    out = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+    out = tvm.runtime.tensor(np.zeros((*lead, n), np.int32))
     library(tvm.runtime.tensor(a), tvm.runtime.tensor(packed_weight(w)), out)
     # Extremes included (255 x -128, 4 at a time): vpdpbusd adds in int32 and never saturates.
     np.testing.assert_array_equal(out.numpy(), a.astype(np.int32) @ w.astype(np.int32).T)
