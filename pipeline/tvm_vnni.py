@@ -6,18 +6,20 @@ MetaSchedule offers that instruction (its ``dot_16x4_vnni`` tensor intrinsic) on
 - the uint8 activations 4 input channels at a time, contiguous: channel-last, [pixels, C];
 - the int8 weights as whole 16 (outputs) x 4 (inputs) tiles, contiguous: packed [O/16, C/4, 16, 4].
 
-An NCHW conv2d is neither, so it never got a VNNI candidate. :func:`pointwise_to_vnni` rewrites each
-integer 1x1 conv (stride 1, unpadded, ungrouped; the bulk of a MobileNet-style network's work) and each
-integer matmul with a constant weight into
+An NCHW conv2d is neither, so it never got a VNNI candidate. ``integerize(vnni=True, vnni_pointwise=True)``
+(pipeline.tvm_int8) rewrites each integer 1x1 conv (stride 1, unpadded, ungrouped; the bulk of a MobileNet-style
+network's work) and each integer matmul with a constant weight into
 
     a   = permute_dims(xq, [0, 2, 3, 1])                # [1, H, W, C] uint8 (fused into the producer's quantize)
     acc = call_tir(vnni_matmul, a, W_packed) -> [1, H, W, O] int32
     acc = permute_dims(acc, [0, 3, 1, 2])                # back to what conv2d returned, same int32 values
 
-Only permutes, no reshapes: a reshape between [H*W, C] and [1, C, H, W] indexes every element through a
-division and a modulo that TVM does not simplify once the next layer's padding is fused in, and those
-layout kernels took 1-4 ms each (PP-LCNet int8 tuned: 21.6 ms, 8x onnxruntime fp32; the VNNI kernels
-themselves took 50-100 us).
+Only permutes, no reshapes: with a reshape between [H*W, C] and [1, C, H, W] the layout kernels indexed
+through a division and a modulo and were slower still. Measured end to end (PP-LCNet int8, tuned 32
+trials/task on the x86 lab device): 21.6 ms with reshapes, 16.1 ms with permutes, 8.1 ms with plain integer
+1x1 convs, although each VNNI kernel is ~3x faster than its tuned fp32 conv: the permute back, fused with the
+requantize/activation chain that follows, reads channel-strided: every schedule tried took 0.6-1.2 ms. So the
+pipeline uses VNNI for matmuls only (``vnni_pointwise`` off) until the network itself is channel-last.
 
 The int32 sums are exactly conv2d's: vpdpbusd adds the uint8 x int8 products in int32 without saturating
 (unlike the AVX2 vpmaddubsw path, which saturates pairs in int16). Untuned, the kernel is plain loops like
