@@ -135,7 +135,8 @@ def _conv(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, vnni: VnniKernel
         xq = relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx))
         padding = [0, 0, 0, 0]
     # One pixel ([1, C, 1, 1]: squeeze-excitation, a classifier's conv): the permutes move nothing.
-    single_pixel = _static_shape(xq) is not None and _static_shape(xq)[2:] == [1, 1]
+    shape = _static_shape(xq)
+    single_pixel = shape is not None and shape[2:] == [1, 1]
     acc = _vnni_pointwise(xq, wq, a, padding, vnni) if vnni and (pointwise or single_pixel) else None
     if acc is None:
         acc = relax.op.nn.conv2d(xq, relax.const(wq), strides=a.strides, padding=padding, dilation=a.dilation,

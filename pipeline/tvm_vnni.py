@@ -19,7 +19,8 @@ through a division and a modulo and were slower still. Measured end to end (PP-L
 trials/task on the x86 lab device): 21.6 ms with reshapes, 16.1 ms with permutes, 8.1 ms with plain integer
 1x1 convs, although each VNNI kernel is ~3x faster than its tuned fp32 conv: the permute back, fused with the
 requantize/activation chain that follows, reads channel-strided: every schedule tried took 0.6-1.2 ms. So the
-pipeline uses VNNI for matmuls only (``vnni_pointwise`` off) until the network itself is channel-last.
+pipeline uses VNNI for matmuls and single-pixel 1x1 convs only (``vnni_pointwise`` off) until the network
+itself is channel-last.
 
 The int32 sums are exactly conv2d's: vpdpbusd adds the uint8 x int8 products in int32 without saturating
 (unlike the AVX2 vpmaddubsw path, which saturates pairs in int16). Untuned, the kernel is plain loops like

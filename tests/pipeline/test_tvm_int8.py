@@ -191,8 +191,7 @@ def test_layers_that_differ_only_in_scales_share_one_tuning_task(tmp_path):
 
     onnx.save(_chain_of_convs(), str(tmp_path / "chain.onnx"))
     rng = np.random.default_rng(3)
-    calibration = Samples({"x": rng.uniform(*CALIBRATION_RANGE, (8, 1, 8, 8, 8)).reshape(8, 8, 8, 8)
-                           .astype(np.float32)})
+    calibration = Samples({"x": rng.uniform(*CALIBRATION_RANGE, (8, 8, 8, 8)).astype(np.float32)})
     path = _int8_model(tmp_path / "chain.onnx", tmp_path, calibration, "uint8")
     integer, count = integerize(_import(path, {"x": [1, 8, 8, 8]}))
     assert count == 3
