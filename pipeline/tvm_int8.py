@@ -220,8 +220,8 @@ def integerize(mod: tvm.IRModule, *, vnni: bool = False, vnni_pointwise: bool = 
     With ``vnni``, matmuls that fit become VNNI-ready kernels (pipeline.tvm_vnni), and so do 1x1 convs on a
     single pixel; with ``vnni_pointwise`` too, every 1x1 conv that fits. The pipeline leaves the latter off: in
     an NCHW network each such conv needs a permute on either side, and the permute back, fused with the
-    requantize/activation chain after it, took 0.6-1.2 ms in every schedule tried (PP-LCNet, tuned 32
-    trials/task: 16.1 ms with them, 8.1 ms without, although the VNNI kernels themselves ran ~3x faster than
+    requantize/activation chain after it, took 0.3-5 ms a layer in the best of 32 schedules (PP-LCNet,
+    tuned 32 trials/task: 16.1 ms with them, 8.1 ms without, although the VNNI kernels themselves ran ~3x faster than
     tuned fp32 convs). They can pay off once the network is channel-last (not done).
 
     Run it on what ``relax.frontend.onnx.from_onnx(..., keep_params_in_input=False)`` returns, before
