@@ -67,8 +67,18 @@ class Tuning(BaseModel):
 
 
 EVOLUTIONARY_MIN_TRIALS = 64
-# Part of the artifact cache key: a library built by an earlier revision of this module is not reused.
-COMPILE_REVISION = "3: VNNI-ready pointwise kernels"
+
+
+def source_revision(paths: list[Path]) -> str:
+    """A digest of the code that decides what a compiled library contains."""
+    return sha256_bytes(b"".join(path.read_bytes() for path in paths))[:16]
+
+
+# Part of the artifact cache key: a library built by other compiler code is not reused. Derived from the source
+# files themselves: a hand-kept revision string was once left unchanged, and a library with the previous int8
+# layout was served from the cache.
+COMPILER_SOURCES = [Path(__file__), Path(__file__).with_name("tvm_int8.py"), Path(__file__).with_name("tvm_vnni.py")]
+COMPILE_REVISION = source_revision(COMPILER_SOURCES)
 
 
 def tuning_dir(target: dict[str, Any], root: Path) -> Path:

@@ -47,3 +47,20 @@ def test_static_rewritten_model_compiles_and_matches_onnxruntime(dynamic_onnx, t
     expected = ort.InferenceSession(str(dynamic_onnx), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     tol = 1e-4 if scheme == "fp32" else 5e-2
     np.testing.assert_allclose(_run_library(artifact.library_path, x), expected, rtol=tol, atol=tol)
+
+
+def test_compile_cache_key_follows_the_compiler_code(tmp_path):
+    """Regression: the revision in the cache key was a hand-kept string; int8 layout changes went out without it
+    changing, and `make demo` served a library built by the previous code from the cache."""
+    from pipeline import tvm_int8, tvm_vnni
+    from pipeline.compile import COMPILE_REVISION, COMPILER_SOURCES, source_revision
+
+    assert {Path(tvm_int8.__file__), Path(tvm_vnni.__file__)} <= set(COMPILER_SOURCES)
+    assert COMPILE_REVISION == source_revision(COMPILER_SOURCES)
+    copies = []
+    for path in COMPILER_SOURCES:
+        copies.append(tmp_path / path.name)
+        copies[-1].write_bytes(path.read_bytes())
+    assert source_revision(copies) == COMPILE_REVISION
+    copies[1].write_text(copies[1].read_text() + "\n# any edit\n")
+    assert source_revision(copies) != COMPILE_REVISION
