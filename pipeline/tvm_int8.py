@@ -33,6 +33,9 @@ weights are not constant symmetric int8 or whose activation scale is not per ten
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -102,14 +105,19 @@ def _static_shape(expr: relax.Expr) -> list[int] | None:
     return [int(d) for d in ty.shape.values]
 
 
-def _vnni_pointwise(xq: relax.Expr, wq: np.ndarray, a, padding: list[int], vnni: VnniKernels) -> relax.Expr | None:
-    """A 1x1 conv as channel-last matmul with packed weights (pipeline.tvm_vnni), or None where it doesn't fit."""
+def _vnni_pointwise(xq: relax.Expr, wq: np.ndarray, a, padding: list[int], vnni: VnniKernels,
+                    any_size: bool) -> relax.Expr | None:
+    """A 1x1 conv as channel-last matmul with packed weights (pipeline.tvm_vnni), or None where it doesn't fit.
+    Unless ``any_size``, only on a single pixel ([1, C, 1, 1]: squeeze-excitation, a classifier's conv), where
+    the permutes around it move nothing."""
     shape = _static_shape(xq)
     o, c = wq.shape[:2]
     if shape is None or len(shape) != 4 or shape[0] != 1 or _dtype(xq) != "uint8" or wq.shape[2:] != (1, 1) or \
             any(padding) or int(a.groups) != 1 or any(int(s) != 1 for s in a.strides) or not fits(c, o):
         return None
     _, _, h, w = shape
+    if not any_size and (h, w) != (1, 1):
+        return None
     pixels = relax.op.permute_dims(xq, [0, 2, 3, 1])  # [1, H, W, C]: channels contiguous
     acc = vnni.call(pixels, (1, h, w), wq.reshape(o, c))
     return relax.op.permute_dims(acc, [0, 3, 1, 2])
@@ -134,10 +142,7 @@ def _conv(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, vnni: VnniKernel
         top, left, bottom, right = padding
         xq = relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx))
         padding = [0, 0, 0, 0]
-    # One pixel ([1, C, 1, 1]: squeeze-excitation, a classifier's conv): the permutes move nothing.
-    shape = _static_shape(xq)
-    single_pixel = shape is not None and shape[2:] == [1, 1]
-    acc = _vnni_pointwise(xq, wq, a, padding, vnni) if vnni and (pointwise or single_pixel) else None
+    acc = _vnni_pointwise(xq, wq, a, padding, vnni, any_size=pointwise) if vnni else None
     if acc is None:
         acc = relax.op.nn.conv2d(xq, relax.const(wq), strides=a.strides, padding=padding, dilation=a.dilation,
                                  groups=a.groups, out_dtype="int32")
@@ -210,9 +215,9 @@ class _QuantParamsAsTensors(relax.PyExprMutator):
         return relax.Call(call.op, args, call.attrs)
 
 
-def _quant_params_as_tensors(mod: tvm.IRModule) -> tvm.IRModule:
-    return tvm.IRModule({gvar: _QuantParamsAsTensors().visit_expr(func) if isinstance(func, relax.Function)
-                         else func for gvar, func in mod.functions.items()}, attrs=mod.attrs)
+def _map_relax_functions(mod: tvm.IRModule, rewrite: Callable[[relax.Function], relax.Function]) -> tvm.IRModule:
+    return tvm.IRModule({gvar: rewrite(func) if isinstance(func, relax.Function) else func
+                         for gvar, func in mod.functions.items()}, attrs=mod.attrs)
 
 
 def integerize(mod: tvm.IRModule, *, vnni: bool = False, vnni_pointwise: bool = False) -> tuple[tvm.IRModule, int]:
@@ -255,13 +260,11 @@ def integerize(mod: tvm.IRModule, *, vnni: bool = False, vnni_pointwise: bool = 
     out = mod
     # With-bias first: once a conv is rewritten alone, its bias add no longer matches.
     for pattern in (p["with_bias"], p["without_bias"]):
-        out = tvm.IRModule({gvar: relax.dpl.rewrite_call(pattern, rewriter, func)
-                            if isinstance(func, relax.Function) else func
-                            for gvar, func in out.functions.items()}, attrs=out.attrs)
+        out = _map_relax_functions(out, functools.partial(relax.dpl.rewrite_call, pattern, rewriter))
         # Drop what the rewrite orphaned (the weights' float dequantize, a bias-less conv a bias add fed on).
         out = relax.transform.DeadCodeElimination()(out)
     if kernels and kernels.functions:
         register_vnni_intrinsic()
         out = tvm.IRModule({**dict(out.functions.items()), **kernels.functions}, attrs=out.attrs)
-    out = _quant_params_as_tensors(out)
+    out = _map_relax_functions(out, _QuantParamsAsTensors().visit_expr)
     return out, count_integer_ops(out) + count_vnni_ops(out) - before
