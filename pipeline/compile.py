@@ -64,9 +64,27 @@ class Tuning(BaseModel):
     minutes: float | None = Field(default=None, description="The run's time budget (--tune-minutes), if any.")
     stopped_by_time: bool = Field(default=False, description="The time budget ended the run before its trials.")
     trials_added: int = Field(default=0, description="Records this run added to the database.")
+    trials_per_round: int = Field(default=0, description="Candidates a task got per round of the search.")
 
 
 EVOLUTIONARY_MIN_TRIALS = 64
+TRIALS_PER_ROUND = 64  # MetaSchedule's default: candidates measured per task per round of the evolutionary search
+FIRST_ROUND_SHARE = 1 / 3  # of a time budget, at most, for the round every task gets before the cost model steers
+SECONDS_PER_TRIAL = 1.0  # build + time one candidate, measured on the x86 lab device (2 cores); boards are slower
+
+
+def trials_per_round(trials: int, tasks: int, minutes: float | None) -> int:
+    """Candidates a task gets per round. MetaSchedule gives every task one round, in turn, before the cost model
+    decides which kernels deserve more: at 64 a round YOLOX's 49 tasks spend ~52 minutes of a one-hour budget on
+    random candidates and leave nothing for the evolutionary search on its heavy convs. With a time budget the
+    first round is kept to a third of it (never below 16 a round, where breeding and training the cost model
+    would cost more than measuring)."""
+    if trials < EVOLUTIONARY_MIN_TRIALS:
+        return min(trials, 16)  # replay-trace: random candidates, no cost model to feed
+    if not minutes:
+        return TRIALS_PER_ROUND
+    affordable = int(minutes * 60 * FIRST_ROUND_SHARE / (max(tasks, 1) * SECONDS_PER_TRIAL))
+    return max(16, min(TRIALS_PER_ROUND, affordable))
 
 
 def source_revision(paths: list[Path]) -> str:
@@ -263,8 +281,9 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     database_dir.mkdir(parents=True, exist_ok=True)
     # The evolutionary search breeds a population of 2048 per round: worth it for real budgets, minutes of overhead
     # for a handful of trials, where random sampling of the design space does as well. Each round costs seconds of
-    # breeding and cost-model training whatever it measures, so it measures 64 (MetaSchedule's default).
+    # breeding and cost-model training whatever it measures: how many it measures is trials_per_round's call.
     evolutionary = trials >= EVOLUTIONARY_MIN_TRIALS
+    per_round = trials_per_round(trials, len(tasks), minutes)
     runner = runner or ms.runner.LocalRunner()
     deadline = Deadline(minutes * 60) if minutes else None
     before = _records(database_dir)
@@ -274,7 +293,7 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
             database = ms.relax_integration.tune_relax(
                 mod, params={}, target=target, work_dir=str(database_dir),
                 max_trials_global=trials * max(len(tasks), 1), max_trials_per_task=trials,
-                num_trials_per_iter=min(trials, 64 if evolutionary else 16), builder=builder or _forked_builder(),
+                num_trials_per_iter=per_round, builder=builder or _forked_builder(),
                 runner=OneAtATime(runner) if shared_machine else runner,
                 strategy="evolutionary" if evolutionary else "replay-trace",
                 measure_callbacks=[*ms.MeasureCallback.create("default"), *([deadline] if deadline else [])],
@@ -294,7 +313,7 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
                               records=records, measured_on=measured_on, curve=tuning_curve(database_dir, weights),
                               scheduled=_scheduled_kernels(database, decomposed, target), minutes=minutes,
                               stopped_by_time=bool(deadline and deadline.reached),
-                              trials_added=records - before)
+                              trials_added=records - before, trials_per_round=per_round)
 
 
 def _records(database_dir: Path) -> int:

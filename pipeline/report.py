@@ -186,7 +186,8 @@ def tuning_text(t: dict[str, Any]) -> str:
     """One paragraph on a build's tuning (pipeline.compile.Tuning as a dict)."""
     budget = (f", ended by the {t['minutes']:g}-minute budget" if t.get("stopped_by_time")
               else f" (budget {t['minutes']:g} min)" if t.get("minutes") else "")
-    return (f"tuned: up to {t['trials_per_task']} MetaSchedule trials per task over {t['tasks']} tasks, "
+    per_round = f" ({t['trials_per_round']} a round)" if t.get("trials_per_round") else ""
+    return (f"tuned: up to {t['trials_per_task']} MetaSchedule trials per task{per_round} over {t['tasks']} tasks, "
             f"{t.get('trials_added', 0)} trials added in {t['seconds']:.0f} s{budget} ({t.get('scheduled', 0)} "
             f"kernels built with a tuned schedule); the database ({t['database']}) now holds {t['records']} records"
             + _curve_text(t.get("curve") or []))
