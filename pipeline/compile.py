@@ -75,10 +75,10 @@ SECONDS_PER_TRIAL = 1.0  # build + time one candidate, measured on the x86 lab d
 
 def trials_per_round(trials: int, tasks: int, minutes: float | None) -> int:
     """Candidates a task gets per round. MetaSchedule gives every task one round, in turn, before the cost model
-    decides which kernels deserve more: at 64 a round YOLOX's 49 tasks spend ~52 minutes of a one-hour budget on
-    random candidates and leave nothing for the evolutionary search on its heavy convs. With a time budget the
-    first round is kept to a third of it (never below 16 a round, where breeding and training the cost model
-    would cost more than measuring)."""
+    decides which kernels deserve more: at 64 a round YOLOX's 49 tasks would spend ~45 of 57 minutes on random
+    candidates and leave little for the evolutionary search on its heavy convs. With a time budget the first
+    round aims at a third of it (YOLOX, 23 a round: 22 of 57 minutes, measured; docs/lab-x86/tuning-yolox-1h.md),
+    never below 16 a round, where choosing the candidates would cost more than measuring them."""
     if trials < EVOLUTIONARY_MIN_TRIALS:
         return min(trials, 16)  # replay-trace: random candidates, no cost model to feed
     if not minutes:

@@ -67,8 +67,8 @@ def test_compile_cache_key_follows_the_compiler_code(tmp_path):
 
 
 def test_a_time_budget_keeps_the_first_tuning_round_to_a_third_of_it():
-    """At MetaSchedule's 64 candidates a round, YOLOX's 49 tasks spent ~52 of 57 minutes on the round every task
-    gets before the cost model steers anything."""
+    """At MetaSchedule's 64 candidates a round, YOLOX's 49 tasks would spend ~45 of 57 minutes on the round every
+    task gets before the cost model steers anything."""
     from pipeline.compile import SECONDS_PER_TRIAL, trials_per_round
 
     assert trials_per_round(1000, 49, 57) == 23
