@@ -1,5 +1,5 @@
-"""Stage 3, compile: with pipeline.tvm_int8, tvm_vnni, tuning_control and remote_tuning, the only modules that
-import tvm.
+"""Stage 3, compile: with pipeline.tvm_int8, tvm_vnni, tvm_layout, tuning_control and remote_tuning, the only
+modules that import tvm.
 
 TVM Relax imports the (static, possibly QDQ) ONNX model and builds a shared library for the
 profile's target, cross-linked where the device is another architecture. The manifest written
@@ -33,6 +33,7 @@ from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profi
 from pipeline.quantize import QuantizedModel
 from pipeline.tuning_curve import CurvePoint, tuning_curve
 from pipeline.tvm_int8 import integerize
+from pipeline.tvm_layout import channels_last
 from pipeline.tvm_vnni import count_vnni_ops
 from targets.profiles import DeviceProfile
 
@@ -95,7 +96,7 @@ def source_revision(paths: list[Path]) -> str:
 # Part of the artifact cache key: a library built by other compiler code is not reused. Derived from the source
 # files themselves: a hand-kept revision string was once left unchanged, and a library with the previous int8
 # layout was served from the cache.
-COMPILER_SOURCES = [Path(__file__), Path(__file__).with_name("tvm_int8.py"), Path(__file__).with_name("tvm_vnni.py")]
+COMPILER_SOURCES = [Path(__file__), *(Path(__file__).with_name(f"tvm_{p}.py") for p in ("int8", "vnni", "layout"))]
 COMPILE_REVISION = source_revision(COMPILER_SOURCES)
 
 
@@ -356,6 +357,18 @@ def _device_code(executable) -> str:
     return "cpu"
 
 
+def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile) -> tuple[tvm.IRModule, int]:
+    """The model as the profile's target will run it, and how many of its ops became integer kernels."""
+    model = onnx.load(quantized.path)
+    shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
+    mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    # Before anything folds the int8 weights into float constants: QDQ conv/matmul -> integer kernels.
+    mod, integer_ops = integerize(mod, vnni=_has_vnni(profile)) if quantized.config.scheme == "int8" else (mod, 0)
+    if not profile.tvm_gpu_target():  # CPU kernels vectorize along contiguous channels (pipeline.tvm_layout)
+        mod = channels_last(mod)
+    return mod, integer_ops
+
+
 def compile_model(
     quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, workdir: Path, *,
     tune_trials: int = 0, tune_minutes: float | None = None, tuning_root: Path | None = None,
@@ -369,12 +382,7 @@ def compile_model(
     tuning = None
     started = time.perf_counter()
     try:
-        model = onnx.load(quantized.path)
-        shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
-        mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
-        # Before anything folds the int8 weights into float constants: QDQ conv/matmul -> integer kernels.
-        mod, integer_ops = (integerize(mod, vnni=_has_vnni(profile)) if quantized.config.scheme == "int8"
-                            else (mod, 0))
+        mod, integer_ops = relax_module(quantized, info, profile)
         if tune_trials:
             root = tuning_root or workdir / "tuning"
             executable, tuning = _tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root), profile,

@@ -55,16 +55,13 @@ def test_tuning_database_grows_and_results_match(tmp_path):
 
 
 def _task_count(q, info, profile) -> int:
-    import onnx
     import tvm
-    from tvm.relax.frontend import onnx as onnx_frontend
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compile import _decomposed, _fuse, resolve_target
+    from pipeline.compile import _decomposed, _fuse, relax_module, resolve_target
 
     target = tvm.target.Target(resolve_target(profile))
-    mod = onnx_frontend.from_onnx(onnx.load(q.path), shape_dict={i.name: list(i.shape) for i in info.inputs},
-                                  keep_params_in_input=False)
+    mod, _ = relax_module(q, info, profile)
     return len(ms.relax_integration.extract_tasks(_fuse(_decomposed(mod, target), target), target))
 
 

@@ -1,0 +1,104 @@
+"""Channel-last networks for CPU targets: every conv becomes NHWC, no permute is left between layers, and the
+network computes what it computed in NCHW (float: to rounding; integer: bit for bit)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.workloads.base import Samples
+from tests.pipeline.test_tvm_int8 import CALIBRATION_RANGE, _chain_of_convs, _import, _int8_model, _vm
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+from pipeline.tvm_int8 import integerize  # noqa: E402
+from pipeline.tvm_layout import channels_last, count_permutes  # noqa: E402
+
+
+def _mobilenet_block() -> onnx.ModelProto:
+    """x[1,3,16,16] -> Conv 3x3/2 -> HardSwish as x * HardSigmoid(x) (Clip inside, as PP-LCNet exports it) ->
+    depthwise Conv 3x3 -> ReLU6 (Clip) -> 1x1 Conv -> GlobalAveragePool -> Flatten -> Gemm -> y[1,10]."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), name) for name, a in (
+        ("w0", rng.standard_normal((16, 3, 3, 3)) / 3), ("b0", rng.standard_normal(16)),
+        ("wd", rng.standard_normal((16, 1, 3, 3)) / 3), ("w1", rng.standard_normal((32, 16, 1, 1)) / 4),
+        ("g", rng.standard_normal((10, 32)) / 6), ("lo", 0.0), ("hi", 6.0))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("HardSigmoid", ["c0"], ["s0"], alpha=1 / 6),
+        helper.make_node("Mul", ["c0", "s0"], ["h0"]),
+        helper.make_node("Conv", ["h0", "wd"], ["d"], pads=[1, 1, 1, 1], group=16),
+        helper.make_node("Clip", ["d", "lo", "hi"], ["r"]),
+        helper.make_node("Conv", ["r", "w1"], ["c1"]),
+        helper.make_node("GlobalAveragePool", ["c1"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "g"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def _conv_layouts(mod) -> set[tuple[str, str]]:
+    found = set()
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.conv2d":
+            found.add((str(expr.attrs.data_layout), str(expr.attrs.kernel_layout)))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+def _inputs(count: int) -> np.ndarray:
+    return np.random.default_rng(5).uniform(*CALIBRATION_RANGE, (count, 1, 3, 16, 16)).astype(np.float32)
+
+
+def test_float_network_becomes_channel_last_and_computes_the_same(tmp_path):
+    onnx.save(_mobilenet_block(), str(tmp_path / "block.onnx"))
+    mod = _import(tmp_path / "block.onnx", {"x": [1, 3, 16, 16]})
+    nhwc = channels_last(mod)
+    assert _conv_layouts(nhwc) == {("NHWC", "HWIO")}
+    # Into NHWC at the input, back before Flatten: nothing in between (Clip once needed a permute either side).
+    assert count_permutes(nhwc) == 2
+    before, after = _vm(mod), _vm(nhwc)
+    for x in _inputs(3):
+        expected = before["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_allclose(after["main"](tvm.runtime.tensor(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_integer_network_becomes_channel_last_bit_for_bit(tmp_path):
+    """uint8 activations with zero points far from 0: padded convs pad with the zero point explicitly, and
+    every quantize/dequantize between the layers must cross into NHWC with them."""
+    onnx.save(_mobilenet_block(), str(tmp_path / "block.onnx"))
+    calibration = Samples({"x": _inputs(16)[:, 0]})
+    path = _int8_model(tmp_path / "block.onnx", tmp_path, calibration, "uint8")
+    integer, count = integerize(_import(path, {"x": [1, 3, 16, 16]}))
+    assert count == 4
+    nhwc = channels_last(integer)
+    assert _conv_layouts(nhwc) == {("NHWC", "HWIO")}
+    assert count_permutes(nhwc) == 2
+    before, after = _vm(integer), _vm(nhwc)
+    for x in _inputs(3):
+        expected = before["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(after["main"](tvm.runtime.tensor(x)).numpy(), expected)
+
+
+def test_channel_last_layers_that_differ_only_in_scales_still_share_a_kernel(tmp_path):
+    """The rewritten quantize/dequantize read their scales from one-element tensors, as before the layout pass
+    (pipeline.tvm_int8): written in as literals, every layer would be its own tuning task."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compile import _decomposed, _fuse
+
+    onnx.save(_chain_of_convs(), str(tmp_path / "chain.onnx"))
+    calibration = Samples({"x": np.random.default_rng(3).uniform(*CALIBRATION_RANGE, (8, 8, 8, 8)).astype(np.float32)})
+    path = _int8_model(tmp_path / "chain.onnx", tmp_path, calibration, "uint8")
+    nhwc = channels_last(integerize(_import(path, {"x": [1, 8, 8, 8]}))[0])
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
+    tasks = ms.relax_integration.extract_tasks(_fuse(_decomposed(nhwc, target), target), target)
+    convs = sorted(int(task.weight) for task in tasks if "conv2d" in task.task_name)
+    assert convs == [1, 2], [(task.task_name, int(task.weight)) for task in tasks]
