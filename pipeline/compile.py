@@ -34,7 +34,7 @@ from pipeline.quantize import QuantizedModel
 from pipeline.tuning_curve import CurvePoint, tuning_curve
 from pipeline.tvm_int8 import integerize
 from pipeline.tvm_layout import channels_last
-from pipeline.tvm_vnni import count_vnni_ops
+from pipeline.tvm_vnni import count_vnni_ops, vnni_pointwise_convs
 from targets.profiles import DeviceProfile
 
 __all__ = ["ELF_MACHINES", "CompiledArtifact", "compile_model", "elf_machine", "profile_sha256",
@@ -366,6 +366,8 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
     mod, integer_ops = integerize(mod, vnni=_has_vnni(profile)) if quantized.config.scheme == "int8" else (mod, 0)
     if not profile.tvm_gpu_target():  # CPU kernels vectorize along contiguous channels (pipeline.tvm_layout)
         mod = channels_last(mod)
+        if integer_ops and _has_vnni(profile):
+            mod = vnni_pointwise_convs(mod)
     return mod, integer_ops
 
 

@@ -105,26 +105,7 @@ def _static_shape(expr: relax.Expr) -> list[int] | None:
     return [int(d) for d in ty.shape.values]
 
 
-def _vnni_pointwise(xq: relax.Expr, wq: np.ndarray, a, padding: list[int], vnni: VnniKernels,
-                    any_size: bool) -> relax.Expr | None:
-    """A 1x1 conv as channel-last matmul with packed weights (pipeline.tvm_vnni), or None where it doesn't fit.
-    Unless ``any_size``, only on a single pixel ([1, C, 1, 1]: squeeze-excitation, a classifier's conv), where
-    the permutes around it move nothing."""
-    shape = _static_shape(xq)
-    o, c = wq.shape[:2]
-    if shape is None or len(shape) != 4 or shape[0] != 1 or _dtype(xq) != "uint8" or wq.shape[2:] != (1, 1) or \
-            any(padding) or int(a.groups) != 1 or any(int(s) != 1 for s in a.strides) or not fits(c, o):
-        return None
-    _, _, h, w = shape
-    if not any_size and (h, w) != (1, 1):
-        return None
-    pixels = relax.op.permute_dims(xq, [0, 2, 3, 1])  # [1, H, W, C]: channels contiguous
-    acc = vnni.call(pixels, (1, h, w), wq.reshape(o, c))
-    return relax.op.permute_dims(acc, [0, 3, 1, 2])
-
-
-def _conv(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, vnni: VnniKernels | None = None,
-          pointwise: bool = False) -> tuple[relax.Expr, ...] | None:
+def _conv(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call) -> tuple[relax.Expr, ...] | None:
     a = call.attrs
     if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW") or \
             str(a.out_dtype) not in _FLOAT_OUT:
@@ -142,10 +123,8 @@ def _conv(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, vnni: VnniKernel
         top, left, bottom, right = padding
         xq = relax.op.nn.pad(xq, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx))
         padding = [0, 0, 0, 0]
-    acc = _vnni_pointwise(xq, wq, a, padding, vnni, any_size=pointwise) if vnni else None
-    if acc is None:
-        acc = relax.op.nn.conv2d(xq, relax.const(wq), strides=a.strides, padding=padding, dilation=a.dilation,
-                                 groups=a.groups, out_dtype="int32")
+    acc = relax.op.nn.conv2d(xq, relax.const(wq), strides=a.strides, padding=padding, dilation=a.dilation,
+                             groups=a.groups, out_dtype="int32")
     # conv(zx, W)[o] = zx * sum of W[o] over its input channels and window.
     return acc, zx * wq.astype(np.int64).sum(axis=(1, 2, 3)), sx * sw_out.reshape(-1), (1, -1, 1, 1)
 
@@ -220,14 +199,10 @@ def _map_relax_functions(mod: tvm.IRModule, rewrite: Callable[[relax.Function], 
                          for gvar, func in mod.functions.items()}, attrs=mod.attrs)
 
 
-def integerize(mod: tvm.IRModule, *, vnni: bool = False, vnni_pointwise: bool = False) -> tuple[tvm.IRModule, int]:
+def integerize(mod: tvm.IRModule, *, vnni: bool = False) -> tuple[tvm.IRModule, int]:
     """Rewrite QDQ conv2d/matmul into integer ones; returns the new module and how many ops became integer.
-    With ``vnni``, matmuls that fit become VNNI-ready kernels (pipeline.tvm_vnni), and so do 1x1 convs on a
-    single pixel; with ``vnni_pointwise`` too, every 1x1 conv that fits. The pipeline leaves the latter off: in
-    an NCHW network each such conv needs a permute on either side, and the permute back, fused with the
-    requantize/activation chain after it, took 0.3-5 ms a layer in the best of 32 schedules (PP-LCNet,
-    tuned 32 trials/task: 16.1 ms with them, 8.1 ms without, although the VNNI kernels themselves ran ~3x faster than
-    tuned fp32 convs). They can pay off once the network is channel-last (not done).
+    With ``vnni``, matmuls that fit become VNNI-ready kernels (pipeline.tvm_vnni); 1x1 convs do once the
+    network is channel-last (``pipeline.tvm_vnni.vnni_pointwise_convs``).
 
     Run it on what ``relax.frontend.onnx.from_onnx(..., keep_params_in_input=False)`` returns, before
     ``FoldConstant`` (which turns the int8 weights' dequantize into plain float constants).
@@ -237,7 +212,7 @@ def integerize(mod: tvm.IRModule, *, vnni: bool = False, vnni_pointwise: bool = 
 
     def rewriter(orig: relax.Call, matched) -> relax.Expr:
         if p["conv"] in matched:
-            core = _conv(matched[p["conv"]], matched[p["x_dq"]], matched[p["w_dq"]], kernels, vnni_pointwise)
+            core = _conv(matched[p["conv"]], matched[p["x_dq"]], matched[p["w_dq"]])
         else:
             core = _matmul(matched[p["matmul"]], matched[p["x_dq"]], matched[p["w_dq"]], matched.get(p["w_t"]),
                            kernels)

@@ -6,21 +6,17 @@ MetaSchedule offers that instruction (its ``dot_16x4_vnni`` tensor intrinsic) on
 - the uint8 activations 4 input channels at a time, contiguous: channel-last, [pixels, C];
 - the int8 weights as whole 16 (outputs) x 4 (inputs) tiles, contiguous: packed [O/16, C/4, 16, 4].
 
-An NCHW conv2d is neither, so it never got a VNNI candidate. ``integerize(vnni=True, vnni_pointwise=True)``
-(pipeline.tvm_int8) rewrites each integer 1x1 conv (stride 1, unpadded, ungrouped; the bulk of a MobileNet-style
-network's work) and each integer matmul with a constant weight into
+A conv2d is neither (its weights are OIHW or HWIO), so it never gets a VNNI candidate. Two rewrites make
+kernels that are: ``integerize(vnni=True)`` (pipeline.tvm_int8) turns each integer matmul with a constant
+weight into one, and :func:`vnni_pointwise_convs`, once the network is channel-last (pipeline.tvm_layout),
+turns each integer 1x1 conv (stride 1, unpadded, ungrouped; the bulk of a MobileNet-style network's work) into
 
-    a   = permute_dims(xq, [0, 2, 3, 1])                # [1, H, W, C] uint8 (fused into the producer's quantize)
-    acc = call_tir(vnni_matmul, a, W_packed) -> [1, H, W, O] int32
-    acc = permute_dims(acc, [0, 3, 1, 2])                # back to what conv2d returned, same int32 values
+    acc = call_tir(vnni_matmul, xq [1, H, W, C] uint8, W_packed) -> [1, H, W, O] int32
 
-Only permutes, no reshapes: with a reshape between [H*W, C] and [1, C, H, W] the layout kernels indexed
-through a division and a modulo and were slower still. Measured end to end (PP-LCNet int8, tuned 32
-trials/task on the x86 lab device): 21.6 ms with reshapes, 16.1 ms with permutes, 8.1 ms with plain integer
-1x1 convs, although each VNNI kernel is ~3x faster than its tuned fp32 conv: the permute back, fused with the
-requantize/activation chain that follows, reads channel-strided, and the best of 32 schedules took 0.3-5 ms
-a layer on the 14x14 to 112x112 maps (the permute in, same sizes: 11-100 us). So the pipeline uses VNNI for
-matmuls and single-pixel 1x1 convs only (``vnni_pointwise`` off) until the network itself is channel-last.
+with nothing around it: the NHWC activations already are [pixels, C]. (In an NCHW network each such conv
+needed a permute on either side, and the permute back, fused with the requantize/activation chain after it,
+cost more than the kernel saved: PP-LCNet int8, tuned 32 trials/task on the x86 lab device, took 16.1 ms with
+them against 8.1 ms with plain integer 1x1 convs, docs/lab-x86/pp-lcnet-int8.md.)
 
 The int32 sums are exactly conv2d's: vpdpbusd adds the uint8 x int8 products in int32 without saturating
 (unlike the AVX2 vpmaddubsw path, which saturates pairs in int16). Untuned, the kernel is plain loops like
@@ -142,3 +138,41 @@ def count_vnni_ops(mod: tvm.IRModule) -> int:
 def fits(c: int, o: int) -> bool:
     """Whole vpdpbusd tiles: input channels in 4s, outputs in 16s."""
     return c % GROUP == 0 and o % LANES == 0
+
+
+def _pointwise_weight(call: relax.Call) -> np.ndarray | None:
+    """The [O, C] int8 weight of an integer NHWC 1x1 conv that VNNI tiles fit, else None."""
+    a = call.attrs
+    x, w = call.args
+    if (str(a.data_layout), str(a.kernel_layout), str(a.out_dtype)) != ("NHWC", "HWIO", "int32") or \
+            int(a.groups) != 1 or any(int(s) != 1 for s in a.strides) or any(int(p) for p in a.padding) or \
+            str(x.ty.dtype) != "uint8" or not isinstance(w, tvm.ir.GenericConst) or x.ty.ndim != 4:
+        return None
+    hwio = w.value.numpy()
+    if hwio.dtype != np.int8 or hwio.shape[:2] != (1, 1) or not fits(*hwio.shape[2:]):
+        return None
+    return np.ascontiguousarray(hwio[0, 0].T)
+
+
+def vnni_pointwise_convs(mod: tvm.IRModule) -> tvm.IRModule:
+    """Every integer NHWC 1x1 conv that fits becomes a VNNI-ready kernel (same int32 results)."""
+    mod = relax.transform.FoldConstant()(mod)  # ConvertLayout left each weight as permute_dims(OIHW constant)
+    kernels = VnniKernels()
+
+    @relax.expr_functor.mutator
+    class Rewrite(relax.PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
+                return call
+            weight = _pointwise_weight(call)
+            dims = call.args[0].ty.shape.values if weight is not None else []
+            if weight is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims) or int(dims[0]) != 1:
+                return call
+            return kernels.call(call.args[0], tuple(int(d) for d in dims[:3]), weight)
+
+    functions = {gvar: Rewrite().visit_expr(func) if isinstance(func, relax.Function) else func
+                 for gvar, func in mod.functions.items()}
+    if kernels.functions:
+        register_vnni_intrinsic()
+    return relax.transform.Normalize()(tvm.IRModule({**functions, **kernels.functions}, attrs=mod.attrs))

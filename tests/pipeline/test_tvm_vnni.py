@@ -18,7 +18,14 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend import onnx as onnx_frontend  # noqa: E402
 
 from pipeline.tvm_int8 import integerize  # noqa: E402
-from pipeline.tvm_vnni import count_vnni_ops, packed_weight, register_vnni_intrinsic, vnni_matmul  # noqa: E402
+from pipeline.tvm_layout import channels_last, count_permutes  # noqa: E402
+from pipeline.tvm_vnni import (  # noqa: E402
+    count_vnni_ops,
+    packed_weight,
+    register_vnni_intrinsic,
+    vnni_matmul,
+    vnni_pointwise_convs,
+)
 
 pytestmark = pytest.mark.slow
 HAS_VNNI = "avx512_vnni" in detect_host().features
@@ -64,10 +71,11 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
 
     plain, plain_count = integerize(mod)
     matmuls, matmuls_count = integerize(mod, vnni=True)
-    vnni, vnni_count = integerize(mod, vnni=True, vnni_pointwise=True)
-    assert plain_count == matmuls_count == vnni_count == 4 and count_vnni_ops(plain) == 0
-    assert count_vnni_ops(matmuls) == 1  # the Gemm: what the pipeline asks for
-    assert count_vnni_ops(vnni) == 3  # both 1x1 convs and the Gemm; the 3x3 conv stays a conv
+    assert plain_count == matmuls_count == 4 and count_vnni_ops(plain) == 0
+    assert count_vnni_ops(matmuls) == 1  # the Gemm
+    vnni = vnni_pointwise_convs(channels_last(matmuls))
+    assert count_vnni_ops(vnni) == 3  # and both 1x1 convs, once channel-last; the 3x3 conv stays a conv
+    assert count_permutes(vnni) == 2  # into NHWC at the input, back before Flatten: none around the kernels
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     run_plain, run_vnni = (relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())["main"]
