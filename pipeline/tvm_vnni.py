@@ -76,14 +76,20 @@ def packed_weight(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(o // LANES, LANES, c // GROUP, GROUP).transpose(0, 2, 1, 3))
 
 
+def _int64(shape: tuple[int, ...]) -> list[tvm.tirx.IntImm]:
+    return [tvm.tirx.const(d, "int64") for d in shape]
+
+
 def vnni_matmul(lead: tuple[int, ...], k: int, n: int) -> tvm.tirx.PrimFunc:
     """out[..., j] = sum_r int32(a[..., r]) * int32(w_packed[j/16, r/4, j%16, r%4]): uint8 [*lead, k] x packed
     int8 -> int32 [*lead, n]. ``lead`` is (rows,) for a matmul, (1, H, W) for a channel-last 1x1 conv."""
-    a = te.placeholder((*lead, k), "uint8", name="a")
-    w = te.placeholder((n // LANES, k // GROUP, LANES, GROUP), "int8", name="w")
-    r = te.reduce_axis((0, k), name="r")
+    # int64 extents, as Relax's own kernels have: FuseTIR refuses to fuse a kernel whose output buffer is
+    # [1, 16] int32-indexed into an epilogue that reads the same tensor as [1, 16] int64-indexed.
+    a = te.placeholder(_int64((*lead, k)), "uint8", name="a")
+    w = te.placeholder(_int64((n // LANES, k // GROUP, LANES, GROUP)), "int8", name="w")
+    r = te.reduce_axis((tvm.tirx.const(0, "int64"), tvm.tirx.const(k, "int64")), name="r")
     out = te.compute(
-        (*lead, n),
+        _int64((*lead, n)),
         lambda *i: te.sum(a[(*i[:-1], r)].astype("int32")
                           * w[i[-1] // LANES, r // GROUP, i[-1] % LANES, r % GROUP].astype("int32"), axis=r),
         name="vnni_matmul",

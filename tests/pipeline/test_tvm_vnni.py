@@ -77,6 +77,16 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
     assert count_vnni_ops(vnni) == 3  # and both 1x1 convs, once channel-last; the 3x3 conv stays a conv
     assert count_permutes(vnni) == 2  # into NHWC at the input, back before Flatten: none around the kernels
 
+    # What tuning and the tuned build do to it: each VNNI kernel fuses with the requantize after it. (Built with
+    # int32 extents, the kernel's output buffer didn't match the [1, 16] int64 one its epilogue reads, and FuseTIR
+    # failed the whole build: "Inconsistent buffers vnni_matmul and lv3 mapped to the same relax var".)
+    from pipeline.compile import _decomposed, _fuse
+
+    cascadelake = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
+    fused = _fuse(_decomposed(vnni, cascadelake), cascadelake)
+    kernels = [gvar.name_hint for gvar in fused.get_global_vars() if gvar.name_hint.startswith("fused_vnni_matmul")]
+    assert len(kernels) == 3 and all("_cast" in name for name in kernels), kernels
+
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     run_plain, run_vnni = (relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())["main"]
                            for m in (plain, vnni))
