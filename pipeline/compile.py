@@ -34,7 +34,7 @@ from pipeline.quantize import QuantizedModel
 from pipeline.tuning_curve import CurvePoint, tuning_curve
 from pipeline.tvm_int8 import integerize
 from pipeline.tvm_layout import channels_last
-from pipeline.tvm_vnni import count_vnni_ops, vnni_pointwise_convs
+from pipeline.tvm_vnni import count_vnni_ops, vnni_pointwise_convs, vnni_search_space
 from targets.profiles import DeviceProfile
 
 __all__ = ["ELF_MACHINES", "CompiledArtifact", "compile_model", "elf_machine", "profile_sha256",
@@ -297,6 +297,7 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
                 num_trials_per_iter=per_round, builder=builder or _forked_builder(),
                 runner=OneAtATime(runner) if shared_machine else runner,
                 strategy="evolutionary" if evolutionary else "replay-trace",
+                space=vnni_search_space() if count_vnni_ops(decomposed) else "post-order-apply",
                 measure_callbacks=[*ms.MeasureCallback.create("default"), *([deadline] if deadline else [])],
             )
         except Exception:

@@ -34,7 +34,8 @@ from collections.abc import Callable
 
 import numpy as np
 import tvm
-from tvm import relax, te
+import tvm_ffi
+from tvm import relax, te, tirx
 
 LANES, GROUP = 16, 4  # vpdpbusd: 16 int32 outputs, each the sum of 4 uint8 x int8 products
 VNNI_INTRINSIC = "dot_16x4_vnni"
@@ -182,3 +183,46 @@ def vnni_pointwise_convs(mod: tvm.IRModule) -> tvm.IRModule:
     if kernels.functions:
         register_vnni_intrinsic()
     return relax.transform.Normalize()(tvm.IRModule({**functions, **kernels.functions}, attrs=mod.attrs))
+
+
+def vector_code_in_vectorized_loop(mod: tvm.IRModule) -> bool:
+    """A loop marked vectorized around code that already is vector code (a tensorized ``vpdpbusd`` body)."""
+    found = False
+
+    def on_loop(loop: tirx.For) -> None:
+        nonlocal found
+        if loop.kind == tirx.ForKind.VECTORIZED and not found:
+            vectors: list = []
+            tvm_ffi.structural_walk(loop.body, ((tirx.Ramp, tirx.Broadcast), vectors.append))
+            found = bool(vectors)
+
+    for func in mod.functions.values():
+        if isinstance(func, tirx.PrimFunc):
+            tvm_ffi.structural_walk(func.body, (tirx.For, on_loop))
+    return found
+
+
+def vnni_search_space():
+    """MetaSchedule's design space for a VNNI target (its x86 tensorization postprocessors, as chosen from the
+    target), plus one check: a candidate whose tensorized kernel sits in a loop that RewriteParallelVectorizeUnroll
+    vectorized is dropped before it is built or timed. LLVM codegen can't widen the 16-lane intrinsic body
+    ("Cannot broadcast lanes=16 to 64"): on PP-LCNet's 7x7 VNNI kernels 10 of 16 random candidates were such,
+    each a failed trial."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule import postproc
+    from tvm.s_tir.meta_schedule.space_generator import PostOrderApply
+
+    @derived_object
+    class DropVectorizedIntrinsics(postproc.PyPostproc):
+        def _initialize_with_tune_context(self, context) -> None:
+            pass
+
+        def apply(self, sch) -> bool:
+            return not vector_code_in_vectorized_loop(sch.mod)
+
+        def clone(self):
+            return DropVectorizedIntrinsics()
+
+    return PostOrderApply(postprocs=[
+        postproc.DisallowDynamicLoop(), postproc.RewriteParallelVectorizeUnroll(), postproc.RewriteReductionBlock(),
+        postproc.RewriteTensorize(vectorize_init_loop=True), postproc.RewriteLayout(), DropVectorizedIntrinsics()])
