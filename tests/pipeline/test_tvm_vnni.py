@@ -135,3 +135,44 @@ def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, le
     library(tvm.runtime.tensor(a), tvm.runtime.tensor(packed_weight(w)), out)
     # Extremes included (255 x -128, 4 at a time): vpdpbusd adds in int32 and never saturates.
     np.testing.assert_array_equal(out.numpy(), a.astype(np.int32) @ w.astype(np.int32).T)
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run vpdpbusd")
+def test_candidates_that_vectorize_around_the_intrinsic_are_dropped_before_they_are_built(tmp_path):
+    """A 7x7 kernel (PP-LCNet's last stage): MetaSchedule's own postprocessors vectorize the loop over 16-output
+    tiles around the tensorized vpdpbusd body in many candidates, and LLVM codegen fails each ("Cannot broadcast
+    lanes=16 to 64"): a failed trial. vnni_search_space drops exactly those before building."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder import PyBuilder
+
+    from pipeline.compile import _forked_builder, _unnamed_handlers_detached
+    from pipeline.tvm_vnni import vector_code_in_vectorized_loop, vnni_search_space
+
+    register_vnni_intrinsic()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
+    mod = tvm.IRModule({"main": vnni_matmul((1, 7, 7), 128, 128).with_attr("global_symbol", "main")})
+
+    def built(space, name: str) -> list[tuple[bool, bool]]:
+        """(failed to build, flagged) for each of 16 random candidates."""
+        seen = []
+        inner = _forked_builder()
+
+        @derived_object
+        class Watching(PyBuilder):
+            def build(self, build_inputs):
+                results = inner.build(build_inputs)
+                seen.extend((bool(r.error_msg), vector_code_in_vectorized_loop(i.mod))
+                            for r, i in zip(results, build_inputs, strict=True))
+                return results
+
+        with _unnamed_handlers_detached():
+            ms.tune_tir(mod, target, str(tmp_path / name), max_trials_global=16,
+                        num_trials_per_iter=16, builder=Watching(), strategy="replay-trace", seed=7, space=space)
+        return seen
+
+    default = built("post-order-apply", "default")
+    assert any(failed for failed, _ in default), "no candidate failed: the case this guards against didn't occur"
+    assert all(failed == flagged for failed, flagged in default)  # the check flags exactly the ones that fail
+    checked = built(vnni_search_space(), "checked")
+    assert len(checked) == 16 and not any(failed for failed, _ in checked)
