@@ -364,10 +364,11 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
     shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
     mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
     # Before anything folds the int8 weights into float constants: QDQ conv/matmul -> integer kernels.
-    mod, integer_ops = integerize(mod, vnni=_has_vnni(profile)) if quantized.config.scheme == "int8" else (mod, 0)
+    vnni = _has_vnni(profile)
+    mod, integer_ops = integerize(mod, vnni=vnni) if quantized.config.scheme == "int8" else (mod, 0)
     if not profile.tvm_gpu_target():  # CPU kernels vectorize along contiguous channels (pipeline.tvm_layout)
         mod = channels_last(mod)
-        if integer_ops and _has_vnni(profile):
+        if integer_ops and vnni:
             mod = vnni_pointwise_convs(mod)
     return mod, integer_ops
 

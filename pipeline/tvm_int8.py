@@ -34,14 +34,20 @@ weights are not constant symmetric int8 or whose activation scale is not per ten
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
 
-from pipeline.tvm_vnni import VnniKernels, count_calls, count_vnni_ops, fits, register_vnni_intrinsic
+from pipeline.tvm_vnni import (
+    VnniKernels,
+    count_calls,
+    count_vnni_ops,
+    fits,
+    map_relax_functions,
+    register_vnni_intrinsic,
+)
 
 __all__ = ["count_integer_ops", "integerize"]
 
@@ -194,11 +200,6 @@ class _QuantParamsAsTensors(relax.PyExprMutator):
         return relax.Call(call.op, args, call.attrs)
 
 
-def _map_relax_functions(mod: tvm.IRModule, rewrite: Callable[[relax.Function], relax.Function]) -> tvm.IRModule:
-    return tvm.IRModule({gvar: rewrite(func) if isinstance(func, relax.Function) else func
-                         for gvar, func in mod.functions.items()}, attrs=mod.attrs)
-
-
 def integerize(mod: tvm.IRModule, *, vnni: bool = False) -> tuple[tvm.IRModule, int]:
     """Rewrite QDQ conv2d/matmul into integer ones; returns the new module and how many ops became integer.
     With ``vnni``, matmuls that fit become VNNI-ready kernels (pipeline.tvm_vnni); 1x1 convs do once the
@@ -235,11 +236,11 @@ def integerize(mod: tvm.IRModule, *, vnni: bool = False) -> tuple[tvm.IRModule, 
     out = mod
     # With-bias first: once a conv is rewritten alone, its bias add no longer matches.
     for pattern in (p["with_bias"], p["without_bias"]):
-        out = _map_relax_functions(out, functools.partial(relax.dpl.rewrite_call, pattern, rewriter))
+        out = map_relax_functions(out, functools.partial(relax.dpl.rewrite_call, pattern, rewriter))
         # Drop what the rewrite orphaned (the weights' float dequantize, a bias-less conv a bias add fed on).
         out = relax.transform.DeadCodeElimination()(out)
     if kernels and kernels.functions:
         register_vnni_intrinsic()
         out = tvm.IRModule({**dict(out.functions.items()), **kernels.functions}, attrs=out.attrs)
-    out = _map_relax_functions(out, _QuantParamsAsTensors().visit_expr)
+    out = map_relax_functions(out, _QuantParamsAsTensors().visit_expr)
     return out, count_integer_ops(out) + count_vnni_ops(out) - before

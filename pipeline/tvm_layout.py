@@ -29,7 +29,7 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.dpl import is_op, wildcard
 
-from pipeline.tvm_vnni import count_calls
+from pipeline.tvm_vnni import count_calls, map_relax_functions
 
 __all__ = ["channels_last", "count_permutes"]
 
@@ -128,16 +128,13 @@ def _pad_inside_permutes(mod: tvm.IRModule) -> tvm.IRModule:
         return relax.op.nn.pad(into.args[0], [w for pair in pairs for w in pair],
                                pad_mode=padded.attrs.pad_mode, pad_value=float(padded.attrs.pad_value))
 
-    return tvm.IRModule({gvar: relax.dpl.rewrite_call(pattern, rewrite, func) if isinstance(func, relax.Function)
-                         else func for gvar, func in mod.functions.items()}, attrs=mod.attrs)
+    return map_relax_functions(mod, lambda func: relax.dpl.rewrite_call(pattern, rewrite, func))
 
 
 def channels_last(mod: tvm.IRModule) -> tvm.IRModule:
     """The same network with NHWC activations and HWIO conv weights (permutes at its inputs and outputs)."""
     mod = relax.transform.FoldConstant()(mod)  # a Clip's bounds arrive as where(isnan(bound), inf, bound)
-    mod = tvm.IRModule({gvar: _WithLayoutRules().visit_expr(func) if isinstance(func, relax.Function) else func
-                        for gvar, func in mod.functions.items()}, attrs=mod.attrs)
-    mod = relax.transform.Normalize()(mod)
+    mod = relax.transform.Normalize()(map_relax_functions(mod, _WithLayoutRules().visit_expr))
     mod = relax.transform.ConvertLayout(DESIRED_LAYOUTS)(mod)
     mod = _pad_inside_permutes(relax.transform.Normalize()(mod))
     return relax.transform.DeadCodeElimination()(relax.transform.Normalize()(mod))

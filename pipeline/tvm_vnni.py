@@ -136,6 +136,12 @@ def count_calls(mod: tvm.IRModule, wanted: Callable[[relax.Call], bool]) -> int:
     return found
 
 
+def map_relax_functions(mod: tvm.IRModule, rewrite: Callable[[relax.Function], relax.Function]) -> tvm.IRModule:
+    """The module with ``rewrite`` applied to each of its Relax functions (its TIR kernels as they are)."""
+    return tvm.IRModule({gvar: rewrite(func) if isinstance(func, relax.Function) else func
+                         for gvar, func in mod.functions.items()}, attrs=mod.attrs)
+
+
 def count_vnni_ops(mod: tvm.IRModule) -> int:
     """Calls of the VNNI-ready kernels in the module's Relax functions."""
     return count_calls(mod, lambda call: call.op.name == "relax.call_tir"
@@ -178,11 +184,11 @@ def vnni_pointwise_convs(mod: tvm.IRModule) -> tvm.IRModule:
                 return call
             return kernels.call(call.args[0], tuple(int(d) for d in dims[:3]), weight)
 
-    functions = {gvar: Rewrite().visit_expr(func) if isinstance(func, relax.Function) else func
-                 for gvar, func in mod.functions.items()}
+    mod = map_relax_functions(mod, Rewrite().visit_expr)
     if kernels.functions:
         register_vnni_intrinsic()
-    return relax.transform.Normalize()(tvm.IRModule({**functions, **kernels.functions}, attrs=mod.attrs))
+    return relax.transform.Normalize()(tvm.IRModule({**dict(mod.functions.items()), **kernels.functions},
+                                                    attrs=mod.attrs))
 
 
 def vector_code_in_vectorized_loop(mod: tvm.IRModule) -> bool:
