@@ -364,9 +364,10 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
     shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
     mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
     # Before anything folds the int8 weights into float constants: QDQ conv/matmul -> integer kernels.
-    vnni = _has_vnni(profile)
-    mod, integer_ops = integerize(mod, vnni=vnni) if quantized.config.scheme == "int8" else (mod, 0)
-    if not profile.tvm_gpu_target():  # CPU kernels vectorize along contiguous channels (pipeline.tvm_layout)
+    vnni, cpu = _has_vnni(profile), not profile.tvm_gpu_target()
+    mod, integer_ops = (integerize(mod, vnni=vnni, narrow_convs_in_float=cpu) if quantized.config.scheme == "int8"
+                        else (mod, 0))
+    if cpu:  # CPU kernels vectorize along contiguous channels (pipeline.tvm_layout)
         mod = channels_last(mod)
         if integer_ops and vnni:
             mod = vnni_pointwise_convs(mod)
