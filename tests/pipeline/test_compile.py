@@ -78,3 +78,12 @@ def test_a_time_budget_keeps_the_first_tuning_round_to_a_third_of_it():
     assert trials_per_round(1000, 200, 10) == 16  # never so few that breeding costs more than measuring
     assert trials_per_round(200, 49, None) == 64  # a trial count alone: the default
     assert trials_per_round(32, 49, 57) == 16 and trials_per_round(8, 49, None) == 8  # random search, no rounds
+
+
+def test_the_search_breeds_eight_candidates_for_each_one_a_round_measures():
+    """MetaSchedule's own ratio (512 for 64): a 16-candidate round no longer pays for breeding 512."""
+    from pipeline.compile import search_strategy
+
+    assert search_strategy(1000, 64).population_size == 512
+    assert search_strategy(1000, 16).population_size == 128
+    assert search_strategy(32, 16) == "replay-trace"

@@ -9,7 +9,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.workloads.base import Samples
-from tests.pipeline.test_tvm_int8 import CALIBRATION_RANGE, _chain_of_convs, _import, _int8_model, _vm
+from tests.pipeline.test_tvm_int8 import (
+    CALIBRATION_RANGE,
+    _chain_of_convs,
+    _heavy_ops,
+    _import,
+    _int8_model,
+    _output_step,
+    _vm,
+)
 
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
@@ -88,6 +96,30 @@ def test_integer_network_becomes_channel_last_bit_for_bit(tmp_path):
     assert count_calls(nhwc, lambda call: call.op.name == "relax.nn.pad") == 2  # both 3x3 convs, inside no permute
     for ours, expected in zip(_outputs(nhwc), _outputs(integer), strict=True):
         np.testing.assert_array_equal(ours, expected)
+
+
+def test_cpu_networks_keep_narrow_convs_in_float_and_still_match_onnxruntime(tmp_path):
+    """What compile.relax_module does for a CPU: the 3-channel stem and the depthwise conv have no channels for the
+    8-bit dot products to sum, so they compute in float on the dequantized tensors; the 1x1 conv and the Gemm in
+    integers. The result still agrees with onnxruntime's int8 run of the same QDQ model."""
+    import onnxruntime as ort
+
+    onnx.save(_mobilenet_block(), str(tmp_path / "block.onnx"))
+    calibration = Samples({"x": _inputs(16)[:, 0]})
+    path = _int8_model(tmp_path / "block.onnx", tmp_path, calibration, "uint8")
+    mixed, count = integerize(_import(path, {"x": [1, 3, 16, 16]}), narrow_convs_in_float=True)
+    assert count == 2
+    inputs_by_op = [(name, inputs) for name, inputs, _ in _heavy_ops(mixed)]
+    assert inputs_by_op == [("relax.nn.conv2d", ("float32", "float32"))] * 2 + [
+        ("relax.nn.conv2d", ("uint8", "int8")), ("relax.matmul", ("uint8", "int8"))]
+    nhwc = channels_last(mixed)
+    assert _conv_layouts(nhwc) == {("NHWC", "HWIO")} and count_permutes(nhwc) == 2
+    # No zero-point pad is left: the float convs pad with 0.0 themselves, the 1x1 conv has no border.
+    assert count_calls(nhwc, lambda call: call.op.name == "relax.nn.pad") == 0
+    session, step = ort.InferenceSession(path, providers=["CPUExecutionProvider"]), _output_step(path)
+    for ours, x in zip(_outputs(nhwc), _inputs(3), strict=True):
+        (theirs,) = session.run(None, {"x": x})
+        assert np.abs(ours - theirs).max() <= 2 * step + 1e-6
 
 
 def test_channel_last_layers_that_differ_only_in_scales_still_share_a_kernel(tmp_path):
