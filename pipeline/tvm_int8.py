@@ -54,7 +54,6 @@ from pipeline.tvm_vnni import (
     count_vnni_ops,
     fits,
     map_relax_functions,
-    register_vnni_intrinsic,
 )
 
 __all__ = ["count_integer_ops", "integerize"]
@@ -256,8 +255,7 @@ def integerize(mod: tvm.IRModule, *, vnni: bool = False, narrow_convs_in_float: 
         out = map_relax_functions(out, functools.partial(relax.dpl.rewrite_call, pattern, rewriter))
         # Drop what the rewrite orphaned (the weights' float dequantize, a bias-less conv a bias add fed on).
         out = relax.transform.DeadCodeElimination()(out)
-    if kernels and kernels.functions:
-        register_vnni_intrinsic()
-        out = tvm.IRModule({**dict(out.functions.items()), **kernels.functions}, attrs=out.attrs)
+    if kernels:
+        out = kernels.added_to(out)
     out = map_relax_functions(out, _QuantParamsAsTensors().visit_expr)
     return out, count_integer_ops(out) + count_vnni_ops(out) - before

@@ -120,6 +120,13 @@ class VnniKernels:
         return relax.call_tir(gvar, [a, relax.const(packed_weight(w))],
                               out_ty=relax.TensorType((*lead, n), "int32"))
 
+    def added_to(self, mod: tvm.IRModule) -> tvm.IRModule:
+        """``mod`` (whose Relax functions call these kernels) with the kernels in it, the intrinsic registered."""
+        if not self._by_shape:
+            return mod
+        register_vnni_intrinsic()
+        return tvm.IRModule({**dict(mod.functions.items()), **self.functions}, attrs=mod.attrs)
+
 
 def count_calls(mod: tvm.IRModule, wanted: Callable[[relax.Call], bool]) -> int:
     """Calls of an operator (``wanted(call)``) in the module's Relax functions."""
@@ -184,11 +191,7 @@ def vnni_pointwise_convs(mod: tvm.IRModule) -> tvm.IRModule:
                 return call
             return kernels.call(call.args[0], tuple(int(d) for d in dims[:3]), weight)
 
-    mod = map_relax_functions(mod, Rewrite().visit_expr)
-    if kernels.functions:
-        register_vnni_intrinsic()
-    return relax.transform.Normalize()(tvm.IRModule({**dict(mod.functions.items()), **kernels.functions},
-                                                    attrs=mod.attrs))
+    return relax.transform.Normalize()(kernels.added_to(map_relax_functions(mod, Rewrite().visit_expr)))
 
 
 def vector_code_in_vectorized_loop(mod: tvm.IRModule) -> bool:
