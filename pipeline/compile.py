@@ -66,6 +66,8 @@ class Tuning(BaseModel):
     stopped_by_time: bool = Field(default=False, description="The time budget ended the run before its trials.")
     trials_added: int = Field(default=0, description="Records this run added to the database.")
     trials_per_round: int = Field(default=0, description="Candidates a task got per round of the search.")
+    threads: int | None = Field(default=None, description="Threads every candidate was timed with, as the TVM that "
+                                "timed them reported it: the deployment's (the profile's cores).")
 
 
 EVOLUTIONARY_MIN_TRIALS = 64
@@ -290,7 +292,7 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     ``shared_machine`` nothing else of the run goes on while they are timed."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.tuning_control import Deadline, OneAtATime
+    from pipeline.tuning_control import Deadline, OneAtATime, local_runner, runner_threads
 
     target = tvm.target.Target(cpu)
     decomposed = _decomposed(mod, target)
@@ -301,7 +303,10 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     # handful of trials, where random sampling of the design space does as well. Each round costs seconds of
     # breeding and cost-model training whatever it measures: how many it measures is trials_per_round's call.
     per_round = trials_per_round(trials, len(tasks), minutes)
-    runner = runner or ms.runner.LocalRunner()
+    # Timed on the threads the deployed model runs with; TVM's default is half of them on x86 (tuning_control).
+    threads = int(cpu["num-cores"])
+    local = runner is None
+    runner = runner or local_runner(threads)
     deadline = Deadline(minutes * 60) if minutes else None
     before = _records(database_dir)
     started = time.perf_counter()
@@ -331,7 +336,8 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
                               records=records, measured_on=measured_on, curve=tuning_curve(database_dir, weights),
                               scheduled=_scheduled_kernels(database, decomposed, target), minutes=minutes,
                               stopped_by_time=bool(deadline and deadline.reached),
-                              trials_added=records - before, trials_per_round=per_round)
+                              trials_added=records - before, trials_per_round=per_round,
+                              threads=runner_threads(runner) if local else runner.stats.threads)
 
 
 def _records(database_dir: Path) -> int:

@@ -30,6 +30,7 @@ from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, PyRunnerFu
 from tvm.support.popen_pool import PopenPoolExecutor
 
 from edgedeploy.errors import PreflightError, TransportError
+from pipeline.tuning_control import THREADS_VARIABLE
 from targets.profiles import DeviceProfile
 
 if TYPE_CHECKING:
@@ -65,9 +66,10 @@ def candidate_scratch() -> Iterator[str]:
 
 
 def _measure(port: int, key: str, session_timeout: float, evaluator: EvaluatorConfig, alloc_repeat: int,
-             artifact_path: str, device_type: str, args_info: list) -> list[float]:
+             artifact_path: str, device_type: str, args_info: list) -> tuple[list[float], int]:
     """In the worker process: one RPC session per candidate (a crash or hang ends only that session); the
-    board's server deletes the uploaded file with the session's directory."""
+    board's server deletes the uploaded file with the session's directory. Returns the costs and the thread
+    count the board's TVM timed them with."""
     from tvm import rpc
     from tvm.s_tir.meta_schedule.runner.rpc_runner import (
         default_alloc_argument,
@@ -79,22 +81,26 @@ def _measure(port: int, key: str, session_timeout: float, evaluator: EvaluatorCo
     device = session.device(device_type, 0)
     module = default_upload_module(session, artifact_path, os.path.basename(artifact_path))
     args = default_alloc_argument(session, device, args_info, alloc_repeat)
-    return default_run_evaluator(session, module, device, evaluator, args)
+    costs = default_run_evaluator(session, module, device, evaluator, args)
+    return costs, int(session.get_function("runtime.NumThreads")())
 
 
 @dataclass
 class MeasureStats:
-    """What the runner saw: candidates timed on the board, and those that failed (with the first reason)."""
+    """What the runner saw: candidates timed on the board, those that failed (with the first reason), and the
+    thread count the board's TVM timed them with."""
 
     measured: int = 0
     failed: int = 0
     first_error: str | None = None
+    threads: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count(self, error: str | None) -> None:
+    def count(self, error: str | None, threads: int | None = None) -> None:
         with self._lock:
             if error is None:
                 self.measured += 1
+                self.threads = threads
             else:
                 self.failed += 1
                 self.first_error = self.first_error or error
@@ -117,13 +123,15 @@ class TunnelRunnerFuture(PyRunnerFuture):
 
     def result(self) -> RunnerResult:
         if self._result is None:
+            threads = None
             try:
-                costs, error = [float(c) for c in self.future.result()], None
+                costs, threads = self.future.result()
+                costs, error = [float(c) for c in costs], None
             except TimeoutError:
                 costs, error = None, f"measuring on {self.where} ran past {self.timeout_s:.0f} s"
             except Exception as exc:  # a candidate that fails on the board is a failed trial, not a failed run
                 costs, error = None, f"measuring on {self.where} failed: {str(exc).strip()[-2000:]}"
-            self.stats.count(error)
+            self.stats.count(error, threads)
             self._result = RunnerResult(costs, error)
         return self._result
 
@@ -175,10 +183,11 @@ class BoardRunner:
 
 
 @contextlib.contextmanager
-def rpc_runner(transport: SSHTransport, python: list[str], workdir: str, *, startup_timeout: float = 180.0,
-               lifetime: float = SERVER_LIFETIME_S, evaluator: EvaluatorConfig | None = None,
-               session_timeout: float = 60.0) -> Iterator[BoardRunner]:
+def rpc_runner(transport: SSHTransport, python: list[str], workdir: str, *, threads: int,
+               startup_timeout: float = 180.0, lifetime: float = SERVER_LIFETIME_S,
+               evaluator: EvaluatorConfig | None = None, session_timeout: float = 60.0) -> Iterator[BoardRunner]:
     """Start TVM's RPC server on the board with its ``python``, forward a local port to it, yield the runner;
+    candidates run on ``threads`` threads there (the deployment's: pipeline.tuning_control.THREADS_VARIABLE);
     on exit (error or not) stop the worker, the forward and the server with everything it started, and remove
     the server's scratch directory (its per-session directories live there, not in the board's /tmp).
 
@@ -191,7 +200,7 @@ def rpc_runner(transport: SSHTransport, python: list[str], workdir: str, *, star
         server = transport.start(
             [*python, "-m", SERVER_MODULE, "--host", "127.0.0.1", "--port", str(SERVER_PORTS[0]),
              "--port-end", str(SERVER_PORTS[1]), "--key", key],
-            timeout=lifetime, env={"TMPDIR": scratch, "PYTHONUNBUFFERED": "1"},
+            timeout=lifetime, env={"TMPDIR": scratch, "PYTHONUNBUFFERED": "1", THREADS_VARIABLE: str(threads)},
         )
         with server:
             try:
@@ -229,7 +238,8 @@ def board_runner(profile: DeviceProfile, **options) -> Iterator[BoardRunner]:
                                  "and its Python can't import tvm", host=transport.name,
                                  value=" ".join(profile.connection.python_argv()),
                                  fix="pip install apache-tvm on the device (the version this machine has)")
-        with rpc_runner(transport, profile.connection.python_argv(), workdir, **options) as board:
+        with rpc_runner(transport, profile.connection.python_argv(), workdir, threads=profile.cpu.cores,
+                        **options) as board:
             yield board
     finally:
         transport.close()

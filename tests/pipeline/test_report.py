@@ -17,3 +17,8 @@ def test_a_run_ended_by_its_time_budget_says_so():
 def test_a_run_within_its_budget_shows_the_budget():
     assert "(budget 57 min)" in tuning_text({**TUNING, "minutes": 57.0, "stopped_by_time": False})
     assert "budget" not in tuning_text(TUNING)
+
+
+def test_the_report_says_how_many_threads_timed_the_candidates():
+    assert "in 3431 s, timed on 2 threads (29 kernels" in tuning_text({**TUNING, "threads": 2})
+    assert "threads" not in tuning_text(TUNING)  # records from before it was reported

@@ -4,6 +4,7 @@ computes what onnxruntime computes; for a board over SSH, candidates are timed o
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -92,6 +93,17 @@ def test_a_time_budget_ends_tuning_at_the_next_batch_and_keeps_every_trial(digit
     assert tasks < tuning["trials_added"] <= 16 * (tasks + 3) < 40 * tasks
     assert tuning["records"] == tuning["trials_added"] and tuning["scheduled"] == tasks
     assert len(calls) == tasks + 4
+    assert tuning["threads"] == profile.cpu.cores  # timed as deployed, not on TVM's default half of them
+
+
+def test_candidates_are_timed_on_the_threads_the_deployed_model_runs_on():
+    """TVM sizes its thread pool at half the logical CPUs on x86 unless told: on the 2-core lab device every
+    candidate was timed on one thread while the deployed model ran on two, and the tuner ranked schedules for a
+    machine it never deploys to (its database times were 1.3-2.2x the deployed kernels')."""
+    from pipeline.tuning_control import local_runner, runner_threads
+
+    for threads in sorted({1, os.cpu_count() or 1}):
+        assert runner_threads(local_runner(threads)) == threads
 
 
 @pytest.fixture
@@ -109,7 +121,8 @@ def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_pat
     from pipeline import remote_tuning
 
     model, info, q = digits
-    profile = load_profile(str(lab_x86.profile(extends="x86-server", python=x86_python())))
+    cores = os.cpu_count() or 1
+    profile = load_profile(str(lab_x86.profile(extends="x86-server", python=x86_python(), cpu={"cores": cores})))
     sessions = []
     real_board_runner = remote_tuning.board_runner
 
@@ -130,6 +143,8 @@ def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_pat
     tuning = artifact.tuning
     assert tuning["measured_on"] == f"{lab_x86.user}@127.0.0.1:{lab_x86.port}" == board.where
     assert board.runner.stats.measured >= tuning["tasks"] >= 5 and board.runner.stats.failed == 0
+    # The board's TVM timed them on the profile's cores, as the deployed model runs (its default: half on x86).
+    assert tuning["threads"] == board.runner.stats.threads == cores
     # The device's server loaded each candidate (from its scratch directory in the device's workdir) ...
     server_log = board.server.output(4000)
     workdir = lab_x86.base / "device"
@@ -166,7 +181,7 @@ def test_a_failed_board_session_leaves_nothing_behind(lab_x86):
     transport, workdir = open_transport(profile)
     try:
         with pytest.raises(RuntimeError, match="tuning blew up"):
-            with rpc_runner(transport, profile.connection.python_argv(), workdir) as board:
+            with rpc_runner(transport, profile.connection.python_argv(), workdir, threads=1) as board:
                 group = group_members(board.server.pgid)
                 assert board.server.pid in group and board.device_port
                 raise RuntimeError("tuning blew up")
