@@ -35,6 +35,15 @@ class BenchmarkSettings(BaseModel):
     threads: int = Field(default=0, ge=0, description="Threads per runtime (0 = the profile's cores).")
 
 
+class KernelTime(BaseModel):
+    """One function the deployed library's VM calls, per inference, timed on the device."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    calls: int
+    us: float
+
+
 class Measurement(BaseModel):
     """One runtime measured on the device."""
 
@@ -54,6 +63,11 @@ class Measurement(BaseModel):
     invalid_reason: str | None
     device_python: str
     device_machine: str
+    kernels: list[KernelTime] = Field(default_factory=list, description="TVM: the heaviest functions of a few "
+                                      "runs after the timed ones, every call timed on the device (heaviest first).")
+    kernels_total_us: float | None = Field(default=None, description="TVM: all the calls of one such run, summed.")
+    kernel_runs: int = 0
+    kernel_error: str | None = None
 
 
 class BenchmarkReport(BaseModel):
@@ -117,6 +131,8 @@ def _measurement(report: dict[str, Any], kind: str | None, outputs: np.ndarray, 
         timed_seconds=report["timed_seconds"], samples=report["samples_covered"], accuracy=score,
         valid=report["valid"], invalid_reason=report["invalid_reason"],
         device_python=report["python"], device_machine=report["machine"],
+        kernels=report.get("kernels") or [], kernels_total_us=report.get("kernels_total_us"),
+        kernel_runs=report.get("kernel_runs") or 0, kernel_error=report.get("kernel_error"),
     )
 
 

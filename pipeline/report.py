@@ -179,6 +179,8 @@ class RunResult(BaseModel):
                               f"int32 in TVM{vnni} (the rest of the graph stays float)"))
         if self.artifact.tuning:
             parts.append(Text(tuning_text(self.artifact.tuning)))
+        if kernels := kernels_text(self.benchmark.get("artifact") or {}):
+            parts.append(Text(kernels))
         yield Group(head, stages, *parts, side, summary, *warnings, validity, footer)
 
 
@@ -193,6 +195,19 @@ def tuning_text(t: dict[str, Any]) -> str:
             f"({t.get('scheduled', 0)} kernels built with a tuned schedule); the database ({t['database']}) now "
             f"holds {t['records']} records"
             + _curve_text(t.get("curve") or []))
+
+
+KERNELS_IN_REPORT = 5
+
+
+def kernels_text(measured: dict[str, Any]) -> str:
+    """Where the artifact's time went on the device (pipeline.benchmark.Measurement as a dict), or ''."""
+    kernels = measured.get("kernels") or []
+    if not kernels:
+        return ""
+    lines = [f"  {k['us'] / 1000:8.3f} ms  {k['calls']:3d} call(s)  {k['name']}" for k in kernels[:KERNELS_IN_REPORT]]
+    return (f"heaviest kernels on the device (every call timed, {measured['kernel_runs']} runs after the timed ones; "
+            f"all calls together {measured['kernels_total_us'] / 1000:.3f} ms a run):\n" + "\n".join(lines))
 
 
 def _curve_text(curve: list[dict[str, Any]]) -> str:

@@ -9,7 +9,9 @@ dataclasses, no walrus, no ``from __future__ import annotations``. It
 3. runs warm-up iterations (not counted), then timed iterations cycling through the input
    samples until both the minimum count and the minimum duration are reached and every sample
    has run once; a wall-clock limit stops it early and marks the run invalid,
-4. writes the first output of every sample to an .npz and prints ONE JSON object on stdout.
+4. writes the first output of every sample to an .npz and prints ONE JSON object on stdout,
+5. for a TVM library, then times every kernel call of a few more runs (the Relax VM's instrument hook): where
+   the time goes on the device, measured after the timed loop so the hook never touches the latencies.
 
 Exit codes: 0 measured (check "valid"), 3 refused or failed (JSON has "error").
 """
@@ -41,6 +43,9 @@ def fail(kind, message, **extra):
     sys.exit(3)
 
 
+KERNELS_SHOWN = 12
+
+
 def load_tvm(path, threads):
     if threads:
         os.environ.setdefault("TVM_NUM_THREADS", str(threads))
@@ -54,7 +59,37 @@ def load_tvm(path, threads):
         first = result[0] if not hasattr(result, "numpy") else result
         return first.numpy()
 
-    return run, {"tvm": getattr(tvm, "__version__", "unknown")}
+    def profile_kernels(feeds, runs):
+        return kernel_times(vm, lambda: run(feeds), runs)
+
+    return run, {"tvm": getattr(tvm, "__version__", "unknown")}, profile_kernels
+
+
+def kernel_times(vm, run_once, runs):
+    """Per inference: each function the VM calls (kernels, allocations), its calls and microseconds, heaviest
+    first; and the sum over all of them. The hook is a Python call around each kernel (a few microseconds)."""
+    totals = {}
+    started = []
+
+    def instrument(func, name, before_run, ret_value, *args):
+        now = time.perf_counter()
+        if before_run:
+            started.append(now)
+        else:
+            calls, seconds = totals.get(name, (0, 0.0))
+            totals[name] = (calls + 1, seconds + now - started.pop())
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            run_once()
+    finally:
+        vm.set_instrument(lambda *args: 0)
+    rows = sorted(totals.items(), key=lambda item: -item[1][1])
+    kernels = [{"name": name, "calls": calls // runs, "us": seconds / runs * 1e6}
+               for name, (calls, seconds) in rows[:KERNELS_SHOWN]]
+    return kernels, sum(seconds for _, seconds in totals.values()) / runs * 1e6
 
 
 def load_onnxruntime(path, threads):
@@ -70,7 +105,7 @@ def load_onnxruntime(path, threads):
     def run(feeds):
         return session.run([first_output], dict(zip(names, feeds)))[0]
 
-    return run, {"onnxruntime": ort.__version__}
+    return run, {"onnxruntime": ort.__version__}, None
 
 
 def peak_rss_mb():
@@ -101,6 +136,8 @@ def main(argv=None):
     p.add_argument("--min-seconds", type=float, default=2.0)
     p.add_argument("--max-seconds", type=float, default=600.0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--kernel-runs", type=int, default=3,
+                   help="runs after the timed loop whose every kernel call is timed (TVM only; 0 = none)")
     args = p.parse_args(argv)
 
     expected = args.sha256
@@ -123,7 +160,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     loader = load_tvm if args.runtime == "tvm" else load_onnxruntime
     try:
-        run, versions = loader(args.artifact, args.threads)
+        run, versions, profile_kernels = loader(args.artifact, args.threads)
     except Exception as exc:  # the runtime's own error, reported as JSON
         fail("load", "{}: {}".format(type(exc).__name__, exc))
     load_seconds = time.perf_counter() - t0
@@ -167,6 +204,13 @@ def main(argv=None):
     if stopped_by_limit:
         reasons.append("stopped by the {} s time limit".format(args.max_seconds))
 
+    kernels, kernels_total_us, kernel_error = [], None, None
+    if profile_kernels and args.kernel_runs > 0:
+        try:
+            kernels, kernels_total_us = profile_kernels(samples[0], args.kernel_runs)
+        except Exception as exc:  # an older TVM without the hook: the latencies still stand
+            kernel_error = "{}: {}".format(type(exc).__name__, exc)
+
     np.savez(args.outputs, outputs=np.concatenate([o for o in outputs if o is not None], axis=0))
     print(json.dumps({
         "ok": True,
@@ -184,6 +228,10 @@ def main(argv=None):
         "peak_rss_mb": peak_rss_mb(),
         "valid": not reasons,
         "invalid_reason": "; ".join(reasons) or None,
+        "kernels": kernels,
+        "kernels_total_us": kernels_total_us,
+        "kernel_runs": args.kernel_runs if kernels else 0,
+        "kernel_error": kernel_error,
     }))
     return 0
 

@@ -97,3 +97,42 @@ def test_peak_rss_is_the_runner_own_not_its_parent(setup, tmp_path):
     proc = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 10 < report["peak_rss_mb"] < 400
+
+
+def test_a_tvm_library_reports_where_its_time_goes(setup, tmp_path):
+    """After the timed loop, the runner times every call the Relax VM makes for a few more runs: the kernels the
+    library really runs on the device, heaviest first (what a database estimate can't tell)."""
+    from pipeline.compile import compile_model
+    from pipeline.ingest import ingest
+    from pipeline.quantize import QuantConfig, quantize
+    from targets.profiles import load_profile
+
+    model, inputs = setup
+    info = ingest(model, tmp_path / "ingest")
+    quantized = quantize(tmp_path / "ingest" / "model.static.onnx", tmp_path, QuantConfig(), None)
+    (tmp_path / "out").mkdir()
+    artifact = compile_model(quantized, info, load_profile("local"), tmp_path / "out")
+    argv = [sys.executable, str(RUNNER), "--runtime", "tvm", "--artifact", artifact.library_path,
+            "--manifest", artifact.manifest_path, "--inputs", str(inputs), "--input-order", "x",
+            "--outputs", str(tmp_path / "out.npz"), "--min-iterations", "5", "--min-seconds", "0"]
+    report = json.loads(subprocess.run([*argv, "--kernel-runs", "4"], capture_output=True, text=True,
+                                       timeout=300).stdout.strip().splitlines()[-1])
+    assert report["valid"] and report["kernel_runs"] == 4 and report["kernel_error"] is None
+    kernels = report["kernels"]
+    assert any("conv2d" in k["name"] for k in kernels), kernels
+    assert all(k["calls"] >= 1 and k["us"] > 0 for k in kernels)
+    assert [k["us"] for k in kernels] == sorted((k["us"] for k in kernels), reverse=True)
+    assert sum(k["us"] for k in kernels) <= report["kernels_total_us"] + 1e-6
+    # The kernels of one run take part of one run's time (the hook adds microseconds, not milliseconds).
+    assert report["kernels_total_us"] / 1000 < max(report["latency_ms"]) * 3 + 1.0
+
+    off = json.loads(subprocess.run([*argv, "--kernel-runs", "0"], capture_output=True, text=True,
+                                    timeout=300).stdout.strip().splitlines()[-1])
+    assert off["kernels"] == [] and off["kernel_runs"] == 0
+
+
+def test_onnxruntime_reports_no_kernels(setup, tmp_path):
+    model, inputs = setup
+    code, report = _run(model, inputs, tmp_path, "--sha256", sha256_file(model), "--min-iterations", "3",
+                        "--min-seconds", "0")
+    assert code == 0 and report["kernels"] == [] and report["kernel_runs"] == 0 and report["kernel_error"] is None
