@@ -30,7 +30,7 @@ from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, PyRunnerFu
 from tvm.support.popen_pool import PopenPoolExecutor
 
 from edgedeploy.errors import PreflightError, TransportError
-from pipeline.tuning_control import THREADS_VARIABLE
+from pipeline.tuning_control import EVALUATOR, PLACEMENTS, THREADS_VARIABLE, spaced_arguments
 from targets.profiles import DeviceProfile
 
 if TYPE_CHECKING:
@@ -71,16 +71,13 @@ def _measure(port: int, key: str, session_timeout: float, evaluator: EvaluatorCo
     board's server deletes the uploaded file with the session's directory. Returns the costs and the thread
     count the board's TVM timed them with."""
     from tvm import rpc
-    from tvm.s_tir.meta_schedule.runner.rpc_runner import (
-        default_alloc_argument,
-        default_run_evaluator,
-        default_upload_module,
-    )
+    from tvm.s_tir.meta_schedule.runner.rpc_runner import default_run_evaluator, default_upload_module
 
     session = rpc.connect("127.0.0.1", port, key=key, session_timeout=session_timeout)
     device = session.device(device_type, 0)
     module = default_upload_module(session, artifact_path, os.path.basename(artifact_path))
-    args = default_alloc_argument(session, device, args_info, alloc_repeat)
+    fill = session.get_function("tvm.contrib.random.random_fill_for_measure")
+    args = spaced_arguments(fill, device, args_info, alloc_repeat)
     costs = default_run_evaluator(session, module, device, evaluator, args)
     return costs, int(session.get_function("runtime.NumThreads")())
 
@@ -126,7 +123,7 @@ class TunnelRunnerFuture(PyRunnerFuture):
             threads = None
             try:
                 costs, threads = self.future.result()
-                costs, error = [float(c) for c in costs], None
+                costs, error = [min(float(c) for c in costs)], None  # the fastest placement (tuning_control)
             except TimeoutError:
                 costs, error = None, f"measuring on {self.where} ran past {self.timeout_s:.0f} s"
             except Exception as exc:  # a candidate that fails on the board is a failed trial, not a failed run
@@ -143,12 +140,12 @@ class TunnelRunner(PyRunner):
     it refuses clients that don't know it."""
 
     def __init__(self, port: int, *, key: str, where: str, evaluator: EvaluatorConfig | None = None,
-                 session_timeout: float = 60.0, alloc_repeat: int = 1) -> None:
+                 session_timeout: float = 60.0, alloc_repeat: int = PLACEMENTS) -> None:
         super().__init__()
         self.port = port
         self.key = key
         self.where = where
-        self.evaluator = evaluator or EvaluatorConfig()
+        self.evaluator = evaluator or EVALUATOR
         self.session_timeout = session_timeout
         self.alloc_repeat = alloc_repeat
         self.stats = MeasureStats()

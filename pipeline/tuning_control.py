@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import time
 
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-from tvm.s_tir.meta_schedule.runner import LocalRunner, PyRunner, PyRunnerFuture, RunnerResult
+from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner, PyRunner, PyRunnerFuture, RunnerResult
 
+PLACEMENTS = 5  # fresh argument sets per candidate; the fastest counts
+# Each placement timed for >= 20 ms: five cost what MetaSchedule's one of >= 100 ms did.
+EVALUATOR = EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
+GAP_FLOATS = 1024  # at most, between two arguments: up to 4 KiB, every offset within a page
 THREADS_VARIABLE = "TVM_NUM_THREADS"  # read by TVM's thread pool when a process first runs a parallel kernel
 
 
@@ -37,9 +42,52 @@ def tvm_threads() -> int:
     return int(tvm_ffi.get_global_func("runtime.NumThreads")())
 
 
+def spaced_arguments(fill, device, args_info: list, placements: int) -> list[list]:
+    """``placements`` argument sets for one candidate, filled by ``fill`` (MetaSchedule's random fill), with a
+    random gap before every argument; the gaps live as long as the sets (they are appended to each set's end,
+    beyond the arguments the kernel takes). Works on a board's device over RPC too."""
+    import tvm
+
+    sets = []
+    for _ in range(placements):
+        arguments, gaps = [], []
+        for _, dtype, shape in args_info:  # MetaSchedule's TensorInfo as JSON: ("TENSOR", dtype, shape)
+            gaps.append(tvm.runtime.empty((random.randint(1, GAP_FLOATS),), "float32", device))
+            argument = tvm.runtime.empty(shape, dtype, device)
+            fill(argument)
+            arguments.append(argument)
+        sets.append((arguments, gaps))
+    return [arguments for arguments, _ in _keep(sets)]
+
+
+_kept: list = []
+
+
+def _keep(sets: list) -> list:
+    """Hold the gaps of the latest candidate's sets (freed with the next candidate's)."""
+    _kept[:] = sets
+    return sets
+
+
+def _local_arguments(device, args_info: list, placements: int) -> list[list]:
+    import tvm_ffi
+
+    return spaced_arguments(tvm_ffi.get_global_func("tvm.contrib.random.random_fill_for_measure"), device,
+                            args_info, placements)
+
+
 def local_runner(threads: int) -> LocalRunner:
-    """MetaSchedule's runner on this machine, timing candidates on ``threads`` threads (the deployment's)."""
-    return LocalRunner(initializer=functools.partial(use_threads, threads))
+    """MetaSchedule's runner on this machine, timing candidates on ``threads`` threads (the deployment's), on
+    ``PLACEMENTS`` spaced argument sets each (wrap it in ``OneAtATime``, which keeps the fastest)."""
+    return LocalRunner(evaluator_config=EVALUATOR, alloc_repeat=PLACEMENTS, f_alloc_argument=_local_arguments,
+                       initializer=functools.partial(use_threads, threads))
+
+
+def fastest_placement(result: RunnerResult) -> RunnerResult:
+    """One cost per candidate: the fastest of its placements (their mean would mix two speeds of one kernel)."""
+    if result.error_msg or not result.run_secs:
+        return result
+    return RunnerResult([min(float(cost) for cost in result.run_secs)], None)
 
 
 def runner_threads(runner: LocalRunner) -> int:
@@ -65,14 +113,14 @@ class _Measured(PyRunnerFuture):
 @derived_object
 class OneAtATime(PyRunner):
     """``runner``, but ``run`` returns only once every candidate of the batch is timed: nothing else of the
-    tuning run (search, builds) runs beside the measurements."""
+    tuning run (search, builds) runs beside the measurements. Each candidate's cost is its fastest placement."""
 
     def __init__(self, runner) -> None:
         super().__init__()
         self.runner = runner
 
     def run(self, runner_inputs):
-        return [_Measured(future.result()) for future in self.runner.run(runner_inputs)]
+        return [_Measured(fastest_placement(future.result())) for future in self.runner.run(runner_inputs)]
 
 
 class TimeUp(Exception):
