@@ -77,8 +77,9 @@ def _measure(port: int, key: str, session_timeout: float, evaluator: EvaluatorCo
     device = session.device(device_type, 0)
     module = default_upload_module(session, artifact_path, os.path.basename(artifact_path))
     fill = session.get_function("tvm.contrib.random.random_fill_for_measure")
-    args = spaced_arguments(fill, device, args_info, alloc_repeat)
+    args, gaps = spaced_arguments(fill, device, args_info, alloc_repeat)
     costs = default_run_evaluator(session, module, device, evaluator, args)
+    del gaps  # held until the sets were timed, freed within this session
     return costs, int(session.get_function("runtime.NumThreads")())
 
 

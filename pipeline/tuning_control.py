@@ -42,38 +42,34 @@ def tvm_threads() -> int:
     return int(tvm_ffi.get_global_func("runtime.NumThreads")())
 
 
-def spaced_arguments(fill, device, args_info: list, placements: int) -> list[list]:
+def spaced_arguments(fill, device, args_info: list, placements: int) -> tuple[list[list], list]:
     """``placements`` argument sets for one candidate, filled by ``fill`` (MetaSchedule's random fill), with a
-    random gap before every argument; the gaps live as long as the sets (they are appended to each set's end,
-    beyond the arguments the kernel takes). Works on a board's device over RPC too."""
+    random gap allocated before every argument; and the gaps, which the caller holds until the sets are timed.
+    Works on a board's device over RPC too."""
     import tvm
 
-    sets = []
+    sets, gaps = [], []
     for _ in range(placements):
-        arguments, gaps = [], []
+        arguments = []
         for _, dtype, shape in args_info:  # MetaSchedule's TensorInfo as JSON: ("TENSOR", dtype, shape)
             gaps.append(tvm.runtime.empty((random.randint(1, GAP_FLOATS),), "float32", device))
             argument = tvm.runtime.empty(shape, dtype, device)
             fill(argument)
             arguments.append(argument)
-        sets.append((arguments, gaps))
-    return [arguments for arguments, _ in _keep(sets)]
+        sets.append(arguments)
+    return sets, gaps
 
 
-_kept: list = []
-
-
-def _keep(sets: list) -> list:
-    """Hold the gaps of the latest candidate's sets (freed with the next candidate's)."""
-    _kept[:] = sets
-    return sets
+_local_gaps: list = []  # the gaps of the candidate the LocalRunner's worker is timing (replaced by the next)
 
 
 def _local_arguments(device, args_info: list, placements: int) -> list[list]:
+    """MetaSchedule's f_alloc_argument in the LocalRunner's worker, which must return the sets alone."""
     import tvm_ffi
 
-    return spaced_arguments(tvm_ffi.get_global_func("tvm.contrib.random.random_fill_for_measure"), device,
-                            args_info, placements)
+    sets, _local_gaps[:] = spaced_arguments(tvm_ffi.get_global_func("tvm.contrib.random.random_fill_for_measure"),
+                                            device, args_info, placements)
+    return sets
 
 
 def local_runner(threads: int) -> LocalRunner:

@@ -205,7 +205,7 @@ def main(argv=None):
         reasons.append("stopped by the {} s time limit".format(args.max_seconds))
 
     kernels, kernels_total_us, kernel_error = [], None, None
-    if profile_kernels and args.kernel_runs > 0:
+    if profile_kernels and args.kernel_runs > 0 and not stopped_by_limit:  # no runs past the time limit
         try:
             kernels, kernels_total_us = profile_kernels(samples[0], args.kernel_runs)
         except Exception as exc:  # an older TVM without the hook: the latencies still stand
