@@ -30,7 +30,7 @@ from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, PyRunnerFu
 from tvm.support.popen_pool import PopenPoolExecutor
 
 from edgedeploy.errors import PreflightError, TransportError
-from pipeline.tuning_control import EVALUATOR, PLACEMENTS, THREADS_VARIABLE, spaced_arguments
+from pipeline.tuning_control import EVALUATOR, PLACEMENTS, THREADS_VARIABLE, fastest_placement, spaced_arguments
 from targets.profiles import DeviceProfile
 
 if TYPE_CHECKING:
@@ -124,13 +124,13 @@ class TunnelRunnerFuture(PyRunnerFuture):
             threads = None
             try:
                 costs, threads = self.future.result()
-                costs, error = [min(float(c) for c in costs)], None  # the fastest placement (tuning_control)
+                error = None
             except TimeoutError:
                 costs, error = None, f"measuring on {self.where} ran past {self.timeout_s:.0f} s"
             except Exception as exc:  # a candidate that fails on the board is a failed trial, not a failed run
                 costs, error = None, f"measuring on {self.where} failed: {str(exc).strip()[-2000:]}"
             self.stats.count(error, threads)
-            self._result = RunnerResult(costs, error)
+            self._result = fastest_placement(RunnerResult(costs, error))
         return self._result
 
 
