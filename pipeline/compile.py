@@ -34,7 +34,7 @@ from pipeline.quantize import QuantizedModel
 from pipeline.tuning_curve import CurvePoint, tuning_curve
 from pipeline.tvm_int8 import integerize
 from pipeline.tvm_layout import channels_last
-from pipeline.tvm_vnni import count_vnni_ops, vnni_pointwise_convs, vnni_search_space
+from pipeline.tvm_vnni import count_vnni_ops, vnni_convs, vnni_search_space
 from targets.profiles import DeviceProfile
 
 __all__ = ["ELF_MACHINES", "CompiledArtifact", "compile_model", "elf_machine", "profile_sha256",
@@ -392,7 +392,7 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
     if cpu:  # CPU kernels vectorize along contiguous channels (pipeline.tvm_layout)
         mod = channels_last(mod)
         if integer_ops and vnni:
-            mod = vnni_pointwise_convs(mod)
+            mod = vnni_convs(mod)
     return mod, integer_ops
 
 

@@ -1,5 +1,5 @@
-"""AVX-512 VNNI for the integer kernels of pipeline.tvm_int8: pointwise convs and matmuls that MetaSchedule
-can tensorize with ``vpdpbusd`` (16 int32 lanes += 4 uint8 x 4 int8 products each, one instruction).
+"""AVX-512 VNNI for the integer kernels of pipeline.tvm_int8: convs and matmuls that MetaSchedule can
+tensorize with ``vpdpbusd`` (16 int32 lanes += 4 uint8 x 4 int8 products each, one instruction).
 
 MetaSchedule offers that instruction (its ``dot_16x4_vnni`` tensor intrinsic) only where a kernel reads
 
@@ -8,15 +8,19 @@ MetaSchedule offers that instruction (its ``dot_16x4_vnni`` tensor intrinsic) on
 
 A conv2d is neither (its weights are OIHW or HWIO), so it never gets a VNNI candidate. Two rewrites make
 kernels that are: ``integerize(vnni=True)`` (pipeline.tvm_int8) turns each integer matmul with a constant
-weight into one, and :func:`vnni_pointwise_convs`, once the network is channel-last (pipeline.tvm_layout),
-turns each integer 1x1 conv (stride 1, unpadded, ungrouped; the bulk of a MobileNet-style network's work) into
+weight into one, and :func:`vnni_convs`, once the network is channel-last (pipeline.tvm_layout), turns each
+integer conv (ungrouped; the bulk of a CNN's work) into
 
-    acc = call_tir(vnni_matmul, xq [1, H, W, C] uint8, W_packed) -> [1, H, W, O] int32
+    acc = call_tir(vnni_matmul, xq [1, H, W, C] uint8, W_packed) -> [1, H, W, O] int32       (1x1, stride 1)
+    acc = call_tir(vnni_conv, xq_padded [1, H', W', C] uint8, W_packed) -> [1, OH, OW, O] int32  (any other)
 
 with nothing around it: the NHWC activations already are [pixels, C]. (In an NCHW network each such conv
 needed a permute on either side, and the permute back, fused with the requantize/activation chain after it,
 cost more than the kernel saved: PP-LCNet int8, tuned 32 trials/task on the x86 lab device, took 16.1 ms with
-them against 8.1 ms with plain integer 1x1 convs, docs/lab-x86/pp-lcnet-int8.md.)
+them against 8.1 ms with plain integer 1x1 convs, docs/lab-x86/pp-lcnet-int8.md.) A plain int8 conv2d gets
+no vpdpbusd candidate at all: MetaSchedule's auto-tensorization of its three reduction axes fails in
+RewriteTensorize ("Variable is not defined in the environment: v_rc_o", every candidate of that sketch), so
+it is computed with widened int32 vector multiplies, slower than fp32 FMAs.
 
 The int32 sums are exactly conv2d's: vpdpbusd adds the uint8 x int8 products in int32 without saturating
 (unlike the AVX2 vpmaddubsw path, which saturates pairs in int16). Untuned, the kernel is plain loops like
@@ -40,6 +44,7 @@ from tvm import relax, te, tirx
 LANES, GROUP = 16, 4  # vpdpbusd: 16 int32 outputs, each the sum of 4 uint8 x int8 products
 VNNI_INTRINSIC = "dot_16x4_vnni"
 KERNEL_PREFIX = "vnni_matmul_"
+CONV_PREFIX = "vnni_conv_"
 
 
 @functools.cache
@@ -99,26 +104,74 @@ def vnni_matmul(lead: tuple[int, ...], k: int, n: int) -> tvm.tirx.PrimFunc:
     return te.create_prim_func([a, w, out]).with_attr("global_symbol", f"{KERNEL_PREFIX}{name}")
 
 
+def conv_output_size(shape: tuple[int, ...], window: tuple[int, int], strides: tuple[int, int],
+                     dilation: tuple[int, int]) -> tuple[int, int]:
+    """(OH, OW) of an unpadded conv over the [1, H, W, C] input ``shape``."""
+    return tuple((size - d * (k - 1) - 1) // s + 1
+                 for size, k, s, d in zip(shape[1:3], window, strides, dilation, strict=True))
+
+
+def vnni_conv(shape: tuple[int, int, int, int], window: tuple[int, int], strides: tuple[int, int],
+              dilation: tuple[int, int], n: int) -> tvm.tirx.PrimFunc:
+    """An unpadded channel-last conv: uint8 ``a`` [1, H, W, C] x packed int8 [O/16, KH*KW*C/4, 16, 4] -> int32
+    [1, OH, OW, n], the weight's rows ordered (kh, kw, c) as HWIO flattens.
+
+    One reduction axis runs over the whole window, (kh, kw, c) in that order: the kernel is a matmul of the
+    pixels' windows with the weight, and MetaSchedule splits 4 channels off it for vpdpbusd exactly as it does a
+    matmul's (C is a multiple of 4, so 4 consecutive reduction steps never straddle two taps)."""
+    c = shape[3]
+    (kh, kw), (sh, sw), (dh, dw) = window, strides, dilation
+    oh, ow = conv_output_size(shape, window, strides, dilation)
+    a = te.placeholder(_int64(shape), "uint8", name="a")
+    packed = te.placeholder(_int64((n // LANES, kh * kw * c // GROUP, LANES, GROUP)), "int8", name="w")
+    r = te.reduce_axis((tvm.tirx.const(0, "int64"), tvm.tirx.const(kh * kw * c, "int64")), name="r")
+    out = te.compute(
+        _int64((1, oh, ow, n)),
+        lambda b, y, x, o: te.sum(
+            a[b, y * sh + r // (kw * c) * dh, x * sw + r // c % kw * dw, r % c].astype("int32")
+            * packed[o // LANES, r // GROUP, o % LANES, r % GROUP].astype("int32"), axis=r),
+        name="vnni_conv",
+    )
+    step = f"s{sh}" if sh == sw else f"s{sh}x{sw}"
+    spread = "" if (dh, dw) == (1, 1) else f"d{dh}" if dh == dw else f"d{dh}x{dw}"
+    name = f"{'x'.join(str(d) for d in shape)}_{kh}x{kw}{step}{spread}_{n}"
+    return te.create_prim_func([a, packed, out]).with_attr("global_symbol", f"{CONV_PREFIX}{name}")
+
+
 class VnniKernels:
     """The PrimFuncs the rewrite calls, one per shape, to be added to the module."""
 
     def __init__(self) -> None:
         self._builder = relax.BlockBuilder()  # gives each kernel's GlobalVar its function type
-        self._by_shape: dict[tuple[tuple[int, ...], int, int], tvm.ir.GlobalVar] = {}
+        self._by_shape: dict[tuple, tvm.ir.GlobalVar] = {}
 
     @property
     def functions(self) -> dict[tvm.ir.GlobalVar, tvm.tirx.PrimFunc]:
         return dict(self._builder.get().functions.items())
 
+    def _kernel(self, key: tuple, make: Callable[[], tvm.tirx.PrimFunc]) -> tvm.ir.GlobalVar:
+        gvar = self._by_shape.get(key)
+        if gvar is None:
+            kernel = make()
+            gvar = self._by_shape[key] = self._builder.add_func(kernel, kernel.attrs["global_symbol"])
+        return gvar
+
     def call(self, a: relax.Expr, lead: tuple[int, ...], w: np.ndarray) -> relax.Expr:
         """int32 ``a @ w.T`` over the last axis, for uint8 ``a`` [*lead, k] and int8 ``w`` [n, k]."""
         n, k = w.shape
-        gvar = self._by_shape.get((lead, k, n))
-        if gvar is None:
-            kernel = vnni_matmul(lead, k, n)
-            gvar = self._by_shape[(lead, k, n)] = self._builder.add_func(kernel, kernel.attrs["global_symbol"])
+        gvar = self._kernel(("matmul", lead, k, n), lambda: vnni_matmul(lead, k, n))
         return relax.call_tir(gvar, [a, relax.const(packed_weight(w))],
                               out_ty=relax.TensorType((*lead, n), "int32"))
+
+    def conv(self, a: relax.Expr, shape: tuple[int, int, int, int], hwio: np.ndarray, strides: tuple[int, int],
+             dilation: tuple[int, int]) -> relax.Expr:
+        """The int32 unpadded NHWC conv of uint8 ``a`` [1, H, W, C] with the int8 HWIO weight ``hwio``."""
+        kh, kw, _, n = hwio.shape
+        gvar = self._kernel(("conv", shape, kh, kw, strides, dilation, n),
+                            lambda: vnni_conv(shape, (kh, kw), strides, dilation, n))
+        rows = np.ascontiguousarray(hwio.reshape(-1, n).T)  # [n, KH*KW*C], each row in (kh, kw, c) order
+        out_shape = (1, *conv_output_size(shape, (kh, kw), strides, dilation), n)
+        return relax.call_tir(gvar, [a, relax.const(packed_weight(rows))], out_ty=relax.TensorType(out_shape, "int32"))
 
     def added_to(self, mod: tvm.IRModule) -> tvm.IRModule:
         """``mod`` (whose Relax functions call these kernels) with the kernels in it, the intrinsic registered."""
@@ -152,7 +205,7 @@ def map_relax_functions(mod: tvm.IRModule, rewrite: Callable[[relax.Function], r
 def count_vnni_ops(mod: tvm.IRModule) -> int:
     """Calls of the VNNI-ready kernels in the module's Relax functions."""
     return count_calls(mod, lambda call: call.op.name == "relax.call_tir"
-                       and call.args[0].name_hint.startswith(KERNEL_PREFIX))
+                       and call.args[0].name_hint.startswith((KERNEL_PREFIX, CONV_PREFIX)))
 
 
 def fits(c: int, o: int) -> bool:
@@ -160,22 +213,23 @@ def fits(c: int, o: int) -> bool:
     return c % GROUP == 0 and o % LANES == 0
 
 
-def _pointwise_weight(call: relax.Call) -> np.ndarray | None:
-    """The [O, C] int8 weight of an integer NHWC 1x1 conv that VNNI tiles fit, else None."""
+def _conv_weight(call: relax.Call) -> np.ndarray | None:
+    """The int8 HWIO weight of an integer NHWC conv (ungrouped, static batch-1 input) that VNNI tiles fit."""
     a = call.attrs
     x, w = call.args
     if (str(a.data_layout), str(a.kernel_layout), str(a.out_dtype)) != ("NHWC", "HWIO", "int32") or \
-            int(a.groups) != 1 or any(int(s) != 1 for s in a.strides) or any(int(p) for p in a.padding) or \
-            str(x.ty.dtype) != "uint8" or not isinstance(w, tvm.ir.GenericConst) or x.ty.ndim != 4:
+            int(a.groups) != 1 or str(x.ty.dtype) != "uint8" or not isinstance(w, tvm.ir.GenericConst) or \
+            x.ty.ndim != 4 or not all(isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape.values) or \
+            int(x.ty.shape.values[0]) != 1:
         return None
     hwio = w.value.numpy()
-    if hwio.dtype != np.int8 or hwio.shape[:2] != (1, 1) or not fits(*hwio.shape[2:]):
-        return None
-    return np.ascontiguousarray(hwio[0, 0].T)
+    return hwio if hwio.dtype == np.int8 and fits(*hwio.shape[2:]) else None
 
 
-def vnni_pointwise_convs(mod: tvm.IRModule) -> tvm.IRModule:
-    """Every integer NHWC 1x1 conv that fits becomes a VNNI-ready kernel (same int32 results)."""
+def vnni_convs(mod: tvm.IRModule) -> tvm.IRModule:
+    """Every integer NHWC conv that fits becomes a VNNI-ready kernel (same int32 results): a 1x1 conv (stride 1,
+    unpadded) the matmul kernel on its pixels, any other the windowed :func:`vnni_conv`, its padding (zeros: a
+    nonzero zero point was already padded explicitly by pipeline.tvm_int8) an explicit pad before it."""
     mod = relax.transform.FoldConstant()(mod)  # ConvertLayout left each weight as permute_dims(OIHW constant)
     kernels = VnniKernels()
 
@@ -185,11 +239,19 @@ def vnni_pointwise_convs(mod: tvm.IRModule) -> tvm.IRModule:
             call = super().visit_call_(call)
             if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
                 return call
-            weight = _pointwise_weight(call)
-            dims = call.args[0].ty.shape.values if weight is not None else []
-            if weight is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dims) or int(dims[0]) != 1:
+            hwio = _conv_weight(call)
+            if hwio is None:
                 return call
-            return kernels.call(call.args[0], tuple(int(d) for d in dims[:3]), weight)
+            x, attrs = call.args[0], call.attrs
+            shape = tuple(int(d) for d in x.ty.shape.values)
+            strides, dilation = (tuple(int(v) for v in values) for values in (attrs.strides, attrs.dilation))
+            top, left, bottom, right = (int(p) for p in attrs.padding)
+            if hwio.shape[:2] == (1, 1) and strides == (1, 1) and not any((top, left, bottom, right)):
+                return kernels.call(x, shape[:3], np.ascontiguousarray(hwio[0, 0].T))
+            if any((top, left, bottom, right)):
+                x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0], pad_value=0.0)
+                shape = (1, shape[1] + top + bottom, shape[2] + left + right, shape[3])
+            return kernels.conv(x, shape, hwio, strides, dilation)
 
     return relax.transform.Normalize()(kernels.added_to(map_relax_functions(mod, Rewrite().visit_expr)))
 

@@ -1,5 +1,5 @@
-"""VNNI-ready integer kernels: pointwise convs and matmuls are laid out for vpdpbusd, compute exactly what the
-plain integer kernels compute, and MetaSchedule really tensorizes them with vpdpbusd."""
+"""VNNI-ready integer kernels: convs and matmuls are laid out for vpdpbusd, compute exactly what the plain
+integer kernels compute, and MetaSchedule really tensorizes them with vpdpbusd."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from pipeline.tvm_vnni import (  # noqa: E402
     count_vnni_ops,
     packed_weight,
     register_vnni_intrinsic,
+    vnni_convs,
     vnni_matmul,
-    vnni_pointwise_convs,
 )
 
 pytestmark = pytest.mark.slow
@@ -41,19 +41,24 @@ def test_packed_weight_puts_each_16x4_tile_in_64_contiguous_bytes():
 
 
 def _pointwise_model() -> onnx.ModelProto:
-    """Conv 1x1 (8 -> 32) -> Relu -> Conv 1x1 (32 -> 16) -> Conv 3x3 (16 -> 16) -> Flatten -> Gemm (576 -> 16):
-    two pointwise convs and a Gemm that fit VNNI tiles, one 3x3 conv that stays a conv."""
+    """Conv 1x1 (8 -> 32) -> Relu -> Conv 1x1 (32 -> 16) -> Conv 3x3 (16 -> 16) -> Relu -> Conv 3x3, stride 2,
+    dilated, uneven pads (16 -> 16) -> Flatten -> Gemm (144 -> 16): convs and a Gemm that all fit VNNI tiles.
+    The first 3x3 conv's input has a nonzero zero point (pipeline.tvm_int8 pads it explicitly), the second's is
+    zero after the Relu (the conv keeps its padding, and vnni_convs pads with zeros)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in (
         ("w1", rng.standard_normal((32, 8, 1, 1))), ("b1", rng.standard_normal(32)),
         ("w2", rng.standard_normal((16, 32, 1, 1)) / 4), ("w3", rng.standard_normal((16, 16, 3, 3)) / 8),
-        ("g", rng.standard_normal((16, 576)) / 16), ("gb", rng.standard_normal(16)))]
+        ("w4", rng.standard_normal((16, 16, 3, 3)) / 8),
+        ("g", rng.standard_normal((16, 144)) / 8), ("gb", rng.standard_normal(16)))]
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", "w2"], ["c2"]),
         helper.make_node("Conv", ["c2", "w3"], ["c3"], pads=[1, 1, 1, 1]),
-        helper.make_node("Flatten", ["c3"], ["f"]),
+        helper.make_node("Relu", ["c3"], ["r3"]),
+        helper.make_node("Conv", ["r3", "w4"], ["c4"], pads=[2, 1, 2, 1], strides=[2, 2], dilations=[2, 1]),
+        helper.make_node("Flatten", ["c4"], ["f"]),
         helper.make_node("Gemm", ["f", "g", "gb"], ["y"], transB=1),
     ]
     graph = helper.make_graph(nodes, "pointwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
@@ -71,10 +76,13 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
 
     plain, plain_count = integerize(mod)
     matmuls, matmuls_count = integerize(mod, vnni=True)
-    assert plain_count == matmuls_count == 4 and count_vnni_ops(plain) == 0
+    assert plain_count == matmuls_count == 5 and count_vnni_ops(plain) == 0
     assert count_vnni_ops(matmuls) == 1  # the Gemm
-    vnni = vnni_pointwise_convs(channels_last(matmuls))
-    assert count_vnni_ops(vnni) == 3  # and both 1x1 convs, once channel-last; the 3x3 conv stays a conv
+    vnni = vnni_convs(channels_last(matmuls))
+    assert count_vnni_ops(vnni) == 5  # and every conv, once channel-last: 1x1 as matmuls, 3x3 as windowed kernels
+    names = sorted(gvar.name_hint for gvar in vnni.get_global_vars() if gvar.name_hint.startswith("vnni_"))
+    assert names == ["vnni_conv_1x10x8x16_3x3s2d2x1_16", "vnni_conv_1x8x8x16_3x3s1_16", "vnni_matmul_1x144x16",
+                     "vnni_matmul_1x6x6x32x16", "vnni_matmul_1x6x6x8x32"], names
     assert count_permutes(vnni) == 2  # into NHWC at the input, back before Flatten: none around the kernels
 
     # What tuning and the tuned build do to it: each VNNI kernel fuses with the requantize after it. (Built with
@@ -84,8 +92,8 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
 
     cascadelake = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
     fused = _fuse(_decomposed(vnni, cascadelake), cascadelake)
-    kernels = [gvar.name_hint for gvar in fused.get_global_vars() if gvar.name_hint.startswith("fused_vnni_matmul")]
-    assert len(kernels) == 3 and all("_cast" in name for name in kernels), kernels
+    kernels = [gvar.name_hint for gvar in fused.get_global_vars() if gvar.name_hint.startswith("fused_vnni_")]
+    assert len(kernels) == 5 and all("_cast" in name for name in kernels), kernels
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     run_plain, run_vnni = (relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())["main"]
@@ -99,20 +107,46 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
         assert (ours.argmax() == theirs.argmax()) and np.abs(ours - theirs).max() <= 0.05 * np.abs(theirs).max()
 
 
+def _reference_conv(a: np.ndarray, hwio: np.ndarray, stride: int) -> np.ndarray:
+    """int32 NHWC conv, unpadded, in numpy: the sum over taps of each tap's pixels times its [C, O] slice."""
+    kh, kw, _, n = hwio.shape
+    oh, ow = (a.shape[1] - kh) // stride + 1, (a.shape[2] - kw) // stride + 1
+    out = np.zeros((1, oh, ow, n), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            taps = a[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+            out += taps.astype(np.int64) @ hwio[i, j].astype(np.int64)
+    return out.astype(np.int32)
+
+
 @pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run vpdpbusd")
-@pytest.mark.parametrize("lead", [(64,), (1, 8, 8)], ids=["matmul", "channel-last-conv"])
-def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, lead):
+@pytest.mark.parametrize("kernel", ["matmul", "channel-last-1x1-conv", "3x3-conv-stride-2"])
+def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, kernel):
     """Regression: TVM 0.27's own dot_16x4_vnni failed every build with its bundled LLVM, so no tuned int8
-    kernel ever used VNNI. A 1x1 conv's kernel keeps its [1, H, W] pixels (no reshape around it)."""
+    kernel ever used VNNI. A 1x1 conv's kernel keeps its [1, H, W] pixels (no reshape around it); a 3x3 conv's
+    reads its windows straight from the NHWC input (its one reduction axis runs over taps and channels)."""
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
     from pipeline.compile import _forked_builder, _unnamed_handlers_detached
+    from pipeline.tvm_vnni import vnni_conv
 
     register_vnni_intrinsic()
-    k, n = 32, 32
+    rng = np.random.default_rng(0)
+    c, n = 32, 32
+    if kernel == "3x3-conv-stride-2":
+        a = rng.integers(0, 256, (1, 9, 9, c), dtype=np.uint8)
+        hwio = rng.integers(-128, 128, (3, 3, c, n), dtype=np.int8)
+        func = vnni_conv(a.shape, (3, 3), (2, 2), (1, 1), n)
+        weight, expected = packed_weight(np.ascontiguousarray(hwio.reshape(-1, n).T)), _reference_conv(a, hwio, 2)
+    else:
+        lead = (64,) if kernel == "matmul" else (1, 8, 8)
+        a = rng.integers(0, 256, (*lead, c), dtype=np.uint8)
+        w = rng.integers(-128, 128, (n, c), dtype=np.int8)
+        func = vnni_matmul(lead, c, n)
+        weight, expected = packed_weight(w), a.astype(np.int32) @ w.astype(np.int32).T
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
-    mod = tvm.IRModule({"main": vnni_matmul(lead, k, n).with_attr("global_symbol", "main")})
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     with _unnamed_handlers_detached():  # a tuning run earlier in the session left pytest's handlers behind
         database = ms.tune_tir(mod, target, str(tmp_path / "tuning"), max_trials_global=16, num_trials_per_iter=16,
                                builder=_forked_builder(), strategy="replay-trace", seed=7)
@@ -128,13 +162,10 @@ def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, le
                          if module.kind == "llvm")
     assert "vpdpbusd" in assembly
 
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (*lead, k), dtype=np.uint8)
-    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
-    out = tvm.runtime.tensor(np.zeros((*lead, n), np.int32))
-    library(tvm.runtime.tensor(a), tvm.runtime.tensor(packed_weight(w)), out)
+    out = tvm.runtime.tensor(np.zeros(expected.shape, np.int32))
+    library(tvm.runtime.tensor(a), tvm.runtime.tensor(weight), out)
     # Extremes included (255 x -128, 4 at a time): vpdpbusd adds in int32 and never saturates.
-    np.testing.assert_array_equal(out.numpy(), a.astype(np.int32) @ w.astype(np.int32).T)
+    np.testing.assert_array_equal(out.numpy(), expected)
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run vpdpbusd")
