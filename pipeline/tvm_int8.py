@@ -218,8 +218,8 @@ def integerize(mod: tvm.IRModule, *, vnni: bool = False, narrow_convs_in_float: 
                ) -> tuple[tvm.IRModule, int]:
     """Rewrite QDQ conv2d/matmul into integer ones; returns the new module and how many ops became integer.
     With ``narrow_convs_in_float``, convs over fewer than 4 input channels per group stay float (see above).
-    With ``vnni``, matmuls that fit become VNNI-ready kernels (pipeline.tvm_vnni); 1x1 convs do once the
-    network is channel-last (``pipeline.tvm_vnni.vnni_convs``).
+    With ``vnni``, matmuls that fit become VNNI-ready kernels (pipeline.tvm_vnni); convs do once the network
+    is channel-last (``pipeline.tvm_vnni.vnni_convs``).
 
     Run it on what ``relax.frontend.onnx.from_onnx(..., keep_params_in_input=False)`` returns, before
     ``FoldConstant`` (which turns the int8 weights' dequantize into plain float constants).

@@ -41,15 +41,16 @@ def test_packed_weight_puts_each_16x4_tile_in_64_contiguous_bytes():
 
 
 def _pointwise_model() -> onnx.ModelProto:
-    """Conv 1x1 (8 -> 32) -> Relu -> Conv 1x1 (32 -> 16) -> Conv 3x3 (16 -> 16) -> Relu -> Conv 3x3, stride 2,
-    dilated, uneven pads (16 -> 16) -> Flatten -> Gemm (144 -> 16): convs and a Gemm that all fit VNNI tiles.
+    """Conv 1x1 (8 -> 32) -> Relu -> Conv 1x1 (32 -> 16) -> Conv 3x3 (16 -> 24) -> Relu -> Conv 3x3, stride 2,
+    dilated, uneven pads (24 -> 16) -> Flatten -> Gemm (144 -> 16): convs and a Gemm that all fit VNNI tiles (the
+    24 outputs padded to 32).
     The first 3x3 conv's input has a nonzero zero point (pipeline.tvm_int8 pads it explicitly), the second's is
     zero after the Relu (the conv keeps its padding, and vnni_convs pads with zeros)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in (
         ("w1", rng.standard_normal((32, 8, 1, 1))), ("b1", rng.standard_normal(32)),
-        ("w2", rng.standard_normal((16, 32, 1, 1)) / 4), ("w3", rng.standard_normal((16, 16, 3, 3)) / 8),
-        ("w4", rng.standard_normal((16, 16, 3, 3)) / 8),
+        ("w2", rng.standard_normal((16, 32, 1, 1)) / 4), ("w3", rng.standard_normal((24, 16, 3, 3)) / 8),
+        ("w4", rng.standard_normal((16, 24, 3, 3)) / 8),
         ("g", rng.standard_normal((16, 144)) / 8), ("gb", rng.standard_normal(16)))]
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
@@ -81,7 +82,7 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
     vnni = vnni_convs(channels_last(matmuls))
     assert count_vnni_ops(vnni) == 5  # and every conv, once channel-last: 1x1 as matmuls, 3x3 as windowed kernels
     names = sorted(gvar.name_hint for gvar in vnni.get_global_vars() if gvar.name_hint.startswith("vnni_"))
-    assert names == ["vnni_conv_1x10x8x16_3x3s2d2x1_16", "vnni_conv_1x8x8x16_3x3s1_16", "vnni_matmul_1x144x16",
+    assert names == ["vnni_conv_1x10x8x24_3x3s2d2x1_16", "vnni_conv_1x8x8x16_3x3s1_32", "vnni_matmul_1x144x16",
                      "vnni_matmul_1x6x6x32x16", "vnni_matmul_1x6x6x8x32"], names
     assert count_permutes(vnni) == 2  # into NHWC at the input, back before Flatten: none around the kernels
 
@@ -94,6 +95,7 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
     fused = _fuse(_decomposed(vnni, cascadelake), cascadelake)
     kernels = [gvar.name_hint for gvar in fused.get_global_vars() if gvar.name_hint.startswith("fused_vnni_")]
     assert len(kernels) == 5 and all("_cast" in name for name in kernels), kernels
+    assert sum("strided_slice" in name for name in kernels) == 1  # the padding channels dropped in the epilogue
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     run_plain, run_vnni = (relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())["main"]
