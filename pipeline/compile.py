@@ -32,6 +32,7 @@ from pipeline.ingest import ModelInfo
 from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profile_sha256, write_manifest
 from pipeline.quantize import QuantizedModel
 from pipeline.tuning_curve import CurvePoint, tuning_curve
+from pipeline.tvm_fastmath import fast_math
 from pipeline.tvm_int8 import integerize
 from pipeline.tvm_layout import channels_last
 from pipeline.tvm_vnni import count_vnni_ops, vnni_convs, vnni_search_space
@@ -115,7 +116,8 @@ def source_revision(paths: list[Path]) -> str:
 # Part of the artifact cache key: a library built by other compiler code is not reused. Derived from the source
 # files themselves: a hand-kept revision string was once left unchanged, and a library with the previous int8
 # layout was served from the cache.
-COMPILER_SOURCES = [Path(__file__), *(Path(__file__).with_name(f"tvm_{p}.py") for p in ("int8", "vnni", "layout"))]
+COMPILER_SOURCES = [Path(__file__), *(Path(__file__).with_name(f"tvm_{p}.py")
+                                     for p in ("int8", "vnni", "layout", "fastmath"))]
 COMPILE_REVISION = source_revision(COMPILER_SOURCES)
 
 
@@ -393,6 +395,7 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
         mod = channels_last(mod)
         if integer_ops and vnni:
             mod = vnni_convs(mod)
+        mod, _ = fast_math(mod)  # sigmoid/exp as vector code, not a libm call per element (pipeline.tvm_fastmath)
     return mod, integer_ops
 
 
