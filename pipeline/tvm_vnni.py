@@ -144,13 +144,6 @@ def _padded_rows(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([w, np.zeros((padded_outputs(n) - n, k), w.dtype)]))
 
 
-def _first_channels(out: relax.Expr, ndim: int, n: int, tiles: int) -> relax.Expr:
-    """The kernel's output without the padding channels (if any) it computed."""
-    if tiles == n:
-        return out
-    return relax.op.strided_slice(out, axes=[ndim - 1], begin=[0], end=[n])
-
-
 class VnniKernels:
     """The PrimFuncs the rewrite calls, one per shape, to be added to the module."""
 
@@ -169,13 +162,22 @@ class VnniKernels:
             gvar = self._by_shape[key] = self._builder.add_func(kernel, kernel.attrs["global_symbol"])
         return gvar
 
+    @staticmethod
+    def _called(gvar: tvm.ir.GlobalVar, a: relax.Expr, rows: np.ndarray, out_shape: tuple[int, ...]) -> relax.Expr:
+        """The kernel on ``a`` with the int8 weight ``rows`` [n, k], padded and packed; the padding channels it
+        computed (if any) sliced off its int32 output (FuseOps puts the slice in the epilogue)."""
+        n = rows.shape[0]
+        tiles = padded_outputs(n)
+        out = relax.call_tir(gvar, [a, relax.const(packed_weight(_padded_rows(rows)))],
+                             out_ty=relax.TensorType((*out_shape, tiles), "int32"))
+        return out if tiles == n else relax.op.strided_slice(out, axes=[len(out_shape)], begin=[0], end=[n])
+
     def call(self, a: relax.Expr, lead: tuple[int, ...], w: np.ndarray) -> relax.Expr:
         """int32 ``a @ w.T`` over the last axis, for uint8 ``a`` [*lead, k] and int8 ``w`` [n, k]."""
         n, k = w.shape
-        w, tiles = _padded_rows(w), padded_outputs(n)
+        tiles = padded_outputs(n)
         gvar = self._kernel(("matmul", lead, k, tiles), lambda: vnni_matmul(lead, k, tiles))
-        out = relax.call_tir(gvar, [a, relax.const(packed_weight(w))], out_ty=relax.TensorType((*lead, tiles), "int32"))
-        return _first_channels(out, len(lead) + 1, n, tiles)
+        return self._called(gvar, a, w, lead)
 
     def conv(self, a: relax.Expr, shape: tuple[int, int, int, int], hwio: np.ndarray, strides: tuple[int, int],
              dilation: tuple[int, int]) -> relax.Expr:
@@ -184,10 +186,8 @@ class VnniKernels:
         tiles = padded_outputs(n)
         gvar = self._kernel(("conv", shape, kh, kw, strides, dilation, tiles),
                             lambda: vnni_conv(shape, (kh, kw), strides, dilation, tiles))
-        rows = _padded_rows(hwio.reshape(-1, n).T)  # [tiles, KH*KW*C], each row in (kh, kw, c) order
-        out_shape = (1, *conv_output_size(shape, (kh, kw), strides, dilation), tiles)
-        out = relax.call_tir(gvar, [a, relax.const(packed_weight(rows))], out_ty=relax.TensorType(out_shape, "int32"))
-        return _first_channels(out, 4, n, tiles)
+        rows = hwio.reshape(-1, n).T  # [n, KH*KW*C], each row in (kh, kw, c) order
+        return self._called(gvar, a, rows, (1, *conv_output_size(shape, (kh, kw), strides, dilation)))
 
     def added_to(self, mod: tvm.IRModule) -> tvm.IRModule:
         """``mod`` (whose Relax functions call these kernels) with the kernels in it, the intrinsic registered."""
