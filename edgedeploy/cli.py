@@ -107,6 +107,8 @@ def run(
     min_seconds: Annotated[float, typer.Option(min=0, help="Minimum timed seconds per runtime.")] = 2.0,
     max_seconds: Annotated[float, typer.Option(min=1, help="Time limit per runtime on the device.")] = 600.0,
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up iterations (not counted).")] = 2,
+    rounds: Annotated[int, typer.Option(min=1, help="Turns the artifact and the baseline take on the device, "
+                                        "sharing the minimums (a drifting device slows both alike).")] = 3,
     max_model_mb: Annotated[int, typer.Option(min=1, help="Refuse model files larger than this.")] = 2048,
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
 ) -> None:
@@ -120,7 +122,7 @@ def run(
             tune_minutes, eval_data=str(eval_data) if eval_data else None, eval_samples=eval_samples,
             max_model_mb=max_model_mb, accuracy_budget=accuracy_budget / 100, partial=partial,
             bench=BenchmarkSettings(warmup=warmup, min_iterations=min_iterations, min_seconds=min_seconds,
-                                    max_seconds=max_seconds),
+                                    max_seconds=max_seconds, rounds=rounds),
         ).with_run_id()
         from edgedeploy.progress_view import StageProgress
         from flows.console import hide_our_error_tracebacks

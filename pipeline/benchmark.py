@@ -1,12 +1,13 @@
 """Stage 5, benchmark: run the device-side runner on the device, for the artifact and for the
-baseline a user would otherwise run (onnxruntime fp32 on the original model), one after the
-other in separate processes, on the same inputs; then score both against the labels and the
+baseline a user would otherwise run (onnxruntime fp32 on the original model), in turns (a few rounds
+each, in separate processes, on the same inputs); then score both against the labels and the
 artifact against the baseline.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,15 @@ class BenchmarkSettings(BaseModel):
     min_seconds: float = Field(default=2.0, ge=0, description="A run shorter than this is invalid.")
     max_seconds: float = Field(default=600.0, gt=0, description="Wall-clock limit per runtime on the device.")
     threads: int = Field(default=0, ge=0, description="Threads per runtime (0 = the profile's cores).")
+    rounds: int = Field(default=3, ge=1, description="The artifact and the baseline take turns, this many each "
+                        "(A B B A A B ...), sharing the iterations and seconds above: a device whose speed drifts "
+                        "(thermal throttling, a shared VM) slows both alike instead of whichever ran second.")
+
+    def per_round(self) -> BenchmarkSettings:
+        """One runner invocation's share; every round still runs each sample at least once."""
+        return self.model_copy(update={"min_iterations": math.ceil(self.min_iterations / self.rounds),
+                                       "min_seconds": self.min_seconds / self.rounds,
+                                       "max_seconds": self.max_seconds / self.rounds})
 
 
 class KernelTime(BaseModel):
@@ -68,6 +78,7 @@ class Measurement(BaseModel):
     kernels_total_us: float | None = Field(default=None, description="TVM: all the calls of one such run, summed.")
     kernel_runs: int = 0
     kernel_error: str | None = None
+    rounds: int = Field(default=1, description="Runner processes whose timed iterations samples_ms joins, in order.")
 
 
 class BenchmarkReport(BaseModel):
@@ -83,16 +94,17 @@ class BenchmarkReport(BaseModel):
 
 def _run_runner(
     transport: Transport, python: list[str], deployed: DeployedArtifact, *, runtime: str,
-    input_order: list[str], settings: BenchmarkSettings, local_dir: Path, which: str,
-) -> tuple[dict[str, Any], np.ndarray]:
+    input_order: list[str], settings: BenchmarkSettings, local_dir: Path, which: str, name: str,
+    kernel_runs: int, fetch_outputs: bool = True,
+) -> tuple[dict[str, Any], np.ndarray | None]:
     """Run the device runner on the artifact (which="artifact") or on the fp32 baseline (which="baseline")."""
-    name = which
     remote_out = posixpath.join(deployed.run_dir, f"outputs.{name}.npz")
     argv = [*python, deployed.runner.remote_path, "--runtime", runtime,
             "--inputs", deployed.inputs.remote_path, "--input-order", ",".join(input_order),
             "--outputs", remote_out, "--warmup", str(settings.warmup),
             "--min-iterations", str(settings.min_iterations), "--min-seconds", str(settings.min_seconds),
-            "--max-seconds", str(settings.max_seconds), "--threads", str(settings.threads)]
+            "--max-seconds", str(settings.max_seconds), "--threads", str(settings.threads),
+            "--kernel-runs", str(kernel_runs)]
     if which == "artifact":
         argv += ["--artifact", deployed.library.remote_path, "--manifest", deployed.manifest.remote_path]
     else:
@@ -115,6 +127,8 @@ def _run_runner(
             )
         raise BenchmarkError(f"The device runner ({runtime}) failed on {transport.name}",
                              value=report.get("message"), stderr=result.stderr.strip()[-800:])
+    if not fetch_outputs:
+        return report, None
     local_out = local_dir / f"outputs.{name}.npz"
     transport.read(remote_out, local_out)
     with np.load(local_out) as npz:
@@ -133,17 +147,66 @@ def _measurement(report: dict[str, Any], kind: str | None, outputs: np.ndarray, 
         device_python=report["python"], device_machine=report["machine"],
         kernels=report.get("kernels") or [], kernels_total_us=report.get("kernels_total_us"),
         kernel_runs=report.get("kernel_runs") or 0, kernel_error=report.get("kernel_error"),
+        rounds=report.get("rounds", 1),
     )
+
+
+KERNEL_RUNS = 3  # runs after the last timed round whose every kernel call is timed (TVM)
+
+
+def _runtime(deployed: DeployedArtifact, which: str) -> str:
+    return deployed.runtime if which == "artifact" else "onnxruntime"
+
+
+def _joined(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One runtime's rounds as one report: every timed iteration in order, the cold (first) load, the highest
+    memory, valid only if every round was; the kernel profile comes from the round that took one."""
+    joined = dict(reports[0])
+    joined["latency_ms"] = [ms for report in reports for ms in report["latency_ms"]]
+    joined["timed_seconds"] = sum(report["timed_seconds"] for report in reports)
+    joined["peak_rss_mb"] = max(report["peak_rss_mb"] for report in reports)
+    joined["valid"] = all(report["valid"] for report in reports)
+    reasons = [f"round {i + 1}: {r['invalid_reason']}" for i, r in enumerate(reports) if r["invalid_reason"]]
+    joined["invalid_reason"] = "; ".join(reasons) or None
+    profiled = [report for report in reports if report.get("kernels") or report.get("kernel_error")]
+    for key in ("kernels", "kernels_total_us", "kernel_runs", "kernel_error"):
+        joined[key] = profiled[-1].get(key) if profiled else None
+    joined["rounds"] = len(reports)
+    return joined
+
+
+def _timed_in_turns(transport: Transport, python: list[str], deployed: DeployedArtifact, *, whiches: list[str],
+                    input_order: list[str], settings: BenchmarkSettings,
+                    local_dir: Path) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
+    """Each runtime in ``whiches`` run ``settings.rounds`` times, taking turns A B, B A, A B, ...; its outputs are
+    the first round's (every round runs every sample)."""
+    share = settings.per_round()
+    reports: dict[str, list[dict[str, Any]]] = {which: [] for which in whiches}
+    outputs: dict[str, np.ndarray] = {}
+    for index in range(settings.rounds):
+        last = index == settings.rounds - 1
+        for which in (whiches if index % 2 == 0 else whiches[::-1]):
+            runtime = _runtime(deployed, which)
+            report, out = _run_runner(transport, python, deployed, runtime=runtime,
+                                      input_order=input_order, settings=share, local_dir=local_dir, which=which,
+                                      name=which if index == 0 else f"{which}.round{index + 1}",
+                                      kernel_runs=KERNEL_RUNS if last and runtime == "tvm" else 0,
+                                      fetch_outputs=index == 0)
+            reports[which].append(report)
+            if out is not None:
+                outputs[which] = out
+    return {which: (_joined(reports[which]), outputs[which]) for which in whiches}
 
 
 def measure(
     transport: Transport, python: list[str], deployed: DeployedArtifact, samples: Samples, *, which: str,
     input_order: list[str], kind: str | None, settings: BenchmarkSettings, local_dir: Path,
 ) -> tuple[Measurement, np.ndarray]:
-    """One runtime on the device: the deployed artifact (which="artifact") or onnxruntime fp32 ("baseline")."""
-    runtime = deployed.runtime if which == "artifact" else "onnxruntime"
-    report, outputs = _run_runner(transport, python, deployed, runtime=runtime, input_order=input_order,
-                                  settings=settings, local_dir=local_dir, which=which)
+    """One runtime on the device: the deployed artifact (which="artifact") or onnxruntime fp32 ("baseline"), in one
+    process (rounds are turns between two runtimes; alone, they would only cost more start-ups)."""
+    (report, outputs), = _timed_in_turns(transport, python, deployed, whiches=[which], input_order=input_order,
+                                          settings=settings.model_copy(update={"rounds": 1}),
+                                          local_dir=local_dir).values()
     return _measurement(report, kind, outputs, samples), outputs
 
 
@@ -155,12 +218,13 @@ def benchmark(
     transport: Transport, python: list[str], deployed: DeployedArtifact, samples: Samples, *,
     input_order: list[str], kind: str | None, settings: BenchmarkSettings, local_dir: Path,
 ) -> BenchmarkReport:
-    """Measure the artifact, then the baseline, on the device; score and compare them."""
-    common = {"input_order": input_order, "kind": kind, "settings": settings, "local_dir": local_dir}
-    artifact, art_out = measure(transport, python, deployed, samples, which="artifact", **common)
-    baseline, base_out = measure(transport, python, deployed, samples, which="baseline", **common)
+    """Measure the artifact and the baseline on the device, in turns; score and compare them."""
+    timed = _timed_in_turns(transport, python, deployed, whiches=["artifact", "baseline"], input_order=input_order,
+                            settings=settings, local_dir=local_dir)
+    (art_report, art_out), (base_report, base_out) = timed["artifact"], timed["baseline"]
     return BenchmarkReport(
-        artifact=artifact, baseline=baseline,
+        artifact=_measurement(art_report, kind, art_out, samples),
+        baseline=_measurement(base_report, kind, base_out, samples),
         agreement=agreement(art_out, base_out, classifier=kind != "detector"),
         metric=metric_name(kind, samples), settings=settings,
     )
