@@ -92,3 +92,33 @@ def test_fast_math_leaves_other_dtypes_alone():
         bb.emit_func_output(out)
     _, replaced = fast_math(bb.get())
     assert replaced == 0
+
+
+def test_the_polynomial_cross_compiled_for_a_pi4_computes_the_same_on_aarch64(tmp_path):
+    """fast_math runs for every CPU profile: the NEON build of the polynomial, run by arm64 Python (qemu), must
+    compute what float32 needs there too (the x86 tests above never see its aarch64 code)."""
+    import subprocess
+
+    from targets.profiles import load_profile
+    from tests.lab import aarch64_python
+
+    python = aarch64_python()
+    if python is None:
+        pytest.skip("no arm64 Python under qemu here (scripts/make_aarch64_root.sh builds it)")
+    pi4 = load_profile("raspberry-pi-4")
+    fast, replaced = fast_math(_silu_module((2, 8, 8, 16)))
+    assert replaced == 2
+    library = tmp_path / "silu.so"
+    tvm.compile(fast, target=tvm.target.Target(pi4.tvm_target())).export_library(str(library),
+                                                                                    cc=pi4.cross_compiler)
+    x = np.random.default_rng(0).uniform(-10, 10, (2, 8, 8, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = ("import numpy as np, tvm\nfrom tvm import relax\n"
+              f"vm = relax.VirtualMachine(tvm.runtime.load_module({str(library)!r}), tvm.cpu())\n"
+              f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+              f"np.save({str(tmp_path / 'y.npy')!r}, vm['main'](tvm.runtime.tensor(x)).numpy())\n")
+    done = subprocess.run([*python, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    x64 = x.astype(np.float64)
+    truth = x64 * 0.5 * (1 + np.tanh(x64 / 2)) + np.exp(-x64)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), truth, rtol=1e-6, atol=1e-6)
