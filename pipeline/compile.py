@@ -32,7 +32,7 @@ from pipeline.ingest import ModelInfo
 from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profile_sha256, write_manifest
 from pipeline.quantize import QuantizedModel
 from pipeline.tuning_curve import CurvePoint, tuning_curve
-from pipeline.tvm_fastmath import fast_math
+from pipeline.tvm_fastmath import fast_math, multiply_by_reciprocal
 from pipeline.tvm_int8 import integerize
 from pipeline.tvm_layout import channels_last
 from pipeline.tvm_vnni import count_vnni_ops, vnni_convs, vnni_search_space
@@ -396,6 +396,7 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
         if integer_ops and vnni:
             mod = vnni_convs(mod)
         mod, _ = fast_math(mod)  # sigmoid/exp as vector code, not a libm call per element (pipeline.tvm_fastmath)
+        mod, _ = multiply_by_reciprocal(mod)  # requantize with one multiply, not a divide per element (same module)
     return mod, integer_ops
 
 

@@ -14,14 +14,25 @@ whatever kernel the op fuses with and vectorizes there: float32 relative error b
 measured), inputs clamped to +-88.38 (where float32's exp overflows or underflows anyway). :func:`fast_math`
 replaces every float32 ``relax.sigmoid`` and ``relax.exp`` of a module with a kernel computing it so; run on CPU
 targets only (a GPU has its own exp).
+
+:func:`multiply_by_reciprocal` does for requantization what onnxruntime's own int8 kernels do: a quantize,
+``round(x / scale)``, divides every element (vdivps: ~10x a multiply's throughput), and an int8 network has one
+or more per layer (YOLOX: conv -> Q -> DQ -> sigmoid -> Q -> DQ -> mul -> Q, all fused into the conv's kernel). With
+a constant scale it becomes ``round(x * (1 / scale))``, and a constant rescale in front of it (the integer
+accumulator's ``* sx*sw``) joins it as one multiplier ``sx*sw/sy``, as onnxruntime's QLinearConv requantizes
+(MLAS's QuantizeLinear divides; it too multiplied by the reciprocal once, and onnx-mlir does under fast-math).
+The quotient can differ in its last bit, so an element lying within that of a rounding tie can land one
+quantization step away from a dividing QuantizeLinear's result.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax, te, tirx
+from tvm.relax.dpl import is_const, is_op, wildcard
 
-__all__ = ["fast_exp", "fast_math", "fast_sigmoid"]
+__all__ = ["fast_exp", "fast_math", "fast_sigmoid", "multiply_by_reciprocal"]
 
 _LOG2E = 1.44269504088896341
 # ln2 in two parts (Cody-Waite): n * _LN2_HIGH is exact in float32 for every n in range, so e^f keeps its
@@ -85,3 +96,40 @@ def fast_math(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
         if isinstance(func, relax.Function):
             rewrite.builder_.update_func(gvar, rewrite.visit_expr(func))
     return relax.transform.Normalize()(rewrite.builder_.get()), replaced
+
+
+def multiply_by_reciprocal(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """``mod`` with every ``round(x / c)`` of a constant float32 ``c`` (a quantize) computed as ``round(x * (1/c))``,
+    folding a constant multiply of x (a rescale) into that multiplier; and how many were rewritten."""
+    from pipeline.tvm_vnni import map_relax_functions
+
+    value, scale, rescaled, factor = wildcard(), is_const(), wildcard(), is_const()
+    folded = is_op("relax.round")(is_op("relax.divide")(is_op("relax.multiply")(rescaled, factor), scale))
+    plain = is_op("relax.round")(is_op("relax.divide")(value, scale))
+    rewritten = 0
+
+    def constant(expr: tvm.ir.GenericConst) -> np.ndarray | None:
+        array = expr.value.numpy()
+        return array if array.dtype == np.float32 else None
+
+    def rewrite_folded(call: relax.Call, matched) -> relax.Expr:
+        nonlocal rewritten
+        c, a = constant(matched[scale]), constant(matched[factor])
+        if c is None or a is None or c.size != 1:
+            return call
+        rewritten += 1
+        multiplier = (a * (np.float32(1) / c)).astype(np.float32)  # float32 throughout, as onnxruntime computes it
+        return relax.op.round(relax.op.multiply(matched[rescaled], relax.const(multiplier)))
+
+    def rewrite_plain(call: relax.Call, matched) -> relax.Expr:
+        nonlocal rewritten
+        c = constant(matched[scale])
+        if c is None:
+            return call
+        rewritten += 1
+        return relax.op.round(relax.op.multiply(matched[value], relax.const(np.float32(1) / c)))
+
+    mod = relax.transform.FoldConstant()(mod)  # ConvertLayout leaves the scales as permute_dims(constant)
+    mod = map_relax_functions(mod, lambda func: relax.dpl.rewrite_call(folded, rewrite_folded, func))
+    mod = map_relax_functions(mod, lambda func: relax.dpl.rewrite_call(plain, rewrite_plain, func))
+    return relax.transform.DeadCodeElimination()(relax.transform.Normalize()(mod)), rewritten

@@ -122,3 +122,50 @@ def test_the_polynomial_cross_compiled_for_a_pi4_computes_the_same_on_aarch64(tm
     x64 = x.astype(np.float64)
     truth = x64 * 0.5 * (1 + np.tanh(x64 / 2)) + np.exp(-x64)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), truth, rtol=1e-6, atol=1e-6)
+
+
+def _requantize_module(shape: tuple[int, ...], rescale: np.ndarray, scales: tuple[float, float]) -> tvm.IRModule:
+    """int32 accumulator -> * rescale -> quantize (scale 0) -> dequantize -> sigmoid -> quantize (scale 1): the
+    arithmetic pipeline.tvm_layout leaves of a QDQ int8 conv's epilogue."""
+    bb = relax.BlockBuilder()
+    acc = relax.Var("acc", relax.TensorType(shape, "int32"))
+
+    def quantize(x, scale):
+        rounded = relax.op.round(relax.op.divide(x, relax.const(np.full([1] * len(shape), scale, np.float32))))
+        return relax.op.astype(relax.op.clip(relax.op.add(rounded, relax.const(128.0)), 0, 255), "uint8")
+
+    with bb.function("main", [acc]):
+        with bb.dataflow():
+            y = bb.emit(quantize(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(rescale)), scales[0]))
+            dq = relax.op.multiply(relax.op.subtract(relax.op.astype(y, "float32"), relax.const(128.0)),
+                                   relax.const(np.float32(scales[0])))
+            out = bb.emit_output(quantize(relax.op.sigmoid(dq), scales[1]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _ops(mod: tvm.IRModule) -> list[str]:
+    names = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: isinstance(e, relax.Call) and isinstance(
+        e.op, tvm.ir.Op) and names.append(e.op.name))
+    return names
+
+
+def test_requantization_multiplies_by_the_reciprocal_and_lands_on_the_same_steps():
+    from pipeline.tvm_fastmath import multiply_by_reciprocal
+
+    shape = (1, 8, 8, 32)
+    rng = np.random.default_rng(1)
+    rescale = rng.uniform(1e-4, 3e-4, (1, 1, 1, 32)).astype(np.float32)  # sx * sw, per output channel
+    mod = _requantize_module(shape, rescale, (0.047, 1 / 255))
+    fast, rewritten = multiply_by_reciprocal(mod)
+    assert rewritten == 2
+    ops = _ops(fast)
+    assert "relax.divide" not in ops
+    assert ops.count("relax.multiply") == 3  # the joined rescale, the dequantize's, the sigmoid quantize's
+    before, after = (relax.VirtualMachine(tvm.compile(m, target=CPU), tvm.cpu())["main"] for m in (mod, fast))
+    acc = rng.integers(-60_000, 60_000, (4, *shape), dtype=np.int32)
+    ours = np.stack([after(tvm.runtime.tensor(a)).numpy() for a in acc]).astype(int)
+    theirs = np.stack([before(tvm.runtime.tensor(a)).numpy() for a in acc]).astype(int)
+    # Only elements within a last bit of a rounding tie may move, and by one step.
+    assert np.abs(ours - theirs).max() <= 1 and np.mean(ours != theirs) < 1e-3

@@ -22,6 +22,7 @@ from tests.pipeline.test_tvm_int8 import (
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
+from pipeline.tvm_fastmath import multiply_by_reciprocal  # noqa: E402
 from pipeline.tvm_int8 import integerize  # noqa: E402
 from pipeline.tvm_layout import channels_last, count_permutes  # noqa: E402
 from pipeline.tvm_vnni import count_calls  # noqa: E402
@@ -116,6 +117,10 @@ def test_cpu_networks_keep_narrow_convs_in_float_and_still_match_onnxruntime(tmp
     assert _conv_layouts(nhwc) == {("NHWC", "HWIO")} and count_permutes(nhwc) == 2
     # No zero-point pad is left: the float convs pad with 0.0 themselves, the 1x1 conv has no border.
     assert count_calls(nhwc, lambda call: call.op.name == "relax.nn.pad") == 0
+    # Every quantize requantizes with a multiply (pipeline.tvm_fastmath), no divide per element is left.
+    divides = count_calls(nhwc, lambda call: call.op.name == "relax.divide")
+    nhwc, rewritten = multiply_by_reciprocal(nhwc)
+    assert rewritten == divides > 0 and count_calls(nhwc, lambda call: call.op.name == "relax.divide") == 0
     session, step = ort.InferenceSession(path, providers=["CPUExecutionProvider"]), _output_step(path)
     for ours, x in zip(_outputs(nhwc), _inputs(3), strict=True):
         (theirs,) = session.run(None, {"x": x})
@@ -132,7 +137,7 @@ def test_channel_last_layers_that_differ_only_in_scales_still_share_a_kernel(tmp
     onnx.save(_chain_of_convs(), str(tmp_path / "chain.onnx"))
     calibration = Samples({"x": np.random.default_rng(3).uniform(*CALIBRATION_RANGE, (8, 8, 8, 8)).astype(np.float32)})
     path = _int8_model(tmp_path / "chain.onnx", tmp_path, calibration, "uint8")
-    nhwc = channels_last(integerize(_import(path, {"x": [1, 8, 8, 8]}))[0])
+    nhwc, _ = multiply_by_reciprocal(channels_last(integerize(_import(path, {"x": [1, 8, 8, 8]}))[0]))
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
     tasks = ms.relax_integration.extract_tasks(_fuse(_decomposed(nhwc, target), target), target)
     convs = sorted(int(task.weight) for task in tasks if "conv2d" in task.task_name)
