@@ -1,4 +1,5 @@
-"""How long exp and sigmoid take per element in a TVM CPU kernel: TVM's own against pipeline.tvm_fastmath's.
+"""How long exp and sigmoid take per element in a TVM CPU kernel: TVM's own against pipeline.tvm_fastmath's;
+and a quantize (round, add the zero point, clip) dividing by its scale against multiplying by the reciprocal.
 
     .venv/bin/python bench/fast_sigmoid.py [--elements 1048576] [--threads 2]
 
@@ -9,6 +10,7 @@ CPU (the target LLVM detects). A multiply is the floor: what reading and writing
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -35,7 +37,13 @@ def main() -> None:
     x = tvm.runtime.tensor(np.random.default_rng(0).uniform(-8, 8, n).astype(np.float32))
     y = tvm.runtime.tensor(np.zeros(n, np.float32))
     functions = {"tvm exp": tirx.exp, "tvm sigmoid": tirx.sigmoid, "fast_exp": fast_exp,
-                 "fast_sigmoid": fast_sigmoid, "multiply (floor)": lambda v: v * tirx.const(1.5, "float32")}
+                 "fast_sigmoid": fast_sigmoid, "multiply (floor)": lambda v: v * tirx.const(1.5, "float32"),
+                 "quantize, divide": lambda v: quantize(v / tirx.const(0.047, "float32")),
+                 "quantize, reciprocal": lambda v: quantize(v * tirx.const(1 / 0.047, "float32"))}
+
+    def quantize(scaled):
+        f32 = functools.partial(tirx.const, dtype="float32")
+        return tirx.max(tirx.min(tirx.round(scaled) + f32(128.0), f32(255.0)), f32(0.0))
     print(f"{n} float32 elements, {args.threads} threads, {target.attrs['mcpu']}")
 
     def elementwise(scalar):

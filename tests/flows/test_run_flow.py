@@ -17,7 +17,8 @@ from targets.profiles import load_profile
 
 pytestmark = pytest.mark.slow
 
-QUICK = BenchmarkSettings(warmup=1, min_iterations=5, min_seconds=0.2)
+# One round each: these tests check what the flow computes; the turns are tests/pipeline/test_benchmark.py's.
+QUICK = BenchmarkSettings(warmup=1, min_iterations=5, min_seconds=0.2, rounds=1)
 
 
 def _config(workload: str, scheme: str, **extra) -> RunConfig:
