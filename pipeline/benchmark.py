@@ -166,7 +166,8 @@ def _joined(reports: list[dict[str, Any]]) -> dict[str, Any]:
     joined["timed_seconds"] = sum(report["timed_seconds"] for report in reports)
     joined["peak_rss_mb"] = max(report["peak_rss_mb"] for report in reports)
     joined["valid"] = all(report["valid"] for report in reports)
-    reasons = [f"round {i + 1}: {r['invalid_reason']}" for i, r in enumerate(reports) if r["invalid_reason"]]
+    reasons = [f"round {i + 1}: {r['invalid_reason']}" if len(reports) > 1 else r["invalid_reason"]
+               for i, r in enumerate(reports) if r["invalid_reason"]]
     joined["invalid_reason"] = "; ".join(reasons) or None
     profiled = [report for report in reports if report.get("kernels") or report.get("kernel_error")]
     for key in ("kernels", "kernels_total_us", "kernel_runs", "kernel_error"):
