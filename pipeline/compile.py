@@ -294,12 +294,12 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     ``shared_machine`` nothing else of the run goes on while they are timed."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.tuning_control import Deadline, OneAtATime, local_runner, runner_threads
+    from pipeline.tuning_control import Deadline, OneAtATime, UntilDeadline, local_runner, runner_threads
 
     target = tvm.target.Target(cpu)
     decomposed = _decomposed(mod, target)
     mod = _fuse(decomposed, target)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
+    tasks = heaviest_first(ms.relax_integration.extract_tasks(mod, target))
     database_dir.mkdir(parents=True, exist_ok=True)
     # The evolutionary search breeds a population per round: worth it for real budgets, minutes of overhead for a
     # handful of trials, where random sampling of the design space does as well. Each round costs seconds of
@@ -312,22 +312,21 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     deadline = Deadline(minutes * 60) if minutes else None
     before = _records(database_dir)
     started = time.perf_counter()
-    with _unnamed_handlers_detached():
-        try:
-            database = ms.relax_integration.tune_relax(
-                mod, params={}, target=target, work_dir=str(database_dir),
-                max_trials_global=trials * max(len(tasks), 1), max_trials_per_task=trials,
-                num_trials_per_iter=per_round, builder=builder or _forked_builder(),
-                runner=OneAtATime(runner) if shared_machine else runner,
-                strategy=search_strategy(trials, per_round),
-                space=vnni_search_space() if count_vnni_ops(decomposed) else "post-order-apply",
-                measure_callbacks=[*ms.MeasureCallback.create("default"), *([deadline] if deadline else [])],
-            )
-        except Exception:
-            if not (deadline and deadline.reached):
-                raise
-            # The budget ended the run (pipeline.tuning_control.TimeUp): every trial is in the database.
-            database = ms.database.JSONDatabase(work_dir=str(database_dir))
+    strategy = search_strategy(trials, per_round)
+    if deadline:  # MetaSchedule's first round gives every task one batch, budget or not: end it at the deadline
+        strategy = UntilDeadline(ms.search_strategy.SearchStrategy.create(strategy) if isinstance(strategy, str)
+                                 else strategy, deadline)
+    with _unnamed_handlers_detached():  # the contexts' loggers are configured here too
+        contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, work_dir=str(database_dir), strategy=strategy,
+            space=vnni_search_space() if count_vnni_ops(decomposed) else "post-order-apply")
+        database = ms.tune.tune_tasks(
+            tasks=contexts, task_weights=task_weights, work_dir=str(database_dir),
+            max_trials_global=trials * max(len(tasks), 1), max_trials_per_task=trials,
+            num_trials_per_iter=per_round, builder=builder or _forked_builder(),
+            runner=OneAtATime(runner) if shared_machine else runner,
+            measure_callbacks=ms.MeasureCallback.create("default"),
+        )
     seconds = time.perf_counter() - started
     # compile_relax fuses by itself: give it the module before fusion, or the tuned kernels never match.
     executable = ms.relax_integration.compile_relax(database, decomposed, target, params=None)
@@ -340,6 +339,14 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
                               stopped_by_time=bool(deadline and deadline.reached),
                               trials_added=records - before, trials_per_round=per_round,
                               threads=runner_threads(runner) if local else runner.stats.threads)
+
+
+def heaviest_first(tasks: list) -> list:
+    """Tasks by their work per inference (FLOPs x calls), most first: MetaSchedule's first round takes them in
+    this order, so a time budget that ends the round early leaves the cheapest kernels untuned, not the convs."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    return sorted(tasks, key=lambda task: -estimate_tir_flops(task.dispatched[0]) * float(task.weight))
 
 
 def _records(database_dir: Path) -> int:

@@ -20,8 +20,8 @@ import random
 import time
 
 from tvm.ir.utils import derived_object
-from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner, PyRunner, PyRunnerFuture, RunnerResult
+from tvm.s_tir.meta_schedule.search_strategy import PySearchStrategy
 
 PLACEMENTS = 5  # fresh argument sets per candidate; the fastest counts
 # Each placement timed for >= 20 ms: five cost what MetaSchedule's one of >= 100 ms did.
@@ -119,30 +119,62 @@ class OneAtATime(PyRunner):
         return [_Measured(fastest_placement(future.result())) for future in self.runner.run(runner_inputs)]
 
 
-class TimeUp(Exception):
-    """Raised by ``Deadline`` to end a tuning run; the database already holds every trial measured."""
-
-
 def _now() -> float:
     return time.monotonic()
 
 
-@derived_object
-class Deadline(PyMeasureCallback):
-    """Ends a tuning run ``seconds`` after it started: the first measured batch joined past that time raises
-    ``TimeUp`` out of MetaSchedule (after the database callback has stored it), and the caller builds from the
-    database. MetaSchedule joins batches only once its first round has given every task one.
-
-    Why not end the tasks: MetaSchedule's schedulers join a task's batch and then hand that task out without
-    looking again, so a task ended from inside its own join fails a check in C++ ("!task->is_terminated")."""
+class Deadline:
+    """A tuning run's time budget, ``seconds`` from now."""
 
     def __init__(self, seconds: float) -> None:
-        super().__init__()
         self.seconds = seconds
         self.started = _now()
         self.reached = False
 
-    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+    def expired(self) -> bool:
+        """Whether the budget is spent (remembered: the caller asks ``reached`` afterwards)."""
         if _now() - self.started >= self.seconds:
             self.reached = True
-            raise TimeUp(f"tuning time budget of {self.seconds:.0f} s reached")
+        return self.reached
+
+
+@derived_object
+class UntilDeadline(PySearchStrategy):
+    """``strategy`` for one task until ``deadline`` expires, then no more candidates: MetaSchedule ends a task
+    whose strategy has none, and the run ends when every task has ended, every batch measured and stored.
+
+    Past the deadline a task first gets an empty batch, and only when it asks again, nothing: MetaSchedule's
+    first round hands every task out once before it joins any batch, and then joins every task's, so a task
+    ended inside that round would be joined without a batch (a failed check in C++). An earlier budget stopped
+    the run instead, by raising from a measure callback: MetaSchedule joins batches only after that first round,
+    so the budget was overrun by as long as the round took (YOLOX int8, 81 tasks: ~55 minutes into a 30-minute
+    budget), and the exception, raised at the first batch joined, lost every other task's batch of the round.
+    Tasks the round never reached keep their untuned schedules (the report counts the tuned kernels)."""
+
+    def __init__(self, strategy, deadline: Deadline) -> None:
+        super().__init__()
+        self.strategy, self.deadline, self.emptied = strategy, deadline, False
+
+    def _initialize_with_tune_context(self, context) -> None:
+        self.strategy._initialize_with_tune_context(context)
+
+    def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None) -> None:
+        self.strategy.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+    def post_tuning(self) -> None:
+        self.strategy.post_tuning()
+
+    def generate_measure_candidates(self):
+        if not self.deadline.expired():
+            return self.strategy.generate_measure_candidates()
+        if self.emptied:
+            return None
+        self.emptied = True
+        return []
+
+    def notify_runner_results(self, measure_candidates, results) -> None:
+        if len(measure_candidates):
+            self.strategy.notify_runner_results(measure_candidates, results)
+
+    def clone(self):
+        return UntilDeadline(self.strategy.clone(), self.deadline)
