@@ -144,10 +144,10 @@ class UntilDeadline(PySearchStrategy):
     whose strategy has none, and the run ends when every task has ended, every batch measured and stored.
 
     Past the deadline a task first gets an empty batch, and only when it asks again, nothing: MetaSchedule's
-    first round hands every task out once before it joins any batch, and then joins every task's, so a task
-    ended inside that round would be joined without a batch (a failed check in C++). An earlier budget stopped
+    first round hands every task out once before it joins any batch, and then joins every task's, and its
+    JoinRunningTask checks that the task has a batch (in TVM's source; an empty one passes). An earlier budget stopped
     the run instead, by raising from a measure callback: MetaSchedule joins batches only after that first round,
-    so the budget was overrun by as long as the round took (YOLOX int8, 81 tasks: ~55 minutes into a 30-minute
+    so the budget was overrun by as long as the round took (YOLOX int8, 81 tasks: ~50 minutes for a 30-minute
     budget), and the exception, raised at the first batch joined, lost every other task's batch of the round.
     Tasks the round never reached keep their untuned schedules (the report counts the tuned kernels)."""
 

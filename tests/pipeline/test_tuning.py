@@ -76,7 +76,7 @@ def test_a_time_budget_is_kept_even_inside_the_first_round_and_keeps_every_trial
     """--tune-minutes: the clock runs out after some batches were handed out; no task gets another, every batch
     handed out is measured and stored, and the library is built from them. Regressions: MetaSchedule gives every
     task a batch before it joins any, and the budget, checked only at joins, was overrun by that whole round
-    (YOLOX int8: ~55 of 30 minutes); then the exception that ended the run at the first join lost the round's other
+    (YOLOX int8: ~50 of 30 minutes); then the exception that ended the run at the first join lost the round's other
     batches. (The version before that ended tasks from inside a join: a failed C++ check lost a 57-minute run.)"""
     from pipeline import tuning_control
 
