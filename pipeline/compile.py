@@ -34,6 +34,7 @@ from pipeline.quantize import QuantizedModel
 from pipeline.tuning_curve import CurvePoint, tuning_curve
 from pipeline.tvm_fastmath import fast_math, multiply_by_reciprocal
 from pipeline.tvm_int8 import integerize
+from pipeline.tvm_intrinsics import load_tensor_intrinsics
 from pipeline.tvm_layout import channels_last
 from pipeline.tvm_vnni import count_vnni_ops, vnni_convs, vnni_search_space
 from targets.profiles import DeviceProfile
@@ -297,6 +298,7 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     from pipeline.tuning_control import Deadline, OneAtATime, UntilDeadline, local_runner, runner_threads
 
     target = tvm.target.Target(cpu)
+    load_tensor_intrinsics(target)  # before MetaSchedule imports every target's (pipeline.tvm_intrinsics)
     decomposed = _decomposed(mod, target)
     mod = _fuse(decomposed, target)
     tasks = heaviest_first(ms.relax_integration.extract_tasks(mod, target))
@@ -365,6 +367,7 @@ def _build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any] | None):
     import tvm.s_tir.dlight as dl
 
     target = tvm.target.Target(gpu, host=cpu)
+    load_tensor_intrinsics(target)  # dlight's GPU rules import CUDA's: only those (pipeline.tvm_intrinsics)
     mod = _fused(mod, target)
     with target:
         mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),

@@ -50,8 +50,12 @@ CONV_PREFIX = "vnni_conv_"
 @functools.cache
 def register_vnni_intrinsic() -> None:
     """Override TVM's ``dot_16x4_vnni`` implementation with one this LLVM accepts (same description)."""
-    import tvm.s_tir.tensor_intrin  # noqa: F401 - registers TVM's own first; this one replaces it
     from tvm.s_tir import TensorIntrin
+
+    from pipeline.tvm_intrinsics import load_tensor_intrinsics
+
+    # TVM's x86 intrinsics first (only those: pipeline.tvm_intrinsics); this one replaces its dot_16x4_vnni.
+    load_tensor_intrinsics(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}))
     from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
     from tvm.script import tirx as T
 
