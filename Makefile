@@ -36,11 +36,16 @@ $(STAMP): pyproject.toml Makefile scripts/make_aarch64_root.sh
 demo: setup
 	$(BIN)/deploy run --profile local --quant int8 pp-lcnet-orientation
 
+# Two workers, one per core of the machine CI runs on: most end-to-end tests wait on a subprocess, an sshd or
+# the Prefect server for part of their time. Work stealing, so the long tests do not all end up on one worker.
+# Each worker starts its own Prefect server, sshd lab and PostgreSQL (session fixtures, free ports).
+PYTEST_WORKERS ?= -n 2 --dist worksteal
+
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_WORKERS)
 
 test-fast: setup
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest $(PYTEST_WORKERS) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check edgedeploy pipeline targets flows tests
