@@ -131,12 +131,23 @@ def _timed(stage: str, timings: dict[str, float], fn, *args):
     return result
 
 
+def _on_the_benchmarks_threads(profile: DeviceProfile, config: RunConfig) -> DeviceProfile:
+    """The profile with as many cores as the benchmark's threads (a lab's `bench.threads`), where those differ: the
+    build targets them and tuning times its candidates on them, as the deployed model will run. Tuned on the
+    profile's cores and timed on fewer, the database's kernel times would not be the deployed kernels' (the
+    one-thread/two-thread mismatch of docs/lab-x86/tuning-threads.md)."""
+    threads = config.bench.threads
+    if not threads or threads == profile.cpu.cores:
+        return profile
+    return profile.model_copy(update={"cpu": profile.cpu.model_copy(update={"cores": threads})})
+
+
 @flow(name="deploy-run", log_prints=False, persist_result=True, result_serializer="json")
 def deploy_run(config: RunConfig) -> RunResult:
     """Run one model through every stage on one device profile and report honest numbers."""
     config = config.with_run_id()
     timings: dict[str, float] = {}
-    profile = _timed("profile", timings, load_profile, config.profile)
+    profile = _on_the_benchmarks_threads(_timed("profile", timings, load_profile, config.profile), config)
     info = _timed("ingest", timings, ingest_task, config)
     if config.auto:
         return _auto_run(config, profile, info, timings)

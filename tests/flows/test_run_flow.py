@@ -108,6 +108,15 @@ def test_detector_int8_map(prefect_server):
     assert result.valid
 
 
+def test_tuning_times_its_candidates_on_the_benchmarks_threads(prefect_server):
+    """Regression: a lab that benchmarks on one thread (`bench.threads`) had its build tuned on the profile's cores,
+    so the database's kernel times were not those of the kernels it deployed."""
+    result = deploy_run(_config("digits-cnn", "fp32", tune_trials=1, eval_samples=20,
+                                bench=QUICK.model_copy(update={"threads": 1})))
+    assert result.valid
+    assert result.artifact.target["num-cores"] == 1 and result.artifact.tuning["threads"] == 1
+
+
 def test_run_that_misses_its_minimums_is_invalid(prefect_server):
     result = deploy_run(_config("digits-cnn", "fp32", eval_samples=10,
                                 bench=BenchmarkSettings(warmup=0, min_iterations=10**9, min_seconds=0,
