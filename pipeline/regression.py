@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.stats import mannwhitneyu
 
 MAX_PAIRS = 4_000_000  # pairwise differences for the shift estimate; subsample beyond this
 
@@ -66,6 +65,8 @@ def compare(
     latency = False
     new = np.asarray(new_samples, np.float64)
     if history and new.size >= 5:
+        from scipy.stats import mannwhitneyu  # here, not at import: 2 s of every `deploy` command's start-up
+
         old = np.concatenate(history)
         p_value = float(mannwhitneyu(new, old, alternative="greater").pvalue)
         reference = float(np.median(old))

@@ -169,3 +169,12 @@ def test_bench_writes_the_side_by_side_table(prefect_server, isolated_home, tmp_
                       "tvm int8 QDQ U8S8 minmax per-channel"):
         assert f"| {candidate} |" in table
     assert (tmp_path / "docs" / "bench-digits-cnn.svg").read_text().startswith("<svg")
+
+
+def test_the_command_starts_without_the_heavy_libraries():
+    """Every command parses its options before it imports TVM, Prefect or SciPy (SciPy's stats, imported by the
+    run configuration's module, once cost every `deploy` command 2 s of start-up)."""
+    code = ("import sys, edgedeploy.cli, pipeline.config\n"
+            "print(sorted(m for m in ('scipy', 'tvm', 'prefect') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
