@@ -172,8 +172,9 @@ def _forked_builder(export=None, timeout_s: float = BUILD_TIMEOUT_S):
     """MetaSchedule's LocalBuilder starts worker processes that each spend ~40 s importing TVM's tensor
     intrinsics; forks of this process (one per core) build in 0.1-0.5 s per candidate, and one that hangs the
     compiler is stopped after ``timeout_s`` (pipeline.forked_builds). ``export`` turns a built candidate into a
-    file (MetaSchedule's default: a .tar of objects)."""
-    import tvm.s_tir.tensor_intrin  # noqa: F401 - imported once here, not in every forked build
+    file (MetaSchedule's default: a .tar of objects). The forks have the intrinsics ``_tune_and_compile``
+    registered for the target (pipeline.tvm_intrinsics), not TVM's whole set: importing that here cost board
+    tuning 89 s."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export

@@ -8,7 +8,7 @@ loaded (the `deploy` process), paid by every int8 build and every tuning run, fo
 
 So the package is put in ``sys.modules`` without running its ``__init__`` (which imports all of them), and only
 the modules the target needs are imported into it; TVM's own ``import tvm.s_tir.tensor_intrin`` then finds it there.
-A target this module does not know gets the whole package, as before.
+A target this module does not know gets every module the package's ``__init__`` imports, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import tvm
 PACKAGE = "tvm.s_tir.tensor_intrin"
 BY_TARGET_KIND = {"cuda": "cuda", "rocm": "rocm", "metal": "metal", "hexagon": "hexagon"}
 BY_CPU_ARCH = {"x86_64": "x86", "i686": "x86", "aarch64": "arm_cpu", "arm": "arm_cpu", "riscv": "riscv_cpu"}
+EVERY_MODULE = ("cuda", "arm_cpu", "x86", "rocm", "hexagon", "riscv_cpu")  # what the package's __init__ imports
 
 
 def intrinsic_modules(target: tvm.target.Target) -> list[str] | None:
@@ -57,10 +58,6 @@ def bare_package():
 
 def load_tensor_intrinsics(target: tvm.target.Target) -> None:
     """Register the tensor intrinsics MetaSchedule and the builds may name for ``target``."""
-    modules = intrinsic_modules(target)
-    if modules is None:
-        importlib.import_module(PACKAGE)
-        return
     bare_package()
-    for module in modules:
+    for module in intrinsic_modules(target) or EVERY_MODULE:
         importlib.import_module(f"{PACKAGE}.{module}")
