@@ -26,7 +26,8 @@ def test_hung_command_is_killed_with_its_children(tmp_path):
         "time.sleep(600)\n"
     )
     with pytest.raises(CommandTimeout, match="killed"):
-        LocalTransport().run([sys.executable, "-c", script], timeout=3)
+        # 10 s: time to start and write the pid on a busy CI core (two test workers on two cores)
+        LocalTransport().run([sys.executable, "-c", script], timeout=10)
     child = int(pidfile.read_text())
     for _ in range(50):  # the kill is asynchronous
         if not process_running(child):
