@@ -32,6 +32,7 @@ class DigestServer:
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
+        self.holding = threading.Event()  # a "hold" arrived: the connection is open end to end
         self.peer_closed = threading.Event()
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -48,6 +49,8 @@ class DigestServer:
             data = bytearray()
             while chunk := conn.recv(65536):
                 data += chunk
+                if data == b"hold":
+                    self.holding.set()
             if data == b"hold":  # never answered: the forward must close it from its side
                 self.peer_closed.set()
                 return
@@ -91,10 +94,9 @@ def test_forward_closes_open_connections_on_exit(ssh):
         with ssh.forward("127.0.0.1", server.port) as forward:
             client = socket.create_connection(("127.0.0.1", forward.port), timeout=30)
             client.sendall(b"hold")
-            for _ in range(100):
-                if forward.open_connections:
-                    break
-                time.sleep(0.05)
+            # Until the bytes reached the device: exiting before, on a busy CI core, the device's server saw no
+            # "hold" and the test failed with nothing wrong in the forward.
+            assert server.holding.wait(30) and forward.open_connections == 1
         assert forward.open_connections == 0
         assert recv_all(client) == b""  # our end was closed ...
         client.close()
