@@ -1,7 +1,7 @@
 """TVM's tensor intrinsics for the target being built, not every target TVM knows.
 
 `import tvm.s_tir.tensor_intrin` (MetaSchedule's TuneContext and builder do it, and so did our VNNI layout) parses
-every intrinsic TVM 0.27 ships: CUDA, ROCm, Hexagon, Metal, RISC-V, ARM and x86, hundreds of TVMScript functions.
+every intrinsic TVM 0.27 ships: CUDA, ROCm, Hexagon, RISC-V, ARM and x86, hundreds of TVMScript functions.
 Each parse calls ``inspect.stack()``, which looks every frame's module up by scanning ``sys.modules``, so the cost
 grows with what the process has loaded: 45 s of CPU in a bare Python here, 89 s with Prefect, SciPy and onnxruntime
 loaded (the `deploy` process), paid by every int8 build and every tuning run, for GPUs the target does not have.
@@ -43,21 +43,24 @@ def intrinsic_modules(target: tvm.target.Target) -> list[str] | None:
     return list(dict.fromkeys(modules))
 
 
-def bare_package():
-    """``tvm.s_tir.tensor_intrin`` in ``sys.modules``: the real one if something already imported it, else the
-    package without its ``__init__`` (its submodules import one by one)."""
-    module = sys.modules.get(PACKAGE)
-    if module is None:
+def _install_bare_package() -> None:
+    """``tvm.s_tir.tensor_intrin`` in ``sys.modules`` without running its ``__init__`` (unless something already
+    imported the real package): its submodules then import one by one."""
+    if PACKAGE not in sys.modules:
         import tvm.s_tir
 
         module = importlib.util.module_from_spec(importlib.util.find_spec(PACKAGE))
         sys.modules[PACKAGE] = module
         tvm.s_tir.tensor_intrin = module
-    return module
+
+
+def load_modules(*names: str) -> None:
+    """Register the intrinsics of these modules of ``tvm.s_tir.tensor_intrin`` (e.g. "x86") and no others."""
+    _install_bare_package()
+    for name in names:
+        importlib.import_module(f"{PACKAGE}.{name}")
 
 
 def load_tensor_intrinsics(target: tvm.target.Target) -> None:
     """Register the tensor intrinsics MetaSchedule and the builds may name for ``target``."""
-    bare_package()
-    for module in intrinsic_modules(target) or EVERY_MODULE:
-        importlib.import_module(f"{PACKAGE}.{module}")
+    load_modules(*(intrinsic_modules(target) or EVERY_MODULE))

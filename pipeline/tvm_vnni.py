@@ -52,10 +52,9 @@ def register_vnni_intrinsic() -> None:
     """Override TVM's ``dot_16x4_vnni`` implementation with one this LLVM accepts (same description)."""
     from tvm.s_tir import TensorIntrin
 
-    from pipeline.tvm_intrinsics import load_tensor_intrinsics
+    from pipeline.tvm_intrinsics import load_modules
 
-    # TVM's x86 intrinsics first (only those: pipeline.tvm_intrinsics); this one replaces its dot_16x4_vnni.
-    load_tensor_intrinsics(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}))
+    load_modules("x86")  # TVM's own dot_16x4_vnni first (x86 only: pipeline.tvm_intrinsics); this replaces it
     from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
     from tvm.script import tirx as T
 

@@ -18,9 +18,9 @@ from targets.profiles import load_profile
 SUBMODULES = "sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('tvm.s_tir.tensor_intrin.'))"
 
 
-def _fresh_python(code: str, tmp_path) -> dict:
+def _fresh_python(code: str, tmp_path) -> object:
     """Run ``code`` in a new interpreter (this one may have imported TVM's whole set already); it writes a JSON
-    object to the file ``OUT``."""
+    value to the file ``OUT``."""
     out = tmp_path / "out.json"
     proc = subprocess.run([sys.executable, "-c", f"OUT = {str(out)!r}\n" + textwrap.dedent(code)],
                           capture_output=True, text=True, timeout=600)
@@ -76,7 +76,7 @@ def test_the_tuning_builder_leaves_the_intrinsics_to_the_target(tmp_path):
 
 @pytest.mark.slow
 def test_a_tuned_int8_build_parses_no_gpu_intrinsics(tmp_path):
-    """Regression: `deploy compile --quant int8` (and every tuning run) imported TVM's CUDA, ROCm, Hexagon, Metal
+    """Regression: `deploy compile --quant int8` (and every tuning run) imported TVM's CUDA, ROCm, Hexagon, ARM
     and RISC-V intrinsics, 89 s of CPU in the `deploy` process before any work (digits-cnn int8: 85 s build)."""
     result = _fresh_python(f"""
         import json, runpy, sys
