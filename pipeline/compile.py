@@ -36,6 +36,7 @@ from pipeline.tvm_fastmath import fast_math, multiply_by_reciprocal
 from pipeline.tvm_int8 import integerize
 from pipeline.tvm_intrinsics import load_tensor_intrinsics
 from pipeline.tvm_layout import channels_last
+from pipeline.tvm_winograd import count_winograd_convs, winograd_convs
 from pipeline.tvm_vnni import count_vnni_ops, vnni_convs, vnni_search_space
 from targets.profiles import DeviceProfile
 
@@ -406,6 +407,7 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
         mod = channels_last(mod)
         if integer_ops and vnni:
             mod = vnni_convs(mod)
+        mod = winograd_convs(mod)  # float 3x3 convs with 4x fewer multiply-adds (pipeline.tvm_winograd)
         mod, _ = fast_math(mod)  # sigmoid/exp as vector code, not a libm call per element (pipeline.tvm_fastmath)
         mod, _ = multiply_by_reciprocal(mod)  # requantize with one multiply, not a divide per element (same module)
     return mod, integer_ops
@@ -455,7 +457,7 @@ def compile_model(
         library, quantized, info, profile, runtime="tvm", seconds=seconds,
         extra={"target": target_dict, "gpu_target": gpu_dict, "device_code": device_code, "elf_machine": machine,
                "tuning": tuning.model_dump() if tuning else None, "integer_ops": integer_ops,
-               "vnni_ops": count_vnni_ops(mod)},
+               "vnni_ops": count_vnni_ops(mod), "winograd_convs": count_winograd_convs(mod)},
     )
     return artifact.model_copy(update={"tuning": tuning.model_dump() if tuning else None})
 
