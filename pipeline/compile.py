@@ -36,8 +36,8 @@ from pipeline.tvm_fastmath import fast_math, multiply_by_reciprocal
 from pipeline.tvm_int8 import integerize
 from pipeline.tvm_intrinsics import load_tensor_intrinsics
 from pipeline.tvm_layout import channels_last
-from pipeline.tvm_winograd import count_winograd_convs, winograd_convs
 from pipeline.tvm_vnni import count_vnni_ops, vnni_convs, vnni_search_space
+from pipeline.tvm_winograd import count_winograd_convs, winograd_convs
 from targets.profiles import DeviceProfile
 
 __all__ = ["ELF_MACHINES", "CompiledArtifact", "compile_model", "elf_machine", "profile_sha256",
