@@ -38,11 +38,18 @@ __all__ = ["winograd_convs", "count_winograd_convs", "winograd_filter", "TILE"]
 
 TILE, KERNEL = 4, 3  # F(4x4, 3x3)
 ALPHA = TILE + KERNEL - 1  # the transformed tile's side, 6
-MIN_CHANNELS = 16  # input and output channels both at least this many,
+# Input and output channels in whole vectors (YOLOX's 24-channel conv at 104x104 spent 2 ms in its transforms
+# with a part-filled vector, where the direct conv takes ~1), and
 MIN_TILES = 16  # and outputs for at least this many tiles (13x13): else the 36 matmuls have a handful of rows
 INPUT_PREFIX, OUTPUT_PREFIX = "winograd_input_", "winograd_output_"
 INPUT_RULE, OUTPUT_RULE = "edgedeploy_winograd_input", "edgedeploy_winograd_output"
 LANES = 16  # float32 lanes of an AVX-512 register: the channel loop's vector width
+# FuseOps' patterns (relax.transform.AnnotateTIROpPattern leaves a kernel's own alone). Written out, the transforms
+# would read as injective, and FuseOps fused one conv's output transform, its activation and the next conv's
+# input transform into one kernel (YOLOX's back-to-back 3x3 convs) that neither schedule rule fits. Declared:
+# the output transform takes elementwise ops after it (bias, activation, residual add), as a conv does; the
+# input transform takes nothing.
+OUT_ELEMWISE_FUSABLE, OPAQUE = 4, 8
 
 
 @functools.cache
@@ -122,7 +129,7 @@ def winograd_input(shape: tuple[int, int, int, int], top: int, left: int, out_hw
     v = te.compute(_i64(ALPHA * ALPHA, count, c), column, name="winograd_input",
                    attrs={"schedule_rule": INPUT_RULE})
     name = f"{'x'.join(str(d) for d in shape)}_p{top}x{left}_{out_hw[0]}x{out_hw[1]}"
-    return te.create_prim_func([x, v]).with_attr("global_symbol", f"{INPUT_PREFIX}{name}")
+    return te.create_prim_func([x, v]).with_attrs({"global_symbol": f"{INPUT_PREFIX}{name}", "op_pattern": OPAQUE})
 
 
 def winograd_output(out_hw: tuple[int, int], o: int):
@@ -154,7 +161,8 @@ def winograd_output(out_hw: tuple[int, int], o: int):
         return total
 
     y = te.compute(_i64(1, oh, ow, o), value, name="winograd_output", attrs={"schedule_rule": OUTPUT_RULE})
-    return te.create_prim_func([m, y]).with_attr("global_symbol", f"{OUTPUT_PREFIX}{oh}x{ow}_{o}")
+    return te.create_prim_func([m, y]).with_attrs({"global_symbol": f"{OUTPUT_PREFIX}{oh}x{ow}_{o}",
+                                                   "op_pattern": OUT_ELEMWISE_FUSABLE})
 
 
 def _epilogue(sch):
@@ -237,7 +245,7 @@ def register_schedule_rules() -> None:
 
 def _filter(call: relax.Call) -> np.ndarray | None:
     """The HWIO float32 weight of a conv Winograd computes (3x3, stride and dilation 1, ungrouped, NHWC,
-    static batch-1 input, enough channels), else None."""
+    static batch-1 input, channels in whole vectors, at least MIN_TILES tiles), else None."""
     attrs = call.attrs
     x, w = call.args
     if (str(attrs.data_layout), str(attrs.kernel_layout)) != ("NHWC", "HWIO") or int(attrs.groups) != 1 or \
@@ -247,7 +255,7 @@ def _filter(call: relax.Call) -> np.ndarray | None:
             any(int(s) != 1 for s in (*attrs.strides, *attrs.dilation)):
         return None
     hwio = w.value.numpy()
-    if hwio.dtype != np.float32 or hwio.shape[:2] != (KERNEL, KERNEL) or min(hwio.shape[2:]) < MIN_CHANNELS:
+    if hwio.dtype != np.float32 or hwio.shape[:2] != (KERNEL, KERNEL) or any(n % LANES for n in hwio.shape[2:]):
         return None
     top, left, bottom, right = (int(p) for p in attrs.padding)
     _, h, w, _ = (int(d) for d in x.ty.shape.values)
