@@ -37,7 +37,7 @@ from pipeline.tvm_int8 import integerize
 from pipeline.tvm_intrinsics import load_tensor_intrinsics
 from pipeline.tvm_layout import channels_last
 from pipeline.tvm_vnni import count_vnni_ops, vnni_convs, vnni_search_space
-from pipeline.tvm_winograd import count_winograd_convs, winograd_convs
+from pipeline.tvm_winograd import count_winograd_convs, register_schedule_rules, winograd_convs
 from targets.profiles import DeviceProfile
 
 __all__ = ["ELF_MACHINES", "CompiledArtifact", "compile_model", "elf_machine", "profile_sha256",
@@ -119,7 +119,7 @@ def source_revision(paths: list[Path]) -> str:
 # files themselves: a hand-kept revision string was once left unchanged, and a library with the previous int8
 # layout was served from the cache.
 COMPILER_SOURCES = [Path(__file__), *(Path(__file__).with_name(f"tvm_{p}.py")
-                                     for p in ("int8", "vnni", "layout", "fastmath"))]
+                                     for p in ("int8", "vnni", "layout", "fastmath", "winograd"))]
 COMPILE_REVISION = source_revision(COMPILER_SOURCES)
 
 
@@ -301,6 +301,7 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
 
     target = tvm.target.Target(cpu)
     load_tensor_intrinsics(target)  # before MetaSchedule imports every target's (pipeline.tvm_intrinsics)
+    register_schedule_rules()  # the Winograd transforms' (pipeline.tvm_winograd), whoever rewrote the module
     decomposed = _decomposed(mod, target)
     mod = _fuse(decomposed, target)
     tasks = heaviest_first(ms.relax_integration.extract_tasks(mod, target))
@@ -394,8 +395,10 @@ def _device_code(executable) -> str:
     return "cpu"
 
 
-def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile) -> tuple[tvm.IRModule, int]:
-    """The model as the profile's target will run it, and how many of its ops became integer kernels."""
+def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile,
+                 tuned: bool = False) -> tuple[tvm.IRModule, int]:
+    """The model as the profile's target will run it (``tuned``: for a tuned build), and how many of its ops
+    became integer kernels."""
     model = onnx.load(quantized.path)
     shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
     mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
@@ -407,7 +410,8 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
         mod = channels_last(mod)
         if integer_ops and vnni:
             mod = vnni_convs(mod)
-        mod = winograd_convs(mod)  # float 3x3 convs with 4x fewer multiply-adds (pipeline.tvm_winograd)
+        if tuned:  # float 3x3 convs with 4x fewer multiply-adds; untuned, its transforms are serial loops
+            mod = winograd_convs(mod)  # (pipeline.tvm_winograd)
         mod, _ = fast_math(mod)  # sigmoid/exp as vector code, not a libm call per element (pipeline.tvm_fastmath)
         mod, _ = multiply_by_reciprocal(mod)  # requantize with one multiply, not a divide per element (same module)
     return mod, integer_ops
@@ -426,7 +430,7 @@ def compile_model(
     tuning = None
     started = time.perf_counter()
     try:
-        mod, integer_ops = relax_module(quantized, info, profile)
+        mod, integer_ops = relax_module(quantized, info, profile, tuned=bool(tune_trials))
         if tune_trials:
             root = tuning_root or workdir / "tuning"
             executable, tuning = _tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root), profile,

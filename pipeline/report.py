@@ -41,6 +41,7 @@ class ArtifactSummary(BaseModel):
     tuning: dict[str, Any] | None = None
     integer_ops: int = Field(default=0, description="TVM int8: conv2d/matmul computed as int8 x int8 -> int32.")
     vnni_ops: int = Field(default=0, description="Of those, laid out for AVX-512 VNNI's vpdpbusd.")
+    winograd_convs: int = Field(default=0, description="Float 3x3 convs computed by Winograd F(4x4, 3x3).")
 
 
 class BaselineSummary(BaseModel):
@@ -111,7 +112,8 @@ class RunResult(BaseModel):
             runtime=f"{art.runtime} {art.versions.get(art.runtime, '')}".strip(),
             artifact=ArtifactSummary(sha256=compiled.sha256, path=compiled.library_path,
                                      manifest=compiled.manifest_path, target=compiled.target, tuning=compiled.tuning,
-                                     integer_ops=compiled.integer_ops, vnni_ops=compiled.vnni_ops),
+                                     integer_ops=compiled.integer_ops, vnni_ops=compiled.vnni_ops,
+                                     winograd_convs=compiled.winograd_convs),
             latency_ms=art.latency_ms, peak_rss_mb=art.peak_rss_mb,
             baseline=BaselineSummary(runtime=f"onnxruntime {base.versions.get('onnxruntime', '')} fp32".strip(),
                                      latency_ms=base.latency_ms, valid=base.valid, invalid_reason=base.invalid_reason),
@@ -177,6 +179,9 @@ class RunResult(BaseModel):
             vnni = f", {self.artifact.vnni_ops} of them laid out for VNNI" if self.artifact.vnni_ops else ""
             parts.append(Text(f"integer kernels: {self.artifact.integer_ops} conv/matmul compute int8 x int8 -> "
                               f"int32 in TVM{vnni} (the rest of the graph stays float)"))
+        if self.artifact.winograd_convs:
+            parts.append(Text(f"Winograd: {self.artifact.winograd_convs} float 3x3 convs computed by F(4x4, 3x3) "
+                              "(a quarter of the multiply-adds)"))
         if self.artifact.tuning:
             parts.append(Text(tuning_text(self.artifact.tuning)))
         if kernels := kernels_text(self.benchmark.get("artifact") or {}):

@@ -85,20 +85,20 @@ def packed_weight(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(o // LANES, LANES, c // GROUP, GROUP).transpose(0, 2, 1, 3))
 
 
-def _int64(shape: tuple[int, ...]) -> list[tvm.tirx.IntImm]:
+def int64_shape(shape: tuple[int, ...]) -> list[tvm.tirx.IntImm]:
+    """int64 extents, as Relax's own kernels have: FuseTIR refuses to fuse a kernel whose output buffer is
+    [1, 16] int32-indexed into an epilogue that reads the same tensor as [1, 16] int64-indexed."""
     return [tvm.tirx.const(d, "int64") for d in shape]
 
 
 def vnni_matmul(lead: tuple[int, ...], k: int, n: int) -> tvm.tirx.PrimFunc:
     """out[..., j] = sum_r int32(a[..., r]) * int32(w_packed[j/16, r/4, j%16, r%4]): uint8 [*lead, k] x packed
     int8 -> int32 [*lead, n]. ``lead`` is (rows,) for a matmul, (1, H, W) for a channel-last 1x1 conv."""
-    # int64 extents, as Relax's own kernels have: FuseTIR refuses to fuse a kernel whose output buffer is
-    # [1, 16] int32-indexed into an epilogue that reads the same tensor as [1, 16] int64-indexed.
-    a = te.placeholder(_int64((*lead, k)), "uint8", name="a")
-    w = te.placeholder(_int64((n // LANES, k // GROUP, LANES, GROUP)), "int8", name="w")
+    a = te.placeholder(int64_shape((*lead, k)), "uint8", name="a")
+    w = te.placeholder(int64_shape((n // LANES, k // GROUP, LANES, GROUP)), "int8", name="w")
     r = te.reduce_axis((tvm.tirx.const(0, "int64"), tvm.tirx.const(k, "int64")), name="r")
     out = te.compute(
-        _int64((*lead, n)),
+        int64_shape((*lead, n)),
         lambda *i: te.sum(a[(*i[:-1], r)].astype("int32")
                           * w[i[-1] // LANES, r // GROUP, i[-1] % LANES, r % GROUP].astype("int32"), axis=r),
         name="vnni_matmul",
@@ -125,11 +125,11 @@ def vnni_conv(shape: tuple[int, int, int, int], window: tuple[int, int], strides
     c = shape[3]
     (kh, kw), (sh, sw), (dh, dw) = window, strides, dilation
     oh, ow = conv_output_size(shape, window, strides, dilation)
-    a = te.placeholder(_int64(shape), "uint8", name="a")
-    packed = te.placeholder(_int64((n // LANES, kh * kw * c // GROUP, LANES, GROUP)), "int8", name="w")
+    a = te.placeholder(int64_shape(shape), "uint8", name="a")
+    packed = te.placeholder(int64_shape((n // LANES, kh * kw * c // GROUP, LANES, GROUP)), "int8", name="w")
     r = te.reduce_axis((tvm.tirx.const(0, "int64"), tvm.tirx.const(kh * kw * c, "int64")), name="r")
     out = te.compute(
-        _int64((1, oh, ow, n)),
+        int64_shape((1, oh, ow, n)),
         lambda b, y, x, o: te.sum(
             a[b, y * sh + r // (kw * c) * dh, x * sw + r // c % kw * dw, r % c].astype("int32")
             * packed[o // LANES, r // GROUP, o % LANES, r % GROUP].astype("int32"), axis=r),
@@ -147,16 +147,12 @@ def _padded_rows(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([w, np.zeros((padded_outputs(n) - n, k), w.dtype)]))
 
 
-class VnniKernels:
-    """The PrimFuncs the rewrite calls, one per shape, to be added to the module."""
+class KernelSet:
+    """PrimFuncs a rewrite calls, one per shape, to be added to the module."""
 
     def __init__(self) -> None:
         self._builder = relax.BlockBuilder()  # gives each kernel's GlobalVar its function type
         self._by_shape: dict[tuple, tvm.ir.GlobalVar] = {}
-
-    @property
-    def functions(self) -> dict[tvm.ir.GlobalVar, tvm.tirx.PrimFunc]:
-        return dict(self._builder.get().functions.items())
 
     def _kernel(self, key: tuple, make: Callable[[], tvm.tirx.PrimFunc]) -> tvm.ir.GlobalVar:
         gvar = self._by_shape.get(key)
@@ -164,6 +160,24 @@ class VnniKernels:
             kernel = make()
             gvar = self._by_shape[key] = self._builder.add_func(kernel, kernel.attrs["global_symbol"])
         return gvar
+
+    def _prepare(self) -> None:
+        """What building the kernels needs registered in this process (tensor intrinsics, schedule rules)."""
+
+    def added_to(self, mod: tvm.IRModule) -> tvm.IRModule:
+        """``mod`` (whose Relax functions call these kernels) with the kernels in it."""
+        if not self._by_shape:
+            return mod
+        self._prepare()
+        return tvm.IRModule({**dict(mod.functions.items()), **dict(self._builder.get().functions.items())},
+                            attrs=mod.attrs)
+
+
+class VnniKernels(KernelSet):
+    """The VNNI-ready kernels; adding them registers the intrinsic they are tensorized with."""
+
+    def _prepare(self) -> None:
+        register_vnni_intrinsic()
 
     @staticmethod
     def _called(gvar: tvm.ir.GlobalVar, a: relax.Expr, rows: np.ndarray, out_shape: tuple[int, ...]) -> relax.Expr:
@@ -191,13 +205,6 @@ class VnniKernels:
                             lambda: vnni_conv(shape, (kh, kw), strides, dilation, tiles))
         rows = hwio.reshape(-1, n).T  # [n, KH*KW*C], each row in (kh, kw, c) order
         return self._called(gvar, a, rows, (1, *conv_output_size(shape, (kh, kw), strides, dilation)))
-
-    def added_to(self, mod: tvm.IRModule) -> tvm.IRModule:
-        """``mod`` (whose Relax functions call these kernels) with the kernels in it, the intrinsic registered."""
-        if not self._by_shape:
-            return mod
-        register_vnni_intrinsic()
-        return tvm.IRModule({**dict(mod.functions.items()), **self.functions}, attrs=mod.attrs)
 
 
 def count_calls(mod: tvm.IRModule, wanted: Callable[[relax.Call], bool]) -> int:
@@ -239,14 +246,22 @@ def fits(c: int, o: int) -> bool:
     return c % GROUP == 0 and padded_outputs(o) <= 2 * o
 
 
+def static_nhwc_batch_one(x: relax.Expr) -> tuple[int, int, int, int] | None:
+    """The shape of a conv's input if it is a known [1, H, W, C], else None (a dynamic or batched input)."""
+    shape = x.ty.shape if isinstance(x.ty, relax.TensorType) else None
+    if not isinstance(shape, relax.ShapeExpr) or len(shape.values) != 4 or \
+            not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values) or int(shape.values[0]) != 1:
+        return None
+    return tuple(int(d) for d in shape.values)
+
+
 def _conv_weight(call: relax.Call) -> np.ndarray | None:
     """The int8 HWIO weight of an integer NHWC conv (ungrouped, static batch-1 input) that VNNI tiles fit."""
     a = call.attrs
     x, w = call.args
     if (str(a.data_layout), str(a.kernel_layout), str(a.out_dtype)) != ("NHWC", "HWIO", "int32") or \
             int(a.groups) != 1 or str(x.ty.dtype) != "uint8" or not isinstance(w, tvm.ir.GenericConst) or \
-            x.ty.ndim != 4 or not all(isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape.values) or \
-            int(x.ty.shape.values[0]) != 1:
+            static_nhwc_batch_one(x) is None:
         return None
     hwio = w.value.numpy()
     return hwio if hwio.dtype == np.int8 and fits(*hwio.shape[2:]) else None
@@ -269,7 +284,7 @@ def vnni_convs(mod: tvm.IRModule) -> tvm.IRModule:
             if hwio is None:
                 return call
             x, attrs = call.args[0], call.attrs
-            shape = tuple(int(d) for d in x.ty.shape.values)
+            shape = static_nhwc_batch_one(x)
             strides, dilation = (tuple(int(v) for v in values) for values in (attrs.strides, attrs.dilation))
             top, left, bottom, right = (int(p) for p in attrs.padding)
             if hwio.shape[:2] == (1, 1) and strides == (1, 1) and not any((top, left, bottom, right)):
