@@ -267,12 +267,11 @@ def _conv_weight(call: relax.Call) -> np.ndarray | None:
     return hwio if hwio.dtype == np.int8 and fits(*hwio.shape[2:]) else None
 
 
-def vnni_convs(mod: tvm.IRModule) -> tvm.IRModule:
-    """Every integer NHWC conv that fits becomes a VNNI-ready kernel (same int32 results): a 1x1 conv (stride 1,
-    unpadded) the matmul kernel on its pixels, any other the windowed :func:`vnni_conv`, its padding (zeros: a
-    nonzero zero point was already padded explicitly by pipeline.tvm_int8) an explicit pad before it."""
+def rewrite_convs(mod: tvm.IRModule, kernels: KernelSet,
+                  rewrite: Callable[[relax.Call], relax.Expr | None]) -> tvm.IRModule:
+    """``mod`` with each conv2d call replaced by what ``rewrite`` makes of it (None: left as it is), and the
+    ``kernels`` those calls use added to it."""
     mod = relax.transform.FoldConstant()(mod)  # ConvertLayout left each weight as permute_dims(OIHW constant)
-    kernels = VnniKernels()
 
     @relax.expr_functor.mutator
     class Rewrite(relax.PyExprMutator):
@@ -280,21 +279,34 @@ def vnni_convs(mod: tvm.IRModule) -> tvm.IRModule:
             call = super().visit_call_(call)
             if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
                 return call
-            hwio = _conv_weight(call)
-            if hwio is None:
-                return call
-            x, attrs = call.args[0], call.attrs
-            shape = static_nhwc_batch_one(x)
-            strides, dilation = (tuple(int(v) for v in values) for values in (attrs.strides, attrs.dilation))
-            top, left, bottom, right = (int(p) for p in attrs.padding)
-            if hwio.shape[:2] == (1, 1) and strides == (1, 1) and not any((top, left, bottom, right)):
-                return kernels.call(x, shape[:3], np.ascontiguousarray(hwio[0, 0].T))
-            if any((top, left, bottom, right)):
-                x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0], pad_value=0.0)
-                shape = (1, shape[1] + top + bottom, shape[2] + left + right, shape[3])
-            return kernels.conv(x, shape, hwio, strides, dilation)
+            replaced = rewrite(call)
+            return call if replaced is None else replaced
 
     return relax.transform.Normalize()(kernels.added_to(map_relax_functions(mod, Rewrite().visit_expr)))
+
+
+def vnni_convs(mod: tvm.IRModule) -> tvm.IRModule:
+    """Every integer NHWC conv that fits becomes a VNNI-ready kernel (same int32 results): a 1x1 conv (stride 1,
+    unpadded) the matmul kernel on its pixels, any other the windowed :func:`vnni_conv`, its padding (zeros: a
+    nonzero zero point was already padded explicitly by pipeline.tvm_int8) an explicit pad before it."""
+    kernels = VnniKernels()
+
+    def rewrite(call: relax.Call) -> relax.Expr | None:
+        hwio = _conv_weight(call)
+        if hwio is None:
+            return None
+        x, attrs = call.args[0], call.attrs
+        shape = static_nhwc_batch_one(x)
+        strides, dilation = (tuple(int(v) for v in values) for values in (attrs.strides, attrs.dilation))
+        top, left, bottom, right = (int(p) for p in attrs.padding)
+        if hwio.shape[:2] == (1, 1) and strides == (1, 1) and not any((top, left, bottom, right)):
+            return kernels.call(x, shape[:3], np.ascontiguousarray(hwio[0, 0].T))
+        if any((top, left, bottom, right)):
+            x = relax.op.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0], pad_value=0.0)
+            shape = (1, shape[1] + top + bottom, shape[2] + left + right, shape[3])
+        return kernels.conv(x, shape, hwio, strides, dilation)
+
+    return rewrite_convs(mod, kernels, rewrite)
 
 
 def vector_code_in_vectorized_loop(mod: tvm.IRModule) -> bool:

@@ -41,7 +41,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from pipeline.tvm_vnni import KernelSet, count_calls, int64_shape, map_relax_functions, static_nhwc_batch_one
+from pipeline.tvm_vnni import KernelSet, count_calls, int64_shape, rewrite_convs, static_nhwc_batch_one
 
 __all__ = ["count_winograd_convs", "register_schedule_rules", "winograd_convs", "winograd_filter"]
 
@@ -209,6 +209,16 @@ def _channels_vectorized(sch, channel_loop):
     return outer
 
 
+def _first_half_per_tile(sch, half, tile) -> None:
+    """The separable transform's first half (rows or columns) computed for each tile just before the second,
+    its two small loops unrolled (constant coefficients), its channels vectorized."""
+    sch.compute_at(half, tile)
+    first, second, channels = sch.get_loops(half)[-3:]
+    _channels_vectorized(sch, channels)
+    sch.unroll(first)
+    sch.unroll(second)
+
+
 def schedule_input(sch, block):
     """Tiles in parallel; for each tile, its rows then its columns, all 36 outputs of each unrolled (their
     coefficients become constants), the channels vectorized."""
@@ -218,11 +228,7 @@ def schedule_input(sch, block):
     sch.reorder(p, k)
     sch.parallel(p)
     sch.unroll(k)
-    sch.compute_at(rows, p)
-    a, nu, ci = sch.get_loops(rows)[-3:]
-    _channels_vectorized(sch, ci)
-    sch.unroll(a)
-    sch.unroll(nu)
+    _first_half_per_tile(sch, rows, p)
     return [sch]
 
 
@@ -240,11 +246,7 @@ def schedule_output(sch, block):
     sch.parallel(tile)
     sch.unroll(i_in)
     sch.unroll(j_in)
-    sch.compute_at(columns, tile)
-    vh, b, co = sch.get_loops(columns)[-3:]
-    _channels_vectorized(sch, co)
-    sch.unroll(vh)
-    sch.unroll(b)
+    _first_half_per_tile(sch, columns, tile)
     if epilogue is not None:
         sch.reverse_compute_at(epilogue, tile)
         _channels_vectorized(sch, sch.get_loops(epilogue)[-1])
@@ -316,22 +318,14 @@ class WinogradKernels(KernelSet):
 
 
 def winograd_convs(mod: tvm.IRModule) -> tvm.IRModule:
-    """Every float 3x3 stride-1 NHWC conv with enough channels computed by Winograd F(4x4, 3x3)."""
-    mod = relax.transform.FoldConstant()(mod)  # ConvertLayout left each weight as permute_dims(OIHW constant)
+    """Every float 3x3 stride-1 NHWC conv that pays for it computed by Winograd F(4x4, 3x3)."""
     kernels = WinogradKernels()
 
-    @relax.expr_functor.mutator
-    class Rewrite(relax.PyExprMutator):
-        def visit_call_(self, call: relax.Call) -> relax.Expr:
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
-                return call
-            hwio = _filter(call)
-            if hwio is None:
-                return call
-            return kernels.conv(call.args[0], hwio, tuple(int(p) for p in call.attrs.padding))
+    def rewrite(call: relax.Call) -> relax.Expr | None:
+        hwio = _filter(call)
+        return None if hwio is None else kernels.conv(call.args[0], hwio, tuple(int(p) for p in call.attrs.padding))
 
-    return relax.transform.Normalize()(kernels.added_to(map_relax_functions(mod, Rewrite().visit_expr)))
+    return rewrite_convs(mod, kernels, rewrite)
 
 
 def count_winograd_convs(mod: tvm.IRModule) -> int:
