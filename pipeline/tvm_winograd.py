@@ -20,8 +20,9 @@ right: as reductions over constant-matrix buffers they took 2.2 and 1.8 ms on YO
 element, not 36), its terms written out with the matrix entries as constants, and scheduled by a rule of its
 own (:func:`schedule_input`, :func:`schedule_output`, registered as MetaSchedule custom rules for CPU targets):
 one tile at a time in parallel, its 6x6 positions unrolled so every coefficient is a literal, the channels
-vectorized. On that conv: input 0.13 ms, output with bias and SiLU 0.21 ms, the 36 matmuls 1.9 ms after 48
-trials, against 4.4-8.0 ms for the direct conv after 48 (`bench/winograd_layer.py`, docs/lab-x86/winograd.md).
+vectorized. On that conv: input 0.13-0.15 ms, output with bias and SiLU 0.20-0.21 ms, the 36 matmuls 1.7-1.9 ms
+after 48 trials, against 4.4-10.0 ms for the direct conv after 48 (`bench/winograd_layer.py`,
+docs/lab-x86/winograd.md).
 
 The matrices are TVM's own (``topi.nn.winograd_util``: Cook-Toom with the points 0, -1, 1, 1/2, -2 and inf).
 In float32 the result differs from the direct conv by rounding: ~3e-6 of the largest output on random data
