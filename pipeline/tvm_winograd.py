@@ -298,10 +298,8 @@ def _filter(call: relax.Call) -> np.ndarray | None:
 
 
 class WinogradKernels(KernelSet):
-    """The transform kernels; adding them registers their schedule rules."""
-
-    def _prepare(self) -> None:
-        register_schedule_rules()
+    """The transform kernels. Their schedule rules are registered where they are used: before tuning
+    (pipeline.compile._tune_and_compile), not here."""
 
     def conv(self, x: relax.Expr, hwio: np.ndarray, padding: tuple[int, int, int, int]) -> relax.Expr:
         """The NHWC conv of ``x`` with the 3x3 filter ``hwio``, padded (top, left, bottom, right), by Winograd."""
