@@ -33,7 +33,7 @@ from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profi
 from pipeline.quantize import QuantizedModel
 from pipeline.tuning_curve import CurvePoint, tuning_curve
 from pipeline.tvm_fastmath import fast_math, multiply_by_reciprocal
-from pipeline.tvm_int8 import integerize
+from pipeline.tvm_int8 import drop_float_round_trips, integerize
 from pipeline.tvm_intrinsics import load_tensor_intrinsics
 from pipeline.tvm_layout import channels_last
 from pipeline.tvm_vnni import count_vnni_ops, vnni_convs, vnni_search_space
@@ -406,8 +406,10 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
     vnni, cpu = _has_vnni(profile), not profile.tvm_gpu_target()
     mod, integer_ops = (integerize(mod, vnni=vnni, narrow_convs_in_float=cpu) if quantized.config.scheme == "int8"
                         else (mod, 0))
-    if cpu:  # CPU kernels vectorize along contiguous channels (pipeline.tvm_layout)
-        mod = channels_last(mod)
+    if cpu:
+        if integer_ops:  # rounding to 8 bits only where an integer kernel reads the tensor (pipeline.tvm_int8)
+            mod, _ = drop_float_round_trips(mod)
+        mod = channels_last(mod)  # CPU kernels vectorize along contiguous channels (pipeline.tvm_layout)
         if integer_ops and vnni:
             mod = vnni_convs(mod)
         if tuned:  # float 3x3 convs with 4x fewer multiply-adds; untuned, its transforms are serial loops

@@ -36,7 +36,9 @@ channels gets none of that and pays for widening every byte to int32 and for the
 Measured, tuned, PP-LCNet on the x86 lab device: a 3x3 depthwise conv 90 us in int8 vs 34 us in float, the
 3-channel stem 579 vs 108 us, and the input's quantize+pad kernel 1.4 ms (docs/lab-x86/channels-last.md). Such a
 conv computes in float on the dequantized tensor, exactly what onnxruntime's QDQ graph describes, and the
-quantize after it still makes the next layer's int8 input.
+quantize after it still makes the next layer's int8 input. On CPU targets :func:`drop_float_round_trips` then
+removes the quantize -> dequantize pairs that only float ops read: 8-bit rounding where an integer kernel reads
+the tensor, nowhere else.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from pipeline.tvm_vnni import (
     map_relax_functions,
 )
 
-__all__ = ["count_integer_ops", "integerize"]
+__all__ = ["count_integer_ops", "drop_float_round_trips", "integerize"]
 
 _INT8 = ("int8", "uint8")
 _FLOAT_OUT = ("None", "", "void", "float32")  # out_dtype unset (the importer's choice: the input's) or float32
@@ -259,3 +261,37 @@ def integerize(mod: tvm.IRModule, *, vnni: bool = False, narrow_convs_in_float: 
         out = kernels.added_to(out)
     out = map_relax_functions(out, _QuantParamsAsTensors().visit_expr)
     return out, count_integer_ops(out) + count_vnni_ops(out) - before
+
+
+def drop_float_round_trips(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """``dequantize(quantize(x, s, z), s, z)`` becomes ``x`` wherever it is still there after :func:`integerize`.
+
+    An integer kernel reads the 8-bit tensor ``quantize`` makes, not the dequantized one, so what is left of such a
+    round trip feeds only float ops: the activations between layers (PP-LCNet's HardSwish, exported as
+    x * HardSigmoid(x), is conv -> Q -> DQ -> HardSigmoid -> Q -> DQ -> Mul -> Q -> DQ -> next conv), the convs kept in
+    float, residual adds, the network's output. In onnxruntime each pair is what tells its kernels which ops to run
+    in 8 bits; in the compiled network it computes nothing but a rounding and a clamp, four to six operations per
+    element, in every conv's epilogue (PP-LCNet: three per layer). Without them the float ops compute on the float
+    values, as the fp32 model does, and only the tensors an integer kernel reads are rounded to 8 bits: fewer
+    roundings, so the outputs lie closer to fp32's than onnxruntime's int8 outputs do (no longer within a
+    quantization step of them). Returns the module and how many round trips were dropped.
+    """
+    quantize = is_op("relax.quantize")(wildcard(), is_const(), is_const())
+    round_trip = is_op("relax.dequantize")(quantize, is_const(), is_const())
+    dropped = 0
+
+    def same(a: relax.Expr, b: relax.Expr) -> bool:
+        return np.array_equal(_const(a).reshape(-1), _const(b).reshape(-1))
+
+    def rewriter(orig: relax.Call, matched) -> relax.Expr:
+        nonlocal dropped
+        q, dq = matched[quantize], matched[round_trip]
+        x = q.args[0]
+        if int(q.attrs.axis) != int(dq.attrs.axis) or not same(q.args[1], dq.args[1]) or \
+                not same(q.args[2], dq.args[2]) or _dtype(x) != _dtype(dq):
+            return orig  # a requantize into other units, or another float type: not a round trip
+        dropped += 1
+        return x
+
+    out = map_relax_functions(mod, functools.partial(relax.dpl.rewrite_call, round_trip, rewriter))
+    return relax.transform.DeadCodeElimination()(out), dropped

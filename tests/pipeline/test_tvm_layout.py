@@ -23,7 +23,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
 from pipeline.tvm_fastmath import multiply_by_reciprocal  # noqa: E402
-from pipeline.tvm_int8 import integerize  # noqa: E402
+from pipeline.tvm_int8 import drop_float_round_trips, integerize  # noqa: E402
 from pipeline.tvm_layout import channels_last, count_permutes  # noqa: E402
 from pipeline.tvm_vnni import count_calls  # noqa: E402
 
@@ -125,6 +125,34 @@ def test_cpu_networks_keep_narrow_convs_in_float_and_still_match_onnxruntime(tmp
     for ours, x in zip(_outputs(nhwc), _inputs(3), strict=True):
         (theirs,) = session.run(None, {"x": x})
         assert np.abs(ours - theirs).max() <= 2 * step + 1e-6
+
+
+def test_round_trips_into_float_ops_are_dropped_and_the_result_nears_fp32(tmp_path):
+    """What compile.relax_module does next for a CPU: of the block's 9 quantize -> dequantize round trips, the 7
+    that feed only float ops (the input into the float stem, both sides of the HardSigmoid, into and out of the
+    depthwise conv, ...) are dropped; the two tensors the integer 1x1 conv and Gemm read are still rounded to uint8.
+    With fewer roundings the output lies closer to the fp32 model's than onnxruntime's int8 output does."""
+    import onnxruntime as ort
+
+    onnx.save(_mobilenet_block(), str(tmp_path / "block.onnx"))
+    path = _int8_model(tmp_path / "block.onnx", tmp_path, Samples({"x": _inputs(16)[:, 0]}), "uint8")
+    mixed, _ = integerize(_import(path, {"x": [1, 3, 16, 16]}), narrow_convs_in_float=True)
+    float_between, dropped = drop_float_round_trips(mixed)
+    assert dropped == 7
+    assert _heavy_ops(float_between) == _heavy_ops(mixed)  # same convs, the same two read uint8
+    assert count_calls(float_between, lambda call: call.op.name == "relax.quantize") == 2
+    # What dequantizes now is only constant weights (the float convs'), which constant folding turns into floats.
+    assert count_calls(float_between, lambda call: call.op.name == "relax.dequantize"
+                       and not isinstance(call.args[0], tvm.ir.GenericConst)) == 0
+    fp32 = ort.InferenceSession(str(tmp_path / "block.onnx"), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ours_off = theirs_off = 0.0
+    for ours, x in zip(_outputs(channels_last(float_between)), _inputs(3), strict=True):
+        (reference,), (theirs,) = fp32.run(None, {"x": x}), int8.run(None, {"x": x})
+        ours_off += np.abs(ours - reference).mean()
+        theirs_off += np.abs(theirs - reference).mean()
+        assert np.abs(ours - theirs).max() <= 3 * _output_step(path)  # still an int8 network
+    assert ours_off < theirs_off
 
 
 def test_channel_last_layers_that_differ_only_in_scales_still_share_a_kernel(tmp_path):
