@@ -6,6 +6,11 @@ Each argument is an .onnx file (onnxruntime, CPU) or a directory holding a TVM `
 ``manifest.json`` (what ``deploy run`` / ``deploy compile`` write under $EDGEDEPLOY_HOME/tuned/). Every round
 runs each one ``--runs`` times in turn, so a machine whose speed drifts slows them all alike; ratios are to the
 first. Inputs are random (latency of these CNNs does not depend on the data).
+
+Between two runtimes' turns it waits ``--settle`` seconds: after its last call, each runtime's thread pool keeps
+spinning for a while (measured here after PP-LCNet: TVM ~0.1 s of CPU within 0.2 s, onnxruntime 0.03-0.06 s), and
+a runtime whose turn starts meanwhile shares the two cores with it. Without the wait onnxruntime fp32 ran
+PP-LCNet in 9.2 ms next to TVM, 4.7 ms alone (`docs/lab-x86/int8-float-between.md`).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--settle", type=float, default=0.5, help="seconds between two runtimes' turns")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its thread pool
 
@@ -58,6 +64,7 @@ def main() -> None:
     seconds: dict[Path, list[float]] = {path: [] for path in args.paths}
     for _ in range(args.rounds):
         for path, run in runners.items():
+            time.sleep(args.settle)  # the previous runtime's spinning threads go idle first
             for _ in range(args.runs):
                 start = time.perf_counter()
                 run()
