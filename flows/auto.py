@@ -89,7 +89,8 @@ def candidate_task(config: RunConfig, info: ModelInfo, data: PreparedData, profi
     # Exactly this candidate's configuration: the checks' own adjustments (e.g. reduce_range) are candidates too.
     quantized = quantize_model(info, data, candidate.quant)
     if candidate.runtime == "tvm":
-        artifact = compile_cached(quantized, info, profile, tune_trials=candidate.tune_trials)
+        artifact = compile_cached(quantized, info, profile, tune_trials=candidate.tune_trials,
+                                  tune_minutes=candidate.tune_minutes)
     else:
         artifact = package_cached(quantized, info, profile)
     return _measure(config, info, data, profile, quantized, artifact, which="artifact", folder=f"candidate-{index}")
@@ -131,11 +132,12 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     runs: list[tuple[Candidate, Measured, object]] = []
     model = onnx.load(info.prepared_path)
     partial = _partial_plan(config, info, profile, data, model)
-    candidates = default_candidates(config.tune_trials)
+    candidates = default_candidates(config.tune_trials, config.tune_minutes)
     if partial and partial.keep_float:  # full int8 misses the budget: try it with the sensitive layers in float
         kept = QuantConfig(scheme="int8", keep_float=partial.keep_float)
         candidates += [Candidate(runtime="onnxruntime", quant=kept),
-                       Candidate(runtime="tvm", quant=kept, tune_trials=config.tune_trials)]
+                       Candidate(runtime="tvm", quant=kept, tune_trials=config.tune_trials,
+                                 tune_minutes=config.tune_minutes if config.tune_trials else None)]
     for index, candidate in enumerate(candidates):
         label = candidate.label()
         reason = _refusal(candidate, model, info, profile, data)

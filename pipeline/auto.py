@@ -31,15 +31,22 @@ class Candidate(BaseModel):
     runtime: Runtime
     quant: QuantConfig
     tune_trials: int = Field(default=0, description="TVM: MetaSchedule trials per task (0 = default schedules).")
+    tune_minutes: float | None = Field(default=None, description="TVM tuned: this candidate's time budget.")
 
     def label(self) -> str:
-        tuned = f" tuned {self.tune_trials}/task" if self.tune_trials else ""
+        if not self.tune_trials:
+            tuned = ""
+        elif self.tune_minutes:  # the trial cap is then only a ceiling (TRIALS_WITHIN_MINUTES): the budget says more
+            tuned = f" tuned {self.tune_minutes:g} min"
+        else:
+            tuned = f" tuned {self.tune_trials}/task"
         return f"{self.runtime} {self.quant.label()}{tuned}"
 
 
-def default_candidates(tune_trials: int = 0) -> list[Candidate]:
+def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None) -> list[Candidate]:
     """onnxruntime's own int8 options are candidates too (measured, not assumed). With ``tune_trials``, TVM's
-    candidates are MetaSchedule-tuned, and TVM fp32 with its default schedules stays as the reference."""
+    candidates are MetaSchedule-tuned (each within ``tune_minutes``, when given), and TVM fp32 with its default
+    schedules stays as the reference."""
     int8 = QuantConfig(scheme="int8")
     ort = [
         QuantConfig(scheme="fp32"), int8, int8.model_copy(update={"reduce_range": True}),
@@ -49,8 +56,9 @@ def default_candidates(tune_trials: int = 0) -> list[Candidate]:
     ]
     tvm = [QuantConfig(scheme="fp32"), int8, QuantConfig(scheme="fp16")]
     untuned = [Candidate(runtime="tvm", quant=QuantConfig(scheme="fp32"))] if tune_trials else []
+    minutes = tune_minutes if tune_trials else None
     return ([Candidate(runtime="onnxruntime", quant=q) for q in ort] + untuned
-            + [Candidate(runtime="tvm", quant=q, tune_trials=tune_trials) for q in tvm])
+            + [Candidate(runtime="tvm", quant=q, tune_trials=tune_trials, tune_minutes=minutes) for q in tvm])
 
 
 class CandidateOutcome(BaseModel):

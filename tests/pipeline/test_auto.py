@@ -63,3 +63,17 @@ def test_tuning_makes_the_tvm_candidates_tuned_and_keeps_the_default_as_referenc
     assert "tvm int8 QDQ U8S8 minmax per-channel tuned 32/task" in tuned
     assert all("tuned" not in label for label in tuned if label.startswith("onnxruntime"))
     assert len(set(tuned)) == len(tuned) == 13
+
+
+def test_a_time_budget_reaches_every_tuned_candidate():
+    """`--quant auto --tune-minutes 20` tunes each TVM candidate for 20 minutes. Before, the budget was dropped and
+    the candidates tuned up to TRIALS_WITHIN_MINUTES trials per task: days, not minutes."""
+    from pipeline.auto import default_candidates
+    from pipeline.config import TRIALS_WITHIN_MINUTES, RunConfig
+
+    config = RunConfig(model_path="m.onnx", auto=True, tune_minutes=20)
+    candidates = default_candidates(config.tune_trials, config.tune_minutes)
+    tuned = [c for c in candidates if c.tune_trials]
+    assert {c.tune_trials for c in tuned} == {TRIALS_WITHIN_MINUTES} and {c.tune_minutes for c in tuned} == {20}
+    assert "tvm int8 QDQ U8S8 minmax per-channel tuned 20 min" in [c.label() for c in tuned]
+    assert all(c.tune_minutes is None for c in candidates if not c.tune_trials)
