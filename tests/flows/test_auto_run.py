@@ -56,3 +56,18 @@ def test_auto_adds_partial_candidates_when_full_int8_misses_the_budget(prefect_s
     assert not full.within_budget and partial.within_budget  # measured on the device, as planned on the host
     assert "tvm int8 QDQ U8S8 minmax per-channel (2 layers float)" in statuses
     assert selection.chosen != full.label
+
+
+def test_a_time_budget_bounds_every_tuned_candidate(prefect_server, sensitive_onnx):
+    """--quant auto --tune-minutes: each tuned TVM candidate, the partial one included, stops at the budget
+    (auto used to drop it and tune up to 1000 trials per task)."""
+    folder = sensitive_onnx.parent
+    result = deploy_run(RunConfig(model_path=str(sensitive_onnx), profile="local", auto=True, accuracy_budget=0.02,
+                                  tune_minutes=0.05, calib_data=str(folder / "calib.npz"),
+                                  eval_data=str(folder / "eval.npz"),
+                                  bench=BenchmarkSettings(warmup=1, min_iterations=20, min_seconds=0.1)))
+    tuned = [o for o in result.auto.outcomes if o.status == "measured" and o.tuning]
+    labels = {o.label for o in tuned}
+    assert {"tvm fp32 tuned 0.05 min", "tvm int8 QDQ U8S8 minmax per-channel tuned 0.05 min",
+            "tvm int8 QDQ U8S8 minmax per-channel (2 layers float) tuned 0.05 min"} <= labels
+    assert all(o.tuning["minutes"] == 0.05 and o.tuning["stopped_by_time"] for o in tuned)
