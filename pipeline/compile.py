@@ -36,7 +36,7 @@ from pipeline.tvm_fastmath import fast_math, multiply_by_reciprocal
 from pipeline.tvm_int8 import drop_float_round_trips, integerize
 from pipeline.tvm_intrinsics import load_tensor_intrinsics
 from pipeline.tvm_layout import channels_last
-from pipeline.tvm_vnni import count_vnni_ops, vnni_convs, vnni_search_space
+from pipeline.tvm_vnni import SDOT, VNNI, DotLayout, count_dot_ops, count_vnni_ops, dot_convs, vnni_search_space
 from pipeline.tvm_winograd import count_winograd_convs, register_schedule_rules, winograd_convs
 from targets.profiles import DeviceProfile
 
@@ -279,9 +279,17 @@ def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_d
         return executable, tuning
 
 
-def _has_vnni(profile: DeviceProfile) -> bool:
-    """AVX-512 VNNI: vpdpbusd on 512-bit registers (what pipeline.tvm_vnni's kernels are laid out for)."""
-    return profile.cpu.arch == "x86_64" and "avx512_vnni" in profile.cpu.features and not profile.tvm_gpu_target()
+def dot_layout(profile: DeviceProfile) -> DotLayout | None:
+    """The int8 dot-product instruction the profile's CPU kernels can be laid out for (pipeline.tvm_vnni): AVX-512
+    VNNI's vpdpbusd on 512-bit registers, or ARM's sdot where LLVM's target has dotprod (mcpu cortex-a76, or
+    +dotprod); None for a GPU build, whose integer kernels are CUDA's."""
+    if profile.tvm_gpu_target():
+        return None
+    if profile.cpu.arch == "x86_64" and "avx512_vnni" in profile.cpu.features:
+        return VNNI
+    if profile.cpu.arch == "aarch64" and tvm.target.Target(profile.tvm_target()).features.has_dotprod:
+        return SDOT
+    return None
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -324,7 +332,7 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     with _unnamed_handlers_detached():  # the contexts' loggers are configured here too
         contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, work_dir=str(database_dir), strategy=strategy,
-            space=vnni_search_space() if count_vnni_ops(decomposed) else "post-order-apply")
+            space=vnni_search_space() if count_dot_ops(decomposed) else "post-order-apply")
         database = ms.tune.tune_tasks(
             tasks=contexts, task_weights=task_weights, work_dir=str(database_dir),
             max_trials_global=trials * max(len(tasks), 1), max_trials_per_task=trials,
@@ -403,15 +411,15 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
     shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
     mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
     # Before anything folds the int8 weights into float constants: QDQ conv/matmul -> integer kernels.
-    vnni, cpu = _has_vnni(profile), not profile.tvm_gpu_target()
-    mod, integer_ops = (integerize(mod, vnni=vnni, narrow_convs_in_float=cpu) if quantized.config.scheme == "int8"
+    dot, cpu = dot_layout(profile), not profile.tvm_gpu_target()
+    mod, integer_ops = (integerize(mod, dot=dot, narrow_convs_in_float=cpu) if quantized.config.scheme == "int8"
                         else (mod, 0))
     if cpu:
         if integer_ops:  # rounding to 8 bits only where an integer kernel reads the tensor (pipeline.tvm_int8)
             mod, _ = drop_float_round_trips(mod)
         mod = channels_last(mod)  # CPU kernels vectorize along contiguous channels (pipeline.tvm_layout)
-        if integer_ops and vnni:
-            mod = vnni_convs(mod)
+        if integer_ops and dot:
+            mod = dot_convs(mod, dot)
         if tuned:  # float 3x3 convs with 4x fewer multiply-adds; untuned, its transforms are serial loops
             mod = winograd_convs(mod)  # (pipeline.tvm_winograd)
         mod, _ = fast_math(mod)  # sigmoid/exp as vector code, not a libm call per element (pipeline.tvm_fastmath)
@@ -463,7 +471,8 @@ def compile_model(
         library, quantized, info, profile, runtime="tvm", seconds=seconds,
         extra={"target": target_dict, "gpu_target": gpu_dict, "device_code": device_code, "elf_machine": machine,
                "tuning": tuning.model_dump() if tuning else None, "integer_ops": integer_ops,
-               "vnni_ops": count_vnni_ops(mod), "winograd_convs": count_winograd_convs(mod)},
+               "vnni_ops": count_vnni_ops(mod), "sdot_ops": count_dot_ops(mod, (SDOT,)),
+               "winograd_convs": count_winograd_convs(mod)},
     )
     return artifact.model_copy(update={"tuning": tuning.model_dump() if tuning else None})
 

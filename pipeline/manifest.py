@@ -39,6 +39,7 @@ class CompiledArtifact(BaseModel):
     tuning: dict[str, Any] | None = Field(default=None, description="MetaSchedule tuning done for this build.")
     integer_ops: int = Field(default=0, description="conv2d/matmul computed in int8 x int8 -> int32 (TVM int8).")
     vnni_ops: int = Field(default=0, description="Of those, laid out for AVX-512 VNNI (pipeline.tvm_vnni).")
+    sdot_ops: int = Field(default=0, description="Of those, laid out for ARM dotprod's sdot (pipeline.tvm_vnni).")
     winograd_convs: int = Field(default=0, description="Float 3x3 convs computed by Winograd (pipeline.tvm_winograd).")
     cached: bool = Field(default=False, description="Reused from the artifact cache.")
 
@@ -79,7 +80,8 @@ def write_manifest(
         library_path=str(artifact), manifest_path=str(manifest_path), sha256=digest, runtime=runtime,
         target=extra.get("target", {}), gpu_target=extra.get("gpu_target"),
         device_code=extra.get("device_code", "cpu"), compile_seconds=seconds, integer_ops=extra.get("integer_ops", 0),
-        vnni_ops=extra.get("vnni_ops", 0), winograd_convs=extra.get("winograd_convs", 0),
+        vnni_ops=extra.get("vnni_ops", 0), sdot_ops=extra.get("sdot_ops", 0),
+        winograd_convs=extra.get("winograd_convs", 0),
     )
 
 

@@ -51,11 +51,13 @@ from tvm import relax
 from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
 
 from pipeline.tvm_vnni import (
-    VnniKernels,
+    DotKernels,
+    DotLayout,
     count_calls,
-    count_vnni_ops,
+    count_dot_ops,
     fits,
     map_relax_functions,
+    reads,
 )
 
 __all__ = ["count_integer_ops", "drop_float_round_trips", "integerize"]
@@ -152,7 +154,7 @@ def _conv(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, narrow_in_float:
 
 
 def _matmul(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, perm: relax.Call | None,
-            vnni: VnniKernels | None = None) -> tuple | None:
+            dot: DotKernels | None = None) -> tuple | None:
     if str(call.attrs.out_dtype) not in _FLOAT_OUT:
         return None
     act, weight = _activation(x_dq), _weight(w_dq)
@@ -167,8 +169,9 @@ def _matmul(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, perm: relax.Ca
     if sw_out is None:
         return None
     shape = _static_shape(xq)
-    if vnni and shape is not None and len(shape) == 2 and _dtype(xq) == "uint8" and fits(*wq.shape):
-        acc = vnni.call(xq, (shape[0],), np.ascontiguousarray(wq.T))  # weight [K,N] -> [N,K] rows to pack
+    if dot and shape is not None and len(shape) == 2 and reads(dot.layout, _dtype(xq)) and \
+            fits(*wq.shape, dot.layout):  # weight [K,N] -> [N,K] rows to pack
+        acc = dot.call(xq, _dtype(xq), (shape[0],), np.ascontiguousarray(wq.T))
     else:
         acc = relax.op.matmul(xq, relax.const(wq), out_dtype="int32")
     return acc, zx * wq.astype(np.int64).sum(axis=0), sx * sw_out.reshape(-1), (-1,)
@@ -216,18 +219,18 @@ class _QuantParamsAsTensors(relax.PyExprMutator):
         return relax.Call(call.op, args, call.attrs)
 
 
-def integerize(mod: tvm.IRModule, *, vnni: bool = False, narrow_convs_in_float: bool = False
+def integerize(mod: tvm.IRModule, *, dot: DotLayout | None = None, narrow_convs_in_float: bool = False
                ) -> tuple[tvm.IRModule, int]:
     """Rewrite QDQ conv2d/matmul into integer ones; returns the new module and how many ops became integer.
     With ``narrow_convs_in_float``, convs over fewer than 4 input channels per group stay float (see above).
-    With ``vnni``, matmuls that fit become VNNI-ready kernels (pipeline.tvm_vnni); convs do once the network
-    is channel-last (``pipeline.tvm_vnni.vnni_convs``).
+    With ``dot`` (VNNI or SDOT), matmuls that fit become kernels laid out for that dot-product instruction
+    (pipeline.tvm_vnni); convs do once the network is channel-last (``pipeline.tvm_vnni.dot_convs``).
 
     Run it on what ``relax.frontend.onnx.from_onnx(..., keep_params_in_input=False)`` returns, before
     ``FoldConstant`` (which turns the int8 weights' dequantize into plain float constants).
     """
     p = _patterns()
-    kernels = VnniKernels() if vnni else None
+    kernels = DotKernels(dot) if dot else None
 
     def rewriter(orig: relax.Call, matched) -> relax.Expr:
         if p["conv"] in matched:
@@ -250,7 +253,7 @@ def integerize(mod: tvm.IRModule, *, vnni: bool = False, narrow_convs_in_float: 
             acc = relax.op.subtract(acc, relax.const(correction.reshape(shape).astype(np.int32)))
         return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale.reshape(shape).astype(np.float32)))
 
-    before = count_integer_ops(mod) + count_vnni_ops(mod)
+    before = count_integer_ops(mod) + count_dot_ops(mod)
     out = mod
     # With-bias first: once a conv is rewritten alone, its bias add no longer matches.
     for pattern in (p["with_bias"], p["without_bias"]):
@@ -260,7 +263,7 @@ def integerize(mod: tvm.IRModule, *, vnni: bool = False, narrow_convs_in_float: 
     if kernels:
         out = kernels.added_to(out)
     out = map_relax_functions(out, _QuantParamsAsTensors().visit_expr)
-    return out, count_integer_ops(out) + count_vnni_ops(out) - before
+    return out, count_integer_ops(out) + count_dot_ops(out) - before
 
 
 def drop_float_round_trips(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:

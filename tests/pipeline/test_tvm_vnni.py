@@ -20,11 +20,12 @@ from tvm.relax.frontend import onnx as onnx_frontend  # noqa: E402
 from pipeline.tvm_int8 import integerize  # noqa: E402
 from pipeline.tvm_layout import channels_last, count_permutes  # noqa: E402
 from pipeline.tvm_vnni import (  # noqa: E402
+    VNNI,
     count_vnni_ops,
+    dot_convs,
+    dot_matmul,
     packed_weight,
     register_vnni_intrinsic,
-    vnni_convs,
-    vnni_matmul,
 )
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def _pointwise_model() -> onnx.ModelProto:
     dilated, uneven pads (24 -> 16) -> Flatten -> Gemm (144 -> 16): convs and a Gemm that all fit VNNI tiles (the
     24 outputs padded to 32).
     The first 3x3 conv's input has a nonzero zero point (pipeline.tvm_int8 pads it explicitly), the second's is
-    zero after the Relu (the conv keeps its padding, and vnni_convs pads with zeros)."""
+    zero after the Relu (the conv keeps its padding, and dot_convs pads with zeros)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in (
         ("w1", rng.standard_normal((32, 8, 1, 1))), ("b1", rng.standard_normal(32)),
@@ -76,10 +77,10 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
     mod = onnx_frontend.from_onnx(onnx.load(path), shape_dict={"x": [1, 8, 6, 6]}, keep_params_in_input=False)
 
     plain, plain_count = integerize(mod)
-    matmuls, matmuls_count = integerize(mod, vnni=True)
+    matmuls, matmuls_count = integerize(mod, dot=VNNI)
     assert plain_count == matmuls_count == 5 and count_vnni_ops(plain) == 0
     assert count_vnni_ops(matmuls) == 1  # the Gemm
-    vnni = vnni_convs(channels_last(matmuls))
+    vnni = dot_convs(channels_last(matmuls))
     assert count_vnni_ops(vnni) == 5  # and every conv, once channel-last: 1x1 as matmuls, 3x3 as windowed kernels
     names = sorted(gvar.name_hint for gvar in vnni.get_global_vars() if gvar.name_hint.startswith("vnni_"))
     assert names == ["vnni_conv_1x10x8x24_3x3s2d2x1_16", "vnni_conv_1x8x8x16_3x3s1_32", "vnni_matmul_1x144x16",
@@ -131,7 +132,7 @@ def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, ke
     from tvm.s_tir import meta_schedule as ms
 
     from pipeline.compile import _forked_builder, _unnamed_handlers_detached
-    from pipeline.tvm_vnni import vnni_conv
+    from pipeline.tvm_vnni import dot_conv
 
     register_vnni_intrinsic()
     rng = np.random.default_rng(0)
@@ -139,13 +140,13 @@ def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, ke
     if kernel == "3x3-conv-stride-2":
         a = rng.integers(0, 256, (1, 9, 9, c), dtype=np.uint8)
         hwio = rng.integers(-128, 128, (3, 3, c, n), dtype=np.int8)
-        func = vnni_conv(a.shape, (3, 3), (2, 2), (1, 1), n)
+        func = dot_conv(a.shape, (3, 3), (2, 2), (1, 1), n)
         weight, expected = packed_weight(np.ascontiguousarray(hwio.reshape(-1, n).T)), _reference_conv(a, hwio, 2)
     else:
         lead = (64,) if kernel == "matmul" else (1, 8, 8)
         a = rng.integers(0, 256, (*lead, c), dtype=np.uint8)
         w = rng.integers(-128, 128, (n, c), dtype=np.int8)
-        func = vnni_matmul(lead, c, n)
+        func = dot_matmul(lead, c, n)
         weight, expected = packed_weight(w), a.astype(np.int32) @ w.astype(np.int32).T
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
@@ -184,7 +185,7 @@ def test_candidates_that_vectorize_around_the_intrinsic_are_dropped_before_they_
 
     register_vnni_intrinsic()
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
-    mod = tvm.IRModule({"main": vnni_matmul((1, 7, 7), 128, 128).with_attr("global_symbol", "main")})
+    mod = tvm.IRModule({"main": dot_matmul((1, 7, 7), 128, 128).with_attr("global_symbol", "main")})
 
     def built(space, name: str) -> list[tuple[bool, bool]]:
         """(failed to build, flagged) for each of 16 random candidates."""

@@ -1,0 +1,143 @@
+"""ARM dotprod (the Raspberry Pi 5's Cortex-A76): integer kernels laid out for ``sdot`` compute exactly what the plain
+integer kernels compute (uint8 activations shifted to int8 and the shift added back), and MetaSchedule's candidates
+for an aarch64 +dotprod target really are sdot code, exact when run on the emulated aarch64 board."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.quantize import QuantConfig, quantize
+from pipeline.workloads.base import Samples
+from targets.profiles import load_profile
+from tests.lab import aarch64_python
+from tests.pipeline.test_tvm_vnni import _pointwise_model, _reference_conv
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+from tvm.relax.frontend import onnx as onnx_frontend  # noqa: E402
+
+from pipeline.compile import dot_layout  # noqa: E402
+from pipeline.tvm_int8 import integerize  # noqa: E402
+from pipeline.tvm_layout import channels_last  # noqa: E402
+from pipeline.tvm_vnni import SDOT, VNNI, count_dot_ops, dot_conv, dot_convs, dot_matmul, packed_weight  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PI5 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod"],
+       "num-cores": 4}
+
+
+def test_the_profiles_pick_their_dot_product_instruction():
+    assert dot_layout(load_profile("raspberry-pi-5")) is SDOT
+    assert dot_layout(load_profile("x86-server-vnni")) is VNNI
+    for name in ("raspberry-pi-4", "jetson-nano", "x86-server"):  # A72 has no dotprod; the Nano's int8 is CUDA's
+        assert dot_layout(load_profile(name)) is None, name
+
+
+def test_packed_weight_puts_each_4x4_sdot_tile_in_16_contiguous_bytes():
+    w = np.random.default_rng(0).integers(-127, 128, (8, 8), dtype=np.int8)
+    packed = packed_weight(w, SDOT)
+    assert packed.shape == (2, 2, 4, 4) and packed.flags.c_contiguous
+    np.testing.assert_array_equal(packed[1, 0], w[4:8, 0:4])
+
+
+def test_uint8_activations_reach_the_sdot_kernels_shifted_and_the_results_are_identical(tmp_path):
+    """Every conv and the Gemm of a U8S8 model become sdot kernels reading int8 (x - 128); the 128 * sum(w) added
+    back makes the int32 sums, and so the outputs, exactly the plain integer kernels'. Built for this machine: the
+    kernels untuned are plain loops, the same arithmetic the board runs; the 3x3 conv after a Relu keeps its zero
+    padding, which the shift turns into -128 (and the compensation back)."""
+    float_path = tmp_path / "pointwise.onnx"
+    onnx.save(_pointwise_model(), str(float_path))
+    rng = np.random.default_rng(1)
+    calibration = Samples({"x": rng.uniform(-1, 3, (16, 8, 6, 6)).astype(np.float32)})
+    path = quantize(float_path, tmp_path, QuantConfig(scheme="int8", activation_type="uint8"), calibration).path
+    mod = onnx_frontend.from_onnx(onnx.load(path), shape_dict={"x": [1, 8, 6, 6]}, keep_params_in_input=False)
+
+    plain, _ = integerize(mod)
+    sdot, count = integerize(mod, dot=SDOT)
+    sdot = dot_convs(channels_last(sdot), SDOT)
+    assert count == 5 and count_dot_ops(sdot, (SDOT,)) == 5 and count_dot_ops(sdot, (VNNI,)) == 0
+    names = sorted(gvar.name_hint for gvar in sdot.get_global_vars() if gvar.name_hint.startswith("sdot_"))
+    assert names == ["sdot_conv_1x10x8x24_3x3s2d2x1_16", "sdot_conv_1x8x8x16_3x3s1_24", "sdot_matmul_1x144x16",
+                     "sdot_matmul_1x6x6x32x16", "sdot_matmul_1x6x6x8x32"], names  # 24 outputs: whole 4-lane tiles
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    run_plain, run_sdot = (relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())["main"]
+                           for m in (plain, sdot))
+    for x in rng.uniform(-1, 3, (4, 1, 8, 6, 6)).astype(np.float32):
+        np.testing.assert_array_equal(run_sdot(tvm.runtime.tensor(x)).numpy(),
+                                      run_plain(tvm.runtime.tensor(x)).numpy())
+
+
+RUN_ON_BOARD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tvm
+    for path in sys.argv[1:]:
+        with np.load(path + ".npz") as data:
+            a, w, expected = data["a"], data["w"], data["expected"]
+        out = tvm.runtime.tensor(np.zeros(expected.shape, np.int32))
+        tvm.runtime.load_module(path)["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w), out)
+        print(path, "exact" if np.array_equal(out.numpy(), expected) else "WRONG")
+""")
+
+
+def test_tuning_candidates_for_the_pi5_are_sdot_code_and_exact_on_the_emulated_board(tmp_path):
+    """MetaSchedule's design space for cortex-a76 +dotprod tensorizes the kernels with TVM's dot_4x4_i8i8s32_sdot
+    (its ARM rules, through the same search space as VNNI's): each kind of kernel, one candidate each, built for
+    aarch64, must hold sdot instructions and, run on the emulated board (qemu's CPU has dotprod), give numpy's
+    int32 sums bit for bit, extremes (-128 x -128, 4 at a time) included."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.tvm_intrinsics import load_modules
+    from pipeline.tvm_vnni import vnni_search_space
+
+    python = aarch64_python()
+    if python is None:
+        pytest.fail("the emulated aarch64 board is not built: run `make setup` (scripts/make_aarch64_root.sh)")
+    load_modules("arm_cpu")
+    target = tvm.target.Target(PI5)
+    rng = np.random.default_rng(0)
+    c, n = 32, 32
+    a = rng.integers(-128, 128, (1, 9, 9, c), dtype=np.int8)
+    a[0, 0, 0, :4] = -128
+    hwio = rng.integers(-128, 128, (3, 3, c, n), dtype=np.int8)
+    hwio[0, 0, :4, 0] = -128
+    w = np.ascontiguousarray(hwio[0, 0].T)
+    cases = {
+        "matmul": (dot_matmul((81,), c, n, SDOT), a.reshape(81, c), w, a.reshape(81, c).astype(np.int32) @ w.T),
+        "conv1x1": (dot_matmul((1, 9, 9), c, n, SDOT), a, w, a.astype(np.int32) @ w.astype(np.int32).T),
+        "conv3x3s2": (dot_conv(a.shape, (3, 3), (2, 2), (1, 1), n, SDOT), a, hwio.reshape(-1, n).T,
+                      _reference_conv(a, hwio, 2)),
+    }
+    libraries = []
+    for name, (func, operand, rows, expected) in cases.items():
+        mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        built = None
+        for seed in range(8):  # a candidate its postprocessors accept (some vectorize around the intrinsic)
+            context = ms.TuneContext(mod=mod, target=target, space_generator=vnni_search_space(), task_name=name,
+                                     search_strategy="replay-trace", num_threads=1, rand_state=seed)
+            for schedule in context.generate_design_space():
+                assert "dot_4x4_i8i8s32_sdot" in str(schedule.trace), name
+                if all(postproc.apply(schedule) for postproc in context.space_generator.postprocs):
+                    built = tvm.compile(schedule.mod, target=target)
+                    break
+            if built:
+                break
+        assert built is not None, f"no {name} candidate passed the postprocessors"
+        assembly = "\n".join(m.inspect_source("asm") for m in [built.mod, *built.mod.imports] if m.kind == "llvm")
+        assert "sdot\tv" in assembly, name
+        library = tmp_path / f"{name}.so"
+        built.export_library(str(library), cc="aarch64-linux-gnu-gcc")
+        np.savez(f"{library}.npz", a=operand, w=packed_weight(np.ascontiguousarray(rows), SDOT),
+                 expected=expected.astype(np.int32))
+        libraries.append(str(library))
+    script = tmp_path / "run.py"
+    script.write_text(RUN_ON_BOARD)
+    done = subprocess.run([*python, str(script), *libraries], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split().count("exact") == len(cases), done.stdout
