@@ -6,7 +6,8 @@ set -euo pipefail
 dest=${1:-.lab/aarch64}
 root="$dest/root"
 site="$dest/site"
-[ -e "$dest/.ready" ] && exit 0
+pip=${PIP:-pip}
+if [ ! -e "$dest/.ready" ]; then
 mkdir -p "$root" "$site" "$dest/debs" "$dest/wheels"
 
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
@@ -24,11 +25,27 @@ for deb in "$dest"/debs/*.deb; do dpkg -x "$deb" "$root"; done
 
 # onnxruntime 1.28+ for aarch64 dies with SIGSEGV at import under Debian 12's qemu-user 7.2 (1.27.0 is
 # the newest that runs there; real boards are unaffected), so the emulated board gets 1.27.0.
-pip=${PIP:-pip}
 "$pip" download --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
   --platform manylinux_2_17_aarch64 --python-version 3.11 --dest "$dest/wheels" \
   "apache-tvm==0.27.0.post1" "apache-tvm-ffi==0.1.14.post1" "onnxruntime==1.27.0" "numpy==2.4.6" \
   typing_extensions ml_dtypes "flatbuffers" "packaging" "protobuf" "coloredlogs" "humanfriendly" "sympy" "mpmath"
 for whl in "$dest"/wheels/*.whl; do python3 -m zipfile -e "$whl" "$site"; done
 touch "$dest/.ready"
-echo "aarch64 Python ready: PYTHONPATH=$site qemu-aarch64 -L $root $root/usr/bin/python3.11"
+fi
+
+# TVM's RPC server, for tuning with every candidate timed on the board (pipeline.remote_tuning): its `rpc` extra.
+if [ ! -d "$site/cloudpickle" ] || [ ! -d "$site/psutil" ]; then
+  "$pip" download --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
+    --platform manylinux_2_17_aarch64 --python-version 3.11 --dest "$dest/wheels" cloudpickle psutil
+  for whl in "$dest"/wheels/cloudpickle-*.whl "$dest"/wheels/psutil-*.whl; do python3 -m zipfile -e "$whl" "$site"; done
+fi
+
+# The board's `python3`: qemu-aarch64 with itself as argv[0] (qemu -0), so sys.executable is this script and a
+# Python the board's Python starts (TVM's RPC server starts its worker so) runs under qemu too: no binfmt_misc here.
+root_abs=$(realpath "$root") site_abs=$(realpath "$site")
+cat > "$dest/python3" <<WRAPPER
+#!/bin/sh
+exec env PYTHONPATH=$site_abs qemu-aarch64 -L $root_abs -0 "\$0" $root_abs/usr/bin/python3.11 "\$@"
+WRAPPER
+chmod +x "$dest/python3"
+echo "aarch64 Python ready: $dest/python3"

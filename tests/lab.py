@@ -102,11 +102,12 @@ def x86_python() -> list[str]:
 
 
 def aarch64_python() -> list[str] | None:
-    """arm64 Debian Python under qemu-aarch64 with the aarch64 wheels, or None when not built."""
-    root, site = AARCH64 / "root", AARCH64 / "site"
-    if not (AARCH64 / ".ready").exists() or not shutil.which("qemu-aarch64"):
+    """arm64 Debian Python under qemu-aarch64 with the aarch64 wheels (scripts/make_aarch64_root.sh's wrapper, which
+    the Pythons it starts run under qemu too), or None when not built."""
+    wrapper = AARCH64 / "python3"
+    if not (AARCH64 / ".ready").exists() or not wrapper.exists() or not shutil.which("qemu-aarch64"):
         return None
-    return ["env", f"PYTHONPATH={site}", "qemu-aarch64", "-L", str(root), str(root / "usr/bin/python3.11")]
+    return [str(wrapper)]
 
 
 def process_running(pid: int) -> bool:

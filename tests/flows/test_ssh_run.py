@@ -127,3 +127,26 @@ def test_transient_errors_are_retried_and_auth_errors_are_not(prefect_server, la
     with pytest.raises(AuthError):
         state.result()
     assert _attempts(flow_run_id, "deploy") == 1
+
+
+def test_a_tuned_int8_build_for_the_pi5_is_sdot_code_timed_and_checked_on_the_emulated_board(prefect_server,
+                                                                                                lab_pi4):
+    """ARM dotprod end to end: the Raspberry Pi 5 profile's int8 convs and Gemm are laid out for sdot, MetaSchedule
+    tunes them with every candidate timed by TVM's RPC server on the board (over the SSH connection; the emulated
+    board's Python starts the server's worker under qemu too), the library holds sdot instructions, and its top-1
+    on the board is onnxruntime fp32's within the budget."""
+    import subprocess
+
+    device, python = lab_pi4
+    profile = device.profile(extends="raspberry-pi-5", python=python,
+                             runtimes={"tvm": "0.27.0", "onnxruntime": "1.27.0"})
+    result = deploy_run(_config(profile, "int8", tune_trials=2))
+    assert result.valid, result.invalid_reasons
+    assert result.artifact.target["mcpu"] == "cortex-a76"
+    assert result.artifact.integer_ops == result.artifact.sdot_ops == 3  # two 3x3 convs and the Gemm
+    tuning = result.artifact.tuning
+    assert tuning["measured_on"] == f"{device.user}@127.0.0.1:{device.port}" and tuning["scheduled"] > 0
+    disassembly = subprocess.run(["aarch64-linux-gnu-objdump", "-d", result.artifact.path], capture_output=True,
+                                 text=True, check=True).stdout
+    assert "\tsdot\t" in disassembly
+    assert result.accuracy.delta >= -0.01
