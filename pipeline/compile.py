@@ -287,7 +287,7 @@ def dot_layout(profile: DeviceProfile) -> DotLayout | None:
         return None
     if profile.cpu.arch == "x86_64" and "avx512_vnni" in profile.cpu.features:
         return VNNI
-    if profile.cpu.arch == "aarch64" and tvm.target.Target(profile.tvm_target()).features.has_dotprod:
+    if profile.cpu.arch == "aarch64" and tvm.target.Target(resolve_target(profile)).features.has_dotprod:
         return SDOT
     return None
 
