@@ -327,6 +327,7 @@ def bench(
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file (e.g. a lab device).")] = "local",
     tune_trials: Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM candidates "
                                                          "(0 = TVM's default schedules).")] = 0,
+    tune_minutes: TuneMinutes = None,
 ) -> None:
     """Every reference workload through onnxruntime and TVM in every scheme, side by side: docs/bench.md."""
     try:
@@ -348,7 +349,7 @@ def bench(
             with stderr.status(f"bench: {name} ..."):
                 results.append(deploy_run(RunConfig(
                     model_path=str(WORKLOADS[name].model_path()), auto=True, eval_samples=eval_samples,
-                    profile=profile, tune_trials=tune_trials,
+                    profile=profile, tune_trials=tune_trials, tune_minutes=tune_minutes,
                     bench=BenchmarkSettings(min_iterations=min_iterations, min_seconds=min_seconds))))
         path = write(results, out)
     except EdgeDeployError as error:

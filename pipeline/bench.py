@@ -86,7 +86,10 @@ def _tuning_lines(name: str, selection: AutoSelection) -> list[str]:
              "|---|---|---|---|---|---|"]
     for o in tuned:
         t, curve = o.tuning, o.tuning["curve"]
-        lines.append(f"| {o.label} | {t['trials_per_task']} x {t['tasks']} tasks | {t['seconds'] / 60:.1f} min | "
+        # With a time budget the per-task cap is only a ceiling (pipeline.config): say what the run did instead.
+        added = (f"{t.get('trials_added', 0)} over {t['tasks']} tasks" if t.get("minutes")
+                 else f"{t['trials_per_task']} x {t['tasks']} tasks")
+        lines.append(f"| {o.label} | {added} | {t['seconds'] / 60:.1f} min | "
                      f"{curve[-1]['trials']} | {curve[0]['estimated_ms']:.3f} -> {curve[-1]['estimated_ms']:.3f} | "
                      f"{o.p50_ms:.3f} |")
     return [*lines, ""]

@@ -36,7 +36,7 @@ from pipeline.tvm_fastmath import fast_math, multiply_by_reciprocal
 from pipeline.tvm_int8 import drop_float_round_trips, integerize
 from pipeline.tvm_intrinsics import load_tensor_intrinsics
 from pipeline.tvm_layout import channels_last
-from pipeline.tvm_vnni import SDOT, VNNI, DotLayout, count_dot_ops, count_vnni_ops, dot_convs, vnni_search_space
+from pipeline.tvm_vnni import SDOT, VNNI, DotLayout, count_dot_ops, count_vnni_ops, dot_convs, dot_search_space
 from pipeline.tvm_winograd import count_winograd_convs, register_schedule_rules, winograd_convs
 from targets.profiles import DeviceProfile
 
@@ -332,7 +332,7 @@ def _tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, datab
     with _unnamed_handlers_detached():  # the contexts' loggers are configured here too
         contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, work_dir=str(database_dir), strategy=strategy,
-            space=vnni_search_space() if count_dot_ops(decomposed) else "post-order-apply")
+            space=dot_search_space() if count_dot_ops(decomposed) else "post-order-apply")
         database = ms.tune.tune_tasks(
             tasks=contexts, task_weights=task_weights, work_dir=str(database_dir),
             max_trials_global=trials * max(len(tasks), 1), max_trials_per_task=trials,

@@ -61,17 +61,16 @@ class DotLayout:
     group: int
     activation: str
     intrinsic: str
-    instruction: str  # what the machine code shows
 
     @property
     def prefixes(self) -> tuple[str, str]:
         return f"{self.name}_matmul_", f"{self.name}_conv_"
 
 
-VNNI = DotLayout("vnni", lanes=16, group=4, activation="uint8", intrinsic="dot_16x4_vnni", instruction="vpdpbusd")
+VNNI = DotLayout("vnni", lanes=16, group=4, activation="uint8", intrinsic="dot_16x4_vnni")
 # ARM's sdot (ARMv8.2 dotprod: Cortex-A76/A78, Neoverse): 4 int32 lanes, each += 4 int8 x int8 products.
-# pipeline.tvm_sdot feeds it uint8 activations shifted to int8.
-SDOT = DotLayout("sdot", lanes=4, group=4, activation="int8", intrinsic="dot_4x4_i8i8s32_sdot", instruction="sdot")
+# DotKernels feeds it uint8 activations shifted to int8.
+SDOT = DotLayout("sdot", lanes=4, group=4, activation="int8", intrinsic="dot_4x4_i8i8s32_sdot")
 LAYOUTS = (VNNI, SDOT)
 
 
@@ -147,7 +146,7 @@ def conv_output_size(shape: tuple[int, ...], window: tuple[int, int], strides: t
 
 
 def dot_conv(shape: tuple[int, int, int, int], window: tuple[int, int], strides: tuple[int, int],
-              dilation: tuple[int, int], n: int, layout: DotLayout = VNNI) -> tvm.tirx.PrimFunc:
+             dilation: tuple[int, int], n: int, layout: DotLayout = VNNI) -> tvm.tirx.PrimFunc:
     """An unpadded channel-last conv: uint8 ``a`` [1, H, W, C] x packed int8 [O/16, KH*KW*C/4, 16, 4] -> int32
     [1, OH, OW, n], the weight's rows ordered (kh, kw, c) as HWIO flattens.
 
@@ -396,10 +395,11 @@ def vector_code_in_vectorized_loop(mod: tvm.IRModule) -> bool:
     return found
 
 
-def vnni_search_space():
-    """MetaSchedule's design space for a VNNI target (its x86 tensorization postprocessors, as chosen from the
-    target), plus one check: a candidate whose tensorized kernel sits in a loop that RewriteParallelVectorizeUnroll
-    vectorized is dropped before it is built or timed. LLVM codegen can't widen the 16-lane intrinsic body
+def dot_search_space():
+    """MetaSchedule's design space for a module with dot-product kernels (its schedule rules as chosen from the
+    target: x86's with VNNI, ARM's with sdot; its CPU tensorization postprocessors), plus one check: a candidate
+    whose tensorized kernel sits in a loop that RewriteParallelVectorizeUnroll vectorized is dropped before it is
+    built or timed. LLVM codegen can't widen the 16-lane intrinsic body
     ("Cannot broadcast lanes=16 to 64"): on PP-LCNet's 7x7 VNNI kernels 10 of 16 random candidates were such,
     each a failed trial."""
     from tvm.ir.utils import derived_object

@@ -161,13 +161,14 @@ def test_doctor_shows_an_unknown_host_key(lab_x86, isolated_home, tmp_path):
 
 def test_bench_writes_the_side_by_side_table(prefect_server, isolated_home, tmp_path):  # noqa: F811
     proc = deploy("bench", "digits-cnn", "--out", str(tmp_path / "docs"), "--eval-samples", "50",
-                  "--min-iterations", "50", "--min-seconds", "0.1", api_url=prefect_server, home=isolated_home)
+                  "--min-iterations", "50", "--min-seconds", "0.1", "--tune-minutes", "0.1",
+                  api_url=prefect_server, home=isolated_home)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "docs" / "bench.md").read_text()
     assert "## digits-cnn" in table and "% of peak" in table and "GFLOP/s" in table
     for candidate in ("onnxruntime fp32", "onnxruntime int8 QDQ U8S8 minmax per-channel", "tvm fp32",
-                      "tvm int8 QDQ U8S8 minmax per-channel"):
-        assert f"| {candidate} |" in table
+                      "tvm fp32 tuned 0.1 min", "tvm int8 QDQ U8S8 minmax per-channel tuned 0.1 min"):
+        assert f"| {candidate} |" in table  # the time budget reached every tuned candidate
     assert (tmp_path / "docs" / "bench-digits-cnn.svg").read_text().startswith("<svg")
 
 

@@ -38,3 +38,16 @@ def test_no_tuning_no_curve(tmp_path):
     assert "TVM tuning" not in markdown([result])
     write([result], tmp_path)
     assert not (tmp_path / "bench-digits-cnn-tuning.svg").exists()
+
+
+def test_a_time_budgeted_candidate_shows_the_trials_it_made_not_the_cap():
+    """With --tune-minutes the per-task trial cap is a ceiling of 1000: '1000 x 29 tasks' would claim 29,000 trials."""
+    curve = [{"trials": 29, "estimated_ms": 40.0}, {"trials": 412, "estimated_ms": 3.9}]
+    tuning = {"trials_per_task": 1000, "tasks": 29, "seconds": 1200.0, "curve": curve, "minutes": 20.0,
+              "trials_added": 383}
+    selection = AutoSelection(
+        outcomes=[_outcome("onnxruntime fp32", 2.0), _outcome("tvm fp32 tuned 20 min", 3.4, tuning)],
+        chosen=None, reason="nothing beat onnxruntime fp32", budget=0.01, metric="top1", baseline_p50_ms=2.0,
+        baseline_accuracy=0.99)
+    text = markdown([make_result(1, model="digits-cnn").model_copy(update={"auto": selection})])
+    assert "| tvm fp32 tuned 20 min | 383 over 29 tasks | 20.0 min | 412 | 40.000 -> 3.900 | 3.400 |" in text

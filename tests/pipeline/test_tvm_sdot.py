@@ -94,7 +94,7 @@ def test_tuning_candidates_for_the_pi5_are_sdot_code_and_exact_on_the_emulated_b
     from tvm.s_tir import meta_schedule as ms
 
     from pipeline.tvm_intrinsics import load_modules
-    from pipeline.tvm_vnni import vnni_search_space
+    from pipeline.tvm_vnni import dot_search_space
 
     python = aarch64_python()
     if python is None:
@@ -119,7 +119,7 @@ def test_tuning_candidates_for_the_pi5_are_sdot_code_and_exact_on_the_emulated_b
         mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
         built = None
         for seed in range(8):  # a candidate its postprocessors accept (some vectorize around the intrinsic)
-            context = ms.TuneContext(mod=mod, target=target, space_generator=vnni_search_space(), task_name=name,
+            context = ms.TuneContext(mod=mod, target=target, space_generator=dot_search_space(), task_name=name,
                                      search_strategy="replay-trace", num_threads=1, rand_state=seed)
             for schedule in context.generate_design_space():
                 assert "dot_4x4_i8i8s32_sdot" in str(schedule.trace), name

@@ -175,13 +175,13 @@ def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, ke
 def test_candidates_that_vectorize_around_the_intrinsic_are_dropped_before_they_are_built(tmp_path):
     """A 7x7 kernel (PP-LCNet's last stage): MetaSchedule's own postprocessors vectorize the loop over 16-output
     tiles around the tensorized vpdpbusd body in many candidates, and LLVM codegen fails each ("Cannot broadcast
-    lanes=16 to 64"): a failed trial. vnni_search_space drops exactly those before building."""
+    lanes=16 to 64"): a failed trial. dot_search_space drops exactly those before building."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import PyBuilder
 
     from pipeline.compile import _forked_builder, _unnamed_handlers_detached
-    from pipeline.tvm_vnni import vector_code_in_vectorized_loop, vnni_search_space
+    from pipeline.tvm_vnni import dot_search_space, vector_code_in_vectorized_loop
 
     register_vnni_intrinsic()
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
@@ -208,5 +208,5 @@ def test_candidates_that_vectorize_around_the_intrinsic_are_dropped_before_they_
     default = built("post-order-apply", "default")
     assert any(failed for failed, _ in default), "no candidate failed: the case this guards against didn't occur"
     assert all(failed == flagged for failed, flagged in default)  # the check flags exactly the ones that fail
-    checked = built(vnni_search_space(), "checked")
+    checked = built(dot_search_space(), "checked")
     assert len(checked) == 16 and not any(failed for failed, _ in checked)
