@@ -8,18 +8,14 @@ import subprocess
 import textwrap
 
 import numpy as np
-import onnx
 import pytest
 
-from pipeline.quantize import QuantConfig, quantize
-from pipeline.workloads.base import Samples
 from targets.profiles import load_profile
 from tests.lab import aarch64_python
-from tests.pipeline.test_tvm_vnni import _pointwise_model, _reference_conv
+from tests.pipeline.test_tvm_vnni import _reference_conv, quantized_pointwise_model
 
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
-from tvm.relax.frontend import onnx as onnx_frontend  # noqa: E402
 
 from pipeline.compile import dot_layout  # noqa: E402
 from pipeline.tvm_int8 import integerize  # noqa: E402
@@ -50,12 +46,7 @@ def test_uint8_activations_reach_the_sdot_kernels_shifted_and_the_results_are_id
     back makes the int32 sums, and so the outputs, exactly the plain integer kernels'. Built for this machine: the
     kernels untuned are plain loops, the same arithmetic the board runs; the 3x3 conv after a Relu keeps its zero
     padding, which the shift turns into -128 (and the compensation back)."""
-    float_path = tmp_path / "pointwise.onnx"
-    onnx.save(_pointwise_model(), str(float_path))
-    rng = np.random.default_rng(1)
-    calibration = Samples({"x": rng.uniform(-1, 3, (16, 8, 6, 6)).astype(np.float32)})
-    path = quantize(float_path, tmp_path, QuantConfig(scheme="int8", activation_type="uint8"), calibration).path
-    mod = onnx_frontend.from_onnx(onnx.load(path), shape_dict={"x": [1, 8, 6, 6]}, keep_params_in_input=False)
+    _, mod, rng = quantized_pointwise_model(tmp_path)
 
     plain, _ = integerize(mod)
     sdot, count = integerize(mod, dot=SDOT)

@@ -68,13 +68,20 @@ def _pointwise_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
-def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_path):
+def quantized_pointwise_model(tmp_path) -> tuple[str, tvm.IRModule, np.random.Generator]:
+    """The pointwise model quantized U8S8 (uint8 activations, int8 weights): its path, its Relax import, and the
+    random generator to draw test inputs from."""
     float_path = tmp_path / "pointwise.onnx"
     onnx.save(_pointwise_model(), str(float_path))
     rng = np.random.default_rng(1)
     calibration = Samples({"x": rng.uniform(-1, 3, (16, 8, 6, 6)).astype(np.float32)})
     path = quantize(float_path, tmp_path, QuantConfig(scheme="int8", activation_type="uint8"), calibration).path
     mod = onnx_frontend.from_onnx(onnx.load(path), shape_dict={"x": [1, 8, 6, 6]}, keep_params_in_input=False)
+    return path, mod, rng
+
+
+def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_path):
+    path, mod, rng = quantized_pointwise_model(tmp_path)
 
     plain, plain_count = integerize(mod)
     matmuls, matmuls_count = integerize(mod, dot=VNNI)
