@@ -180,9 +180,9 @@ class RunResult(BaseModel):
         if self.artifact.integer_ops:
             laid_out = [f"{n} of them laid out for {name}" for n, name in
                         ((self.artifact.vnni_ops, "VNNI"), (self.artifact.sdot_ops, "ARM sdot")) if n]
-            vnni = "".join(f", {text}" for text in laid_out)
             parts.append(Text(f"integer kernels: {self.artifact.integer_ops} conv/matmul compute int8 x int8 -> "
-                              f"int32 in TVM{vnni} (the rest of the graph stays float)"))
+                              f"int32 in TVM{''.join(', ' + text for text in laid_out)} (the rest of the graph "
+                              "stays float)"))
         if self.artifact.winograd_convs:
             parts.append(Text(f"Winograd: {self.artifact.winograd_convs} float 3x3 convs computed by F(4x4, 3x3) "
                               "(a quarter of the multiply-adds)"))

@@ -57,7 +57,6 @@ from pipeline.tvm_vnni import (
     count_dot_ops,
     fits,
     map_relax_functions,
-    reads,
 )
 
 __all__ = ["count_integer_ops", "drop_float_round_trips", "integerize"]
@@ -169,7 +168,7 @@ def _matmul(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, perm: relax.Ca
     if sw_out is None:
         return None
     shape = _static_shape(xq)
-    if dot and shape is not None and len(shape) == 2 and reads(dot.layout, _dtype(xq)) and \
+    if dot and shape is not None and len(shape) == 2 and dot.layout.reads(_dtype(xq)) and \
             fits(*wq.shape, dot.layout):  # weight [K,N] -> [N,K] rows to pack
         acc = dot.call(xq, _dtype(xq), (shape[0],), np.ascontiguousarray(wq.T))
     else:

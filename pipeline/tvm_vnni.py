@@ -66,6 +66,10 @@ class DotLayout:
     def prefixes(self) -> tuple[str, str]:
         return f"{self.name}_matmul_", f"{self.name}_conv_"
 
+    def reads(self, activation: str) -> bool:
+        """Whether the kernels take activations of this dtype: their own, or uint8 shifted into int8."""
+        return activation == self.activation or (self.activation, activation) == ("int8", "uint8")
+
 
 VNNI = DotLayout("vnni", lanes=16, group=4, activation="uint8", intrinsic="dot_16x4_vnni")
 # ARM's sdot (ARMv8.2 dotprod: Cortex-A76/A78, Neoverse): 4 int32 lanes, each += 4 int8 x int8 products.
@@ -213,12 +217,9 @@ class DotKernels(KernelSet):
         self.layout = layout
 
     def _prepare(self) -> None:
+        # TVM's own sdot intrinsic builds as it is: tuning registers it with the target's (pipeline.tvm_intrinsics).
         if self.layout is VNNI:
             register_vnni_intrinsic()
-        else:
-            from pipeline.tvm_intrinsics import load_modules
-
-            load_modules("arm_cpu")  # TVM's own sdot intrinsic builds as it is
 
     def _called(self, gvar: tvm.ir.GlobalVar, a: relax.Expr, activation: str, rows: np.ndarray,
                 out_shape: tuple[int, ...]) -> relax.Expr:
@@ -316,18 +317,13 @@ def static_nhwc_batch_one(x: relax.Expr) -> tuple[int, int, int, int] | None:
     return tuple(int(d) for d in shape.values)
 
 
-def reads(layout: DotLayout, activation: str) -> bool:
-    """Whether the layout's kernels take activations of this dtype: their own, or uint8 shifted into int8."""
-    return activation == layout.activation or (layout.activation, activation) == ("int8", "uint8")
-
-
 def _conv_weight(call: relax.Call, layout: DotLayout) -> np.ndarray | None:
     """The int8 HWIO weight of an integer NHWC conv (ungrouped, static batch-1 input) that the layout's tiles
     fit."""
     a = call.attrs
     x, w = call.args
     if (str(a.data_layout), str(a.kernel_layout), str(a.out_dtype)) != ("NHWC", "HWIO", "int32") or \
-            int(a.groups) != 1 or not reads(layout, str(x.ty.dtype)) or not isinstance(w, tvm.ir.GenericConst) or \
+            int(a.groups) != 1 or not layout.reads(str(x.ty.dtype)) or not isinstance(w, tvm.ir.GenericConst) or \
             static_nhwc_batch_one(x) is None:
         return None
     hwio = w.value.numpy()
