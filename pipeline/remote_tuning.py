@@ -37,8 +37,12 @@ if TYPE_CHECKING:
     from targets.ssh import PortForward, RemoteProcess, SSHTransport
 
 SERVER_MODULE = "tvm.exec.rpc_server"
-SERVER_PORTS = (9090, 9199)  # the server takes the first free port in [start, end) on the board's loopback
-BOUND = r"bind to 127\.0\.0\.1:(\d+)"  # what tvm.rpc.server logs once it listens
+# The server takes the first free port from a random start in [9090, 9150) up to 9199 on the board's loopback.
+# Random, because two servers starting at once on one board (two tuning runs) could both bind the same port (TVM
+# sets SO_REUSEADDR, which Linux lets two sockets share until one listens) and then the second dies in listen().
+SERVER_PORTS = (9090, 9150, 9199)
+BOUND = r"bind to 127\.0\.0\.1:(\d+)"  # what tvm.rpc.server logs once bound (it listens a moment later)
+LISTEN_GRACE_S = 30.0
 # How long the server may live at most (the `timeout` around it): a safety net only; it is stopped as soon as
 # tuning ends, and dies at once if this process or the SSH connection goes away.
 SERVER_LIFETIME_S = 6 * 3600
@@ -196,8 +200,9 @@ def rpc_runner(transport: SSHTransport, python: list[str], workdir: str, *, thre
     transport.makedirs(scratch)
     try:
         server = transport.start(
-            [*python, "-m", SERVER_MODULE, "--host", "127.0.0.1", "--port", str(SERVER_PORTS[0]),
-             "--port-end", str(SERVER_PORTS[1]), "--key", key],
+            [*python, "-m", SERVER_MODULE, "--host", "127.0.0.1",
+             "--port", str(SERVER_PORTS[0] + secrets.randbelow(SERVER_PORTS[1] - SERVER_PORTS[0])),
+             "--port-end", str(SERVER_PORTS[2]), "--key", key],
             timeout=lifetime, env={"TMPDIR": scratch, "PYTHONUNBUFFERED": "1", THREADS_VARIABLE: str(threads)},
         )
         with server:
@@ -205,7 +210,7 @@ def rpc_runner(transport: SSHTransport, python: list[str], workdir: str, *, thre
                 device_port = int(server.wait_for(BOUND, startup_timeout, what="listening (TVM's RPC server)")[1])
             except TransportError as exc:
                 raise type(exc)(exc.what, value=exc.value, host=transport.name, fix=SERVER_FIX) from None
-            with transport.forward("127.0.0.1", device_port) as forward:
+            with _forward_to(server, transport, device_port) as forward:
                 runner = TunnelRunner(forward.port, key=key, where=transport.name, evaluator=evaluator,
                                       session_timeout=session_timeout)
                 try:
@@ -215,6 +220,26 @@ def rpc_runner(transport: SSHTransport, python: list[str], workdir: str, *, thre
     finally:
         with contextlib.suppress(TransportError):
             transport.run(["rm", "-rf", "--", scratch], timeout=60)
+
+
+@contextlib.contextmanager
+def _forward_to(server: RemoteProcess, transport: SSHTransport, device_port: int) -> Iterator[PortForward]:
+    """A forward to the server's port. TVM logs "bind to" just before it calls listen(): under an emulator, or on a
+    loaded board, a connection in between is refused (CI saw it), so the server gets a moment; one that died
+    instead (e.g. listen() failed) is reported with its own last words."""
+    from targets.ssh import NothingListening
+
+    listening = False
+    try:
+        with transport.forward("127.0.0.1", device_port, ready_within=LISTEN_GRACE_S,
+                               server=server) as forward:
+            listening = True
+            yield forward
+    except NothingListening as exc:
+        if listening or server.running:
+            raise
+        raise TransportError(f"TVM's RPC server exited on the device after binding port {device_port}",
+                             host=transport.name, value=server.output(15) or "(no output)", fix=SERVER_FIX) from exc
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import logging
 import posixpath
 import re
 import select
@@ -321,15 +322,18 @@ class SSHTransport:
         return process
 
     @contextlib.contextmanager
-    def forward(self, host: str, port: int) -> Iterator[PortForward]:
+    def forward(self, host: str, port: int, *, ready_within: float = 0.0,
+                server: RemoteProcess | None = None) -> Iterator[PortForward]:
         """A port on 127.0.0.1 here whose connections reach ``host:port`` as the device sees it.
 
         Checked on entry (one connection opened and closed at once): a device whose sshd forbids forwarding,
-        or with nothing listening there, is refused with the reason. Every connection is closed on exit."""
+        or with nothing listening there after ``ready_within`` seconds (for a ``server`` that announced its port
+        a moment before it listens; no longer once it has exited), is refused with the reason. Every connection
+        is closed on exit."""
         client = self._ssh()
         forward = PortForward(client.get_transport(), (host, port), name=self.name, timeout=self.timeouts.connect)
         try:
-            forward.probe()
+            forward.probe(ready_within, while_running=server)
             yield forward
         finally:
             forward.close()
@@ -458,6 +462,14 @@ class RemoteProcess:
         self.stop()
 
 
+class NothingListening(TransportError):
+    """The device's sshd could not connect to a forwarded port's destination there."""
+
+
+def _without_refused_channels(record: logging.LogRecord) -> bool:
+    return "open FAILED" not in record.getMessage()
+
+
 class PortForward:
     """127.0.0.1:``port`` here, each connection carried over the SSH connection to ``destination`` as the device
     sees it (a "direct-tcpip" channel), both ways, half-closes included."""
@@ -490,15 +502,31 @@ class PortForward:
                 raise TransportError("The device's sshd does not allow port forwarding", host=self.name,
                                      value=exc.text, fix="set `AllowTcpForwarding yes` (or `local`) in the "
                                                          "device's sshd_config and reload sshd") from None
-            raise TransportError(f"The device could not connect to {host}:{port}", host=self.name,
-                                 value=exc.text, expected=f"something listening on {host}:{port} there") from None
+            raise NothingListening(f"The device could not connect to {host}:{port}", host=self.name,
+                                   value=exc.text, expected=f"something listening on {host}:{port} there") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise ConnectFailed(f"Could not open a forwarded connection to {host}:{port}: {exc}",
                                 host=self.name) from exc
 
-    def probe(self) -> None:
-        """Raise now, with the reason, if connections can't be carried (forwarding refused, nothing there)."""
-        self._channel(("127.0.0.1", self.port)).close()
+    def probe(self, ready_within: float = 0.0, *, while_running: RemoteProcess | None = None) -> None:
+        """Raise, with the reason, if connections can't be carried: forwarding refused (at once), or nothing
+        listening there still after ``ready_within`` seconds (or once ``while_running`` has ended)."""
+        deadline = time.monotonic() + ready_within
+        # paramiko logs every refused channel as an ERROR; a refusal here is either retried or raised with the
+        # reason, so its lines would only be noise (one per retry).
+        paramiko_log = logging.getLogger(self._transport.get_log_channel())
+        paramiko_log.addFilter(_without_refused_channels)
+        try:
+            while True:
+                try:
+                    self._channel(("127.0.0.1", self.port)).close()
+                    return
+                except NothingListening:
+                    if time.monotonic() >= deadline or (while_running is not None and not while_running.running):
+                        raise
+                    time.sleep(0.25)
+        finally:
+            paramiko_log.removeFilter(_without_refused_channels)
 
     def _accept(self) -> None:
         while not self._closed.is_set():

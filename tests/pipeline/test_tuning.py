@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgedeploy.errors import CompileError
+from edgedeploy.errors import CompileError, TransportError
 from pipeline.compile import compile_model
 from pipeline.ingest import ingest, sample_inputs
 from pipeline.quantize import QuantConfig, quantize
@@ -214,6 +214,47 @@ def test_a_failed_board_session_leaves_nothing_behind(lab_x86):
                 raise RuntimeError("tuning blew up")
         assert all_gone(group)
         assert not list(Path(workdir).glob("rpc-*"))
+    finally:
+        transport.close()
+
+
+def _python_whose_sockets(listen_code: str, tmp_path: Path) -> list[str]:
+    """The lab device's Python with ``socket.socket.listen`` replaced (a sitecustomize on PYTHONPATH, so the RPC
+    server's worker process gets it too): a board whose server is slow, or fails, between bind() and listen()."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import errno, socket, time\n_listen = socket.socket.listen\n"
+                                           f"def listen(self, *args):\n    {listen_code}\n"
+                                           f"socket.socket.listen = listen\n")
+    return ["env", f"PYTHONPATH={site}", *x86_python()]
+
+
+@pytest.mark.parametrize("board", ["slow to listen", "fails to listen"])
+def test_a_server_between_bind_and_listen_is_waited_for_or_reported(lab_x86, tmp_path, board):
+    """TVM's RPC server logs its port after bind() and before listen(): under qemu the gap refused the first
+    connection and a tuning run failed (CI). A server that listens a few seconds later is waited for; one that
+    dies there (a second server took the port) is reported with its own output, not as "nothing listening"."""
+    from pipeline.remote_tuning import rpc_runner
+    from targets.connect import open_transport
+
+    code = ("time.sleep(3); return _listen(self, *args)" if board == "slow to listen"
+            else "raise OSError(errno.EADDRINUSE, 'Address already in use')")
+    profile = load_profile(str(lab_x86.profile(extends="x86-server", python=x86_python())))
+    transport, workdir = open_transport(profile)
+    try:
+        if board == "slow to listen":
+            with rpc_runner(transport, _python_whose_sockets(code, tmp_path), workdir, threads=1) as board_runner:
+                assert board_runner.server.running and board_runner.forward.error is None
+                import tvm.rpc
+
+                session = tvm.rpc.connect("127.0.0.1", board_runner.forward.port, key=board_runner.runner.key)
+                assert session.cpu(0).exist
+                del session
+        else:
+            with pytest.raises(TransportError, match="exited on the device after binding") as refused:
+                with rpc_runner(transport, _python_whose_sockets(code, tmp_path), workdir, threads=1):
+                    pass
+            assert "Address already in use" in str(refused.value)
     finally:
         transport.close()
 

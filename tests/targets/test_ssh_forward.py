@@ -111,6 +111,27 @@ def test_forward_to_nothing_is_refused_with_the_reason(ssh):
             pass
 
 
+def test_forward_waits_a_moment_for_a_server_that_listens_after_it_binds(ssh):
+    """TVM's RPC server announces its port after bind() and before listen(); under qemu the gap is long enough for
+    the first connection to be refused (CI failed on it). Given ``ready_within``, the forward waits it out."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    try:
+        with pytest.raises(TransportError, match="could not connect"):  # bound, not listening: refused
+            with ssh.forward("127.0.0.1", port):
+                pass
+        threading.Timer(1.5, sock.listen).start()
+        started = time.monotonic()
+        with ssh.forward("127.0.0.1", port, ready_within=30) as forward:
+            assert 1.4 < time.monotonic() - started < 30 and forward.error is None
+        with pytest.raises(TransportError, match="could not connect"):  # and gives up when nothing comes
+            with ssh.forward("127.0.0.1", free_port(), ready_within=1):
+                pass
+    finally:
+        sock.close()
+
+
 def test_started_command_is_stopped_with_its_children(ssh):
     process = ssh.start(["sh", "-c", "sleep 300 & echo child=$!; sleep 300"], timeout=120)
     child = int(process.wait_for(r"child=(\d+)", 10, what="its child")[1])
