@@ -65,16 +65,12 @@ class LabDevice:
             self.process.kill()
 
 
-def start_sshd(base: Path, name: str) -> LabDevice:
-    base.mkdir(parents=True, exist_ok=True)
-    host_pub = keygen(base / "host_key")
-    user_pub = keygen(base / "user_key")
-    (base / "authorized_keys").write_text(user_pub + "\n")
-    port = free_port()
-    key_type, key_body = host_pub.split()[:2]
-    (base / "known_hosts").write_text(f"[127.0.0.1]:{port} {key_type} {key_body}\n")
+def _sshd_on(base: Path, port: int) -> subprocess.Popen | None:
+    """sshd listening on 127.0.0.1:``port``, or None if it exited (the port was taken)."""
+    pid_file = base / "sshd.pid"
+    pid_file.unlink(missing_ok=True)
     (base / "sshd_config").write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {base / 'host_key'}", f"PidFile {base / 'sshd.pid'}",
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {base / 'host_key'}", f"PidFile {pid_file}",
         f"AuthorizedKeysFile {base / 'authorized_keys'}", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "StrictModes no", "UsePAM no", "PermitRootLogin prohibit-password",
         "Subsystem sftp internal-sftp", "LogLevel ERROR", "MaxStartups 50", "MaxSessions 50", "",
@@ -82,14 +78,35 @@ def start_sshd(base: Path, name: str) -> LabDevice:
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
     process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(base / "sshd_config")],
                                stdout=subprocess.DEVNULL, stderr=open(base / "sshd.log", "wb"))
-    for _ in range(100):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(f"sshd exited: {(base / 'sshd.log').read_text()}") from None
-            time.sleep(0.05)
+    # sshd writes its pid file once its socket listens: a successful connect alone could reach whoever else
+    # holds the port.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return None
+        if pid_file.exists() and pid_file.read_text().strip() == str(process.pid):
+            return process
+        time.sleep(0.05)
+    process.kill()
+    return None
+
+
+def start_sshd(base: Path, name: str) -> LabDevice:
+    base.mkdir(parents=True, exist_ok=True)
+    host_pub = keygen(base / "host_key")
+    user_pub = keygen(base / "user_key")
+    (base / "authorized_keys").write_text(user_pub + "\n")
+    # free_port's port is free only until somebody else takes it (another xdist worker's sshd or server): sshd
+    # then can't bind and exits, and it is started again on another port.
+    for _ in range(5):
+        port = free_port()
+        process = _sshd_on(base, port)
+        if process is not None:
+            break
+    else:
+        raise RuntimeError(f"sshd did not start: {(base / 'sshd.log').read_text()}")
+    key_type, key_body = host_pub.split()[:2]
+    (base / "known_hosts").write_text(f"[127.0.0.1]:{port} {key_type} {key_body}\n")
     import getpass
 
     return LabDevice(name=name, base=base, port=port, user=getpass.getuser(), key_file=base / "user_key",
