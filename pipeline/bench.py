@@ -71,27 +71,31 @@ def markdown(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def _tuned(selection: AutoSelection) -> list[CandidateOutcome]:
-    return [o for o in selection.outcomes if o.status == "measured" and o.tuning and o.tuning.get("curve")]
+def _tuned(selection: AutoSelection, *, with_curve: bool = True) -> list[CandidateOutcome]:
+    return [o for o in selection.outcomes
+            if o.status == "measured" and o.tuning and (o.tuning.get("curve") or not with_curve)]
 
 
 def _tuning_lines(name: str, selection: AutoSelection) -> list[str]:
-    tuned = _tuned(selection)
+    tuned = _tuned(selection, with_curve=False)
     if not tuned:
         return []
-    lines = ["### TVM tuning: latency against trials", "",
-             f"![latency vs trials](bench-{name}-tuning.svg)", "",
-             "| candidate | trials this run | tuning time | trials so far | estimated ms (first -> last) "
-             "| measured p50 ms |",
-             "|---|---|---|---|---|---|"]
+    lines = ["### TVM tuning: latency against trials", ""]
+    if _tuned(selection):
+        lines += [f"![latency vs trials](bench-{name}-tuning.svg)", ""]
+    lines += ["| candidate | trials this run | tuning time | trials so far | estimated ms (first -> last) "
+              "| measured p50 ms |",
+              "|---|---|---|---|---|---|"]
     for o in tuned:
-        t, curve = o.tuning, o.tuning["curve"]
+        t, curve = o.tuning, o.tuning.get("curve") or []
         # With a time budget the per-task cap is only a ceiling (pipeline.config): say what the run did instead.
         added = (f"{t.get('trials_added', 0)} over {t['tasks']} tasks" if t.get("minutes")
                  else f"{t['trials_per_task']} x {t['tasks']} tasks")
+        # The estimate sums every kernel's best time: it exists once every task has a timed trial.
+        estimate = (f"{curve[0]['estimated_ms']:.3f} -> {curve[-1]['estimated_ms']:.3f}" if curve
+                    else f"none: {t.get('scheduled', 0)} of {t['tasks']} tasks timed so far")
         lines.append(f"| {o.label} | {added} | {t['seconds'] / 60:.1f} min | "
-                     f"{curve[-1]['trials']} | {curve[0]['estimated_ms']:.3f} -> {curve[-1]['estimated_ms']:.3f} | "
-                     f"{o.p50_ms:.3f} |")
+                     f"{curve[-1]['trials'] if curve else '-'} | {estimate} | {o.p50_ms:.3f} |")
     return [*lines, ""]
 
 

@@ -51,3 +51,21 @@ def test_a_time_budgeted_candidate_shows_the_trials_it_made_not_the_cap():
         baseline_accuracy=0.99)
     text = markdown([make_result(1, model="digits-cnn").model_copy(update={"auto": selection})])
     assert "| tvm fp32 tuned 20 min | 383 over 29 tasks | 20.0 min | 412 | 40.000 -> 3.900 | 3.400 |" in text
+
+
+def test_a_tuned_candidate_without_an_estimate_still_gets_its_row(tmp_path):
+    """A budget too short to time a trial of every task leaves no estimate (it sums every kernel's best time): the
+    candidate was tuned all the same, and its row says why the estimate is missing instead of vanishing."""
+    tuning = {"trials_per_task": 1000, "tasks": 29, "seconds": 6.0, "curve": [], "minutes": 0.1,
+              "trials_added": 12, "scheduled": 12}
+    selection = AutoSelection(
+        outcomes=[_outcome("onnxruntime fp32", 2.0), _outcome("tvm fp32 tuned 0.1 min", 50.0, tuning)],
+        chosen=None, reason="nothing beat onnxruntime fp32", budget=0.01, metric="top1", baseline_p50_ms=2.0,
+        baseline_accuracy=0.99)
+    result = make_result(1, model="digits-cnn").model_copy(update={"auto": selection})
+    text = markdown([result])
+    assert ("| tvm fp32 tuned 0.1 min | 12 over 29 tasks | 0.1 min | - | none: 12 of 29 tasks timed so far | 50.000 |"
+            in text)
+    assert "bench-digits-cnn-tuning.svg" not in text  # no curve to draw, so no picture that isn't there
+    write([result], tmp_path)
+    assert not (tmp_path / "bench-digits-cnn-tuning.svg").exists()
