@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml Makefile scripts/make_aarch64_root.sh
 # The whole chain on this machine: int8 PP-LCNet, TVM next to onnxruntime fp32, through Prefect's
 # temporary local server (nothing to start by hand).
 demo: setup
-	$(BIN)/deploy run --profile local --quant int8 pp-lcnet-orientation
+	$(BIN)/deploy run --profile local --quant auto pp-lcnet-orientation
 
 # Two workers, one per core of the machine CI runs on: most end-to-end tests wait on a subprocess, an sshd or
 # the Prefect server for part of their time. Work stealing, so the long tests do not all end up on one worker.

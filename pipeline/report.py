@@ -62,6 +62,10 @@ class AccuracySummary(BaseModel):
     samples: int
 
 
+# Below this speed-up the report says what to do about it (a few percent either way is measurement noise).
+SLOWER_THAN_BASELINE = 0.95
+
+
 class RunResult(BaseModel):
     """Everything one `deploy run` found out. Its JSON form is the --json output and the result file."""
 
@@ -135,6 +139,21 @@ class RunResult(BaseModel):
             tools=tools, flow_run_id=flow_run_id,
         )
 
+    def slower_advice(self) -> str | None:
+        """What to do when the artifact that ran is clearly slower than onnxruntime fp32 on the device (a scheme
+        asked for by name; --quant auto never ships one), or None."""
+        if self.auto is not None or not self.valid or self.speedup >= SLOWER_THAN_BASELINE:
+            return None
+        auto = ("or let --quant auto measure every candidate on the device: it never ships one slower than "
+                "onnxruntime fp32")
+        slower = f"slower than onnxruntime fp32 here ({self.speedup:.2f}x): "
+        if self.runtime.startswith("tvm") and not self.artifact.tuning:
+            return (slower + "this TVM build is untuned (TVM's default kernels): tune it (e.g. --tune-minutes 20; "
+                    f"the trials are kept, and every later run adds to them), {auto}")
+        if self.runtime.startswith("tvm"):
+            return slower + f"tune longer (--tune-minutes adds to the trials kept so far), {auto}"
+        return slower + f"{self.scheme} loses to fp32 for this model on this device; {auto}"
+
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         head = Text.assemble(
             ("edgedeploy run ", "bold"), (self.run_id, "cyan"), "  ",
@@ -168,6 +187,8 @@ class RunResult(BaseModel):
         )
         warnings = [Text(f"warning ({c.check}): {c.reason}", style="yellow") for c in self.checks
                     if c.verdict == "warn"]
+        if advice := self.slower_advice():
+            warnings.append(Text(advice, style="yellow"))
         if self.regression and self.regression.regressed:
             warnings.append(Text("REGRESSION: " + "; ".join(self.regression.reasons), style="bold red"))
         elif self.regression and self.regression.compared_runs:
