@@ -147,12 +147,12 @@ class RunResult(BaseModel):
         auto = ("or let --quant auto measure every candidate on the device: it never ships one slower than "
                 "onnxruntime fp32")
         slower = f"slower than onnxruntime fp32 here ({self.speedup:.2f}x): "
-        if self.runtime.startswith("tvm") and not self.artifact.tuning:
-            return (slower + "this TVM build is untuned (TVM's default kernels): tune it (e.g. --tune-minutes 20; "
-                    f"the trials are kept, and every later run adds to them), {auto}")
-        if self.runtime.startswith("tvm"):
+        if not self.runtime.startswith("tvm"):
+            return slower + f"{self.scheme} loses to fp32 for this model on this device; {auto}"
+        if self.artifact.tuning:
             return slower + f"tune longer (--tune-minutes adds to the trials kept so far), {auto}"
-        return slower + f"{self.scheme} loses to fp32 for this model on this device; {auto}"
+        return (slower + "this TVM build is untuned (TVM's default kernels): tune it (e.g. --tune-minutes 20; "
+                f"the trials are kept, and every later run adds to them), {auto}")
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         head = Text.assemble(
