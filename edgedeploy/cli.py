@@ -260,13 +260,13 @@ def lab_run_command(
     try:
         _quiet_prefect()
         from flows.console import hide_our_error_tracebacks
-        from flows.lab import lab_run
+        from flows.lab import run_lab
         from pipeline.lab import jobs, load_lab
 
         jobs(load_lab(lab))  # a bad lab file or profile fails here, before Prefect starts
         hide_our_error_tracebacks()
         with stderr.status(f"lab {lab.name}: running ..."):
-            summary = lab_run(str(lab.resolve()))
+            summary = run_lab(str(lab.resolve()))
     except EdgeDeployError as error:
         exit_with_error(error, as_json=as_json)
     if as_json:

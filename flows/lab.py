@@ -5,7 +5,8 @@ holds the device's Prefect global concurrency limit (`device:<profile name>`, li
 that no two jobs ever share a device, even from two lab runs at once. The limits are created
 before the jobs start; `strict=True` makes a job fail rather than run unguarded if its limit is
 missing (a misspelled name). Each lab run publishes a table and a markdown summary as Prefect
-artifacts.
+artifacts. A job that fails does not stop the others; the lab run then ends Failed, naming the jobs and why, after
+publishing every outcome (`run_lab` still returns the summary).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Failed, State
 from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import EdgeDeployError
 from flows.run import deploy_run
 from pipeline.lab import LabJob, jobs, load_lab
+from pipeline.store import ResultStore
 
 LIMIT_PREFIX = "device:"
 
@@ -88,18 +91,21 @@ def _now() -> str:
 
 
 def _run_job(job: LabJob) -> JobOutcome:
-    model = Path(job.config.model_path).stem
+    model = job.model
     with concurrency(limit_name(job.device), occupy=1, strict=True):
         started = _now()
         try:
             result = deploy_run(job.config)
-        except EdgeDeployError as exc:
+        except Exception as exc:  # noqa: BLE001 - one job's failure, whatever it is, must not lose the others'
+            error = exc.render() if isinstance(exc, EdgeDeployError) else f"{type(exc).__name__}: {exc}"
+            get_run_logger().error("%s: %s %s failed: %s", job.device, model, job.config.quant.scheme, error,
+                                   exc_info=not isinstance(exc, EdgeDeployError))
             return JobOutcome(device=job.device, model=model, scheme=job.config.quant.scheme, started=started,
-                              finished=_now(), error=exc.render())
+                              finished=_now(), error=error)
         finished = _now()
     verdict = result.regression
     return JobOutcome(
-        device=job.device, model=result.model.workload or model, scheme=result.scheme, started=started,
+        device=job.device, model=model, scheme=result.scheme, started=started,
         finished=finished, run_id=result.run_id, valid=result.valid, p50_ms=result.latency_ms.p50,
         speedup=result.speedup, accuracy=result.accuracy.value,
         regression=bool(verdict and verdict.regressed), regression_reasons=verdict.reasons if verdict else [],
@@ -131,15 +137,24 @@ def _publish(lab_name: str, outcomes: list[JobOutcome]) -> None:
                              description=f"lab {lab_name}: summary")
 
 
+def _failed(summary: LabSummary) -> State:
+    """The lab run's final state when jobs failed: Failed, naming each, with the whole summary as its data."""
+    jobs_text = "; ".join(f"{o.device} {o.model} {o.scheme}: {o.error.splitlines()[0]}" for o in summary.failures)
+    return Failed(message=f"{len(summary.failures)} of {len(summary.outcomes)} lab jobs failed: {jobs_text}",
+                  data=summary)
+
+
 @flow(name="lab-run", persist_result=False, log_prints=False)
-def lab_run(lab_path: str) -> LabSummary:
-    """Run a lab file's matrix now: devices in parallel, one job at a time per device."""
+def lab_run(lab_path: str) -> LabSummary | State:
+    """Run a lab file's matrix now: devices in parallel, one job at a time per device. Ends Failed when a job failed
+    (every outcome still published); :func:`run_lab` gives the summary either way."""
     lab = load_lab(Path(lab_path))
     matrix = jobs(lab)
     by_device: dict[str, list[LabJob]] = {}
     for job in matrix:
         by_device.setdefault(job.device, []).append(job)
     ensure_device_limits(set(by_device))
+    ResultStore(lab.db_url)  # the results database opens (and has its tables) before hours of work, not after
     get_run_logger().info("lab %s: %d jobs on %d devices", lab.name, len(matrix), len(by_device))
     with ThreadPoolExecutor(max_workers=len(by_device), thread_name_prefix="device") as pool:
         # Each thread carries a copy of this flow's context, so every job is a subflow of this run.
@@ -147,7 +162,20 @@ def lab_run(lab_path: str) -> LabSummary:
                    for device_jobs in by_device.values()]
         outcomes = [o for future in futures for o in future.result()]
     _publish(lab.name, outcomes)
-    return LabSummary(lab=lab.name, outcomes=outcomes)
+    summary = LabSummary(lab=lab.name, outcomes=outcomes)
+    return _failed(summary) if summary.failures else summary
+
+
+def run_lab(lab_path: str) -> LabSummary:
+    """Run the lab flow and return its summary, whether or not jobs failed (``summary.failures``); a lab run that
+    failed as a whole (a bad lab file, an unreachable database) raises its error."""
+    state = lab_run(lab_path, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, LabSummary):
+        return outcome
+    if isinstance(outcome, BaseException):
+        raise outcome
+    raise RuntimeError(f"lab run ended {state.type.value} without a summary: {state.message}")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -63,6 +63,7 @@ class LabJob(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     device: str
+    model: str = Field(description="As the lab names it: a bundled workload's name or the model file's stem.")
     config: RunConfig
 
 
@@ -103,7 +104,8 @@ def jobs(lab: LabFile) -> list[LabJob]:
         for item in lab.models:
             model = str(WORKLOADS[item.model].model_path()) if item.model in WORKLOADS else _resolve(base, item.model)
             for scheme in lab.schemes:
-                out.append(LabJob(device=device, config=RunConfig(
+                name = item.model if item.model in WORKLOADS else Path(model).stem
+                out.append(LabJob(device=device, model=name, config=RunConfig(
                     model_path=model, profile=ref, quant=QuantConfig(scheme=scheme),
                     calib_data=_resolve(base, item.calib_data), eval_data=_resolve(base, item.eval_data),
                     calib_samples=item.calib_samples, eval_samples=item.eval_samples,

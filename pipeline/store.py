@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,21 @@ def default_url() -> str:
     return os.environ.get("EDGEDEPLOY_DB_URL") or f"sqlite:///{edgedeploy_home() / 'results.db'}"
 
 
+def _create_tables(engine, attempts: int = 3) -> None:
+    """The schema, where it is missing. Two first opens of a new database at once (a lab's devices finishing
+    together, two `deploy run`s) both find no tables and both create them; the slower one fails ("table runs already
+    exists" in SQLite, a unique violation in PostgreSQL's catalog) and lost its device's result. Its next look finds
+    the tables."""
+    for attempt in range(attempts):
+        try:
+            Base.metadata.create_all(engine)
+            return
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
 class ResultStore:
     """Read and write results; the schema is created on first use."""
 
@@ -74,7 +90,7 @@ class ResultStore:
             Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         try:
             self.engine = create_engine(self.url, future=True, pool_pre_ping=True)
-            Base.metadata.create_all(self.engine)
+            _create_tables(self.engine)
         except SQLAlchemyError as exc:
             raise StageError("Cannot open the results database", value=self.engine_url_safe(),
                              fix="check EDGEDEPLOY_DB_URL and that the database server is running",

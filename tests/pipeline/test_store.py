@@ -57,3 +57,31 @@ def test_invalid_runs_are_stored_but_never_form_history_or_flag(store):
     assert not bad.regressed
     assert store.record(make_result(2), manifest={}, policy=POLICY).compared_runs == 1
     assert len(store.runs()) == 3
+
+
+def test_two_first_opens_at_once_both_keep_their_result(store):
+    """A lab's two devices finishing together opened a new database at once: both found no tables, both created
+    them, and the slower one failed ("table latency_samples already exists") and lost its device's row (SQLite: 29
+    of 30 tries before the fix)."""
+    import threading
+
+    from pipeline.store import Base
+
+    for attempt in range(5):
+        Base.metadata.drop_all(store.engine)
+        start, errors = threading.Barrier(2), []
+
+        def open_and_record(night: int, start=start, errors=errors) -> None:
+            start.wait()
+            try:
+                ResultStore(store.url).record(make_result(night, profile=f"device-{night}"), manifest={}, policy=POLICY)
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_and_record, args=(10 * attempt + i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert {row.profile for row in store.runs()} == {f"device-{10 * attempt + i}" for i in range(2)}

@@ -18,6 +18,7 @@ from tests.pipeline.test_tvm_int8 import (
     _output_step,
     _vm,
 )
+from tests.qdq_reference import QdqReference
 
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
@@ -99,12 +100,10 @@ def test_integer_network_becomes_channel_last_bit_for_bit(tmp_path):
         np.testing.assert_array_equal(ours, expected)
 
 
-def test_cpu_networks_keep_narrow_convs_in_float_and_still_match_onnxruntime(tmp_path):
+def test_cpu_networks_keep_narrow_convs_in_float_and_still_match_the_qdq_arithmetic(tmp_path):
     """What compile.relax_module does for a CPU: the 3-channel stem and the depthwise conv have no channels for the
     8-bit dot products to sum, so they compute in float on the dequantized tensors; the 1x1 conv and the Gemm in
-    integers. The result still agrees with onnxruntime's int8 run of the same QDQ model."""
-    import onnxruntime as ort
-
+    integers. The result still agrees with what the QDQ model defines (tests.qdq_reference)."""
     onnx.save(_mobilenet_block(), str(tmp_path / "block.onnx"))
     calibration = Samples({"x": _inputs(16)[:, 0]})
     path = _int8_model(tmp_path / "block.onnx", tmp_path, calibration, "uint8")
@@ -121,17 +120,17 @@ def test_cpu_networks_keep_narrow_convs_in_float_and_still_match_onnxruntime(tmp
     divides = count_calls(nhwc, lambda call: call.op.name == "relax.divide")
     nhwc, rewritten = multiply_by_reciprocal(nhwc)
     assert rewritten == divides > 0 and count_calls(nhwc, lambda call: call.op.name == "relax.divide") == 0
-    session, step = ort.InferenceSession(path, providers=["CPUExecutionProvider"]), _output_step(path)
+    reference, step = QdqReference(path), _output_step(path)
     for ours, x in zip(_outputs(nhwc), _inputs(3), strict=True):
-        (theirs,) = session.run(None, {"x": x})
-        assert np.abs(ours - theirs).max() <= 2 * step + 1e-6
+        (exact,) = reference.run(None, {"x": x})
+        assert np.abs(ours - exact).max() <= 2 * step + 1e-6
 
 
 def test_round_trips_into_float_ops_are_dropped_and_the_result_nears_fp32(tmp_path):
     """What compile.relax_module does next for a CPU: of the block's 9 quantize -> dequantize round trips, the 7
     that feed only float ops (the input into the float stem, both sides of the HardSigmoid, into and out of the
     depthwise conv, ...) are dropped; the two tensors the integer 1x1 conv and Gemm read are still rounded to uint8.
-    With fewer roundings the output lies closer to the fp32 model's than onnxruntime's int8 output does."""
+    With fewer roundings the output lies closer to the fp32 model's than the QDQ model's own output does."""
     import onnxruntime as ort
 
     onnx.save(_mobilenet_block(), str(tmp_path / "block.onnx"))
@@ -145,22 +144,20 @@ def test_round_trips_into_float_ops_are_dropped_and_the_result_nears_fp32(tmp_pa
     assert count_calls(float_between, lambda call: call.op.name == "relax.dequantize"
                        and not isinstance(call.args[0], tvm.ir.GenericConst)) == 0
     fp32 = ort.InferenceSession(str(tmp_path / "block.onnx"), providers=["CPUExecutionProvider"])
-    int8 = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    ours_off = theirs_off = 0.0
+    int8 = QdqReference(path)
+    ours_off = int8_off = 0.0
     for ours, x in zip(_outputs(channels_last(float_between)), _inputs(3), strict=True):
-        (reference,), (theirs,) = fp32.run(None, {"x": x}), int8.run(None, {"x": x})
+        (reference,), (exact,) = fp32.run(None, {"x": x}), int8.run(None, {"x": x})
         ours_off += np.abs(ours - reference).mean()
-        theirs_off += np.abs(theirs - reference).mean()
-        assert np.abs(ours - theirs).max() <= 3 * _output_step(path)  # still an int8 network
-    assert ours_off < theirs_off
+        int8_off += np.abs(exact - reference).mean()
+        assert np.abs(ours - exact).max() <= 3 * _output_step(path)  # still an int8 network
+    assert ours_off < int8_off
 
 
 def test_a_round_trip_keeps_its_clamp_where_onnxruntime_removed_a_relu(tmp_path):
     """onnxruntime's quantizer drops a Relu in front of a QuantizeLinear whose range starts at 0: the pair's clamp is
     the ReLU. Regression: dropping the whole round trip lost it before a float op (here the pooling; the digits CNN
     fell from 99 % to 71 % top-1)."""
-    import onnxruntime as ort
-
     rng = np.random.default_rng(6)
     inits = [numpy_helper.from_array(np.asarray(a, np.float32), name) for name, a in (
         ("w0", rng.standard_normal((16, 3, 3, 3)) / 3), ("w1", rng.standard_normal((16, 16, 1, 1)) / 4))]
@@ -178,10 +175,10 @@ def test_a_round_trip_keeps_its_clamp_where_onnxruntime_removed_a_relu(tmp_path)
     float_between, dropped = drop_float_round_trips(mixed)
     # The 1x1 conv is integer; the input, the ReLU'd tensor the float pooling reads and the output lose their rounding.
     assert (count, dropped) == (1, 3)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    reference = QdqReference(path)
     for ours, x in zip(_outputs(channels_last(float_between)), _inputs(3), strict=True):
-        (theirs,) = session.run(None, {"x": x})
-        assert np.abs(ours - theirs).max() <= 3 * _output_step(path)
+        (exact,) = reference.run(None, {"x": x})
+        assert np.abs(ours - exact).max() <= 3 * _output_step(path)
 
 
 def test_channel_last_layers_that_differ_only_in_scales_still_share_a_kernel(tmp_path):
