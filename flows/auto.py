@@ -16,7 +16,7 @@ from edgedeploy.errors import DataError, EdgeDeployError
 from pipeline.auto import AutoSelection, Candidate, CandidateOutcome, choose, default_candidates, outcome, plot_svg
 from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement, measure, metric_name
 from pipeline.build import compile_cached, package_cached, prepare, quantize_model
-from pipeline.checks import run_checks
+from pipeline.checks import ort_int8_may_saturate, run_checks
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact, deploy
@@ -164,7 +164,8 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     for candidate, run, agree in runs:
         measured_outcome = outcome(candidate, run.measurement, baseline.measurement, agree, metric=metric,
                                    budget=config.accuracy_budget)
-        outcomes.append(measured_outcome.model_copy(update={"tuning": run.artifact.tuning}))
+        caveat = ort_int8_may_saturate(profile, candidate.quant, candidate.runtime)
+        outcomes.append(measured_outcome.model_copy(update={"tuning": run.artifact.tuning, "caveat": caveat}))
         measured[candidate.label()] = run
     selection = choose(outcomes, budget=config.accuracy_budget, metric=metric, baseline=baseline.measurement)
     selection = selection.model_copy(update={"partial": partial})

@@ -80,6 +80,8 @@ class CandidateOutcome(BaseModel):
     valid: bool = False
     artifact_sha256: str | None = None
     tuning: dict | None = Field(default=None, description="TVM tuned: trials, time and the latency-vs-trials curve.")
+    caveat: str | None = Field(default=None, description="Why its results may be off on this device (e.g. "
+                               "onnxruntime U8S8 saturating without VNNI): its measured accuracy decides.")
 
     def quality_text(self) -> str:
         """The metric when there are labels, else agreement with the fp32 reference."""
@@ -133,6 +135,12 @@ class AutoSelection(BaseModel):
                 o.status if o.status == "measured" else f"{o.status}: {o.reason}",
             )
         yield table
+        caveats: dict[str, list[str]] = {}
+        for o in self.outcomes:
+            if o.caveat and o.status == "measured":
+                caveats.setdefault(o.caveat, []).append(o.label)
+        for caveat, labels in caveats.items():
+            yield f"[yellow]note:[/] {', '.join(labels)}: {caveat}"
         if self.partial:
             yield self.partial
         yield f"[bold]shipped:[/] {self.chosen or 'onnxruntime fp32 (the original model)'}: {self.reason}"

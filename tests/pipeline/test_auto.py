@@ -77,3 +77,18 @@ def test_a_time_budget_reaches_every_tuned_candidate():
     assert {c.tune_trials for c in tuned} == {TRIALS_WITHIN_MINUTES} and {c.tune_minutes for c in tuned} == {20}
     assert "tvm int8 QDQ U8S8 minmax per-channel tuned 20 min" in [c.label() for c in tuned]
     assert all(c.tune_minutes is None for c in candidates if not c.tune_trials)
+
+
+def test_the_report_says_why_a_candidate_may_saturate():
+    from rich.console import Console
+
+    base = _measurement(10.0)
+    caveat = "may saturate: onnxruntime's u8 x s8 kernels on a CPU without VNNI ... (VPMADDUBSW)"
+    marked = outcome(INT8, _measurement(6.0, 0.985, seed=1), base, AGREE, metric="top1", budget=0.01)
+    marked = marked.model_copy(update={"caveat": caveat})
+    selection = choose([marked, outcome(TVM, _measurement(8.0, seed=2), base, AGREE, metric="top1", budget=0.01)],
+                       budget=0.01, metric="top1", baseline=base)
+    console = Console(width=200, record=True)
+    console.print(selection)
+    assert f"note: {INT8.label()}: {caveat}" in console.export_text()
+    assert selection.model_dump(mode="json")["outcomes"][0]["caveat"] == caveat

@@ -36,7 +36,8 @@ TABLE = [
     ("raspberry-pi-5", "int8", "cnn", "tvm", "precision vs arithmetic", "pass", "int8 dot-product"),
     ("x86-server", "fp16", "cnn", "tvm", "precision vs arithmetic", "refuse", "F16C only converts"),
     ("x86-server", "int8", "cnn", "tvm", "precision vs arithmetic", "warn", "no int8 dot-product"),
-    ("x86-server", "int8", "cnn", "tvm", "int8 format on x86 without VNNI", "warn", "reduce_range"),
+    ("x86-server", "int8", "cnn", "onnxruntime", "int8 format on x86 without VNNI", "warn", "reduce_range"),
+    ("x86-server", "int8", "cnn", "tvm", "int8 format on x86 without VNNI", "pass", "add in 32 bits"),
     ("x86-server-vnni", "int8", "cnn", "tvm", "precision vs arithmetic", "pass", "int8 dot-product"),
     ("x86-server-vnni", "int8", "cnn", "tvm", "int8 format on x86 without VNNI", "pass", "not applicable"),
     ("x86-server", "fp32", "qoperator", "tvm", "quantized format vs compiler", "refuse", "QLinearConv"),
@@ -81,10 +82,29 @@ def test_refusals_name_the_nodes(infos):
     assert lstm.nodes == ["lstm_0 (LSTM)"]
 
 
-def test_avx2_int8_is_switched_to_u8s8_reduce_range(infos):
-    report = _checks(infos, "x86-server", "int8", "cnn", "tvm")
+def test_avx2_int8_for_onnxruntime_is_switched_to_u8s8_reduce_range(infos):
+    report = _checks(infos, "x86-server", "int8", "cnn", "onnxruntime")
     assert report.quant.activation_type == "uint8" and report.quant.reduce_range
-    assert _checks(infos, "x86-server-vnni", "int8", "cnn", "tvm").quant.reduce_range is False
+    assert _checks(infos, "x86-server-vnni", "int8", "cnn", "onnxruntime").quant.reduce_range is False
+    # TVM's integer kernels add in 32 bits: its 8-bit weights are kept (7 bits would only cost accuracy).
+    assert _checks(infos, "x86-server", "int8", "cnn", "tvm").quant.reduce_range is False
+
+
+@pytest.mark.parametrize(("profile", "runtime", "quant", "saturates"), [
+    ("x86-server", "onnxruntime", QuantConfig(scheme="int8"), True),
+    ("x86-server", "onnxruntime", QuantConfig(scheme="int8", format="qoperator"), True),
+    ("x86-server", "onnxruntime", QuantConfig(scheme="int8", reduce_range=True), False),
+    ("x86-server", "onnxruntime", QuantConfig(scheme="int8", activation_type="int8"), True),
+    ("x86-server", "tvm", QuantConfig(scheme="int8"), False),
+    ("x86-server-vnni", "onnxruntime", QuantConfig(scheme="int8"), False),
+    ("raspberry-pi-4", "onnxruntime", QuantConfig(scheme="int8"), False),
+])
+def test_onnxruntime_int8_without_vnni_is_marked_as_possibly_saturating(profile, runtime, quant, saturates):
+    from pipeline.checks import ort_int8_may_saturate
+
+    caveat = ort_int8_may_saturate(load_profile(profile), quant, runtime)
+    assert (caveat is not None) == saturates
+    assert caveat is None or "VPMADDUBSW" in caveat
 
 
 def test_memory_that_does_not_fit_is_refused(infos, tmp_path):
