@@ -41,14 +41,19 @@ demo: setup
 # Each worker starts its own Prefect server, sshd lab and PostgreSQL (session fixtures, free ports).
 PYTEST_WORKERS ?= -n 2 --dist worksteal
 
+# The house rules first (pyproject's [tool.importlinter]: layers, who may import tvm / prefect / paramiko, no
+# cycles): a broken one fails the suite before it starts.
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_WORKERS)
 
 test-fast: setup
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_WORKERS) -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check edgedeploy pipeline targets flows tests
+	$(BIN)/ruff check edgedeploy pipeline targets flows tests bench scripts
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .lab build *.egg-info .pytest_cache

@@ -1,4 +1,4 @@
-"""How long exp and sigmoid take per element in a TVM CPU kernel: TVM's own against pipeline.tvm_fastmath's;
+"""How long exp and sigmoid take per element in a TVM CPU kernel: TVM's own against pipeline.compiler.passes.fastmath's;
 and a quantize (round, add the zero point, clip) dividing by its scale against multiplying by the reciprocal.
 
     .venv/bin/python bench/fast_sigmoid.py [--elements 1048576] [--threads 2]
@@ -29,7 +29,7 @@ def main() -> None:
     import tvm
     from tvm import s_tir, te, tirx
 
-    from pipeline.tvm_fastmath import fast_exp, fast_sigmoid
+    from pipeline.compiler.passes.fastmath import fast_exp, fast_sigmoid
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                                 "num-cores": args.threads})

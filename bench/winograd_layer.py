@@ -1,5 +1,5 @@
 """One 3x3 conv layer, tuned the same number of trials per task, as a direct conv and by Winograd F(4x4, 3x3)
-(pipeline.tvm_winograd); by default YOLOX's heaviest: 96 -> 96 channels at 52x52, bias, SiLU.
+(pipeline.compiler.passes.winograd); by default YOLOX's heaviest: 96 -> 96 channels at 52x52, bias, SiLU.
 
     .venv/bin/python bench/winograd_layer.py [--channels 96] [--size 52] [--trials 48] [--rounds 10]
 
@@ -55,10 +55,10 @@ def main() -> None:
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from pipeline.compile import _tune_and_compile
-    from pipeline.tvm_fastmath import fast_math
-    from pipeline.tvm_layout import channels_last
-    from pipeline.tvm_winograd import count_winograd_convs, winograd_convs
+    from pipeline.compiler.build import _tune_and_compile
+    from pipeline.compiler.passes.fastmath import fast_math
+    from pipeline.compiler.passes.layout import channels_last
+    from pipeline.compiler.passes.winograd import count_winograd_convs, winograd_convs
     from targets.device_runner import kernel_times
 
     model, x = layers(args.channels, args.size)

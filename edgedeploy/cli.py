@@ -155,8 +155,8 @@ def check(
     import tempfile
 
     try:
-        from pipeline.build import ingest_model
         from pipeline.checks import run_checks
+        from pipeline.compile import ingest_model
         from targets.profiles import load_profile
 
         config = _build_config(model, profile, quant, "minmax", True, None, 1, input_shape)
@@ -196,7 +196,7 @@ def compile_command(
 ) -> None:
     """Compile MODEL for a profile on this machine (cross-compiling where the device is another arch)."""
     try:
-        from pipeline.build import build
+        from pipeline.compile import build
         from targets.profiles import load_profile
 
         config = _build_config(model, profile, quant, calibration, per_channel, calib_data, calib_samples,
@@ -334,7 +334,7 @@ def bench(
         _quiet_prefect()
         from flows.console import hide_our_error_tracebacks
         from flows.run import deploy_run
-        from pipeline.bench import write
+        from pipeline.bench_page import write
         from pipeline.benchmark import BenchmarkSettings
         from pipeline.config import RunConfig
         from pipeline.workloads import WORKLOADS
@@ -364,8 +364,8 @@ def dashboard(
     db_url: Annotated[str | None, typer.Option(help="Results database (default $EDGEDEPLOY_DB_URL or SQLite).")] = None,
 ) -> None:
     """Serve the device-lab dashboard: devices x models, trends, distributions, regressions (works offline)."""
-    from pipeline.dashboard import make_server
-    from pipeline.store import ResultStore
+    from pipeline.results.dashboard import make_server
+    from pipeline.results.store import ResultStore
 
     try:
         store = ResultStore(db_url)

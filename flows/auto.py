@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import DataError, EdgeDeployError
+from flows.tasks import TASK_OPTIONS, partial_task
 from pipeline.auto import AutoSelection, Candidate, CandidateOutcome, choose, default_candidates, outcome, plot_svg
 from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement, measure, metric_name
-from pipeline.build import compile_cached, package_cached, prepare, quantize_model
 from pipeline.checks import ort_int8_may_saturate, run_checks
+from pipeline.compile import compile_cached, package_cached, prepare, quantize_model
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact, deploy
@@ -28,9 +28,6 @@ from pipeline.quantize import QuantConfig, QuantizedModel
 from pipeline.workloads.base import Samples
 from targets.connect import open_transport
 from targets.profiles import DeviceProfile
-
-# As in flows/run.py: JSON results, and no Prefect result cache (the baseline is measured twice on purpose).
-TASK_OPTIONS = {"persist_result": True, "result_serializer": "json", "cache_policy": NO_CACHE}
 
 
 class Measured(BaseModel):
@@ -108,8 +105,6 @@ def _refusal(candidate: Candidate, model: onnx.ModelProto, info: ModelInfo, prof
 def _partial_plan(config: RunConfig, info: ModelInfo, profile: DeviceProfile, data: PreparedData,
                   model: onnx.ModelProto) -> PartialPlan | None:
     """Does the default int8 stay within budget, and if not, which layers must stay float? (host-side)"""
-    from flows.run import partial_task
-
     int8 = Candidate(runtime="onnxruntime", quant=QuantConfig(scheme="int8"))
     if _refusal(int8, model, info, profile, data):
         return None

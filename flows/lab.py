@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from edgedeploy.errors import EdgeDeployError
 from flows.run import deploy_run
 from pipeline.lab import LabJob, jobs, load_lab
-from pipeline.store import ResultStore
+from pipeline.results.store import ResultStore
 
 LIMIT_PREFIX = "device:"
 

@@ -1,4 +1,4 @@
-"""Stage 5, benchmark: run the device-side runner on the device, for the artifact and for the
+"""Stage 7 of 8, benchmark: run the device-side runner on the device, for the artifact and for the
 baseline a user would otherwise run (onnxruntime fp32 on the original model), in turns (a few rounds
 each, in separate processes, on the same inputs); then score both against the labels and the
 artifact against the baseline.

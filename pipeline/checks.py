@@ -1,4 +1,4 @@
-"""Stage 0, check: hold the requested scheme and runtime against the device, before any work.
+"""Stage 2 of 8, check: hold the requested scheme and runtime against the device, before any work.
 
 Every check returns pass / warn / refuse with the reason in a user's words and the hardware or
 compiler fact it rests on (../shared/notes/hardware.md), so a refusal can be trusted and
@@ -326,7 +326,7 @@ def run_checks(
 ) -> CheckReport:
     """Every check, in order; ``quant`` may come back adjusted (e.g. reduce_range on AVX2)."""
     if importable is None:
-        from pipeline.compile import tvm_importable_ops
+        from pipeline.compiler.build import tvm_importable_ops
 
         importable = tvm_importable_ops()
     ort_result, quant = check_ort_int8_x86(profile, quant, runtime)

@@ -1,4 +1,5 @@
-"""Calibration and evaluation data given by the user: an .npz of input tensors or a folder of images.
+"""Stage 3 of 8, data: calibration and evaluation samples, from the workload or given by the user (an .npz of input
+tensors or a folder of images).
 
 .npz: one array per model input, named like the input (a single-input model may use ``inputs``),
 with one sample per row: shape (N, *input_shape[1:]); an optional int array ``labels`` (N,) gives

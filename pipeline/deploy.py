@@ -1,4 +1,4 @@
-"""Stage 4, deploy: put files on the device so that a half-written file can never be used.
+"""Stage 6 of 8, deploy: put files on the device so that a half-written file can never be used.
 
 The protocol (Ansible's copy module is the model): check free space, upload under a temporary
 name in the destination directory, compute sha256 ON THE DEVICE and compare, atomically rename
@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import ChecksumMismatch, TransportError
-from pipeline.hashing import sha256_file
+from targets.hashing import sha256_file
 from targets.transport import Transport
 
 RUNNER_SOURCE = Path(__file__).resolve().parents[1] / "targets" / "device_runner.py"

@@ -1,4 +1,4 @@
-"""Stage 1, ingest: load the model safely, make its shapes static, count what it costs.
+"""Stage 1 of 8, ingest: load the model safely, make its shapes static, count what it costs.
 
 Many exports compute shapes at run time (Shape->Slice->Concat->Reshape, Range anchor grids,
 dynamic Pad). TVM 0.27 can't import those, so they are rewritten for the requested input shape:
@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgedeploy.errors import OptionError, StaticShapeError
 from pipeline.graph_stats import flops, op_census, parameters, peak_activation_bytes
-from pipeline.hashing import sha256_file
 from pipeline.onnx_safety import DEFAULT_MAX_MODEL_BYTES, load_model_safely
+from targets.hashing import sha256_file
 
 # Ops whose presence means shapes are computed while the model runs.
 SHAPE_COMPUTING_OPS = frozenset({"Shape", "Size", "Range", "ConstantOfShape", "NonZero"})

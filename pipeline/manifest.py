@@ -13,10 +13,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.hashing import sha256_bytes, sha256_file
 from pipeline.ingest import ModelInfo
 from pipeline.quantize import QuantizedModel
 from pipeline.versions import tool_versions
+from targets.hashing import sha256_bytes, sha256_file
 from targets.profiles import DeviceProfile
 
 MANIFEST_SCHEMA = 1
@@ -38,9 +38,9 @@ class CompiledArtifact(BaseModel):
     compile_seconds: float
     tuning: dict[str, Any] | None = Field(default=None, description="MetaSchedule tuning done for this build.")
     integer_ops: int = Field(default=0, description="conv2d/matmul computed in int8 x int8 -> int32 (TVM int8).")
-    vnni_ops: int = Field(default=0, description="Of those, laid out for AVX-512 VNNI (pipeline.tvm_vnni).")
-    sdot_ops: int = Field(default=0, description="Of those, laid out for ARM dotprod's sdot (pipeline.tvm_vnni).")
-    winograd_convs: int = Field(default=0, description="Float 3x3 convs computed by Winograd (pipeline.tvm_winograd).")
+    vnni_ops: int = Field(default=0, description="Of those, laid out for AVX-512 VNNI (compiler.passes.dot).")
+    sdot_ops: int = Field(default=0, description="Of those, laid out for ARM dotprod's sdot (compiler.passes.dot).")
+    winograd_convs: int = Field(default=0, description="Float 3x3 convs computed by Winograd (passes.winograd).")
     cached: bool = Field(default=False, description="Reused from the artifact cache.")
 
 

@@ -1,4 +1,4 @@
-"""Stage 2, quantize: the only module that imports onnxruntime.quantization.
+"""Stage 4 of 8, quantize: the only module that imports onnxruntime.quantization.
 
 int8 is static QDQ quantization (QuantizeLinear/DequantizeLinear around float ops: the format
 TVM's importer reads) calibrated on real samples; fp16 converts weights and compute to half
@@ -27,8 +27,8 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgedeploy.errors import QuantizationError
-from pipeline.hashing import sha256_file
 from pipeline.workloads.base import Samples
+from targets.hashing import sha256_file
 
 Scheme = Literal["fp32", "fp16", "int8"]
 Calibration = Literal["minmax", "entropy", "percentile"]

@@ -39,7 +39,7 @@ if [ ! -e "$dest/.ready" ]; then
   touch "$dest/.ready"
 fi
 
-# TVM's RPC server, for tuning with every candidate timed on the board (pipeline.remote_tuning): its `rpc` extra.
+# TVM's RPC server, for tuning with every candidate timed on the board (pipeline.compiler.tuning.board): its `rpc` extra.
 if [ ! -d "$site/cloudpickle" ] || [ ! -d "$site/psutil" ]; then
   aarch64_wheels rpc cloudpickle psutil
 fi

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from edgedeploy.errors import CommandTimeout, TransportError
-from pipeline.hashing import sha256_file
+from targets.hashing import sha256_file
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def test_two_labs_at_once_never_share_a_device(prefect_server, lab_x86, tmp_path
 
 
 def test_slowed_artifact_is_flagged(prefect_server, lab_x86, tmp_path):
-    from pipeline.store import ResultStore
+    from pipeline.results.store import ResultStore
 
     profile = lab_x86.profile(extends="x86-server", python=x86_python())
     db = f"sqlite:///{tmp_path / 'results.db'}"
@@ -85,7 +85,7 @@ def test_a_failed_job_fails_the_lab_run_and_the_others_keep_their_results(prefec
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from pipeline.store import ResultStore
+    from pipeline.results.store import ResultStore
     from tests.lab import keygen
 
     good = lab_x86.profile(extends="x86-server", python=x86_python())

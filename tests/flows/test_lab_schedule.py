@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store import ResultStore
+from pipeline.results.store import ResultStore
 from tests.flows.test_lab import write_lab
 from tests.lab import x86_python
 

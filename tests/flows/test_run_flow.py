@@ -71,7 +71,7 @@ def test_digits_int8_costs_little_accuracy_and_reruns_reuse_artifacts(prefect_se
     assert result.accuracy.value > 0.95 and result.agreement.top1 > 0.97
     assert result.agreement.cosine > 0.99
     # The convs over 16 and 32 channels and the classifier's matmul run in int8 in TVM; the first conv, over one grey
-    # channel, has nothing for the 8-bit dot products to sum and stays float (pipeline.tvm_int8).
+    # channel, has nothing for the 8-bit dot products to sum and stays float (pipeline.compiler.passes.int8).
     assert result.artifact.integer_ops == 3
     assert result.reused == []
     # Identical inputs: the quantized model and the library come from the cache (a new run id doesn't matter).

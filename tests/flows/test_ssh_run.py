@@ -13,7 +13,7 @@ import pytest
 from edgedeploy.errors import AuthError, ChecksumMismatch, ConnectFailed
 from flows.run import deploy_run
 from pipeline.benchmark import BenchmarkSettings, benchmark
-from pipeline.build import build
+from pipeline.compile import build
 from pipeline.config import RunConfig
 from pipeline.deploy import deploy
 from pipeline.quantize import QuantConfig

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.auto import AutoSelection, CandidateOutcome
-from pipeline.bench import markdown, write
+from pipeline.bench_page import markdown, write
 from tests.factories import make_result
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.benchmark import KERNEL_RUNS, BenchmarkSettings, benchmark
-from pipeline.build import build
+from pipeline.compile import build
 from pipeline.config import RunConfig
 from pipeline.deploy import deploy
 from pipeline.quantize import QuantConfig

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.build import build
-from pipeline.compile import ELF_MACHINES, elf_machine
+from pipeline.compile import build
+from pipeline.compiler.build import ELF_MACHINES, elf_machine
 from pipeline.config import RunConfig
 from pipeline.workloads import WORKLOADS
 from targets.profiles import available_profiles, load_profile

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
-from pipeline.cache import ArtifactCache, arrays_sha256, cache_key
+from pipeline.results.cache import ArtifactCache, arrays_sha256, cache_key
 
 
 class Built(BaseModel):

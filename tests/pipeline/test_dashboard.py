@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.dashboard import make_server
 from pipeline.regression import RegressionPolicy
-from pipeline.store import ResultStore
+from pipeline.results.dashboard import make_server
+from pipeline.results.store import ResultStore
 from tests.factories import make_result
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from pipeline.forked_builds import _Child, build_all
+from pipeline.compiler.tuning.forked_builds import _Child, build_all
 
 
 def _build(item: str) -> str:

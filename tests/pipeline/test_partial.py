@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from edgedeploy.errors import QuantizationError
-from pipeline.build import build
+from pipeline.compile import build
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
 from pipeline.ingest import ingest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.regression import RegressionPolicy
-from pipeline.store import ResultStore
+from pipeline.results.store import ResultStore
 from tests.factories import make_result
 
 POLICY = RegressionPolicy()
@@ -17,7 +17,7 @@ def store(request, tmp_path):
         return ResultStore(f"sqlite:///{tmp_path / 'results.db'}")
     url = request.getfixturevalue("postgres_url")
     s = ResultStore(url)
-    from pipeline.store import Base
+    from pipeline.results.store import Base
 
     Base.metadata.drop_all(s.engine)  # each test starts from an empty schema
     Base.metadata.create_all(s.engine)
@@ -65,7 +65,7 @@ def test_two_first_opens_at_once_both_keep_their_result(store):
     of 30 tries before the fix)."""
     import threading
 
-    from pipeline.store import Base
+    from pipeline.results.store import Base
 
     for attempt in range(5):
         Base.metadata.drop_all(store.engine)

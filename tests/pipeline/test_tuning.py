@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from edgedeploy.errors import CompileError, TransportError
-from pipeline.compile import compile_model
+from pipeline.compiler.build import compile_model
 from pipeline.ingest import ingest, sample_inputs
 from pipeline.quantize import QuantConfig, quantize
 from pipeline.workloads import WORKLOADS
@@ -63,7 +63,7 @@ def _task_count(q, info, profile) -> int:
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compile import _decomposed, _fuse, relax_module, resolve_target
+    from pipeline.compiler.build import _decomposed, _fuse, relax_module, resolve_target
 
     target = tvm.target.Target(resolve_target(profile))
     mod, _ = relax_module(q, info, profile)
@@ -78,7 +78,7 @@ def test_a_time_budget_is_kept_even_inside_the_first_round_and_keeps_every_trial
     task a batch before it joins any, and the budget, checked only at joins, was overrun by that whole round
     (YOLOX int8: ~50 of 30 minutes); then the exception that ended the run at the first join lost the round's other
     batches. (The version before that ended tasks from inside a join: a failed C++ check lost a 57-minute run.)"""
-    from pipeline import tuning_control
+    from pipeline.compiler.tuning import control as tuning_control
 
     model, info, q = digits
     profile = load_profile("local")
@@ -117,7 +117,7 @@ def test_the_first_round_takes_the_heaviest_kernels_first():
             self.dispatched = [tvm.IRModule({"main": kernel})]  # as extract_tasks gives them
             self.weight = weight
 
-    from pipeline.compile import heaviest_first
+    from pipeline.compiler.build import heaviest_first
 
     light, heavy, called_often = Task(64, 1), Task(4096, 1), Task(1024, 8)
     assert heaviest_first([light, heavy, called_often]) == [called_often, heavy, light]
@@ -127,7 +127,7 @@ def test_candidates_are_timed_on_the_threads_the_deployed_model_runs_on():
     """TVM sizes its thread pool at half the logical CPUs on x86 unless told: on the 2-core lab device every
     candidate was timed on one thread while the deployed model ran on two, and the tuner ranked schedules for a
     machine it never deploys to (its database times were 1.3-2.2x the deployed kernels')."""
-    from pipeline.tuning_control import local_runner, runner_threads
+    from pipeline.compiler.tuning.control import local_runner, runner_threads
 
     for threads in sorted({1, os.cpu_count() or 1}):
         assert runner_threads(local_runner(threads)) == threads
@@ -145,7 +145,7 @@ def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_pat
     port; the server and everything it started are gone afterwards, and the tuned library is right."""
     from tvm.s_tir.meta_schedule.database import JSONDatabase
 
-    from pipeline import remote_tuning
+    from pipeline.compiler.tuning import board as remote_tuning
 
     model, info, q = digits
     cores = os.cpu_count() or 1
@@ -201,7 +201,7 @@ def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_pat
 
 def test_a_failed_board_session_leaves_nothing_behind(lab_x86):
     """An error while tuning: the server on the device, its children and its scratch directory all go."""
-    from pipeline.remote_tuning import rpc_runner
+    from pipeline.compiler.tuning.board import rpc_runner
     from targets.connect import open_transport
 
     profile = load_profile(str(lab_x86.profile(extends="x86-server", python=x86_python())))
@@ -234,7 +234,7 @@ def test_a_server_between_bind_and_listen_is_waited_for_or_reported(lab_x86, tmp
     """TVM's RPC server logs its port after bind() and before listen(): under qemu the gap refused the first
     connection and a tuning run failed (CI). A server that listens a few seconds later is waited for; one that
     dies there (a second server took the port) is reported with its own output, not as "nothing listening"."""
-    from pipeline.remote_tuning import rpc_runner
+    from pipeline.compiler.tuning.board import rpc_runner
     from targets.connect import open_transport
 
     code = ("time.sleep(3); return _listen(self, *args)" if board == "slow to listen"
@@ -293,7 +293,7 @@ def test_tuning_keeps_stdout_for_json(tmp_path):
 def test_candidates_built_but_never_timed_are_removed_when_tuning_stops(tmp_path, monkeypatch):
     """Regression: a tuning run stopped mid-batch (an error, Ctrl-C) left every candidate it had linked and not yet
     timed in /tmp (514 directories after one stopped run)."""
-    from pipeline.remote_tuning import candidate_scratch, export_shared
+    from pipeline.compiler.tuning.board import candidate_scratch, export_shared
 
     class Built:  # stands in for a built candidate: only its export is under test
         def export_library(self, path, **_):
@@ -318,8 +318,8 @@ def test_each_candidate_counts_its_fastest_placement():
     from tvm.s_tir.meta_schedule.runner import RunnerInput, RunnerResult
     from tvm.script import tirx as T
 
-    from pipeline.compile import _forked_builder
-    from pipeline.tuning_control import PLACEMENTS, OneAtATime, fastest_placement, local_runner
+    from pipeline.compiler.build import _forked_builder
+    from pipeline.compiler.tuning.control import PLACEMENTS, OneAtATime, fastest_placement, local_runner
 
     assert [float(c) for c in fastest_placement(RunnerResult([3e-3, 5e-4, 2e-3], None)).run_secs] == [5e-4]
     failed = RunnerResult(None, "it crashed")

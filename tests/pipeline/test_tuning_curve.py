@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.tuning_curve import tuning_curve
+from pipeline.compiler.tuning.curve import tuning_curve
 
 
 def _database(folder, workloads, records):

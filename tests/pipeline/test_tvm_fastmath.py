@@ -9,7 +9,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import relax, te  # noqa: E402
 
-from pipeline.tvm_fastmath import fast_exp, fast_math, fast_sigmoid  # noqa: E402
+from pipeline.compiler.passes.fastmath import fast_exp, fast_math, fast_sigmoid  # noqa: E402
 
 CPU = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 
@@ -126,7 +126,7 @@ def test_the_polynomial_cross_compiled_for_a_pi4_computes_the_same_on_aarch64(tm
 
 def _requantize_module(shape: tuple[int, ...], rescale: np.ndarray, scales: tuple[float, float]) -> tvm.IRModule:
     """int32 accumulator -> * rescale -> quantize (scale 0) -> dequantize -> sigmoid -> quantize (scale 1): the
-    arithmetic pipeline.tvm_layout leaves of a QDQ int8 conv's epilogue."""
+    arithmetic pipeline.compiler.passes.layout leaves of a QDQ int8 conv's epilogue."""
     bb = relax.BlockBuilder()
     acc = relax.Var("acc", relax.TensorType(shape, "int32"))
 
@@ -152,7 +152,7 @@ def _ops(mod: tvm.IRModule) -> list[str]:
 
 
 def test_requantization_multiplies_by_the_reciprocal_and_lands_on_the_same_steps():
-    from pipeline.tvm_fastmath import multiply_by_reciprocal
+    from pipeline.compiler.passes.fastmath import multiply_by_reciprocal
 
     shape = (1, 8, 8, 32)
     rng = np.random.default_rng(1)

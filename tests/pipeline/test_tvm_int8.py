@@ -19,7 +19,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend import onnx as onnx_frontend  # noqa: E402
 
-from pipeline.tvm_int8 import integerize  # noqa: E402
+from pipeline.compiler.passes.int8 import integerize  # noqa: E402
 
 CALIBRATION_RANGE = (-1.0, 3.0)  # not centred on 0: uint8 activations get a zero point far from 0 and 128
 
@@ -188,7 +188,7 @@ def test_layers_that_differ_only_in_scales_share_one_tuning_task(tmp_path):
     kernel of its own (PP-LCNet int8: 62 tuning tasks, 54 with the scales read from buffers)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compile import _decomposed, _fuse
+    from pipeline.compiler.build import _decomposed, _fuse
 
     onnx.save(_chain_of_convs(), str(tmp_path / "chain.onnx"))
     rng = np.random.default_rng(3)

@@ -23,10 +23,10 @@ from tests.qdq_reference import QdqReference
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
-from pipeline.tvm_fastmath import multiply_by_reciprocal  # noqa: E402
-from pipeline.tvm_int8 import drop_float_round_trips, integerize  # noqa: E402
-from pipeline.tvm_layout import channels_last, count_permutes  # noqa: E402
-from pipeline.tvm_vnni import count_calls  # noqa: E402
+from pipeline.compiler.passes.fastmath import multiply_by_reciprocal  # noqa: E402
+from pipeline.compiler.passes.int8 import drop_float_round_trips, integerize  # noqa: E402
+from pipeline.compiler.passes.layout import channels_last, count_permutes  # noqa: E402
+from pipeline.compiler.passes.relax_util import count_calls  # noqa: E402
 
 
 def _mobilenet_block() -> onnx.ModelProto:
@@ -116,7 +116,7 @@ def test_cpu_networks_keep_narrow_convs_in_float_and_still_match_the_qdq_arithme
     assert _conv_layouts(nhwc) == {("NHWC", "HWIO")} and count_permutes(nhwc) == 2
     # No zero-point pad is left: the float convs pad with 0.0 themselves, the 1x1 conv has no border.
     assert count_calls(nhwc, lambda call: call.op.name == "relax.nn.pad") == 0
-    # Every quantize requantizes with a multiply (pipeline.tvm_fastmath), no divide per element is left.
+    # Every quantize requantizes with a multiply (pipeline.compiler.passes.fastmath), no divide per element is left.
     divides = count_calls(nhwc, lambda call: call.op.name == "relax.divide")
     nhwc, rewritten = multiply_by_reciprocal(nhwc)
     assert rewritten == divides > 0 and count_calls(nhwc, lambda call: call.op.name == "relax.divide") == 0
@@ -183,10 +183,10 @@ def test_a_round_trip_keeps_its_clamp_where_onnxruntime_removed_a_relu(tmp_path)
 
 def test_channel_last_layers_that_differ_only_in_scales_still_share_a_kernel(tmp_path):
     """The rewritten quantize/dequantize read their scales from one-element tensors, as before the layout pass
-    (pipeline.tvm_int8): written in as literals, every layer would be its own tuning task."""
+    (pipeline.compiler.passes.int8): written in as literals, every layer would be its own tuning task."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compile import _decomposed, _fuse
+    from pipeline.compiler.build import _decomposed, _fuse
 
     onnx.save(_chain_of_convs(), str(tmp_path / "chain.onnx"))
     calibration = Samples({"x": np.random.default_rng(3).uniform(*CALIBRATION_RANGE, (8, 8, 8, 8)).astype(np.float32)})

@@ -18,9 +18,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend import onnx as onnx_frontend  # noqa: E402
 
-from pipeline.tvm_int8 import integerize  # noqa: E402
-from pipeline.tvm_layout import channels_last, count_permutes  # noqa: E402
-from pipeline.tvm_vnni import (  # noqa: E402
+from pipeline.compiler.passes.dot import (  # noqa: E402
     VNNI,
     count_vnni_ops,
     dot_convs,
@@ -28,6 +26,8 @@ from pipeline.tvm_vnni import (  # noqa: E402
     packed_weight,
     register_vnni_intrinsic,
 )
+from pipeline.compiler.passes.int8 import integerize  # noqa: E402
+from pipeline.compiler.passes.layout import channels_last, count_permutes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 HAS_VNNI = "avx512_vnni" in detect_host().features
@@ -71,7 +71,7 @@ def _pointwise_model() -> onnx.ModelProto:
     """Conv 1x1 (8 -> 32) -> Relu -> Conv 1x1 (32 -> 16) -> Conv 3x3 (16 -> 24) -> Relu -> Conv 3x3, stride 2,
     dilated, uneven pads (24 -> 16) -> Flatten -> Gemm (144 -> 16): convs and a Gemm that all fit VNNI tiles (the
     24 outputs padded to 32).
-    The first 3x3 conv's input has a nonzero zero point (pipeline.tvm_int8 pads it explicitly), the second's is
+    The first 3x3 conv's input has a nonzero zero point (passes.int8 pads it explicitly), the second's is
     zero after the Relu (the conv keeps its padding, and dot_convs pads with zeros)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in (
@@ -123,7 +123,7 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
     # What tuning and the tuned build do to it: each VNNI kernel fuses with the requantize after it. (Built with
     # int32 extents, the kernel's output buffer didn't match the [1, 16] int64 one its epilogue reads, and FuseTIR
     # failed the whole build: "Inconsistent buffers vnni_matmul and lv3 mapped to the same relax var".)
-    from pipeline.compile import _decomposed, _fuse
+    from pipeline.compiler.build import _decomposed, _fuse
 
     cascadelake = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
     fused = _fuse(_decomposed(vnni, cascadelake), cascadelake)
@@ -174,8 +174,8 @@ def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, ke
     reads its windows straight from the NHWC input (its one reduction axis runs over taps and channels)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compile import _forked_builder, _unnamed_handlers_detached
-    from pipeline.tvm_vnni import dot_conv
+    from pipeline.compiler.build import _forked_builder, _unnamed_handlers_detached
+    from pipeline.compiler.passes.dot import dot_conv
 
     register_vnni_intrinsic()
     rng = np.random.default_rng(0)
@@ -227,8 +227,8 @@ def test_candidates_that_vectorize_around_the_intrinsic_are_dropped_before_they_
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import PyBuilder
 
-    from pipeline.compile import _forked_builder, _unnamed_handlers_detached
-    from pipeline.tvm_vnni import dot_search_space, vector_code_in_vectorized_loop
+    from pipeline.compiler.build import _forked_builder, _unnamed_handlers_detached
+    from pipeline.compiler.passes.dot import dot_search_space, vector_code_in_vectorized_loop
 
     register_vnni_intrinsic()
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})

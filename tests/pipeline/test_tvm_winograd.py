@@ -16,9 +16,9 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
 
-from pipeline.tvm_fastmath import fast_math  # noqa: E402
-from pipeline.tvm_layout import channels_last  # noqa: E402
-from pipeline.tvm_winograd import (  # noqa: E402
+from pipeline.compiler.passes.fastmath import fast_math  # noqa: E402
+from pipeline.compiler.passes.layout import channels_last  # noqa: E402
+from pipeline.compiler.passes.winograd import (  # noqa: E402
     INPUT_PREFIX,
     OUTPUT_PREFIX,
     count_winograd_convs,
@@ -117,7 +117,7 @@ def test_tuned_winograd_kernels_use_their_rules_and_compute_the_direct_conv(tmp_
     activation and residual inside the output transform, every kernel tuned, the result onnxruntime's."""
     from tvm.s_tir.meta_schedule.database import JSONDatabase
 
-    from pipeline.compile import _fused, _tune_and_compile
+    from pipeline.compiler.build import _fused, _tune_and_compile
 
     model, x, expected = _model(16, 15, 15, [{"o": 32, "pads": [0, 1, 2, 0]}, {"o": 32, "residual": True}])
     mod = _relax(model, x)
@@ -145,7 +145,7 @@ def test_a_schedule_rule_that_fails_leaves_the_kernel_unscheduled_not_the_tuning
     """MetaSchedule calls the rules inside its search: an error there would end the whole tuning run."""
     from tvm.s_tir import Schedule
 
-    from pipeline.tvm_winograd import _falling_back, winograd_input
+    from pipeline.compiler.passes.winograd import _falling_back, winograd_input
 
     def broken(sch, block):
         raise ValueError("a fused op the rule was not written for")

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline.hashing import sha256_file
+from targets.hashing import sha256_file
 from tests.conftest import conv_model
 
 RUNNER = Path(__file__).resolve().parents[2] / "targets" / "device_runner.py"
@@ -102,7 +102,7 @@ def test_peak_rss_is_the_runner_own_not_its_parent(setup, tmp_path):
 def test_a_tvm_library_reports_where_its_time_goes(setup, tmp_path):
     """After the timed loop, the runner times every call the Relax VM makes for a few more runs: the kernels the
     library really runs on the device, heaviest first (what a database estimate can't tell)."""
-    from pipeline.compile import compile_model
+    from pipeline.compiler.build import compile_model
     from pipeline.ingest import ingest
     from pipeline.quantize import QuantConfig, quantize
     from targets.profiles import load_profile

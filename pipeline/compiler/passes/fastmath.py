@@ -32,6 +32,8 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.dpl import is_const, is_op, wildcard
 
+from pipeline.compiler.passes.relax_util import map_relax_functions
+
 __all__ = ["fast_exp", "fast_math", "fast_sigmoid", "multiply_by_reciprocal"]
 
 _LOG2E = 1.44269504088896341
@@ -101,8 +103,6 @@ def fast_math(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
 def multiply_by_reciprocal(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     """``mod`` with every ``round(x / c)`` of a constant float32 ``c`` (a quantize) computed as ``round(x * (1/c))``,
     folding a constant multiply of x (a rescale) into that multiplier; and how many were rewritten."""
-    from pipeline.tvm_vnni import map_relax_functions
-
     value, scale, rescaled, factor = wildcard(), is_const(), wildcard(), is_const()
     folded = is_op("relax.round")(is_op("relax.divide")(is_op("relax.multiply")(rescaled, factor), scale))
     plain = is_op("relax.round")(is_op("relax.divide")(value, scale))

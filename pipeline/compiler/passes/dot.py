@@ -1,4 +1,4 @@
-"""Int8 dot-product instructions for the integer kernels of pipeline.tvm_int8: convs and matmuls that MetaSchedule
+"""Int8 dot-product instructions for the integer kernels of passes.int8: convs and matmuls that MetaSchedule
 can tensorize with AVX-512 VNNI's ``vpdpbusd`` (16 int32 lanes += 4 uint8 x 4 int8 products each, one instruction)
 or ARM's ``sdot`` (ARMv8.2 dotprod, the Raspberry Pi 5's Cortex-A76: 4 int32 lanes += 4 int8 x 4 int8 products).
 Each is a :class:`DotLayout`; what follows says VNNI, and holds for sdot with 4 x 4 tiles and int8 activations.
@@ -9,8 +9,8 @@ MetaSchedule offers that instruction (its ``dot_16x4_vnni`` tensor intrinsic) on
 - the int8 weights as whole 16 (outputs) x 4 (inputs) tiles, contiguous: packed [O/16, C/4, 16, 4].
 
 A conv2d is neither (its weights are OIHW or HWIO), so it never gets a VNNI candidate. Two rewrites make
-kernels that are: ``integerize(dot=VNNI)`` (pipeline.tvm_int8) turns each integer matmul with a constant
-weight into one, and :func:`dot_convs`, once the network is channel-last (pipeline.tvm_layout), turns each
+kernels that are: ``integerize(dot=VNNI)`` (passes.int8) turns each integer matmul with a constant
+weight into one, and :func:`dot_convs`, once the network is channel-last (passes.layout), turns each
 integer conv (ungrouped; the bulk of a CNN's work) into
 
     acc = call_tir(dot_matmul, xq [1, H, W, C] uint8, W_packed) -> [1, H, W, O] int32       (1x1, stride 1)
@@ -31,7 +31,7 @@ any untuned TVM kernel; tuning tensorizes it with vpdpbusd.
 sdot multiplies int8 by int8 (the A76 has no mixed-sign usdot), and onnxruntime's int8 models have uint8
 activations: :meth:`DotKernels._called` shifts them to int8 (x - 128) and adds 128 * sum(w) back, exactly.
 MetaSchedule's ARM rules tensorize with TVM's own ``dot_4x4_i8i8s32_sdot`` for a target with ``+dotprod``; those
-candidates are timed on the board (pipeline.remote_tuning), as every ARM candidate is.
+candidates are timed on the board (tuning.board), as every ARM candidate is.
 
 TVM 0.27's own ``dot_16x4_vnni`` does not build with the LLVM it ships ("Call parameter type does not
 match function signature"): LLVM now declares vpdpbusd.512's multiplicands as <64 x i8> where TVM passes
@@ -41,13 +41,20 @@ match function signature"): LLVM now declares vpdpbusd.512's multiplicands as <6
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax, te, tirx
+
+from pipeline.compiler.passes.relax_util import (
+    KernelSet,
+    count_calls,
+    int64_shape,
+    rewrite_convs,
+    static_nhwc_batch_one,
+)
 
 
 @dataclass(frozen=True)
@@ -83,9 +90,9 @@ def register_vnni_intrinsic() -> None:
     """Override TVM's ``dot_16x4_vnni`` implementation with one this LLVM accepts (same description)."""
     from tvm.s_tir import TensorIntrin
 
-    from pipeline.tvm_intrinsics import load_modules
+    from pipeline.compiler.tuning.intrinsics import load_modules
 
-    load_modules("x86")  # TVM's own dot_16x4_vnni first (x86 only: pipeline.tvm_intrinsics); this replaces it
+    load_modules("x86")  # TVM's own dot_16x4_vnni first (x86 only: tuning.intrinsics); this replaces it
     from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
     from tvm.script import tirx as T
 
@@ -116,12 +123,6 @@ def packed_weight(w: np.ndarray, layout: DotLayout = VNNI) -> np.ndarray:
     o, c = w.shape
     lanes, group = layout.lanes, layout.group
     return np.ascontiguousarray(w.reshape(o // lanes, lanes, c // group, group).transpose(0, 2, 1, 3))
-
-
-def int64_shape(shape: tuple[int, ...]) -> list[tvm.tirx.IntImm]:
-    """int64 extents, as Relax's own kernels have: FuseTIR refuses to fuse a kernel whose output buffer is
-    [1, 16] int32-indexed into an epilogue that reads the same tensor as [1, 16] int64-indexed."""
-    return [tvm.tirx.const(d, "int64") for d in shape]
 
 
 def dot_matmul(lead: tuple[int, ...], k: int, n: int, layout: DotLayout = VNNI) -> tvm.tirx.PrimFunc:
@@ -183,32 +184,6 @@ def _padded_rows(w: np.ndarray, layout: DotLayout) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([w, np.zeros((padded_outputs(n, layout) - n, k), w.dtype)]))
 
 
-class KernelSet:
-    """PrimFuncs a rewrite calls, one per shape, to be added to the module."""
-
-    def __init__(self) -> None:
-        self._builder = relax.BlockBuilder()  # gives each kernel's GlobalVar its function type
-        self._by_shape: dict[tuple, tvm.ir.GlobalVar] = {}
-
-    def _kernel(self, key: tuple, make: Callable[[], tvm.tirx.PrimFunc]) -> tvm.ir.GlobalVar:
-        gvar = self._by_shape.get(key)
-        if gvar is None:
-            kernel = make()
-            gvar = self._by_shape[key] = self._builder.add_func(kernel, kernel.attrs["global_symbol"])
-        return gvar
-
-    def _prepare(self) -> None:
-        """What building the kernels needs registered in this process (tensor intrinsics, schedule rules)."""
-
-    def added_to(self, mod: tvm.IRModule) -> tvm.IRModule:
-        """``mod`` (whose Relax functions call these kernels) with the kernels in it."""
-        if not self._by_shape:
-            return mod
-        self._prepare()
-        return tvm.IRModule({**dict(mod.functions.items()), **dict(self._builder.get().functions.items())},
-                            attrs=mod.attrs)
-
-
 class DotKernels(KernelSet):
     """The kernels laid out for one dot-product instruction; adding them registers its tensor intrinsic."""
 
@@ -217,7 +192,7 @@ class DotKernels(KernelSet):
         self.layout = layout
 
     def _prepare(self) -> None:
-        # TVM's own sdot intrinsic builds as it is: tuning registers it with the target's (pipeline.tvm_intrinsics).
+        # TVM's own sdot intrinsic builds as it is: tuning registers it with the target's (tuning.intrinsics).
         if self.layout is VNNI:
             register_vnni_intrinsic()
 
@@ -263,27 +238,6 @@ class DotKernels(KernelSet):
         return self._called(gvar, a, activation, rows, (1, *conv_output_size(shape, (kh, kw), strides, dilation)))
 
 
-def count_calls(mod: tvm.IRModule, wanted: Callable[[relax.Call], bool]) -> int:
-    """Calls of an operator (``wanted(call)``) in the module's Relax functions."""
-    found = 0
-
-    def visit(expr: relax.Expr) -> None:
-        nonlocal found
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and wanted(expr):
-            found += 1
-
-    for func in mod.functions.values():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    return found
-
-
-def map_relax_functions(mod: tvm.IRModule, rewrite: Callable[[relax.Function], relax.Function]) -> tvm.IRModule:
-    """The module with ``rewrite`` applied to each of its Relax functions (its TIR kernels as they are)."""
-    return tvm.IRModule({gvar: rewrite(func) if isinstance(func, relax.Function) else func
-                         for gvar, func in mod.functions.items()}, attrs=mod.attrs)
-
-
 def count_dot_ops(mod: tvm.IRModule, layouts: tuple[DotLayout, ...] = LAYOUTS) -> int:
     """Calls of the kernels laid out for these instructions in the module's Relax functions."""
     prefixes = tuple(prefix for layout in layouts for prefix in layout.prefixes)
@@ -308,15 +262,6 @@ def fits(c: int, o: int, layout: DotLayout = VNNI) -> bool:
     return c % layout.group == 0 and padded_outputs(o, layout) <= 2 * o
 
 
-def static_nhwc_batch_one(x: relax.Expr) -> tuple[int, int, int, int] | None:
-    """The shape of a conv's input if it is a known [1, H, W, C], else None (a dynamic or batched input)."""
-    shape = x.ty.shape if isinstance(x.ty, relax.TensorType) else None
-    if not isinstance(shape, relax.ShapeExpr) or len(shape.values) != 4 or \
-            not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values) or int(shape.values[0]) != 1:
-        return None
-    return tuple(int(d) for d in shape.values)
-
-
 def _conv_weight(call: relax.Call, layout: DotLayout) -> np.ndarray | None:
     """The int8 HWIO weight of an integer NHWC conv (ungrouped, static batch-1 input) that the layout's tiles
     fit."""
@@ -330,28 +275,10 @@ def _conv_weight(call: relax.Call, layout: DotLayout) -> np.ndarray | None:
     return hwio if hwio.dtype == np.int8 and fits(*hwio.shape[2:], layout) else None
 
 
-def rewrite_convs(mod: tvm.IRModule, kernels: KernelSet,
-                  rewrite: Callable[[relax.Call], relax.Expr | None]) -> tvm.IRModule:
-    """``mod`` with each conv2d call replaced by what ``rewrite`` makes of it (None: left as it is), and the
-    ``kernels`` those calls use added to it."""
-    mod = relax.transform.FoldConstant()(mod)  # ConvertLayout left each weight as permute_dims(OIHW constant)
-
-    @relax.expr_functor.mutator
-    class Rewrite(relax.PyExprMutator):
-        def visit_call_(self, call: relax.Call) -> relax.Expr:
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
-                return call
-            replaced = rewrite(call)
-            return call if replaced is None else replaced
-
-    return relax.transform.Normalize()(kernels.added_to(map_relax_functions(mod, Rewrite().visit_expr)))
-
-
 def dot_convs(mod: tvm.IRModule, layout: DotLayout = VNNI) -> tvm.IRModule:
     """Every integer NHWC conv that fits becomes a kernel laid out for the instruction (same int32 results): a
     1x1 conv (stride 1, unpadded) the matmul kernel on its pixels, any other the windowed :func:`dot_conv`, its
-    padding (zeros: a nonzero zero point was already padded explicitly by pipeline.tvm_int8) an explicit pad
+    padding (zeros: a nonzero zero point was already padded explicitly by passes.int8) an explicit pad
     before it."""
     kernels = DotKernels(layout)
 

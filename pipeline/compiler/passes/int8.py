@@ -50,14 +50,8 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
 
-from pipeline.tvm_vnni import (
-    DotKernels,
-    DotLayout,
-    count_calls,
-    count_dot_ops,
-    fits,
-    map_relax_functions,
-)
+from pipeline.compiler.passes.dot import DotKernels, DotLayout, count_dot_ops, fits
+from pipeline.compiler.passes.relax_util import count_calls, map_relax_functions
 
 __all__ = ["count_integer_ops", "drop_float_round_trips", "integerize"]
 
@@ -223,7 +217,7 @@ def integerize(mod: tvm.IRModule, *, dot: DotLayout | None = None, narrow_convs_
     """Rewrite QDQ conv2d/matmul into integer ones; returns the new module and how many ops became integer.
     With ``narrow_convs_in_float``, convs over fewer than 4 input channels per group stay float (see above).
     With ``dot`` (VNNI or SDOT), matmuls that fit become kernels laid out for that dot-product instruction
-    (pipeline.tvm_vnni); convs do once the network is channel-last (``pipeline.tvm_vnni.dot_convs``).
+    (passes.dot); convs do once the network is channel-last (``passes.dot.dot_convs``).
 
     Run it on what ``relax.frontend.onnx.from_onnx(..., keep_params_in_input=False)`` returns, before
     ``FoldConstant`` (which turns the int8 weights' dequantize into plain float constants).

@@ -29,8 +29,8 @@ In float32 the result differs from the direct conv by rounding: ~3e-6 of the lar
 (tests/pipeline/test_tvm_winograd.py allows 2e-5).
 
 Only ungrouped float32 convs whose channels fill whole vectors on both sides, with at least 16 tiles: PP-LCNet's
-depthwise convs and 3-channel stem stay direct, so do integer convs (pipeline.tvm_vnni) and the digits CNN.
-Only in tuned builds (pipeline.compile): untuned, the transforms would be plain serial loops.
+depthwise convs and 3-channel stem stay direct, so do integer convs (passes.dot) and the digits CNN.
+Only in tuned builds (pipeline.compiler.build): untuned, the transforms would be plain serial loops.
 """
 
 from __future__ import annotations
@@ -42,7 +42,13 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from pipeline.tvm_vnni import KernelSet, count_calls, int64_shape, rewrite_convs, static_nhwc_batch_one
+from pipeline.compiler.passes.relax_util import (
+    KernelSet,
+    count_calls,
+    int64_shape,
+    rewrite_convs,
+    static_nhwc_batch_one,
+)
 
 __all__ = ["count_winograd_convs", "register_schedule_rules", "winograd_convs", "winograd_filter"]
 
@@ -299,7 +305,7 @@ def _filter(call: relax.Call) -> np.ndarray | None:
 
 class WinogradKernels(KernelSet):
     """The transform kernels. Their schedule rules are registered where they are used: before tuning
-    (pipeline.compile._tune_and_compile), not here."""
+    (pipeline.compiler.build._tune_and_compile), not here."""
 
     def conv(self, x: relax.Expr, hwio: np.ndarray, padding: tuple[int, int, int, int]) -> relax.Expr:
         """The NHWC conv of ``x`` with the 3x3 filter ``hwio``, padded (top, left, bottom, right), by Winograd."""

@@ -18,7 +18,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from pipeline.store import ResultStore, RunRow
+from pipeline.results.store import ResultStore, RunRow
 
 CSS = """
 body{font:14px system-ui,sans-serif;margin:24px;color:#1d232a;background:#fafbfc}

@@ -30,7 +30,13 @@ from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, PyRunnerFu
 from tvm.support.popen_pool import PopenPoolExecutor
 
 from edgedeploy.errors import PreflightError, TransportError
-from pipeline.tuning_control import EVALUATOR, PLACEMENTS, THREADS_VARIABLE, fastest_placement, spaced_arguments
+from pipeline.compiler.tuning.control import (
+    EVALUATOR,
+    PLACEMENTS,
+    THREADS_VARIABLE,
+    fastest_placement,
+    spaced_arguments,
+)
 from targets.profiles import DeviceProfile
 
 if TYPE_CHECKING:
@@ -189,7 +195,7 @@ def rpc_runner(transport: SSHTransport, python: list[str], workdir: str, *, thre
                startup_timeout: float = 180.0, lifetime: float = SERVER_LIFETIME_S,
                evaluator: EvaluatorConfig | None = None, session_timeout: float = 60.0) -> Iterator[BoardRunner]:
     """Start TVM's RPC server on the board with its ``python``, forward a local port to it, yield the runner;
-    candidates run on ``threads`` threads there (the deployment's: pipeline.tuning_control.THREADS_VARIABLE);
+    candidates run on ``threads`` threads there (the deployment's: tuning.control.THREADS_VARIABLE);
     on exit (error or not) stop the worker, the forward and the server with everything it started, and remove
     the server's scratch directory (its per-session directories live there, not in the board's /tmp).
 

@@ -18,7 +18,7 @@ computing the same values:
   legalization (``relax/transform/legalize_ops/qdq.py``), operation for operation;
 
 and after it, ``nn.pad`` (which integer convs with a non-zero activation zero point pad with explicitly,
-pipeline.tvm_int8) is moved inside the permutes that ConvertLayout wrapped around it.
+passes.int8) is moved inside the permutes that ConvertLayout wrapped around it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import tvm_ffi
 from tvm import relax
 from tvm.relax.dpl import is_op, wildcard
 
-from pipeline.tvm_vnni import count_calls, map_relax_functions
+from pipeline.compiler.passes.relax_util import count_calls, map_relax_functions
 
 __all__ = ["channels_last", "count_permutes"]
 
@@ -48,7 +48,7 @@ def _scalar(expr: relax.Expr) -> np.ndarray | None:
 def _const(value: np.ndarray, dtype: str, like: relax.Expr) -> relax.Constant:
     """A one-element tensor of ``like``'s rank. Not a scalar: legalization writes scalars into the kernel as
     literals, which makes layers differing only in their scales distinct kernels and tuning tasks (see
-    pipeline.tvm_int8). Not of shape [1] either: ConvertLayout's rule for binary ops keeps an operand of lower
+    passes.int8). Not of shape [1] either: ConvertLayout's rule for binary ops keeps an operand of lower
     rank in the original layout, with permutes around the op."""
     return relax.const(np.asarray(value, dtype=dtype).reshape([1] * like.ty.ndim))
 

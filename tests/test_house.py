@@ -1,0 +1,37 @@
+"""The house rules the import contracts (pyproject's [tool.importlinter], run by `make test`) can't express."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = [p for folder in ("edgedeploy", "pipeline", "targets", "flows", "tests", "bench", "scripts")
+           for p in sorted((REPO / folder).rglob("*.py"))]
+MAX_LINES = 500
+
+
+def _imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_no_source_file_is_over_500_lines():
+    long = {str(p.relative_to(REPO)): n for p in SOURCES if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert SOURCES
+    assert not long, f"split these (at most {MAX_LINES} lines a file): {long}"
+
+
+def test_only_the_quantize_stage_imports_onnxruntime_quantization():
+    """import-linter sees external packages only whole (onnxruntime), so this one is checked here."""
+    code = [p for p in SOURCES if p.parts[len(REPO.parts)] in ("edgedeploy", "pipeline", "targets", "flows")]
+    importers = sorted(str(p.relative_to(REPO)) for p in code
+                       if any(m == "onnxruntime.quantization" or m.startswith("onnxruntime.quantization.")
+                              for m in _imported_modules(p)))
+    assert importers == ["pipeline/quantize.py"], importers
