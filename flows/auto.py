@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from edgedeploy.errors import DataError, EdgeDeployError
 from flows.tasks import TASK_OPTIONS, partial_task
 from pipeline.auto import AutoSelection, Candidate, CandidateOutcome, choose, default_candidates, outcome, plot_svg
-from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement, measure, metric_name
+from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement, measure
 from pipeline.checks import ort_int8_may_saturate, run_checks
 from pipeline.compile import compile_cached, package_cached, prepare, quantize_model
 from pipeline.config import RunConfig
@@ -22,9 +22,9 @@ from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact, deploy
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
-from pipeline.metrics import agreement
 from pipeline.partial import PartialPlan
 from pipeline.quantize import QuantConfig, QuantizedModel
+from pipeline.scoring import Scoring
 from pipeline.workloads.base import Samples
 from targets.connect import open_transport
 from targets.profiles import DeviceProfile
@@ -57,7 +57,7 @@ def _measure(config: RunConfig, info: ModelInfo, data: PreparedData, profile: De
                           manifest=Path(artifact.manifest_path), baseline_model=Path(info.source_path),
                           inputs=Path(data.eval_path), runtime=artifact.runtime)
         measurement, outputs = measure(transport, profile.connection.python_argv(), deployed, samples, which=which,
-                                       input_order=names, kind=data.kind, settings=_settings(config, profile),
+                                       input_order=names, scoring=data.scoring, settings=_settings(config, profile),
                                        local_dir=local)
     finally:
         transport.close()
@@ -122,7 +122,7 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     with np.load(baseline.outputs_path) as npz:
         base_out = npz["outputs"]
     names = [s.name for s in info.inputs]
-    metric = metric_name(data.kind, Samples.load(Path(data.eval_path), names))
+    metric = data.scoring.metric_for(Samples.load(Path(data.eval_path), names))
     outcomes: list[CandidateOutcome] = []
     runs: list[tuple[Candidate, Measured, object]] = []
     model = onnx.load(info.prepared_path)
@@ -148,7 +148,7 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
                                              status="failed", reason=exc.what))
             continue
         with np.load(run.outputs_path) as npz:
-            runs.append((candidate, run, agreement(npz["outputs"], base_out, classifier=data.kind != "detector")))
+            runs.append((candidate, run, data.scoring.agreement(npz["outputs"], base_out)))
     # The baseline again, after the candidates: whichever of its two measurements is faster is the one to
     # beat, so a baseline measured on a cold machine can't make a candidate look faster than it is.
     again = baseline_task.with_options(task_run_name="baseline (again)")(config, info, data, profile,
@@ -171,8 +171,8 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
 
 
 def bench_report(shipped: Measured, baseline: Measured, *, metric: str | None, settings: BenchmarkSettings,
-                 classifier: bool) -> BenchmarkReport:
+                 scoring: Scoring) -> BenchmarkReport:
     with np.load(shipped.outputs_path) as a, np.load(baseline.outputs_path) as b:
-        agree = agreement(a["outputs"], b["outputs"], classifier=classifier)
+        agree = scoring.agreement(a["outputs"], b["outputs"])
     return BenchmarkReport(artifact=shipped.measurement, baseline=baseline.measurement, agreement=agree,
                            metric=metric, settings=settings)

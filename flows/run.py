@@ -102,8 +102,7 @@ def _auto_run(config: RunConfig, profile: DeviceProfile, info: ModelInfo, timing
     """--quant auto: every allowed candidate measured on the device; the fastest within budget ships."""
     selection, shipped, baseline, data = _timed("auto", timings, auto_select, config, info, profile)
     progress.emit("report", "start")
-    bench = bench_report(shipped, baseline, metric=selection.metric, settings=config.bench,
-                         classifier=data.kind != "detector")
+    bench = bench_report(shipped, baseline, metric=selection.metric, settings=config.bench, scoring=data.scoring)
     result = RunResult.assemble(
         run_id=config.run_id, created=datetime.now(UTC).isoformat(), info=info, workload=data.workload,
         profile=profile.name, quantized=shipped.quantized, compiled=shipped.artifact, bench=bench,

@@ -105,7 +105,7 @@ def benchmark_task(config: RunConfig, deployed: DeployedArtifact, info: ModelInf
     transport, _ = open_transport(profile)
     try:
         return benchmark(transport, profile.connection.python_argv(), deployed, samples, input_order=names,
-                         kind=data.kind, settings=settings, local_dir=config.run_dir())
+                         scoring=data.scoring, settings=settings, local_dir=config.run_dir())
     finally:
         transport.close()
 

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgedeploy.errors import BenchmarkError, ChecksumMismatch
 from pipeline.deploy import DeployedArtifact
-from pipeline.metrics import Agreement, LatencyStats, accuracy, agreement
+from pipeline.metrics import Agreement, LatencyStats
+from pipeline.scoring import Scoring
 from pipeline.workloads.base import Samples
 from targets.transport import Transport
 
@@ -136,8 +137,8 @@ def _run_runner(
     return report, outputs
 
 
-def _measurement(report: dict[str, Any], kind: str | None, outputs: np.ndarray, samples: Samples) -> Measurement:
-    score = accuracy(kind, outputs, samples.labels) if kind and samples.labels is not None else None
+def _measurement(report: dict[str, Any], scoring: Scoring, outputs: np.ndarray, samples: Samples) -> Measurement:
+    score = scoring.accuracy(outputs, samples)
     return Measurement(
         runtime=report["runtime"], artifact_sha256=report["artifact_sha256"], versions=report["versions"],
         latency_ms=LatencyStats.from_samples(report["latency_ms"]), samples_ms=report["latency_ms"],
@@ -201,31 +202,26 @@ def _timed_in_turns(transport: Transport, python: list[str], deployed: DeployedA
 
 def measure(
     transport: Transport, python: list[str], deployed: DeployedArtifact, samples: Samples, *, which: str,
-    input_order: list[str], kind: str | None, settings: BenchmarkSettings, local_dir: Path,
+    input_order: list[str], scoring: Scoring, settings: BenchmarkSettings, local_dir: Path,
 ) -> tuple[Measurement, np.ndarray]:
     """One runtime on the device: the deployed artifact (which="artifact") or onnxruntime fp32 ("baseline"), in one
     process (rounds are turns between two runtimes; alone, they would only cost more start-ups)."""
     (report, outputs), = _timed_in_turns(transport, python, deployed, whiches=[which], input_order=input_order,
                                           settings=settings.model_copy(update={"rounds": 1}),
                                           local_dir=local_dir).values()
-    return _measurement(report, kind, outputs, samples), outputs
-
-
-def metric_name(kind: str | None, samples: Samples) -> str | None:
-    return ("mAP@0.5" if kind == "detector" else "top1") if kind and samples.labels is not None else None
+    return _measurement(report, scoring, outputs, samples), outputs
 
 
 def benchmark(
     transport: Transport, python: list[str], deployed: DeployedArtifact, samples: Samples, *,
-    input_order: list[str], kind: str | None, settings: BenchmarkSettings, local_dir: Path,
+    input_order: list[str], scoring: Scoring, settings: BenchmarkSettings, local_dir: Path,
 ) -> BenchmarkReport:
     """Measure the artifact and the baseline on the device, in turns; score and compare them."""
     timed = _timed_in_turns(transport, python, deployed, whiches=["artifact", "baseline"], input_order=input_order,
                             settings=settings, local_dir=local_dir)
     (art_report, art_out), (base_report, base_out) = timed["artifact"], timed["baseline"]
     return BenchmarkReport(
-        artifact=_measurement(art_report, kind, art_out, samples),
-        baseline=_measurement(base_report, kind, base_out, samples),
-        agreement=agreement(art_out, base_out, classifier=kind != "detector"),
-        metric=metric_name(kind, samples), settings=settings,
+        artifact=_measurement(art_report, scoring, art_out, samples),
+        baseline=_measurement(base_report, scoring, base_out, samples),
+        agreement=scoring.agreement(art_out, base_out), metric=scoring.metric_for(samples), settings=settings,
     )

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgedeploy.errors import DataError
 from pipeline.ingest import TensorSpec
-from pipeline.workloads.base import Samples, Workload
+from pipeline.scoring import Scoring, scoring_for
+from pipeline.workloads.base import Samples, TaskKind, Workload
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -123,7 +124,7 @@ class PreparedData(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     workload: str | None
-    kind: str | None = Field(description="classifier / detector; None when unknown (no accuracy metric).")
+    kind: TaskKind | None = Field(description="classifier / detector; None when unknown (no accuracy metric).")
     calibration_path: str | None
     calibration_samples: int
     calibration_source: str
@@ -131,6 +132,11 @@ class PreparedData(BaseModel):
     eval_samples: int
     eval_source: str
     has_labels: bool
+
+    @property
+    def scoring(self) -> Scoring:
+        """How this data's outputs are scored: the metric against its labels, and agreement with fp32."""
+        return scoring_for(self.kind)
 
 
 def prepare_data(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.workloads.detector import decode, iou
+from pipeline.workloads.detector import iou
 
 
 class LatencyStats(BaseModel):
@@ -78,13 +78,6 @@ def average_precision(detections: list[np.ndarray], truths: list[np.ndarray], *,
         precision[i] = max(precision[i], precision[i + 1])
     steps = np.where(recall[1:] != recall[:-1])[0]
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
-
-
-def accuracy(kind: str, outputs: np.ndarray, labels) -> float:
-    """The workload's metric: top-1 for classifiers, mAP@0.5 for detectors."""
-    if kind == "detector":
-        return average_precision([decode(o) for o in outputs], list(labels)[: len(outputs)])
-    return top1_accuracy(outputs, np.asarray(labels))
 
 
 def agreement(outputs: np.ndarray, reference: np.ndarray, *, classifier: bool) -> Agreement:

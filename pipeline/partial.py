@@ -23,7 +23,7 @@ from rich.table import Table
 from edgedeploy.errors import QuantizationError
 from pipeline.data import PreparedData
 from pipeline.ingest import ModelInfo
-from pipeline.metrics import accuracy, agreement, within_budget
+from pipeline.metrics import within_budget
 from pipeline.quantize import QuantConfig, quantize, weighted_layers
 from pipeline.workloads.base import Samples
 
@@ -82,10 +82,10 @@ class _Evaluator:
     def __init__(self, info: ModelInfo, data: PreparedData) -> None:
         self.names = [s.name for s in info.inputs]
         self.samples = Samples.load(Path(data.eval_path), self.names)
-        self.kind = data.kind
-        self.labelled = data.kind is not None and self.samples.labels is not None
+        self.scoring = data.scoring
+        self.labelled = self.scoring.metric is not None and self.samples.labels is not None
         self.reference = self.outputs(Path(info.prepared_path))
-        self.reference_quality = accuracy(self.kind, self.reference, self.samples.labels) if self.labelled else 1.0
+        self.reference_quality = self.scoring.accuracy(self.reference, self.samples) if self.labelled else 1.0
 
     def outputs(self, model: Path, limit: int | None = None) -> np.ndarray:
         options = ort.SessionOptions()
@@ -97,15 +97,13 @@ class _Evaluator:
 
 
     def metric_name(self) -> str:
-        if self.labelled:
-            return "mAP@0.5" if self.kind == "detector" else "top-1"
-        return "top-1 agreement with fp32" if self.kind != "detector" else "cosine with fp32"
+        return self.scoring.metric_words if self.labelled else self.scoring.agreement_words()
 
     def score(self, outputs: np.ndarray, budget: float) -> tuple[float, bool]:
         """(quality, within the budget): the metric when there are labels, else agreement with fp32."""
-        agree = agreement(outputs, self.reference, classifier=self.kind != "detector")
+        agree = self.scoring.agreement(outputs, self.reference)
         if self.labelled:
-            value = accuracy(self.kind, outputs, self.samples.labels)
+            value = self.scoring.accuracy(outputs, self.samples)
             return value, within_budget(value, self.reference_quality, agree, budget)
         quality = agree.top1 if agree.top1 is not None else agree.cosine
         return quality, within_budget(None, None, agree, budget)

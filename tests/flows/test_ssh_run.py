@@ -17,6 +17,7 @@ from pipeline.compile import build
 from pipeline.config import RunConfig
 from pipeline.deploy import deploy
 from pipeline.quantize import QuantConfig
+from pipeline.scoring import CLASSIFIER
 from pipeline.workloads import WORKLOADS
 from pipeline.workloads.base import Samples
 from targets.connect import open_transport
@@ -82,7 +83,7 @@ def test_tampered_library_is_refused_before_loading(lab_x86, tmp_path):
             fh.write(b"\0")
         with pytest.raises(ChecksumMismatch, match="refused to load") as info:
             benchmark(transport, profile.connection.python_argv(), deployed, samples, input_order=["image"],
-                      kind="classifier", settings=QUICK, local_dir=tmp_path)
+                      scoring=CLASSIFIER, settings=QUICK, local_dir=tmp_path)
         assert info.value.context["expected_sha256"] == built.artifact.sha256
     finally:
         transport.close()

@@ -12,6 +12,7 @@ from pipeline.compile import build
 from pipeline.config import RunConfig
 from pipeline.deploy import deploy
 from pipeline.quantize import QuantConfig
+from pipeline.scoring import CLASSIFIER
 from pipeline.workloads import WORKLOADS
 from targets.connect import open_transport
 from targets.profiles import load_profile
@@ -52,7 +53,7 @@ def test_artifact_and_baseline_take_turns_and_share_the_minimums(tmp_path):
                           manifest=Path(built.artifact.manifest_path), baseline_model=Path(DIGITS),
                           inputs=tmp_path / "eval.npz")
         report = benchmark(recording, profile.connection.python_argv(), deployed, samples, input_order=["image"],
-                           kind="classifier", settings=settings, local_dir=tmp_path)
+                           scoring=CLASSIFIER, settings=settings, local_dir=tmp_path)
     finally:
         transport.close()
     # A B, B A, A B: a drift in the device's speed lands on both runtimes alike.
