@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -197,13 +198,15 @@ def compile_command(
     """Compile MODEL for a profile on this machine (cross-compiling where the device is another arch)."""
     try:
         from pipeline.compile import build
+        from pipeline.session import tuning_board
         from targets.profiles import load_profile
 
         config = _build_config(model, profile, quant, calibration, per_channel, calib_data, calib_samples,
                                input_shape, tune_trials, tune_minutes, partial=partial,
                                accuracy_budget=accuracy_budget / 100)
         with stderr.status(f"compiling for {profile} ..."):
-            result = build(config, load_profile(profile), out)
+            device = load_profile(profile)
+            result = build(config, device, out, tuning_board=functools.partial(tuning_board, device))
     except EdgeDeployError as error:
         exit_with_error(error, as_json=as_json)
     art = result.artifact

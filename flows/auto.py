@@ -3,6 +3,7 @@ the same onnxruntime fp32 baseline; pipeline.auto chooses."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -12,59 +13,21 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import DataError, EdgeDeployError
-from flows.tasks import TASK_OPTIONS, partial_task
+from flows.tasks import TASK_OPTIONS, Measured, measure_task, partial_task
 from pipeline.auto import AutoSelection, Candidate, CandidateOutcome, choose, default_candidates, outcome, plot_svg
-from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement, measure
+from pipeline.benchmark import BenchmarkReport, BenchmarkSettings
 from pipeline.checks import ort_int8_may_saturate, run_checks
 from pipeline.compile import compile_cached, package_cached, prepare, quantize_model
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
-from pipeline.deploy import DeployedArtifact, deploy
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
 from pipeline.partial import PartialPlan
 from pipeline.quantize import QuantConfig, QuantizedModel
 from pipeline.scoring import Scoring
+from pipeline.session import tuning_board
 from pipeline.workloads.base import Samples
-from targets.connect import open_transport
 from targets.profiles import DeviceProfile
-
-
-class Measured(BaseModel):
-    """A candidate's (or the baseline's) artifact, deployment and measurement."""
-
-    model_config = ConfigDict(frozen=True)
-    quantized: QuantizedModel
-    artifact: CompiledArtifact
-    deployed: DeployedArtifact
-    measurement: Measurement
-    outputs_path: str
-
-
-def _settings(config: RunConfig, profile: DeviceProfile) -> BenchmarkSettings:
-    return config.bench if config.bench.threads else config.bench.model_copy(update={"threads": profile.cpu.cores})
-
-
-def _measure(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
-             quantized: QuantizedModel, artifact: CompiledArtifact, *, which: str, folder: str) -> Measured:
-    names = [s.name for s in info.inputs]
-    samples = Samples.load(Path(data.eval_path), names)
-    local = config.run_dir() / folder
-    local.mkdir(parents=True, exist_ok=True)
-    transport, workdir = open_transport(profile)
-    try:
-        deployed = deploy(transport, workdir, config.run_id, library=Path(artifact.library_path),
-                          manifest=Path(artifact.manifest_path), baseline_model=Path(info.source_path),
-                          inputs=Path(data.eval_path), runtime=artifact.runtime)
-        measurement, outputs = measure(transport, profile.connection.python_argv(), deployed, samples, which=which,
-                                       input_order=names, scoring=data.scoring, settings=_settings(config, profile),
-                                       local_dir=local)
-    finally:
-        transport.close()
-    path = local / f"outputs.{which}.npz"
-    np.savez(path, outputs=outputs)
-    return Measured(quantized=quantized, artifact=artifact, deployed=deployed, measurement=measurement,
-                    outputs_path=str(path))
 
 
 def original_as_artifact(info: ModelInfo, profile: DeviceProfile) -> tuple[QuantizedModel, CompiledArtifact]:
@@ -73,24 +36,31 @@ def original_as_artifact(info: ModelInfo, profile: DeviceProfile) -> tuple[Quant
     return original, package_cached(original, info, profile)
 
 
-@task(name="baseline", **TASK_OPTIONS)
-def baseline_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
-                  folder: str = "baseline") -> Measured:
+def _baseline(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile, *,
+              name: str = "baseline", folder: str = "baseline") -> Measured:
     original, artifact = original_as_artifact(info, profile)
-    return _measure(config, info, data, profile, original, artifact, which="baseline", folder=folder)
+    return measure_task.with_options(task_run_name=name)(config, info, data, profile, original, artifact,
+                                                         which="baseline", folder=folder)
+
+
+class Built(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    quantized: QuantizedModel
+    artifact: CompiledArtifact
 
 
 @task(name="candidate", **TASK_OPTIONS)
 def candidate_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
-                   candidate: Candidate, index: int) -> Measured:
+                   candidate: Candidate) -> Built:
     # Exactly this candidate's configuration: the checks' own adjustments (e.g. reduce_range) are candidates too.
     quantized = quantize_model(info, data, candidate.quant)
     if candidate.runtime == "tvm":
         artifact = compile_cached(quantized, info, profile, tune_trials=candidate.tune_trials,
-                                  tune_minutes=candidate.tune_minutes)
+                                  tune_minutes=candidate.tune_minutes,
+                                  tuning_board=functools.partial(tuning_board, profile))
     else:
         artifact = package_cached(quantized, info, profile)
-    return _measure(config, info, data, profile, quantized, artifact, which="artifact", folder=f"candidate-{index}")
+    return Built(quantized=quantized, artifact=artifact)
 
 
 def _refusal(candidate: Candidate, model: onnx.ModelProto, info: ModelInfo, profile: DeviceProfile,
@@ -118,7 +88,7 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
         data = prepare(config, info, config.run_dir(), "int8")
     except DataError:  # an unknown model without --calib-data: int8 candidates are refused, the rest still run
         data = prepare(config, info, config.run_dir(), "fp32")
-    baseline = baseline_task(config, info, data, profile)
+    baseline = _baseline(config, info, data, profile)
     with np.load(baseline.outputs_path) as npz:
         base_out = npz["outputs"]
     names = [s.name for s in info.inputs]
@@ -141,8 +111,11 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
                                              status="refused", reason=reason))
             continue
         try:
-            run = candidate_task.with_options(task_run_name=f"candidate {label}")(
-                config, info, data, profile, candidate, index)
+            built = candidate_task.with_options(task_run_name=f"candidate {label}")(config, info, data, profile,
+                                                                                   candidate)
+            run = measure_task.with_options(task_run_name=f"measure {label}")(
+                config, info, data, profile, built.quantized, built.artifact, which="artifact",
+                folder=f"candidate-{index}")
         except EdgeDeployError as exc:
             outcomes.append(CandidateOutcome(label=label, runtime=candidate.runtime, scheme=candidate.quant.label(),
                                              status="failed", reason=exc.what))
@@ -151,8 +124,7 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
             runs.append((candidate, run, data.scoring.agreement(npz["outputs"], base_out)))
     # The baseline again, after the candidates: whichever of its two measurements is faster is the one to
     # beat, so a baseline measured on a cold machine can't make a candidate look faster than it is.
-    again = baseline_task.with_options(task_run_name="baseline (again)")(config, info, data, profile,
-                                                                          folder="baseline-again")
+    again = _baseline(config, info, data, profile, name="baseline (again)", folder="baseline-again")
     if again.measurement.latency_ms.p50 < baseline.measurement.latency_ms.p50:
         baseline = again
     measured: dict[str, Measured] = {}

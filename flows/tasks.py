@@ -3,29 +3,30 @@ the device tasks' retries. A task calls a pipeline stage and nothing more; the f
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import EdgeDeployError
-from pipeline.benchmark import BenchmarkReport, benchmark
+from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement
 from pipeline.checks import CheckReport
 from pipeline.compile import check_model, compile_cached, ingest_model, prepare, quantize_model
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
-from pipeline.deploy import DeployedArtifact, deploy
+from pipeline.deploy import DeployedArtifact
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
 from pipeline.partial import PartialPlan, plan_partial
-from pipeline.preflight import preflight
 from pipeline.quantize import QuantConfig, QuantizedModel
 from pipeline.regression import Verdict
 from pipeline.report import RunResult
 from pipeline.results.store import ResultStore
-from pipeline.workloads.base import Samples
-from targets.connect import open_transport
+from pipeline.session import DeviceSession, tuning_board
 from targets.profiles import DeviceProfile
 
 # Task results are persisted as JSON (never pickle). Prefect's own result cache is off: artifacts are
@@ -78,36 +79,56 @@ def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData, quant:
 def compile_task(
     config: RunConfig, quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile
 ) -> CompiledArtifact:
-    return compile_cached(quantized, info, profile, tune_trials=config.tune_trials,
-                          tune_minutes=config.tune_minutes)
+    # Tuning on a board times its candidates there: the board session is opened here, not by the compiler.
+    return compile_cached(quantized, info, profile, tune_trials=config.tune_trials, tune_minutes=config.tune_minutes,
+                          tuning_board=functools.partial(tuning_board, profile))
+
+
+def bench_settings(config: RunConfig, profile: DeviceProfile) -> BenchmarkSettings:
+    """The run's benchmark settings, timed on the profile's cores unless the run says how many threads."""
+    return config.bench if config.bench.threads else config.bench.model_copy(update={"threads": profile.cpu.cores})
 
 
 @task(name="deploy", **DEVICE_TASK_OPTIONS)
 def deploy_task(config: RunConfig, compiled: CompiledArtifact, info: ModelInfo, data: PreparedData,
                 profile: DeviceProfile) -> DeployedArtifact:
-    transport, workdir = open_transport(profile)
-    try:
-        files = [Path(compiled.library_path), Path(compiled.manifest_path), Path(info.source_path),
-                 Path(data.eval_path)]
-        preflight(transport, profile, workdir, bytes_needed=sum(f.stat().st_size for f in files))
-        return deploy(transport, workdir, config.run_id, library=files[0], manifest=files[1],
-                      baseline_model=files[2], inputs=files[3])
-    finally:
-        transport.close()
+    with DeviceSession(profile) as session:
+        return session.deploy(config.run_id, compiled, info, data)
 
 
 @task(name="benchmark", **DEVICE_TASK_OPTIONS)
 def benchmark_task(config: RunConfig, deployed: DeployedArtifact, info: ModelInfo, data: PreparedData,
                    profile: DeviceProfile) -> BenchmarkReport:
-    names = [s.name for s in info.inputs]
-    samples = Samples.load(Path(data.eval_path), names)
-    settings = config.bench if config.bench.threads else config.bench.model_copy(update={"threads": profile.cpu.cores})
-    transport, _ = open_transport(profile)
-    try:
-        return benchmark(transport, profile.connection.python_argv(), deployed, samples, input_order=names,
-                         scoring=data.scoring, settings=settings, local_dir=config.run_dir())
-    finally:
-        transport.close()
+    with DeviceSession(profile) as session:
+        return session.benchmark(deployed, info, data, settings=bench_settings(config, profile),
+                                 local_dir=config.run_dir())
+
+
+class Measured(BaseModel):
+    """A candidate's (or the baseline's) artifact, deployment and measurement (--quant auto)."""
+
+    model_config = ConfigDict(frozen=True)
+    quantized: QuantizedModel
+    artifact: CompiledArtifact
+    deployed: DeployedArtifact
+    measurement: Measurement
+    outputs_path: str
+
+
+@task(name="measure", **DEVICE_TASK_OPTIONS)
+def measure_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
+                 quantized: QuantizedModel, artifact: CompiledArtifact, *, which: str, folder: str) -> Measured:
+    """Deploy one artifact and time it alone (--quant auto's candidates, and its baseline: which="baseline")."""
+    local = config.run_dir() / folder
+    local.mkdir(parents=True, exist_ok=True)
+    with DeviceSession(profile) as session:
+        deployed = session.deploy(config.run_id, artifact, info, data)
+        measurement, outputs = session.measure(deployed, info, data, which=which,
+                                               settings=bench_settings(config, profile), local_dir=local)
+    path = local / f"outputs.{which}.npz"
+    np.savez(path, outputs=outputs)
+    return Measured(quantized=quantized, artifact=artifact, deployed=deployed, measurement=measurement,
+                    outputs_path=str(path))
 
 
 @task(name="record", **TASK_OPTIONS)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import CheckRefused
 from pipeline.checks import CheckReport, Runtime, run_checks
-from pipeline.compiler.build import COMPILE_REVISION, compile_model
+from pipeline.compiler.build import COMPILE_REVISION, TuningBoard, compile_model
 from pipeline.config import RunConfig, edgedeploy_home
 from pipeline.data import PreparedData, prepare_data
 from pipeline.ingest import ModelInfo, ingest
@@ -93,7 +93,8 @@ def package_cached(quantized: QuantizedModel, info: ModelInfo, profile: DevicePr
 
 
 def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, *,
-                   tune_trials: int = 0, tune_minutes: float | None = None) -> CompiledArtifact:
+                   tune_trials: int = 0, tune_minutes: float | None = None,
+                   tuning_board: TuningBoard | None = None) -> CompiledArtifact:
     """Compile, or reuse the library built from the same model for the same profile by the same tools.
 
     A tuned build is never taken from the cache: each one adds trials to the persistent tuning database
@@ -102,7 +103,7 @@ def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DevicePr
         workdir = edgedeploy_home() / "tuned" / f"{quantized.sha256[:16]}-{profile.name}"
         workdir.mkdir(parents=True, exist_ok=True)
         return compile_model(quantized, info, profile, workdir, tune_trials=tune_trials, tune_minutes=tune_minutes,
-                             tuning_root=edgedeploy_home() / "tuning")
+                             tuning_root=edgedeploy_home() / "tuning", tuning_board=tuning_board)
     tools = tool_versions()
     key = cache_key(model=quantized.sha256, inputs=[i.model_dump() for i in info.inputs],
                     profile=profile_sha256(profile), compiler=COMPILE_REVISION,
@@ -113,8 +114,10 @@ def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DevicePr
     return result.model_copy(update={"cached": hit})
 
 
-def build(config: RunConfig, profile: DeviceProfile, out_dir: Path) -> BuildResult:
-    """Everything up to a library for ``profile`` in ``out_dir``."""
+def build(config: RunConfig, profile: DeviceProfile, out_dir: Path, *,
+          tuning_board: TuningBoard | None = None) -> BuildResult:
+    """Everything up to a library for ``profile`` in ``out_dir`` (tuned on the board through ``tuning_board``, the
+    caller's session with it, when the profile is reached over SSH)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     info = ingest_model(config, out_dir)
     checks = check_model(info, profile, config, purpose="build")
@@ -125,7 +128,7 @@ def build(config: RunConfig, profile: DeviceProfile, out_dir: Path) -> BuildResu
         quant = quant.model_copy(update={"keep_float": plan.keep_float})
     quantized = quantize_model(info, data, quant)
     cached = compile_cached(quantized, info, profile, tune_trials=config.tune_trials,
-                            tune_minutes=config.tune_minutes)
+                            tune_minutes=config.tune_minutes, tuning_board=tuning_board)
     library = out_dir / Path(cached.library_path).name
     manifest = out_dir / "manifest.json"
     shutil.copyfile(cached.library_path, library)

@@ -4,14 +4,19 @@ A transport offers primitive operations; the deploy protocol built on them (temp
 checksum on the device, atomic rename) lives in pipeline.deploy, so every transport gets the
 same guarantees. ``LocalTransport`` is the device "this machine": files under a work directory,
 commands as child processes in their own process group (killed whole on timeout).
+
+A ``ServingTransport`` (SSH) also starts long-running processes on the device and forwards a local port to one
+of them: what timing tuning candidates on a board takes (pipeline.compiler.tuning.board).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -42,6 +47,36 @@ class Transport(Protocol):
     def makedirs(self, remote: str) -> None: ...
     def free_bytes(self, remote_dir: str) -> int: ...
     def close(self) -> None: ...
+
+
+class NothingListening(TransportError):
+    """The device could not connect to a forwarded port's destination there."""
+
+
+class RemoteProcess(Protocol):
+    """A process started on the device and left running; leaving its ``with`` block stops it and what it started."""
+
+    @property
+    def running(self) -> bool: ...
+    def output(self, last: int = 30) -> str: ...
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float, *, what: str) -> re.Match[str]: ...
+    def stop(self, grace: float = 10.0) -> bool: ...
+    def __enter__(self) -> RemoteProcess: ...
+    def __exit__(self, *exc_info) -> None: ...
+
+
+class PortForward(Protocol):
+    """127.0.0.1:``port`` here, each connection carried to a destination as the device sees it."""
+
+    port: int
+
+
+class ServingTransport(Transport, Protocol):
+    """A transport that can also leave a server running on the device and reach it through a forwarded port."""
+
+    def start(self, argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -> RemoteProcess: ...
+    def forward(self, host: str, port: int, *, ready_within: float = 0.0,
+                server: RemoteProcess | None = None) -> AbstractContextManager[PortForward]: ...
 
 
 class LocalTransport:

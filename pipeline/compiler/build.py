@@ -12,9 +12,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import tvm
@@ -44,6 +45,12 @@ from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profi
 from pipeline.quantize import QuantizedModel
 from targets.hashing import sha256_bytes
 from targets.profiles import DeviceProfile
+
+if TYPE_CHECKING:
+    from pipeline.compiler.tuning.board import BoardRunner
+
+# Opens TVM's RPC server on the board for one tuning run (pipeline.session.tuning_board): the caller's session.
+TuningBoard = Callable[[], AbstractContextManager["BoardRunner"]]
 
 __all__ = ["ELF_MACHINES", "CompiledArtifact", "compile_model", "elf_machine", "profile_sha256",
            "tvm_importable_ops"]
@@ -255,14 +262,20 @@ def _tuning_refusal(profile: DeviceProfile, trials: int) -> CompileError | None:
 
 
 def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_dir: Path,
-                 profile: DeviceProfile | None = None, minutes: float | None = None):
-    """Tune and build; candidates are timed here, or on the board when ``profile`` is reached over SSH."""
+                 profile: DeviceProfile | None = None, minutes: float | None = None,
+                 tuning_board: TuningBoard | None = None):
+    """Tune and build; candidates are timed here, or on the board when ``profile`` is reached over SSH (through
+    ``tuning_board``, which the caller's session with the board provides)."""
     with _stdout_to_stderr():
         if profile is None or profile.connection.transport == "local":
             return _tune_and_compile(mod, cpu, trials, database_dir, minutes=minutes)
         from pipeline.compiler.tuning import board as remote_tuning
 
-        with remote_tuning.board_runner(profile) as board, remote_tuning.candidate_scratch() as scratch:
+        if tuning_board is None:
+            raise CompileError(f"Tuning for profile {profile.name!r} times its candidates on the board, and no "
+                               "session with the board was given", value=f"--tune-trials {trials}",
+                               fix="tune through `deploy run` or `deploy compile`, which open that session")
+        with tuning_board() as board, remote_tuning.candidate_scratch() as scratch:
             # Each candidate is linked here (the board's cross compiler) and loaded there as it is.
             export = functools.partial(remote_tuning.export_shared, cross_compiler=profile.cross_compiler,
                                        scratch=scratch)
@@ -435,9 +448,11 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
 def compile_model(
     quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, workdir: Path, *,
     tune_trials: int = 0, tune_minutes: float | None = None, tuning_root: Path | None = None,
+    tuning_board: TuningBoard | None = None,
 ) -> CompiledArtifact:
-    """Import into TVM Relax, build for the profile's CPU (MetaSchedule-tuned when ``tune_trials`` > 0),
-    export the library, write the manifest."""
+    """Import into TVM Relax, build for the profile's CPU (MetaSchedule-tuned when ``tune_trials`` > 0: on a board
+    reached over SSH, through the RPC server ``tuning_board()`` opens there), export the library, write the
+    manifest."""
     target_dict = resolve_target(profile)
     gpu_dict = profile.tvm_gpu_target()
     if tune_trials and (refusal := _tuning_refusal(profile, tune_trials)):
@@ -449,7 +464,7 @@ def compile_model(
         if tune_trials:
             root = tuning_root or workdir / "tuning"
             executable, tuning = _tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root), profile,
-                                              minutes=tune_minutes)
+                                              minutes=tune_minutes, tuning_board=tuning_board)
         else:
             executable = _build(mod, target_dict, gpu_dict)
         library = workdir / "model.so"

@@ -18,10 +18,7 @@ import paramiko
 from edgedeploy.errors import ConnectFailed, TransportError
 from targets.ssh.connection import SSHConnection
 from targets.ssh.process import RemoteProcess
-
-
-class NothingListening(TransportError):
-    """The device's sshd could not connect to a forwarded port's destination there."""
+from targets.transport import NothingListening
 
 
 def _without_refused_channels(record: logging.LogRecord) -> bool:

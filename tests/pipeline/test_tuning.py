@@ -145,26 +145,25 @@ def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_pat
     port; the server and everything it started are gone afterwards, and the tuned library is right."""
     from tvm.s_tir.meta_schedule.database import JSONDatabase
 
-    from pipeline.compiler.tuning import board as remote_tuning
+    from pipeline.session import tuning_board
 
     model, info, q = digits
     cores = os.cpu_count() or 1
     profile = load_profile(str(lab_x86.profile(extends="x86-server", python=x86_python(), cpu={"cores": cores})))
     sessions = []
-    real_board_runner = remote_tuning.board_runner
 
     @contextlib.contextmanager
-    def watched(profile, **options):
-        with real_board_runner(profile, **options) as board:
+    def watched():  # the session with the board, as the orchestrator hands it in
+        with tuning_board(profile) as board:
             sessions.append((board, group_members(board.server.pgid)))
             yield board
 
-    monkeypatch.setattr(remote_tuning, "board_runner", watched)
     scratch = tmp_path / "scratch"  # where the candidates are linked here (the forked builds inherit it)
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     (tmp_path / "out").mkdir()
-    artifact = compile_model(q, info, profile, tmp_path / "out", tune_trials=1, tuning_root=tmp_path / "tuning")
+    artifact = compile_model(q, info, profile, tmp_path / "out", tune_trials=1, tuning_root=tmp_path / "tuning",
+                             tuning_board=watched)
 
     [(board, server_group)] = sessions
     tuning = artifact.tuning
@@ -273,6 +272,16 @@ def test_tuning_for_a_board_without_tvm_is_refused_clearly(lab_x86, digits, tmp_
     with pytest.raises(CompileError, match="Tuning for profile 'lab-x86' is not available") as exc:
         compile_model(q, info, profile, tmp_path, tune_trials=4)
     assert "RPC server" in exc.value.expected
+
+
+def test_tuning_on_a_board_uses_the_session_it_is_given_and_opens_none(lab_x86, digits, tmp_path):
+    """The compiler never opens a connection: without the board session the orchestrator hands in, tuning for a
+    board refuses at once (no connection attempted, nothing tuned)."""
+    _, info, q = digits
+    profile = load_profile(str(lab_x86.profile(extends="x86-server", python=x86_python())))
+    with pytest.raises(CompileError, match="no session with the board was given"):
+        compile_model(q, info, profile, tmp_path, tune_trials=1, tuning_root=tmp_path / "tuning")
+    assert not (tmp_path / "tuning").exists()
 
 
 def test_tuning_keeps_stdout_for_json(tmp_path):

@@ -1,4 +1,5 @@
-"""Tuning for a board over SSH: MetaSchedule measures every candidate on the board itself.
+"""Tuning for a board over SSH: MetaSchedule measures every candidate on the board itself, over a session with the
+board that the caller opened and hands in (the compiler never opens a connection: pipeline.session does).
 
     this machine                                             the board (over one SSH connection)
     MetaSchedule
@@ -6,8 +7,8 @@
      └─ TunnelRunner ─ worker process ─ rpc.connect(127.0.0.1:F)
                                           F: PortForward ── direct-tcpip ──► 127.0.0.1:P
                                                                               python -m tvm.exec.rpc_server
-                                                                              (SSHTransport.start: dies with its
-                                                                               process group when we are done)
+                                                                              (ServingTransport.start: dies with
+                                                                               its process group when we are done)
 
 The RPC client runs in a worker process (MetaSchedule's PopenPoolExecutor, as its own RPCRunner does), never in
 this one: TVM frees remote objects in destructors that wait for the board's answer while holding the GIL, and the
@@ -23,7 +24,6 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, PyRunnerFuture, RunnerResult
@@ -37,10 +37,9 @@ from pipeline.compiler.tuning.control import (
     fastest_placement,
     spaced_arguments,
 )
+from pipeline.preflight import probe
 from targets.profiles import DeviceProfile
-
-if TYPE_CHECKING:
-    from targets.ssh import PortForward, RemoteProcess, SSHTransport
+from targets.transport import NothingListening, PortForward, RemoteProcess, ServingTransport
 
 SERVER_MODULE = "tvm.exec.rpc_server"
 # The server takes the first free port from a random start in [9090, 9150) up to 9199 on the board's loopback.
@@ -191,7 +190,7 @@ class BoardRunner:
 
 
 @contextlib.contextmanager
-def rpc_runner(transport: SSHTransport, python: list[str], workdir: str, *, threads: int,
+def rpc_runner(transport: ServingTransport, python: list[str], workdir: str, *, threads: int,
                startup_timeout: float = 180.0, lifetime: float = SERVER_LIFETIME_S,
                evaluator: EvaluatorConfig | None = None, session_timeout: float = 60.0) -> Iterator[BoardRunner]:
     """Start TVM's RPC server on the board with its ``python``, forward a local port to it, yield the runner;
@@ -229,12 +228,10 @@ def rpc_runner(transport: SSHTransport, python: list[str], workdir: str, *, thre
 
 
 @contextlib.contextmanager
-def _forward_to(server: RemoteProcess, transport: SSHTransport, device_port: int) -> Iterator[PortForward]:
+def _forward_to(server: RemoteProcess, transport: ServingTransport, device_port: int) -> Iterator[PortForward]:
     """A forward to the server's port. TVM logs "bind to" just before it calls listen(): under an emulator, or on a
     loaded board, a connection in between is refused (CI saw it), so the server gets a moment; one that died
     instead (e.g. listen() failed) is reported with its own last words."""
-    from targets.ssh import NothingListening
-
     listening = False
     try:
         with transport.forward("127.0.0.1", device_port, ready_within=LISTEN_GRACE_S,
@@ -249,26 +246,20 @@ def _forward_to(server: RemoteProcess, transport: SSHTransport, device_port: int
 
 
 @contextlib.contextmanager
-def board_runner(profile: DeviceProfile, **options) -> Iterator[BoardRunner]:
-    """``rpc_runner`` for the board a profile describes: its own SSH connection, checked first (the board's
-    machine and its TVM), closed at the end."""
-    from pipeline.preflight import probe
-    from targets.connect import open_transport
-
-    transport, workdir = open_transport(profile)
-    try:
-        facts = probe(transport, profile, workdir)
-        if facts.machine != profile.cpu.arch:
-            raise PreflightError(f"The device is {facts.machine}, but profile {profile.name!r} says "
-                                 f"{profile.cpu.arch}", host=transport.name,
-                                 fix="use the profile that matches this device")
-        if not facts.tvm:
-            raise PreflightError("Tuning on the device needs TVM there (its RPC server times the candidates), "
-                                 "and its Python can't import tvm", host=transport.name,
-                                 value=" ".join(profile.connection.python_argv()),
-                                 fix="pip install apache-tvm on the device (the version this machine has)")
-        with rpc_runner(transport, profile.connection.python_argv(), workdir, threads=profile.cpu.cores,
-                        **options) as board:
-            yield board
-    finally:
-        transport.close()
+def board_runner(transport: ServingTransport, workdir: str, profile: DeviceProfile,
+                 **options) -> Iterator[BoardRunner]:
+    """``rpc_runner`` on the board a profile describes, over the caller's session with it (``transport``), checked
+    first: the board's machine, and TVM there."""
+    facts = probe(transport, profile, workdir)
+    if facts.machine != profile.cpu.arch:
+        raise PreflightError(f"The device is {facts.machine}, but profile {profile.name!r} says "
+                             f"{profile.cpu.arch}", host=transport.name,
+                             fix="use the profile that matches this device")
+    if not facts.tvm:
+        raise PreflightError("Tuning on the device needs TVM there (its RPC server times the candidates), "
+                             "and its Python can't import tvm", host=transport.name,
+                             value=" ".join(profile.connection.python_argv()),
+                             fix="pip install apache-tvm on the device (the version this machine has)")
+    with rpc_runner(transport, profile.connection.python_argv(), workdir, threads=profile.cpu.cores,
+                    **options) as board:
+        yield board

@@ -1,0 +1,84 @@
+"""A session with a device: opened, checked, used, closed. The one way the stages reach a board.
+
+`deploy run`, `--quant auto` and the lab deploy and measure through it (flows/tasks.py wraps each use in a task that
+retries transient faults), and tuning on a board gets its RPC server through one (`tuning_board`), opened by the
+orchestrator and handed to the compiler, which never opens a connection itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement, benchmark, measure
+from pipeline.data import PreparedData
+from pipeline.deploy import DeployedArtifact, deploy
+from pipeline.ingest import ModelInfo
+from pipeline.manifest import CompiledArtifact
+from pipeline.preflight import preflight
+from pipeline.workloads.base import Samples
+from targets.connect import open_transport
+from targets.profiles import DeviceProfile
+from targets.transport import Transport
+
+if TYPE_CHECKING:
+    from pipeline.compiler.tuning.board import BoardRunner
+
+
+class DeviceSession:
+    """One connection to the device a profile describes, for as long as the ``with`` block lasts."""
+
+    def __init__(self, profile: DeviceProfile) -> None:
+        self.profile = profile
+        self.transport: Transport
+        self.workdir: str
+
+    def __enter__(self) -> DeviceSession:
+        self.transport, self.workdir = open_transport(self.profile)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.transport.close()
+
+    def deploy(self, run_id: str, artifact: CompiledArtifact, info: ModelInfo, data: PreparedData) -> DeployedArtifact:
+        """The preflight (the device is what the profile says, has the runtimes and the room), then the artifact,
+        the fp32 baseline model and the evaluation inputs placed on it (pipeline.deploy)."""
+        files = [Path(artifact.library_path), Path(artifact.manifest_path), Path(info.source_path),
+                 Path(data.eval_path)]
+        runtimes = ("tvm", "onnxruntime") if artifact.runtime == "tvm" else ("onnxruntime",)
+        preflight(self.transport, self.profile, self.workdir, bytes_needed=sum(f.stat().st_size for f in files),
+                  runtimes=runtimes)
+        return deploy(self.transport, self.workdir, run_id, library=files[0], manifest=files[1],
+                      baseline_model=files[2], inputs=files[3], runtime=artifact.runtime)
+
+    def _samples(self, info: ModelInfo, data: PreparedData) -> tuple[list[str], Samples]:
+        names = [s.name for s in info.inputs]
+        return names, Samples.load(Path(data.eval_path), names)
+
+    def benchmark(self, deployed: DeployedArtifact, info: ModelInfo, data: PreparedData, *,
+                  settings: BenchmarkSettings, local_dir: Path) -> BenchmarkReport:
+        """The artifact and onnxruntime fp32 in turns, scored and compared (pipeline.benchmark)."""
+        names, samples = self._samples(info, data)
+        return benchmark(self.transport, self.profile.connection.python_argv(), deployed, samples, input_order=names,
+                         scoring=data.scoring, settings=settings, local_dir=local_dir)
+
+    def measure(self, deployed: DeployedArtifact, info: ModelInfo, data: PreparedData, *, which: str,
+                settings: BenchmarkSettings, local_dir: Path) -> tuple[Measurement, np.ndarray]:
+        """One runtime alone: the artifact (which="artifact") or onnxruntime fp32 (which="baseline")."""
+        names, samples = self._samples(info, data)
+        return measure(self.transport, self.profile.connection.python_argv(), deployed, samples, which=which,
+                       input_order=names, scoring=data.scoring, settings=settings, local_dir=local_dir)
+
+
+@contextlib.contextmanager
+def tuning_board(profile: DeviceProfile) -> Iterator[BoardRunner]:
+    """TVM's RPC server on the board, reached through a forwarded port of a session with it, for MetaSchedule to
+    time candidates there; stopped, and the session closed, on exit. What the orchestrator hands the compiler."""
+    from pipeline.compiler.tuning.board import board_runner
+
+    with DeviceSession(profile) as session, board_runner(session.transport, session.workdir, profile) as board:
+        yield board
