@@ -1,5 +1,5 @@
 """What registering TVM's tensor intrinsics costs a process: TVM's whole set (`import tvm.s_tir.tensor_intrin`, what
-MetaSchedule's TuneContext does) against the target's own (pipeline.compiler.tuning.intrinsics, here x86).
+MetaSchedule's TuneContext does) against the target's own (pipeline.compiler.intrinsics, here x86).
 
     .venv/bin/python bench/intrinsics_import.py [--rounds 3] [--bare]
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRELUDE = {"deploy": "import tvm, prefect, scipy.stats, onnxruntime", "bare": "import tvm"}
 WAYS = {
     "TVM's whole set": "import tvm.s_tir.tensor_intrin",
-    "the target's (x86)": "from pipeline.compiler.tuning.intrinsics import load_tensor_intrinsics\n"
+    "the target's (x86)": "from pipeline.compiler.intrinsics import load_tensor_intrinsics\n"
                           "load_tensor_intrinsics(tvm.target.Target({'kind': 'llvm', 'mtriple': 'x86_64-linux-gnu'}))",
 }
 

@@ -55,10 +55,10 @@ def main() -> None:
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from pipeline.compiler.build import _tune_and_compile
     from pipeline.compiler.passes.fastmath import fast_math
     from pipeline.compiler.passes.layout import channels_last
     from pipeline.compiler.passes.winograd import count_winograd_convs, winograd_convs
+    from pipeline.compiler.tuning.search import tune_and_compile
     from targets.device_runner import kernel_times
 
     model, x = layers(args.channels, args.size)
@@ -72,7 +72,7 @@ def main() -> None:
             mod = winograd_convs(mod)
             assert count_winograd_convs(mod) == 1
         mod, _ = fast_math(mod)
-        executable, tuning = _tune_and_compile(mod, target, args.trials, Path(tempfile.mkdtemp()) / "db")
+        executable, tuning = tune_and_compile(mod, target, args.trials, Path(tempfile.mkdtemp()) / "db")
         vm = relax.VirtualMachine(executable, tvm.cpu())
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
         machines[variant] = vm

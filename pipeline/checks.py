@@ -326,7 +326,7 @@ def run_checks(
 ) -> CheckReport:
     """Every check, in order; ``quant`` may come back adjusted (e.g. reduce_range on AVX2)."""
     if importable is None:
-        from pipeline.compiler.build import tvm_importable_ops
+        from pipeline.compiler.frontend import tvm_importable_ops
 
         importable = tvm_importable_ops()
     ort_result, quant = check_ort_int8_x86(profile, quant, runtime)

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import CheckRefused
 from pipeline.checks import CheckReport, Runtime, run_checks
-from pipeline.compiler.build import COMPILE_REVISION, TuningBoard, compile_model
+from pipeline.compiler.build import COMPILE_REVISION, compile_model
+from pipeline.compiler.tuning.search import TuningBoard
 from pipeline.config import RunConfig, edgedeploy_home
 from pipeline.data import PreparedData, prepare_data
 from pipeline.ingest import ModelInfo, ingest

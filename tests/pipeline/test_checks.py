@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from pipeline.checks import run_checks
-from pipeline.compiler.build import tvm_importable_ops
+from pipeline.compiler.frontend import tvm_importable_ops
 from pipeline.ingest import ingest
 from pipeline.quantize import QuantConfig
 from targets.host import Toolchain

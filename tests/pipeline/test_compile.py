@@ -74,7 +74,7 @@ def test_compile_cache_key_follows_the_compiler_code(tmp_path):
 def test_a_time_budget_keeps_the_first_tuning_round_to_a_third_of_it():
     """At MetaSchedule's 64 candidates a round, YOLOX's 49 tasks would spend ~45 of 57 minutes on the round every
     task gets before the cost model steers anything."""
-    from pipeline.compiler.build import SECONDS_PER_TRIAL, trials_per_round
+    from pipeline.compiler.tuning.search import SECONDS_PER_TRIAL, trials_per_round
 
     assert trials_per_round(1000, 49, 57) == 23
     assert 49 * 23 * SECONDS_PER_TRIAL <= 57 * 60 / 3
@@ -87,7 +87,7 @@ def test_a_time_budget_keeps_the_first_tuning_round_to_a_third_of_it():
 
 def test_the_search_breeds_eight_candidates_for_each_one_a_round_measures():
     """MetaSchedule's own ratio (512 for 64): a 16-candidate round no longer pays for breeding 512."""
-    from pipeline.compiler.build import search_strategy
+    from pipeline.compiler.tuning.search import search_strategy
 
     assert search_strategy(1000, 64).population_size == 512
     assert search_strategy(1000, 16).population_size == 128

@@ -63,11 +63,12 @@ def _task_count(q, info, profile) -> int:
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler.build import _decomposed, _fuse, relax_module, resolve_target
+    from pipeline.compiler.frontend import relax_module, resolve_target
+    from pipeline.compiler.tuning.search import decompose, fuse
 
     target = tvm.target.Target(resolve_target(profile))
     mod, _ = relax_module(q, info, profile)
-    return len(ms.relax_integration.extract_tasks(_fuse(_decomposed(mod, target), target), target))
+    return len(ms.relax_integration.extract_tasks(fuse(decompose(mod, target), target), target))
 
 
 @pytest.mark.parametrize("batches_in_time", ["two", "first round + 3"])
@@ -117,7 +118,7 @@ def test_the_first_round_takes_the_heaviest_kernels_first():
             self.dispatched = [tvm.IRModule({"main": kernel})]  # as extract_tasks gives them
             self.weight = weight
 
-    from pipeline.compiler.build import heaviest_first
+    from pipeline.compiler.tuning.search import heaviest_first
 
     light, heavy, called_often = Task(64, 1), Task(4096, 1), Task(1024, 8)
     assert heaviest_first([light, heavy, called_often]) == [called_often, heavy, light]
@@ -327,8 +328,8 @@ def test_each_candidate_counts_its_fastest_placement():
     from tvm.s_tir.meta_schedule.runner import RunnerInput, RunnerResult
     from tvm.script import tirx as T
 
-    from pipeline.compiler.build import _forked_builder
     from pipeline.compiler.tuning.control import PLACEMENTS, OneAtATime, fastest_placement, local_runner
+    from pipeline.compiler.tuning.search import forked_builder
 
     assert [float(c) for c in fastest_placement(RunnerResult([3e-3, 5e-4, 2e-3], None)).run_secs] == [5e-4]
     failed = RunnerResult(None, "it crashed")
@@ -339,7 +340,7 @@ def test_each_candidate_counts_its_fastest_placement():
         for i in range(1024):
             b[i] = a[i] + T.float32(1)
 
-    [built] = _forked_builder().build([BuilderInput(tvm.IRModule({"main": add_one}), tvm.target.Target("llvm"))])
+    [built] = forked_builder().build([BuilderInput(tvm.IRModule({"main": add_one}), tvm.target.Target("llvm"))])
     candidate = RunnerInput(built.artifact_path, "cpu", [TensorInfo("float32", [1024])] * 2)
     runner = local_runner(1)
     [raw] = runner.run([candidate])

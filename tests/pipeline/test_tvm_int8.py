@@ -188,7 +188,7 @@ def test_layers_that_differ_only_in_scales_share_one_tuning_task(tmp_path):
     kernel of its own (PP-LCNet int8: 62 tuning tasks, 54 with the scales read from buffers)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler.build import _decomposed, _fuse
+    from pipeline.compiler.tuning.search import decompose, fuse
 
     onnx.save(_chain_of_convs(), str(tmp_path / "chain.onnx"))
     rng = np.random.default_rng(3)
@@ -197,7 +197,7 @@ def test_layers_that_differ_only_in_scales_share_one_tuning_task(tmp_path):
     integer, count = integerize(_import(path, {"x": [1, 8, 8, 8]}))
     assert count == 3
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
-    tasks = ms.relax_integration.extract_tasks(_fuse(_decomposed(integer, target), target), target)
+    tasks = ms.relax_integration.extract_tasks(fuse(decompose(integer, target), target), target)
     convs = sorted(int(task.weight) for task in tasks if "conv2d" in task.task_name)
     # The first two convs (each requantized to the next layer's scale) are one kernel called twice; the last
     # one also dequantizes the output, a kernel of its own.

@@ -1,4 +1,4 @@
-"""Only the target's tensor intrinsics are registered (compiler.tuning.intrinsics): TVM's whole set costs 45-90 s of
+"""Only the target's tensor intrinsics are registered (compiler.intrinsics): TVM's whole set costs 45-90 s of
 CPU to parse, paid by every int8 build and every tuning run."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import textwrap
 import pytest
 import tvm
 
-from pipeline.compiler.build import resolve_target
-from pipeline.compiler.tuning.intrinsics import intrinsic_modules
+from pipeline.compiler.frontend import resolve_target
+from pipeline.compiler.intrinsics import intrinsic_modules
 from targets.profiles import load_profile
 
 SUBMODULES = "sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('tvm.s_tir.tensor_intrin.'))"
@@ -42,7 +42,7 @@ def test_an_x86_target_registers_x86s_intrinsics_and_no_others(tmp_path):
     result = _fresh_python(f"""
         import json, sys, tvm
         from tvm.s_tir import TensorIntrin
-        from pipeline.compiler.tuning.intrinsics import load_tensor_intrinsics
+        from pipeline.compiler.intrinsics import load_tensor_intrinsics
 
         load_tensor_intrinsics(tvm.target.Target({{"kind": "llvm", "mtriple": "x86_64-linux-gnu"}}))
         TensorIntrin.get("dot_16x4_vnni")  # raises if not registered
@@ -53,7 +53,7 @@ def test_an_x86_target_registers_x86s_intrinsics_and_no_others(tmp_path):
 
 
 def test_an_unknown_target_gets_every_module_the_package_would_import(monkeypatch):
-    from pipeline.compiler.tuning import intrinsics as tvm_intrinsics
+    from pipeline.compiler import intrinsics as tvm_intrinsics
 
     imported = []
     monkeypatch.setattr(tvm_intrinsics.importlib, "import_module", imported.append)
@@ -66,9 +66,9 @@ def test_the_tuning_builder_leaves_the_intrinsics_to_the_target(tmp_path):
     intrinsics are registered, so tuning over SSH still paid 89 s of CPU."""
     result = _fresh_python(f"""
         import json, sys
-        from pipeline.compiler.build import _forked_builder
+        from pipeline.compiler.tuning.search import forked_builder
 
-        _forked_builder()
+        forked_builder()
         json.dump({SUBMODULES}, open(OUT, "w"))
     """, tmp_path)
     assert result == []

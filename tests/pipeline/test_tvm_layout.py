@@ -186,13 +186,13 @@ def test_channel_last_layers_that_differ_only_in_scales_still_share_a_kernel(tmp
     (pipeline.compiler.passes.int8): written in as literals, every layer would be its own tuning task."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler.build import _decomposed, _fuse
+    from pipeline.compiler.tuning.search import decompose, fuse
 
     onnx.save(_chain_of_convs(), str(tmp_path / "chain.onnx"))
     calibration = Samples({"x": np.random.default_rng(3).uniform(*CALIBRATION_RANGE, (8, 8, 8, 8)).astype(np.float32)})
     path = _int8_model(tmp_path / "chain.onnx", tmp_path, calibration, "uint8")
     nhwc, _ = multiply_by_reciprocal(channels_last(integerize(_import(path, {"x": [1, 8, 8, 8]}))[0]))
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
-    tasks = ms.relax_integration.extract_tasks(_fuse(_decomposed(nhwc, target), target), target)
+    tasks = ms.relax_integration.extract_tasks(fuse(decompose(nhwc, target), target), target)
     convs = sorted(int(task.weight) for task in tasks if "conv2d" in task.task_name)
     assert convs == [1, 2], [(task.task_name, int(task.weight)) for task in tasks]

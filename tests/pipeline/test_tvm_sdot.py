@@ -17,7 +17,7 @@ from tests.pipeline.test_tvm_vnni import _reference_conv, quantized_pointwise_mo
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
-from pipeline.compiler.build import dot_layout  # noqa: E402
+from pipeline.compiler.frontend import dot_layout  # noqa: E402
 from pipeline.compiler.passes.dot import SDOT, VNNI, count_dot_ops, dot_conv, dot_convs, dot_matmul, packed_weight  # noqa: E402
 from pipeline.compiler.passes.int8 import integerize  # noqa: E402
 from pipeline.compiler.passes.layout import channels_last  # noqa: E402
@@ -84,8 +84,8 @@ def test_tuning_candidates_for_the_pi5_are_sdot_code_and_exact_on_the_emulated_b
     int32 sums bit for bit, extremes (-128 x -128, 4 at a time) included."""
     from tvm.s_tir import meta_schedule as ms
 
+    from pipeline.compiler.intrinsics import load_modules
     from pipeline.compiler.passes.dot import dot_search_space
-    from pipeline.compiler.tuning.intrinsics import load_modules
 
     python = aarch64_python()
     if python is None:

@@ -123,10 +123,10 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
     # What tuning and the tuned build do to it: each VNNI kernel fuses with the requantize after it. (Built with
     # int32 extents, the kernel's output buffer didn't match the [1, 16] int64 one its epilogue reads, and FuseTIR
     # failed the whole build: "Inconsistent buffers vnni_matmul and lv3 mapped to the same relax var".)
-    from pipeline.compiler.build import _decomposed, _fuse
+    from pipeline.compiler.tuning.search import decompose, fuse
 
     cascadelake = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
-    fused = _fuse(_decomposed(vnni, cascadelake), cascadelake)
+    fused = fuse(decompose(vnni, cascadelake), cascadelake)
     kernels = [gvar.name_hint for gvar in fused.get_global_vars() if gvar.name_hint.startswith("fused_vnni_")]
     assert len(kernels) == 5 and all("_cast" in name for name in kernels), kernels
     assert sum("strided_slice" in name for name in kernels) == 1  # the padding channels dropped in the epilogue
@@ -174,8 +174,8 @@ def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, ke
     reads its windows straight from the NHWC input (its one reduction axis runs over taps and channels)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler.build import _forked_builder, _unnamed_handlers_detached
     from pipeline.compiler.passes.dot import dot_conv
+    from pipeline.compiler.tuning.search import forked_builder, unnamed_handlers_detached
 
     register_vnni_intrinsic()
     rng = np.random.default_rng(0)
@@ -193,9 +193,9 @@ def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, ke
         weight, expected = packed_weight(w), a.astype(np.int32) @ w.astype(np.int32).T
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-    with _unnamed_handlers_detached():  # a tuning run earlier in the session left pytest's handlers behind
+    with unnamed_handlers_detached():  # a tuning run earlier in the session left pytest's handlers behind
         database = ms.tune_tir(mod, target, str(tmp_path / "tuning"), max_trials_global=16, num_trials_per_iter=16,
-                               builder=_forked_builder(), runner=_runner(), strategy="replay-trace", seed=7)
+                               builder=forked_builder(), runner=_runner(), strategy="replay-trace", seed=7)
     records = database.get_all_tuning_records()
     if HAS_VNNI:
         timed = sorted((float(r.run_secs[0]), i, r) for i, r in enumerate(records)
@@ -227,8 +227,8 @@ def test_candidates_that_vectorize_around_the_intrinsic_are_dropped_before_they_
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import PyBuilder
 
-    from pipeline.compiler.build import _forked_builder, _unnamed_handlers_detached
     from pipeline.compiler.passes.dot import dot_search_space, vector_code_in_vectorized_loop
+    from pipeline.compiler.tuning.search import forked_builder, unnamed_handlers_detached
 
     register_vnni_intrinsic()
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
@@ -237,7 +237,7 @@ def test_candidates_that_vectorize_around_the_intrinsic_are_dropped_before_they_
     def built(space, name: str) -> list[tuple[bool, bool]]:
         """(failed to build, flagged) for each of 16 random candidates."""
         seen = []
-        inner = _forked_builder()
+        inner = forked_builder()
 
         @derived_object
         class Watching(PyBuilder):
@@ -247,7 +247,7 @@ def test_candidates_that_vectorize_around_the_intrinsic_are_dropped_before_they_
                             for r, i in zip(results, build_inputs, strict=True))
                 return results
 
-        with _unnamed_handlers_detached():
+        with unnamed_handlers_detached():
             ms.tune_tir(mod, target, str(tmp_path / name), max_trials_global=16, num_trials_per_iter=16,
                         builder=Watching(), runner=_runner(), strategy="replay-trace", seed=7, space=space)
         return seen

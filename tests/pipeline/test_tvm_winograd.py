@@ -117,19 +117,19 @@ def test_tuned_winograd_kernels_use_their_rules_and_compute_the_direct_conv(tmp_
     activation and residual inside the output transform, every kernel tuned, the result onnxruntime's."""
     from tvm.s_tir.meta_schedule.database import JSONDatabase
 
-    from pipeline.compiler.build import _fused, _tune_and_compile
+    from pipeline.compiler.tuning.search import fused, tune_and_compile
 
     model, x, expected = _model(16, 15, 15, [{"o": 32, "pads": [0, 1, 2, 0]}, {"o": 32, "residual": True}])
     mod = _relax(model, x)
     assert count_winograd_convs(mod) == 2
-    kernels = [str(gv.name_hint) for gv, func in _fused(mod, tvm.target.Target(TARGET)).functions.items()
+    kernels = [str(gv.name_hint) for gv, func in fused(mod, tvm.target.Target(TARGET)).functions.items()
                if not isinstance(func, relax.Function)]
     # Regression: FuseOps once fused the first output transform, its SiLU and the second input transform.
     assert not [k for k in kernels if INPUT_PREFIX in k and OUTPUT_PREFIX in k]
     # bias add, sigmoid, multiply and the residual add fused into the second output transform
     assert [k for k in kernels if OUTPUT_PREFIX in k and re.search(r"sigmoid\d*_multiply\d*_add", k)]
 
-    executable, tuning = _tune_and_compile(mod, TARGET, 2, tmp_path / "db")
+    executable, tuning = tune_and_compile(mod, TARGET, 2, tmp_path / "db")
     assert tuning.scheduled == tuning.tasks
     got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     _assert_close(got, expected)

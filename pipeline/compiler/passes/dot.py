@@ -90,9 +90,9 @@ def register_vnni_intrinsic() -> None:
     """Override TVM's ``dot_16x4_vnni`` implementation with one this LLVM accepts (same description)."""
     from tvm.s_tir import TensorIntrin
 
-    from pipeline.compiler.tuning.intrinsics import load_modules
+    from pipeline.compiler.intrinsics import load_modules
 
-    load_modules("x86")  # TVM's own dot_16x4_vnni first (x86 only: tuning.intrinsics); this replaces it
+    load_modules("x86")  # TVM's own dot_16x4_vnni first (x86 only: compiler.intrinsics); this replaces it
     from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
     from tvm.script import tirx as T
 
@@ -192,7 +192,7 @@ class DotKernels(KernelSet):
         self.layout = layout
 
     def _prepare(self) -> None:
-        # TVM's own sdot intrinsic builds as it is: tuning registers it with the target's (tuning.intrinsics).
+        # TVM's own sdot intrinsic builds as it is: tuning registers it with the target's (compiler.intrinsics).
         if self.layout is VNNI:
             register_vnni_intrinsic()
 

@@ -305,7 +305,7 @@ def _filter(call: relax.Call) -> np.ndarray | None:
 
 class WinogradKernels(KernelSet):
     """The transform kernels. Their schedule rules are registered where they are used: before tuning
-    (pipeline.compiler.build._tune_and_compile), not here."""
+    (pipeline.compiler.build.tune_and_compile), not here."""
 
     def conv(self, x: relax.Expr, hwio: np.ndarray, padding: tuple[int, int, int, int]) -> relax.Expr:
         """The NHWC conv of ``x`` with the 3x3 filter ``hwio``, padded (top, left, bottom, right), by Winograd."""

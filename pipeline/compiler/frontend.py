@@ -1,0 +1,118 @@
+"""The model into TVM Relax for the profile's target: its target, the ONNX import, and the passes (passes/) that
+rewrite it, one ``tvm.transform.Sequential``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+import tvm
+from tvm.relax.frontend import onnx as onnx_frontend
+
+from pipeline.compiler.passes.dot import (
+    SDOT,
+    VNNI,
+    DotLayout,
+    dot_convs,
+)
+from pipeline.compiler.passes.fastmath import fast_math, multiply_by_reciprocal
+from pipeline.compiler.passes.int8 import drop_float_round_trips, integerize
+from pipeline.compiler.passes.layout import channels_last
+from pipeline.compiler.passes.winograd import winograd_convs
+from pipeline.ingest import ModelInfo
+from pipeline.quantize import QuantizedModel
+from targets.profiles import DeviceProfile
+
+
+def resolve_target(profile: DeviceProfile) -> dict[str, Any]:
+    """The profile's CPU target with a host-detected mcpu filled in (the `local` profile leaves it open)."""
+    target = profile.tvm_target()
+    if "mcpu" not in target:
+        target["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+    return target
+
+
+def dot_layout(profile: DeviceProfile) -> DotLayout | None:
+    """The int8 dot-product instruction the profile's CPU kernels can be laid out for (passes.dot): AVX-512
+    VNNI's vpdpbusd on 512-bit registers, or ARM's sdot where LLVM's target has dotprod (mcpu cortex-a76, or
+    +dotprod); None for a GPU build, whose integer kernels are CUDA's."""
+    if profile.tvm_gpu_target():
+        return None
+    if profile.cpu.arch == "x86_64" and "avx512_vnni" in profile.cpu.features:
+        return VNNI
+    if profile.cpu.arch == "aarch64" and tvm.target.Target(resolve_target(profile)).features.has_dotprod:
+        return SDOT
+    return None
+
+
+class _Counts(dict):
+    """What each pass of one Sequential counted (e.g. how many ops became integer kernels), by pass name."""
+
+
+def _module_pass(name: str, rewrite: Callable[..., Any], counts: _Counts,
+                 when: Callable[[], bool] = lambda: True) -> tvm.transform.Pass:
+    """A rewrite of ours as a TVM module pass; what it counts (a rewrite that returns ``(mod, n)``) goes into
+    ``counts``, and ``when()`` is asked as the pass runs, so a pass can depend on what an earlier one found."""
+
+    def run(mod: tvm.IRModule, _context) -> tvm.IRModule:
+        if not when():
+            return mod
+        out = rewrite(mod)
+        if isinstance(out, tuple):
+            out, counts[name] = out
+        return out
+
+    return tvm.transform.module_pass(run, opt_level=0, name=name)
+
+
+def rewrites(profile: DeviceProfile, *, int8: bool, tuned: bool, counts: _Counts) -> tvm.transform.Sequential:
+    """The passes for the profile's target, in order (``tuned``: for a tuned build; ``int8``: a QDQ model)."""
+    dot, cpu = dot_layout(profile), not profile.tvm_gpu_target()
+
+    def integer_ops() -> bool:
+        return bool(counts.get("Integerize"))
+
+    passes = []
+    if int8:  # before anything folds the int8 weights into float constants: QDQ conv/matmul -> integer kernels
+        passes.append(_module_pass("Integerize", functools.partial(integerize, dot=dot, narrow_convs_in_float=cpu),
+                                   counts))
+    if cpu:
+        passes += [
+            # rounding to 8 bits only where an integer kernel reads the tensor (passes.int8)
+            _module_pass("DropFloatRoundTrips", drop_float_round_trips, counts, when=integer_ops),
+            # CPU kernels vectorize along contiguous channels (passes.layout)
+            _module_pass("ChannelsLast", channels_last, counts),
+            _module_pass("DotProductConvs", functools.partial(dot_convs, layout=dot), counts,
+                         when=lambda: integer_ops() and dot is not None),
+        ]
+        if tuned:  # float 3x3 convs with 4x fewer multiply-adds; untuned, its transforms are serial loops
+            passes.append(_module_pass("WinogradConvs", winograd_convs, counts))
+        passes += [
+            # sigmoid/exp as vector code, not a libm call per element (passes.fastmath)
+            _module_pass("FastMath", fast_math, counts),
+            # requantize with one multiply, not a divide per element (same module)
+            _module_pass("MultiplyByReciprocal", multiply_by_reciprocal, counts),
+        ]
+    return tvm.transform.Sequential(passes, opt_level=0, name="edgedeploy.rewrites")
+
+
+def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile,
+                 tuned: bool = False) -> tuple[tvm.IRModule, int]:
+    """The model as the profile's target will run it (``tuned``: for a tuned build), and how many of its ops
+    became integer kernels."""
+    model = onnx.load(quantized.path)
+    shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
+    mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
+    counts = _Counts()
+    mod = rewrites(profile, int8=quantized.config.scheme == "int8", tuned=tuned, counts=counts)(mod)
+    return mod, counts.get("Integerize", 0)
+
+
+@functools.cache
+def tvm_importable_ops() -> frozenset[str]:
+    """ONNX op types TVM's Relax frontend can import (its converter table)."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    return frozenset(_get_convert_map())
