@@ -156,17 +156,13 @@ def check(
     import tempfile
 
     try:
-        from pipeline.checks import run_checks
-        from pipeline.compile import ingest_model
+        from pipeline.compile import check_report, ingest_model
         from targets.profiles import load_profile
 
         config = _build_config(model, profile, quant, "minmax", True, None, 1, input_shape)
         device = load_profile(profile)
         with tempfile.TemporaryDirectory(prefix="edgedeploy-check-") as tmp:
-            info = ingest_model(config, Path(tmp))
-            import onnx
-
-            report = run_checks(onnx.load(info.prepared_path), info, device, config.quant, runtime=runtime)
+            report = check_report(ingest_model(config, Path(tmp)), device, config, runtime=runtime)
     except EdgeDeployError as error:
         exit_with_error(error, as_json=as_json)
     if as_json:

@@ -27,6 +27,7 @@ from flows.tasks import (
 )
 from pipeline import progress
 from pipeline.config import RunConfig
+from pipeline.data import PreparedData
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
 from pipeline.report import RunResult
@@ -75,20 +76,24 @@ def deploy_run(config: RunConfig) -> RunResult:
     compiled = _timed("compile", timings, compile_task, config, quantized, info, profile)
     deployed = _timed("deploy", timings, deploy_task, config, compiled, info, data, profile)
     bench = _timed("benchmark", timings, benchmark_task, config, deployed, info, data, profile)
+    result = _report(config, profile, info, data, timings, quantized=quantized, compiled=compiled, bench=bench,
+                     deployed=deployed, checks=checks.results,
+                     reused=[name for name, part in (("quantize", quantized), ("compile", compiled)) if part.cached])
+    return _record(config, result.model_copy(update={"partial": partial}), compiled, timings)
+
+
+def _report(config: RunConfig, profile: DeviceProfile, info: ModelInfo, data: PreparedData, timings: dict[str, float],
+            **parts) -> RunResult:
+    """The run's result, whatever chose the artifact (the scheme asked for, or --quant auto)."""
     progress.emit("report", "start")
-    result = RunResult.assemble(
-        run_id=config.run_id, created=datetime.now(UTC).isoformat(), info=info,
-        workload=data.workload, profile=profile.name, quantized=quantized, compiled=compiled, bench=bench,
-        stage_seconds={k: round(v, 3) for k, v in timings.items() if k != "profile"}, checks=checks.results,
-        deployed=deployed,
-        tools=tool_versions(), flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
-        reused=[name for name, part in (("quantize", quantized), ("compile", compiled)) if part.cached],
+    return RunResult.assemble(
+        run_id=config.run_id, created=datetime.now(UTC).isoformat(), info=info, workload=data.workload,
+        profile=profile.name, stage_seconds={k: round(v, 3) for k, v in timings.items() if k != "profile"},
+        tools=tool_versions(), flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None, **parts,
     )
-    result = result.model_copy(update={"partial": partial})
-    return _finish(config, result, compiled, timings)
 
 
-def _finish(config: RunConfig, result: RunResult, compiled: CompiledArtifact, timings: dict[str, float]) -> RunResult:
+def _record(config: RunConfig, result: RunResult, compiled: CompiledArtifact, timings: dict[str, float]) -> RunResult:
     path = config.run_dir() / "result.json"
     result = result.model_copy(update={"result_path": str(path)})
     progress.emit("report", "done", str(path))
@@ -101,13 +106,7 @@ def _finish(config: RunConfig, result: RunResult, compiled: CompiledArtifact, ti
 def _auto_run(config: RunConfig, profile: DeviceProfile, info: ModelInfo, timings: dict[str, float]) -> RunResult:
     """--quant auto: every allowed candidate measured on the device; the fastest within budget ships."""
     selection, shipped, baseline, data = _timed("auto", timings, auto_select, config, info, profile)
-    progress.emit("report", "start")
     bench = bench_report(shipped, baseline, metric=selection.metric, settings=config.bench, scoring=data.scoring)
-    result = RunResult.assemble(
-        run_id=config.run_id, created=datetime.now(UTC).isoformat(), info=info, workload=data.workload,
-        profile=profile.name, quantized=shipped.quantized, compiled=shipped.artifact, bench=bench,
-        stage_seconds={k: round(v, 3) for k, v in timings.items() if k != "profile"}, deployed=shipped.deployed,
-        tools=tool_versions(), flow_run_id=str(flow_run.get_id()) if flow_run.get_id() else None,
-    )
-    result = result.model_copy(update={"auto": selection})
-    return _finish(config, result, shipped.artifact, timings)
+    result = _report(config, profile, info, data, timings, quantized=shipped.quantized, compiled=shipped.artifact,
+                     bench=bench, deployed=shipped.deployed)
+    return _record(config, result.model_copy(update={"auto": selection}), shipped.artifact, timings)

@@ -43,11 +43,17 @@ def ingest_model(config: RunConfig, workdir: Path) -> ModelInfo:
                   max_bytes=config.max_model_mb * 1024 * 1024)
 
 
+def check_report(info: ModelInfo, profile: DeviceProfile, config: RunConfig, *,
+                 runtime: Runtime = "tvm") -> CheckReport:
+    """Every check's verdict (what `deploy check` prints)."""
+    # The model as the user gave it: its quantized format is what the checks judge.
+    return run_checks(onnx.load(info.prepared_path), info, profile, config.quant, runtime=runtime)
+
+
 def check_model(info: ModelInfo, profile: DeviceProfile, config: RunConfig, *, runtime: Runtime = "tvm",
                 purpose: Literal["build", "run"] = "run") -> CheckReport:
     """Run every check; raise CheckRefused when one that matters for ``purpose`` refuses."""
-    # The model as the user gave it: its quantized format is what the checks judge.
-    report = run_checks(onnx.load(info.prepared_path), info, profile, config.quant, runtime=runtime)
+    report = check_report(info, profile, config, runtime=runtime)
     if report.refused_for(purpose):
         raise CheckRefused(report.refusal_message(purpose), profile=profile.name, scheme=report.scheme)
     return report
