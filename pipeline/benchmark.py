@@ -6,7 +6,6 @@ artifact against the baseline.
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 from pathlib import Path
@@ -15,11 +14,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgedeploy.errors import BenchmarkError, ChecksumMismatch
 from pipeline.deploy import DeployedArtifact
 from pipeline.metrics import Agreement, LatencyStats
 from pipeline.scoring import Scoring
 from pipeline.workloads.base import Samples
+from targets.runner import parse_report, runner_argv
 from targets.transport import Transport
 
 # Time for the runner to start and import its runtime (import tvm takes ~25 s under emulation).
@@ -100,34 +99,16 @@ def _run_runner(
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Run the device runner on the artifact (which="artifact") or on the fp32 baseline (which="baseline")."""
     remote_out = posixpath.join(deployed.run_dir, f"outputs.{name}.npz")
-    argv = [*python, deployed.runner.remote_path, "--runtime", runtime,
-            "--inputs", deployed.inputs.remote_path, "--input-order", ",".join(input_order),
-            "--outputs", remote_out, "--warmup", str(settings.warmup),
-            "--min-iterations", str(settings.min_iterations), "--min-seconds", str(settings.min_seconds),
-            "--max-seconds", str(settings.max_seconds), "--threads", str(settings.threads),
-            "--kernel-runs", str(kernel_runs)]
     if which == "artifact":
-        argv += ["--artifact", deployed.library.remote_path, "--manifest", deployed.manifest.remote_path]
+        checked = {"artifact": deployed.library.remote_path, "manifest": deployed.manifest.remote_path}
     else:
-        argv += ["--artifact", deployed.baseline_model.remote_path, "--sha256", deployed.baseline_model.sha256]
+        checked = {"artifact": deployed.baseline_model.remote_path, "sha256": deployed.baseline_model.sha256}
+    argv = runner_argv(python, deployed.runner.remote_path, runtime=runtime, inputs=deployed.inputs.remote_path,
+                       input_order=input_order, outputs=remote_out, warmup=settings.warmup,
+                       min_iterations=settings.min_iterations, min_seconds=settings.min_seconds,
+                       max_seconds=settings.max_seconds, threads=settings.threads, kernel_runs=kernel_runs, **checked)
     result = transport.run(argv, timeout=settings.max_seconds + STARTUP_ALLOWANCE_S)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    try:
-        report = json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise BenchmarkError(
-            f"The device runner ({runtime}) on {transport.name} returned no result",
-            value=f"exit code {result.returncode}", stderr=result.stderr.strip()[-800:] or "(empty)",
-        ) from None
-    if not report.get("ok"):
-        if report.get("error") == "tampered":
-            raise ChecksumMismatch(
-                "The library on the device does not match its manifest; the runner refused to load it",
-                host=transport.name, path=report.get("path"),
-                expected_sha256=report.get("expected"), actual_sha256=report.get("actual"),
-            )
-        raise BenchmarkError(f"The device runner ({runtime}) failed on {transport.name}",
-                             value=report.get("message"), stderr=result.stderr.strip()[-800:])
+    report = parse_report(result, runtime=runtime, host=transport.name)
     if not fetch_outputs:
         return report, None
     local_out = local_dir / f"outputs.{name}.npz"

@@ -35,3 +35,13 @@ def test_only_the_quantize_stage_imports_onnxruntime_quantization():
                        if any(m == "onnxruntime.quantization" or m.startswith("onnxruntime.quantization.")
                               for m in _imported_modules(p)))
     assert importers == ["pipeline/quantize.py"], importers
+
+
+def test_only_the_lab_flow_talks_to_prefects_server_api():
+    """Flows use Prefect as a library (@flow, @task); only the lab talks to its server's API (concurrency limits, work
+    pools, deployments, artifacts)."""
+    code = [p for p in SOURCES if p.parts[len(REPO.parts)] in ("edgedeploy", "pipeline", "targets", "flows")]
+    api = ("prefect.client", "prefect.server", "prefect.deployments", "prefect.concurrency", "prefect.artifacts")
+    importers = sorted(str(p.relative_to(REPO)) for p in code
+                       if any(m == a or m.startswith(a + ".") for m in _imported_modules(p) for a in api))
+    assert importers == ["flows/lab.py"], importers
