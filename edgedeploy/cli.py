@@ -227,7 +227,7 @@ def doctor(
     """Is the device reachable and ready: host key, architecture, Python, runtimes, free disk."""
     from rich.table import Table
 
-    from pipeline.preflight import doctor as run_doctor
+    from pipeline.session import doctor as run_doctor
     from targets.profiles import load_profile
 
     try:

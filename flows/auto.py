@@ -3,21 +3,18 @@ the same onnxruntime fp32 baseline; pipeline.auto chooses."""
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import onnx
-from prefect import task
-from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import DataError, EdgeDeployError
-from flows.tasks import TASK_OPTIONS, Measured, measure_task, partial_task
+from flows.tasks import Measured, candidate_task, measure_task, partial_task
 from pipeline.auto import AutoSelection, Candidate, CandidateOutcome, choose, default_candidates, outcome, plot_svg
 from pipeline.benchmark import BenchmarkReport, BenchmarkSettings
 from pipeline.checks import ort_int8_may_saturate, run_checks
-from pipeline.compile import compile_cached, package_cached, prepare, quantize_model
+from pipeline.compile import package_cached, prepare
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
 from pipeline.ingest import ModelInfo
@@ -25,7 +22,6 @@ from pipeline.manifest import CompiledArtifact
 from pipeline.partial import PartialPlan
 from pipeline.quantize import QuantConfig, QuantizedModel
 from pipeline.scoring import Scoring
-from pipeline.session import tuning_board
 from pipeline.workloads.base import Samples
 from targets.profiles import DeviceProfile
 
@@ -41,26 +37,6 @@ def _baseline(config: RunConfig, info: ModelInfo, data: PreparedData, profile: D
     original, artifact = original_as_artifact(info, profile)
     return measure_task.with_options(task_run_name=name)(config, info, data, profile, original, artifact,
                                                          which="baseline", folder=folder)
-
-
-class Built(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    quantized: QuantizedModel
-    artifact: CompiledArtifact
-
-
-@task(name="candidate", **TASK_OPTIONS)
-def candidate_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
-                   candidate: Candidate) -> Built:
-    # Exactly this candidate's configuration: the checks' own adjustments (e.g. reduce_range) are candidates too.
-    quantized = quantize_model(info, data, candidate.quant)
-    if candidate.runtime == "tvm":
-        artifact = compile_cached(quantized, info, profile, tune_trials=candidate.tune_trials,
-                                  tune_minutes=candidate.tune_minutes,
-                                  tuning_board=functools.partial(tuning_board, profile))
-    else:
-        artifact = package_cached(quantized, info, profile)
-    return Built(quantized=quantized, artifact=artifact)
 
 
 def _refusal(candidate: Candidate, model: onnx.ModelProto, info: ModelInfo, profile: DeviceProfile,

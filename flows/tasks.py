@@ -13,9 +13,10 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import EdgeDeployError
+from pipeline.auto import Candidate
 from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement
 from pipeline.checks import CheckReport
-from pipeline.compile import check_model, compile_cached, ingest_model, prepare, quantize_model
+from pipeline.compile import check_model, compile_cached, ingest_model, package_cached, prepare, quantize_model
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact
@@ -79,7 +80,8 @@ def quantize_task(config: RunConfig, info: ModelInfo, data: PreparedData, quant:
 def compile_task(
     config: RunConfig, quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile
 ) -> CompiledArtifact:
-    # Tuning on a board times its candidates there: the board session is opened here, not by the compiler.
+    # Tuning on a board times its candidates there: the compiler gets the way to the board from here (and calls it
+    # only when it tunes for one); it imports no connection code itself.
     return compile_cached(quantized, info, profile, tune_trials=config.tune_trials, tune_minutes=config.tune_minutes,
                           tuning_board=functools.partial(tuning_board, profile))
 
@@ -129,6 +131,28 @@ def measure_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile
     np.savez(path, outputs=outputs)
     return Measured(quantized=quantized, artifact=artifact, deployed=deployed, measurement=measurement,
                     outputs_path=str(path))
+
+
+class Built(BaseModel):
+    """A --quant auto candidate, quantized and compiled (or packaged for onnxruntime), not yet on the device."""
+
+    model_config = ConfigDict(frozen=True)
+    quantized: QuantizedModel
+    artifact: CompiledArtifact
+
+
+@task(name="candidate", **TASK_OPTIONS)
+def candidate_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
+                   candidate: Candidate) -> Built:
+    # Exactly this candidate's configuration: the checks' own adjustments (e.g. reduce_range) are candidates too.
+    quantized = quantize_model(info, data, candidate.quant)
+    if candidate.runtime == "tvm":
+        artifact = compile_cached(quantized, info, profile, tune_trials=candidate.tune_trials,
+                                  tune_minutes=candidate.tune_minutes,
+                                  tuning_board=functools.partial(tuning_board, profile))
+    else:
+        artifact = package_cached(quantized, info, profile)
+    return Built(quantized=quantized, artifact=artifact)
 
 
 @task(name="record", **TASK_OPTIONS)

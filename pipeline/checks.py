@@ -154,7 +154,8 @@ def ort_int8_may_saturate(profile: DeviceProfile, quant: QuantConfig, runtime: R
     """Why this int8 scheme's results may be off on this device, or None. onnxruntime on an x86 CPU without VNNI
     multiplies activations (int8 ones shifted to uint8 first) by 8-bit int8 weights with VPMADDUBSW, whose 16-bit
     pair sums saturate: U8S8, S8S8 and QOperator all 29 quantization steps off on an emulated Haswell, exact with
-    7-bit weights (tests/pipeline/test_ort_int8_saturation.py). TVM's integer kernels add in 32 bits."""
+    7-bit weights (docs/int8-saturation.md; tests/pipeline/test_ort_int8_saturation.py keeps U8S8, S8S8 and
+    reduce-range). TVM's integer kernels add in 32 bits."""
     if runtime != "onnxruntime" or quant.scheme != "int8" or quant.reduce_range or not _x86_without_vnni(profile):
         return None
     return ("may saturate: onnxruntime's 8-bit kernels on a CPU without VNNI add each pair of products in 16 bits "

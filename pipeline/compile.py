@@ -1,7 +1,7 @@
 """Stage 5 of 8, compile: pipeline.compiler behind the content-addressed artifact cache; and ingest -> check ->
 quantize -> compile without a device, what `deploy compile` runs.
 
-`deploy run` runs the same stage functions, one Prefect task each (flows/run.py).
+`deploy run` runs the same stage functions, one Prefect task each (flows/tasks.py).
 """
 
 from __future__ import annotations

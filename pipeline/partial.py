@@ -1,11 +1,12 @@
 """Partial quantization: find the layers int8 hurts most and keep the fewest of them in float.
 
-Per-layer sensitivity, as in NVIDIA's TensorRT guidance (leaving 2-10 sensitive layers in float recovers
-most of the int8 loss): each weighted layer is quantized ALONE, with the ranges of one shared calibration,
-and the error that adds to the model's output against the fp32 reference is measured on this host with
-onnxruntime. Accuracy doesn't depend on where the model runs (speed does, and is measured on the device
-later). Layers are ranked by that error; the most sensitive are kept in float, one more at a time, until
-the whole model's quality on the evaluation samples is within the accuracy budget.
+Per-layer sensitivity, as in NVIDIA's TensorRT guidance (leaving 2-10 sensitive layers in float recovers most of the
+int8 loss): each weighted layer is quantized ALONE, with the ranges of one shared calibration, and the error that
+adds to the model's output against the fp32 reference is measured on this host with onnxruntime, its graph
+optimizations off: the QDQ graph op by op as ONNX defines it, never onnxruntime's fused int8 kernels, which saturate
+on x86 CPUs without VNNI (docs/int8-saturation.md). So the accuracy is the model's own, wherever it runs (speed is
+not, and is measured on the device later). Layers are ranked by that error; the most sensitive are kept in float,
+one more at a time, until the whole model's quality on the evaluation samples is within the accuracy budget.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class _Evaluator:
     def outputs(self, model: Path, limit: int | None = None) -> np.ndarray:
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the model's arithmetic
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         n = len(self.samples) if limit is None else min(limit, len(self.samples))
         return np.concatenate([session.run(None, {k: self.samples.inputs[k][i:i + 1] for k in self.names})[0]

@@ -215,7 +215,7 @@ class RunResult(BaseModel):
 
 
 def tuning_text(t: dict[str, Any]) -> str:
-    """One paragraph on a build's tuning (pipeline.compiler.build.Tuning as a dict)."""
+    """One paragraph on a build's tuning (pipeline.compiler.tuning.search.Tuning as a dict)."""
     budget = (f", ended by the {t['minutes']:g}-minute budget" if t.get("stopped_by_time")
               else f" (budget {t['minutes']:g} min)" if t.get("minutes") else "")
     per_round = f" ({t['trials_per_round']} a round)" if t.get("trials_per_round") else ""

@@ -86,7 +86,7 @@ def compile_model(
     manifest."""
     target_dict = resolve_target(profile)
     gpu_dict = profile.tvm_gpu_target()
-    if tune_trials and (refusal := tuning_refusal(profile, tune_trials)):
+    if tune_trials and (refusal := tuning_refusal(profile, tune_trials, tuning_board)):
         raise refusal
     tuning = None
     started = time.perf_counter()

@@ -48,7 +48,10 @@ def dot_layout(profile: DeviceProfile) -> DotLayout | None:
 
 
 class _Counts(dict):
-    """What each pass of one Sequential counted (e.g. how many ops became integer kernels), by pass name."""
+    """What each pass of one Sequential counted (e.g. how many ops became integer kernels), by pass name; and the
+    exception a pass raised, which TVM would hand back as a RuntimeError with its message only."""
+
+    raised: BaseException | None = None
 
 
 def _module_pass(name: str, rewrite: Callable[..., Any], counts: _Counts,
@@ -59,7 +62,11 @@ def _module_pass(name: str, rewrite: Callable[..., Any], counts: _Counts,
     def run(mod: tvm.IRModule, _context) -> tvm.IRModule:
         if not when():
             return mod
-        out = rewrite(mod)
+        try:
+            out = rewrite(mod)
+        except BaseException as exc:
+            counts.raised = exc
+            raise
         if isinstance(out, tuple):
             out, counts[name] = out
         return out
@@ -106,7 +113,12 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
     shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
     mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
     counts = _Counts()
-    mod = rewrites(profile, int8=quantized.config.scheme == "int8", tuned=tuned, counts=counts)(mod)
+    try:
+        mod = rewrites(profile, int8=quantized.config.scheme == "int8", tuned=tuned, counts=counts)(mod)
+    except Exception:
+        if counts.raised is not None:  # the pass's own exception, not TVM's wrapper of it
+            raise counts.raised from None
+        raise
     return mod, counts.get("Integerize", 0)
 
 

@@ -92,3 +92,20 @@ def test_the_search_breeds_eight_candidates_for_each_one_a_round_measures():
     assert search_strategy(1000, 64).population_size == 512
     assert search_strategy(1000, 16).population_size == 128
     assert search_strategy(32, 16) == "replay-trace"
+
+
+def test_a_pass_that_fails_raises_its_own_error(dynamic_onnx, tmp_path, monkeypatch):
+    """The rewrites run as one tvm.transform.Sequential, which hands a Python exception of a pass back as a
+    RuntimeError with its message only; relax_module raises the pass's own exception (its type, its fields)."""
+    from edgedeploy.errors import CompileError
+    from pipeline.compiler import frontend
+
+    def failing(mod):
+        raise CompileError("the layout pass failed", value="a conv it could not lay out")
+
+    monkeypatch.setattr(frontend, "channels_last", failing)
+    info = ingest(dynamic_onnx, tmp_path, input_shapes={"x": (1, 3, 4, 4)})
+    q = quantize(Path(info.prepared_path), tmp_path, QuantConfig(scheme="fp32"), None)
+    with pytest.raises(CompileError, match="the layout pass failed") as raised:
+        frontend.relax_module(q, info, load_profile("local"))
+    assert raised.value.value == "a conv it could not lay out"

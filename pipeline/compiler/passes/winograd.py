@@ -30,7 +30,7 @@ In float32 the result differs from the direct conv by rounding: ~3e-6 of the lar
 
 Only ungrouped float32 convs whose channels fill whole vectors on both sides, with at least 16 tiles: PP-LCNet's
 depthwise convs and 3-channel stem stay direct, so do integer convs (passes.dot) and the digits CNN.
-Only in tuned builds (pipeline.compiler.build): untuned, the transforms would be plain serial loops.
+Only in tuned builds (frontend.rewrites): untuned, the transforms would be plain serial loops.
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def _filter(call: relax.Call) -> np.ndarray | None:
 
 class WinogradKernels(KernelSet):
     """The transform kernels. Their schedule rules are registered where they are used: before tuning
-    (pipeline.compiler.build.tune_and_compile), not here."""
+    (pipeline.compiler.tuning.search.tune_and_compile), not here."""
 
     def conv(self, x: relax.Expr, hwio: np.ndarray, padding: tuple[int, int, int, int]) -> relax.Expr:
         """The NHWC conv of ``x`` with the 3x3 filter ``hwio``, padded (top, left, bottom, right), by Winograd."""

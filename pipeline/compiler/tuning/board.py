@@ -1,5 +1,5 @@
-"""Tuning for a board over SSH: MetaSchedule measures every candidate on the board itself, over a session with the
-board that the caller opened and hands in (the compiler never opens a connection: pipeline.session does).
+"""Tuning for a board over SSH: MetaSchedule measures every candidate on the board itself, over the transport of a
+session with the board that the caller hands in (pipeline.session.tuning_board): no connection code here.
 
     this machine                                             the board (over one SSH connection)
     MetaSchedule

@@ -216,15 +216,21 @@ def unnamed_handlers_detached(name: str = "tvm.s_tir.meta_schedule") -> Iterator
             logger.addHandler(handler)
 
 
-def tuning_refusal(profile: DeviceProfile, trials: int) -> CompileError | None:
-    """Why ``profile`` can't be tuned for, or None. A local CPU is timed here; a board over SSH by TVM's RPC server
-    started there (tuning.board)."""
+def tuning_refusal(profile: DeviceProfile, trials: int,
+                   tuning_board: TuningBoard | None = None) -> CompileError | None:
+    """Why ``profile`` can't be tuned for, or None, before any work. A local CPU is timed here; a board over SSH by
+    TVM's RPC server started there (tuning.board), through ``tuning_board``, the caller's way to the board."""
     if profile.tvm_gpu_target():
         expected = ("a CPU profile: GPU kernels are built with dlight's default schedules, and tuning them would "
                     "need CUDA on the board and a GPU runner, which edgedeploy doesn't have")
     elif profile.connection.transport != "local" and not profile.runtimes.tvm:
         expected = ("a board with TVM: tuning times each candidate with TVM's RPC server on the board, and this "
                     "profile says it has no TVM (runtimes.tvm: null)")
+    elif profile.connection.transport != "local" and tuning_board is None:
+        return CompileError(f"Tuning for profile {profile.name!r} times its candidates on the board, and no way to "
+                            "the board was given", value=f"--tune-trials {trials}",
+                            fix="tune through `deploy run` or `deploy compile`, which hand the compiler a board "
+                                "session")
     else:
         return None
     return CompileError(f"Tuning for profile {profile.name!r} is not available", value=f"--tune-trials {trials}",
@@ -242,9 +248,7 @@ def tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_di
         from pipeline.compiler.tuning import board as remote_tuning
 
         if tuning_board is None:
-            raise CompileError(f"Tuning for profile {profile.name!r} times its candidates on the board, and no "
-                               "session with the board was given", value=f"--tune-trials {trials}",
-                               fix="tune through `deploy run` or `deploy compile`, which open that session")
+            raise tuning_refusal(profile, trials)
         with tuning_board() as board, remote_tuning.candidate_scratch() as scratch:
             # Each candidate is linked here (the board's cross compiler) and loaded there as it is.
             export = functools.partial(remote_tuning.export_shared, cross_compiler=profile.cross_compiler,
@@ -293,7 +297,7 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     # handful of trials, where random sampling of the design space does as well. Each round costs seconds of
     # breeding and cost-model training whatever it measures: how many it measures is trials_per_round's call.
     per_round = trials_per_round(trials, len(tasks), minutes)
-    # Timed on the threads the deployed model runs with; TVM's default is half of them on x86 (tuning_control).
+    # Timed on the threads the deployed model runs with; TVM's default is half of them on x86 (tuning.control).
     threads = int(cpu["num-cores"])
     local = runner is None
     runner = runner or local_runner(threads)
