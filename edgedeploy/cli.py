@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -201,8 +200,7 @@ def compile_command(
                                input_shape, tune_trials, tune_minutes, partial=partial,
                                accuracy_budget=accuracy_budget / 100)
         with stderr.status(f"compiling for {profile} ..."):
-            device = load_profile(profile)
-            result = build(config, device, out, tuning_board=functools.partial(tuning_board, device))
+            result = build(config, load_profile(profile), out, tuning_board=tuning_board)
     except EdgeDeployError as error:
         exit_with_error(error, as_json=as_json)
     art = result.artifact
@@ -227,7 +225,7 @@ def doctor(
     """Is the device reachable and ready: host key, architecture, Python, runtimes, free disk."""
     from rich.table import Table
 
-    from pipeline.session import doctor as run_doctor
+    from pipeline.doctor import doctor as run_doctor
     from targets.profiles import load_profile
 
     try:

@@ -96,7 +96,7 @@ def _run_job(job: LabJob) -> JobOutcome:
         started = _now()
         try:
             result = deploy_run(job.config)
-        except Exception as exc:  # noqa: BLE001 - one job's failure, whatever it is, must not lose the others'
+        except Exception as exc:  # one job's failure, whatever it is, must not lose the others'
             error = exc.render() if isinstance(exc, EdgeDeployError) else f"{type(exc).__name__}: {exc}"
             get_run_logger().error("%s: %s %s failed: %s", job.device, model, job.config.quant.scheme, error,
                                    exc_info=not isinstance(exc, EdgeDeployError))
@@ -105,7 +105,7 @@ def _run_job(job: LabJob) -> JobOutcome:
         finished = _now()
     verdict = result.regression
     return JobOutcome(
-        device=job.device, model=model, scheme=result.scheme, started=started,
+        device=job.device, model=result.model.workload or model, scheme=result.scheme, started=started,
         finished=finished, run_id=result.run_id, valid=result.valid, p50_ms=result.latency_ms.p50,
         speedup=result.speedup, accuracy=result.accuracy.value,
         regression=bool(verdict and verdict.regressed), regression_reasons=verdict.reasons if verdict else [],
@@ -169,13 +169,10 @@ def lab_run(lab_path: str) -> LabSummary | State:
 def run_lab(lab_path: str) -> LabSummary:
     """Run the lab flow and return its summary, whether or not jobs failed (``summary.failures``); a lab run that
     failed as a whole (a bad lab file, an unreachable database) raises its error."""
-    state = lab_run(lab_path, return_state=True)
-    outcome = state.result(raise_on_failure=False)
-    if isinstance(outcome, LabSummary):
-        return outcome
+    outcome = lab_run(lab_path, return_state=True).result(raise_on_failure=False)
     if isinstance(outcome, BaseException):
         raise outcome
-    raise RuntimeError(f"lab run ended {state.type.value} without a summary: {state.message}")
+    return outcome
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@ the device tasks' retries. A task calls a pipeline stage and nothing more; the f
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -83,7 +82,7 @@ def compile_task(
     # Tuning on a board times its candidates there: the compiler gets the way to the board from here (and calls it
     # only when it tunes for one); it imports no connection code itself.
     return compile_cached(quantized, info, profile, tune_trials=config.tune_trials, tune_minutes=config.tune_minutes,
-                          tuning_board=functools.partial(tuning_board, profile))
+                          tuning_board=tuning_board)
 
 
 def bench_settings(config: RunConfig, profile: DeviceProfile) -> BenchmarkSettings:
@@ -149,7 +148,7 @@ def candidate_task(config: RunConfig, info: ModelInfo, data: PreparedData, profi
     if candidate.runtime == "tvm":
         artifact = compile_cached(quantized, info, profile, tune_trials=candidate.tune_trials,
                                   tune_minutes=candidate.tune_minutes,
-                                  tuning_board=functools.partial(tuning_board, profile))
+                                  tuning_board=tuning_board)
     else:
         artifact = package_cached(quantized, info, profile)
     return Built(quantized=quantized, artifact=artifact)

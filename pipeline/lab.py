@@ -26,8 +26,7 @@ from pipeline.config import RunConfig
 from pipeline.ingest import parse_input_shapes
 from pipeline.quantize import QuantConfig
 from pipeline.regression import RegressionPolicy
-from pipeline.workloads import WORKLOADS, workload_for
-from targets.hashing import sha256_file
+from pipeline.workloads import WORKLOADS
 
 
 class LabModel(BaseModel):
@@ -64,7 +63,7 @@ class LabJob(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     device: str
-    model: str = Field(description="As the lab names it: a bundled workload's name or the model file's stem.")
+    model: str = Field(description="As the lab file names it: a bundled workload's name or the model file's stem.")
     config: RunConfig
 
 
@@ -93,12 +92,6 @@ def load_lab(path: Path) -> LabFile:
                           value=repr(first.get("input")), expected=first["msg"]) from exc
 
 
-def _model_name(path: str) -> str:
-    """What results call a model file: its workload's name when it is a bundled model, else the file's stem."""
-    known = workload_for(sha256_file(path)) if Path(path).is_file() else None
-    return known.name if known else Path(path).stem
-
-
 def jobs(lab: LabFile) -> list[LabJob]:
     """Expand the matrix; profiles are loaded so a bad one fails before anything runs."""
     from targets.profiles import load_profile
@@ -111,7 +104,7 @@ def jobs(lab: LabFile) -> list[LabJob]:
         for item in lab.models:
             model = str(WORKLOADS[item.model].model_path()) if item.model in WORKLOADS else _resolve(base, item.model)
             for scheme in lab.schemes:
-                name = item.model if item.model in WORKLOADS else _model_name(model)
+                name = item.model if item.model in WORKLOADS else Path(model).stem
                 out.append(LabJob(device=device, model=name, config=RunConfig(
                     model_path=model, profile=ref, quant=QuantConfig(scheme=scheme),
                     calib_data=_resolve(base, item.calib_data), eval_data=_resolve(base, item.eval_data),

@@ -84,7 +84,7 @@ class _Evaluator:
         self.names = [s.name for s in info.inputs]
         self.samples = Samples.load(Path(data.eval_path), self.names)
         self.scoring = data.scoring
-        self.labelled = self.scoring.metric is not None and self.samples.labels is not None
+        self.labelled = self.scoring.metric_for(self.samples) is not None
         self.reference = self.outputs(Path(info.prepared_path))
         self.reference_quality = self.scoring.accuracy(self.reference, self.samples) if self.labelled else 1.0
 

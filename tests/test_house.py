@@ -28,20 +28,20 @@ def test_no_source_file_is_over_500_lines():
     assert not long, f"split these (at most {MAX_LINES} lines a file): {long}"
 
 
+def _importers(*packages: str) -> list[str]:
+    """The project's own modules (not tests, bench or scripts) that import any of ``packages`` or below them."""
+    code = [p for p in SOURCES if p.parts[len(REPO.parts)] in ("edgedeploy", "pipeline", "targets", "flows")]
+    return sorted(str(p.relative_to(REPO)) for p in code
+                  if any(m == a or m.startswith(a + ".") for m in _imported_modules(p) for a in packages))
+
+
 def test_only_the_quantize_stage_imports_onnxruntime_quantization():
     """import-linter sees external packages only whole (onnxruntime), so this one is checked here."""
-    code = [p for p in SOURCES if p.parts[len(REPO.parts)] in ("edgedeploy", "pipeline", "targets", "flows")]
-    importers = sorted(str(p.relative_to(REPO)) for p in code
-                       if any(m == "onnxruntime.quantization" or m.startswith("onnxruntime.quantization.")
-                              for m in _imported_modules(p)))
-    assert importers == ["pipeline/quantize.py"], importers
+    assert _importers("onnxruntime.quantization") == ["pipeline/quantize.py"]
 
 
 def test_only_the_lab_flow_talks_to_prefects_server_api():
     """Flows use Prefect as a library (@flow, @task); only the lab talks to its server's API (concurrency limits, work
     pools, deployments, artifacts)."""
-    code = [p for p in SOURCES if p.parts[len(REPO.parts)] in ("edgedeploy", "pipeline", "targets", "flows")]
     api = ("prefect.client", "prefect.server", "prefect.deployments", "prefect.concurrency", "prefect.artifacts")
-    importers = sorted(str(p.relative_to(REPO)) for p in code
-                       if any(m == a or m.startswith(a + ".") for m in _imported_modules(p) for a in api))
-    assert importers == ["flows/lab.py"], importers
+    assert _importers(*api) == ["flows/lab.py"]

@@ -82,7 +82,7 @@ def compile_model(
     tuning_board: TuningBoard | None = None,
 ) -> CompiledArtifact:
     """Import into TVM Relax, build for the profile's CPU (MetaSchedule-tuned when ``tune_trials`` > 0: on a board
-    reached over SSH, through the RPC server ``tuning_board()`` opens there), export the library, write the
+    reached over SSH, through the RPC server ``tuning_board(profile)`` opens there), export the library, write the
     manifest."""
     target_dict = resolve_target(profile)
     gpu_dict = profile.tvm_gpu_target()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
@@ -47,17 +48,19 @@ def dot_layout(profile: DeviceProfile) -> DotLayout | None:
     return None
 
 
-class _Counts(dict):
-    """What each pass of one Sequential counted (e.g. how many ops became integer kernels), by pass name; and the
-    exception a pass raised, which TVM would hand back as a RuntimeError with its message only."""
+@dataclass
+class PassLog:
+    """What the passes of one Sequential left behind: what each counted (e.g. how many ops became integer kernels),
+    by pass name, and the exception one raised (TVM hands it back as a RuntimeError with its message only)."""
 
+    counts: dict[str, int] = field(default_factory=dict)
     raised: BaseException | None = None
 
 
-def _module_pass(name: str, rewrite: Callable[..., Any], counts: _Counts,
+def _module_pass(name: str, rewrite: Callable[..., Any], log: PassLog,
                  when: Callable[[], bool] = lambda: True) -> tvm.transform.Pass:
-    """A rewrite of ours as a TVM module pass; what it counts (a rewrite that returns ``(mod, n)``) goes into
-    ``counts``, and ``when()`` is asked as the pass runs, so a pass can depend on what an earlier one found."""
+    """A rewrite of ours as a TVM module pass; what it counts (a rewrite that returns ``(mod, n)``) goes into the
+    log, and ``when()`` is asked as the pass runs, so a pass can depend on what an earlier one found."""
 
     def run(mod: tvm.IRModule, _context) -> tvm.IRModule:
         if not when():
@@ -65,42 +68,42 @@ def _module_pass(name: str, rewrite: Callable[..., Any], counts: _Counts,
         try:
             out = rewrite(mod)
         except BaseException as exc:
-            counts.raised = exc
+            log.raised = exc
             raise
         if isinstance(out, tuple):
-            out, counts[name] = out
+            out, log.counts[name] = out
         return out
 
     return tvm.transform.module_pass(run, opt_level=0, name=name)
 
 
-def rewrites(profile: DeviceProfile, *, int8: bool, tuned: bool, counts: _Counts) -> tvm.transform.Sequential:
+def rewrites(profile: DeviceProfile, *, int8: bool, tuned: bool, log: PassLog) -> tvm.transform.Sequential:
     """The passes for the profile's target, in order (``tuned``: for a tuned build; ``int8``: a QDQ model)."""
     dot, cpu = dot_layout(profile), not profile.tvm_gpu_target()
 
     def integer_ops() -> bool:
-        return bool(counts.get("Integerize"))
+        return bool(log.counts.get("Integerize"))
 
     passes = []
     if int8:  # before anything folds the int8 weights into float constants: QDQ conv/matmul -> integer kernels
         passes.append(_module_pass("Integerize", functools.partial(integerize, dot=dot, narrow_convs_in_float=cpu),
-                                   counts))
+                                   log))
     if cpu:
         passes += [
             # rounding to 8 bits only where an integer kernel reads the tensor (passes.int8)
-            _module_pass("DropFloatRoundTrips", drop_float_round_trips, counts, when=integer_ops),
+            _module_pass("DropFloatRoundTrips", drop_float_round_trips, log, when=integer_ops),
             # CPU kernels vectorize along contiguous channels (passes.layout)
-            _module_pass("ChannelsLast", channels_last, counts),
-            _module_pass("DotProductConvs", functools.partial(dot_convs, layout=dot), counts,
+            _module_pass("ChannelsLast", channels_last, log),
+            _module_pass("DotProductConvs", functools.partial(dot_convs, layout=dot), log,
                          when=lambda: integer_ops() and dot is not None),
         ]
         if tuned:  # float 3x3 convs with 4x fewer multiply-adds; untuned, its transforms are serial loops
-            passes.append(_module_pass("WinogradConvs", winograd_convs, counts))
+            passes.append(_module_pass("WinogradConvs", winograd_convs, log))
         passes += [
             # sigmoid/exp as vector code, not a libm call per element (passes.fastmath)
-            _module_pass("FastMath", fast_math, counts),
+            _module_pass("FastMath", fast_math, log),
             # requantize with one multiply, not a divide per element (same module)
-            _module_pass("MultiplyByReciprocal", multiply_by_reciprocal, counts),
+            _module_pass("MultiplyByReciprocal", multiply_by_reciprocal, log),
         ]
     return tvm.transform.Sequential(passes, opt_level=0, name="edgedeploy.rewrites")
 
@@ -112,14 +115,14 @@ def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
     model = onnx.load(quantized.path)
     shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
     mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
-    counts = _Counts()
+    log = PassLog()
     try:
-        mod = rewrites(profile, int8=quantized.config.scheme == "int8", tuned=tuned, counts=counts)(mod)
+        mod = rewrites(profile, int8=quantized.config.scheme == "int8", tuned=tuned, log=log)(mod)
     except Exception:
-        if counts.raised is not None:  # the pass's own exception, not TVM's wrapper of it
-            raise counts.raised from None
+        if log.raised is not None:  # the pass's own exception, not TVM's wrapper of it
+            raise log.raised from None
         raise
-    return mod, counts.get("Integerize", 0)
+    return mod, log.counts.get("Integerize", 0)
 
 
 @functools.cache

@@ -75,7 +75,7 @@ def test_two_first_opens_at_once_both_keep_their_result(store):
             start.wait()
             try:
                 ResultStore(store.url).record(make_result(night, profile=f"device-{night}"), manifest={}, policy=POLICY)
-            except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            except Exception as exc:  # collected for the assertion below
                 errors.append(exc)
 
         threads = [threading.Thread(target=open_and_record, args=(10 * attempt + i,)) for i in range(2)]

@@ -154,7 +154,7 @@ def test_tuning_a_board_over_ssh_times_candidates_there(lab_x86, digits, tmp_pat
     sessions = []
 
     @contextlib.contextmanager
-    def watched():  # the session with the board, as the orchestrator hands it in
+    def watched(profile):  # the session with the board, as the orchestrator hands it in
         with tuning_board(profile) as board:
             sessions.append((board, group_members(board.server.pgid)))
             yield board

@@ -36,8 +36,9 @@ if TYPE_CHECKING:
     from pipeline.compiler.tuning.board import BoardRunner
 
 
-# Opens TVM's RPC server on the board for one tuning run (pipeline.session.tuning_board): the caller's session.
-TuningBoard = Callable[[], AbstractContextManager["BoardRunner"]]
+# Opens TVM's RPC server on a profile's board for one tuning run, over the caller's session with it
+# (pipeline.session.tuning_board).
+TuningBoard = Callable[[DeviceProfile], AbstractContextManager["BoardRunner"]]
 
 
 class Tuning(BaseModel):
@@ -220,13 +221,14 @@ def tuning_refusal(profile: DeviceProfile, trials: int,
                    tuning_board: TuningBoard | None = None) -> CompileError | None:
     """Why ``profile`` can't be tuned for, or None, before any work. A local CPU is timed here; a board over SSH by
     TVM's RPC server started there (tuning.board), through ``tuning_board``, the caller's way to the board."""
+    remote = profile.connection.transport != "local"
     if profile.tvm_gpu_target():
         expected = ("a CPU profile: GPU kernels are built with dlight's default schedules, and tuning them would "
                     "need CUDA on the board and a GPU runner, which edgedeploy doesn't have")
-    elif profile.connection.transport != "local" and not profile.runtimes.tvm:
+    elif remote and not profile.runtimes.tvm:
         expected = ("a board with TVM: tuning times each candidate with TVM's RPC server on the board, and this "
                     "profile says it has no TVM (runtimes.tvm: null)")
-    elif profile.connection.transport != "local" and tuning_board is None:
+    elif remote and tuning_board is None:
         return CompileError(f"Tuning for profile {profile.name!r} times its candidates on the board, and no way to "
                             "the board was given", value=f"--tune-trials {trials}",
                             fix="tune through `deploy run` or `deploy compile`, which hand the compiler a board "
@@ -241,15 +243,13 @@ def tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_di
                  profile: DeviceProfile | None = None, minutes: float | None = None,
                  tuning_board: TuningBoard | None = None):
     """Tune and build; candidates are timed here, or on the board when ``profile`` is reached over SSH (through
-    ``tuning_board``, which the caller's session with the board provides)."""
+    ``tuning_board``, the caller's way to it, which compile_model has checked is there)."""
     with _stdout_to_stderr():
         if profile is None or profile.connection.transport == "local":
             return tune_and_compile(mod, cpu, trials, database_dir, minutes=minutes)
         from pipeline.compiler.tuning import board as remote_tuning
 
-        if tuning_board is None:
-            raise tuning_refusal(profile, trials)
-        with tuning_board() as board, remote_tuning.candidate_scratch() as scratch:
+        with tuning_board(profile) as board, remote_tuning.candidate_scratch() as scratch:
             # Each candidate is linked here (the board's cross compiler) and loaded there as it is.
             export = functools.partial(remote_tuning.export_shared, cross_compiler=profile.cross_compiler,
                                        scratch=scratch)

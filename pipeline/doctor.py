@@ -1,0 +1,55 @@
+"""`deploy doctor`: what a session with the device finds, each check reported, none raised. Kept light (no onnx,
+onnxruntime or TVM): it is all the command imports."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from edgedeploy.errors import EdgeDeployError, HostKeyError
+from pipeline.preflight import probe
+from targets.connect import open_transport
+from targets.profiles import DeviceProfile
+
+
+class DoctorRow(BaseModel):
+    """One line of `deploy doctor`."""
+
+    model_config = ConfigDict(frozen=True)
+    check: str
+    ok: bool
+    detail: str
+
+
+def doctor(profile: DeviceProfile) -> list[DoctorRow]:
+    """Reachability, host key, architecture, Python, runtimes and free disk, each reported, none raised."""
+    rows: list[DoctorRow] = []
+    try:
+        transport, workdir = open_transport(profile)
+    except HostKeyError as exc:
+        return [DoctorRow(check="reachable", ok=True, detail=profile.connection.host or "local"),
+                DoctorRow(check="host key", ok=False, detail=exc.render())]
+    except EdgeDeployError as exc:
+        return [DoctorRow(check="reachable", ok=False, detail=exc.render())]
+    try:
+        rows.append(DoctorRow(check="reachable", ok=True, detail=transport.name))
+        if profile.connection.transport == "ssh":
+            rows.append(DoctorRow(check="host key", ok=True,
+                                  detail=f"matches {profile.connection.known_hosts or '~/.ssh/known_hosts'}"))
+        facts = probe(transport, profile, workdir)
+        rows.append(DoctorRow(check="architecture", ok=facts.machine == profile.cpu.arch,
+                              detail=f"device {facts.machine}, profile {profile.cpu.arch}"))
+        rows.append(DoctorRow(check="python", ok=facts.python.startswith(profile.python_version),
+                              detail=f"device {facts.python}, profile {profile.python_version}"))
+        for runtime in ("numpy", "tvm", "onnxruntime"):
+            wanted = runtime == "numpy" or getattr(profile.runtimes, runtime) is not None
+            present = getattr(facts, runtime)
+            rows.append(DoctorRow(check=runtime, ok=present or not wanted,
+                                  detail=("installed" if present else "missing") +
+                                  ("" if wanted else " (the profile doesn't expect it)")))
+        rows.append(DoctorRow(check="free disk", ok=facts.free_bytes > 100 * 2**20,
+                              detail=f"{facts.free_bytes / 2**30:.1f} GiB free in {workdir}"))
+    except EdgeDeployError as exc:
+        rows.append(DoctorRow(check="device", ok=False, detail=exc.render()))
+    finally:
+        transport.close()
+    return rows
