@@ -386,7 +386,7 @@ def profiles_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
     """List the bundled device profiles."""
     from rich.table import Table
 
-    from targets.profiles import available_profiles, load_profile
+    from targets.profiles import RUNTIME_NAMES, available_profiles, load_profile
 
     try:
         profiles = [load_profile(name) for name in available_profiles()]
@@ -396,14 +396,15 @@ def profiles_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
         print(json.dumps([p.model_dump(mode="json") for p in profiles]))
         return
     table = Table(title="device profiles", title_justify="left")
-    for column in ("name", "runs on", "cpu", "native precisions", "int8 dot", "memory", "python", "transport"):
+    for column in ("name", "cpu", "gpu", "runtimes (unit)", "memory", "python", "transport"):
         table.add_column(column)
     for p in profiles:
-        unit = f"GPU sm_{p.gpu.compute_capability.replace('.', '')}" if p.run_on == "gpu" and p.gpu else "CPU"
-        precisions = p.gpu.precisions if p.run_on == "gpu" and p.gpu else p.cpu.precisions
-        table.add_row(p.name, unit, f"{p.cpu.arch} {p.cpu.mcpu or '(host)'}", ", ".join(precisions),
-                      "yes" if p.cpu.int8_dot_product else "no", f"{p.memory_mb} MB", p.python_version,
-                      p.connection.transport)
+        gpu = f"{p.gpu.sm}: {', '.join(p.gpu.precisions)}" if p.gpu else ""
+        runtimes = [f"{'*' if name == p.preferred_runtime else ''}{name} ({p.unit_of(name).upper()})"
+                    for name in RUNTIME_NAMES if (spec := p.runtimes.get(name)) and spec.version]
+        table.add_row(p.name, f"{p.cpu.arch} {p.cpu.mcpu or '(host)'}: {', '.join(p.cpu.precisions)}"
+                      f"{', int8 dot' if p.cpu.int8_dot_product else ''}", gpu, "\n".join(runtimes),
+                      f"{p.memory_mb} MB", p.python_version, p.connection.transport)
     stdout.print(table)
 
 

@@ -18,10 +18,10 @@ from rich.table import Table
 from pipeline.ingest import ModelInfo
 from pipeline.quantize import QuantConfig
 from targets.host import Toolchain, detect_toolchain
-from targets.profiles import DeviceProfile
+from targets.profiles import DeviceProfile, RuntimeName
 
 Verdict = Literal["pass", "warn", "refuse"]
-Runtime = Literal["tvm", "onnxruntime"]
+Runtime = RuntimeName
 
 # onnxruntime's quantizer writes these ("QOperator" format); TVM 0.27's ONNX importer has none of them.
 QOPERATOR_OPS = frozenset({
@@ -36,9 +36,11 @@ DYNAMIC_QUANT_OPS = frozenset({"ConvInteger"})
 ORT_MAX_OPSET = {(1, 10): 15, (1, 11): 16, (1, 12): 17, (1, 13): 17, (1, 14): 18, (1, 15): 19, (1, 16): 19,
                  (1, 17): 20, (1, 18): 21, (1, 19): 21, (1, 20): 21, (1, 21): 22, (1, 22): 22, (1, 23): 23}
 
-# Resident memory of a runtime with nothing loaded (Python + numpy + the runtime), measured on x86-64
-# with the device runner: an estimate for the fit check, not a guarantee.
-RUNTIME_OVERHEAD_MB = {"tvm": 180, "onnxruntime": 120}
+# Resident memory of a runtime with nothing loaded (Python + numpy + the runtime): measured on x86-64 with the
+# device runner for the CPU runtimes; for the GPU ones, a CUDA context with cuDNN/cuBLAS (and TensorRT's builder)
+# as commonly reported on Jetsons. An estimate for the fit check, not a guarantee.
+RUNTIME_OVERHEAD_MB = {"tvm": 180, "onnxruntime": 120, "onnxruntime-cuda": 700, "onnxruntime-tensorrt": 900}
+TVM_CUDA_OVERHEAD_MB = 350
 
 
 class CheckResult(BaseModel):
@@ -100,15 +102,16 @@ class CheckReport(BaseModel):
         yield table
 
 
-def _unit(profile: DeviceProfile) -> tuple[str, tuple[str, ...]]:
-    if profile.run_on == "gpu" and profile.gpu:
+def _unit(profile: DeviceProfile, runtime: Runtime) -> tuple[str, tuple[str, ...]]:
+    """The unit ``runtime`` computes on, in words, and its native precisions."""
+    if profile.unit_of(runtime) == "gpu" and profile.gpu:
         return f"{profile.name}'s GPU ({profile.gpu.name}, compute capability {profile.gpu.compute_capability})", \
             profile.gpu.precisions
     return f"{profile.name}'s CPU ({profile.cpu.mcpu or 'this host'})", profile.cpu.precisions
 
 
-def check_precision(profile: DeviceProfile, quant: QuantConfig) -> CheckResult:
-    unit, precisions = _unit(profile)
+def check_precision(profile: DeviceProfile, quant: QuantConfig, runtime: Runtime = "tvm") -> CheckResult:
+    unit, precisions = _unit(profile, runtime)
     name = "precision vs arithmetic"
     if quant.scheme == "fp32":
         return CheckResult(check=name, verdict="pass", reason=f"fp32 runs natively on {unit}")
@@ -117,22 +120,30 @@ def check_precision(profile: DeviceProfile, quant: QuantConfig) -> CheckResult:
             return CheckResult(check=name, verdict="pass", reason=f"{unit} has native fp16 arithmetic")
         return CheckResult(
             check=name, verdict="refuse",
-            reason=f"fp16 needs fp16 arithmetic on the unit that runs the model, and {unit} has none: every op "
-                   "would convert to fp32 and back, slower than plain fp32",
+            reason=f"fp16 needs fp16 arithmetic on the unit that runs the model ({runtime}: {unit}), and it has "
+                   "none: every op would convert to fp32 and back, slower than plain fp32",
             fact="fp16 arithmetic: Jetson Nano GPU yes, its CPU no; Raspberry Pi 4 no, Pi 5 yes (ARMv8.2 FP16); "
                  "x86 AVX2/VNNI no (F16C only converts)",
-            fix="use --quant fp32, or --quant int8 to cut memory",
+            fix="use --quant fp32, or --quant int8 to cut memory" + (
+                "; or a GPU runtime (--runtime onnxruntime-tensorrt)" if profile.gpu and "fp16" in
+                profile.gpu.precisions else ""),
         )
-    gpu = profile.gpu if profile.run_on == "gpu" else None
+    gpu = profile.gpu if profile.unit_of(runtime) == "gpu" else None
     if gpu is not None:
-        major, minor = (int(x) for x in gpu.compute_capability.split("."))
-        if (major, minor) < (6, 1):
+        if not gpu.has_dp4a:
             return CheckResult(
                 check=name, verdict="refuse",
                 reason=f"int8 has no fast path on {unit}: it would run slower than fp16",
-                fact="int8 on NVIDIA GPUs needs DP4A, from compute capability 6.1; Maxwell (5.3) has none and "
-                     "TensorRT offers no int8 there",
-                fix="use --quant fp16 (native on this GPU, 2x the fp32 rate)",
+                fact=f"int8 on NVIDIA GPUs needs DP4A, from compute capability 6.1; {gpu.name} "
+                     f"({gpu.compute_capability}) has none, and TensorRT offers no int8 there",
+                fix="use --quant fp16 (native on this GPU)" if "fp16" in gpu.precisions else "use --quant fp32",
+            )
+        if runtime == "onnxruntime-cuda":
+            return CheckResult(
+                check=name, verdict="warn",
+                reason="onnxruntime's CUDA provider runs few QDQ int8 ops as int8: most run in float, some on the CPU",
+                fact="onnxruntime's int8 on NVIDIA GPUs is TensorRT's (explicit quantization of QDQ models)",
+                fix="--runtime onnxruntime-tensorrt for int8 on this GPU",
             )
         return CheckResult(check=name, verdict="pass", reason=f"{unit} has DP4A int8 dot products")
     if profile.cpu.int8_dot_product:
@@ -147,7 +158,7 @@ def check_precision(profile: DeviceProfile, quant: QuantConfig) -> CheckResult:
 
 
 def _x86_without_vnni(profile: DeviceProfile) -> bool:
-    return profile.cpu.arch == "x86_64" and not profile.cpu.int8_dot_product and profile.run_on != "gpu"
+    return profile.cpu.arch == "x86_64" and not profile.cpu.int8_dot_product
 
 
 def ort_int8_may_saturate(profile: DeviceProfile, quant: QuantConfig, runtime: Runtime) -> str | None:
@@ -220,9 +231,12 @@ def check_op_coverage(model: onnx.ModelProto, runtime: Runtime, importable: froz
     return CheckResult(check=name, verdict="pass", reason=f"every op is importable by {runtime}")
 
 
-def check_opset(model: onnx.ModelProto, profile: DeviceProfile) -> CheckResult:
+def check_opset(model: onnx.ModelProto, profile: DeviceProfile, runtime: Runtime = "tvm") -> CheckResult:
+    """The opset against the device's onnxruntime: the one that runs the model (a GPU provider's build), else the
+    CPU one that runs the fp32 baseline."""
     name = "opset vs device onnxruntime"
-    version = profile.runtimes.onnxruntime
+    spec = profile.runtimes.get(runtime if runtime.startswith("onnxruntime") else "onnxruntime")
+    version = spec.version if spec else None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if version is None:
         return CheckResult(check=name, verdict="warn",
@@ -246,10 +260,12 @@ def check_memory(info: ModelInfo, profile: DeviceProfile, quant: QuantConfig, ru
     weight_factor = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}[quant.scheme]
     weights_mb = info.weight_bytes * weight_factor / 2**20
     activations_mb = info.peak_activation_bytes / 2**20
-    need = weights_mb + activations_mb + RUNTIME_OVERHEAD_MB[runtime]
+    overhead = RUNTIME_OVERHEAD_MB[runtime] + (TVM_CUDA_OVERHEAD_MB if runtime == "tvm" and
+                                               profile.unit_of(runtime) == "gpu" else 0)
+    need = weights_mb + activations_mb + overhead
     have = profile.memory_mb
     detail = (f"weights {weights_mb:.1f} MB + peak activations {activations_mb:.1f} MB + {runtime} overhead "
-              f"~{RUNTIME_OVERHEAD_MB[runtime]} MB = {need:.0f} MB of {have} MB")
+              f"~{overhead} MB = {need:.0f} MB of {have} MB")
     shared = " (shared between CPU and GPU)" if profile.gpu else ""
     if need > have:
         return CheckResult(check=name, verdict="refuse", blocks="run",
@@ -261,6 +277,17 @@ def check_memory(info: ModelInfo, profile: DeviceProfile, quant: QuantConfig, ru
     return CheckResult(check=name, verdict="pass", reason=detail)
 
 
+HOW_TO_INSTALL = {
+    "tvm": "build TVM's runtime on the board (README: \"A real Jetson\") or pip install apache-tvm where Python "
+           ">= 3.9, then set runtimes.tvm in the profile",
+    "onnxruntime": "pip install onnxruntime on the board, then set runtimes.onnxruntime in the profile",
+    "onnxruntime-cuda": "install onnxruntime-gpu on the board (a Jetson: the wheel for its JetPack from the Jetson "
+                        "Zoo / Jetson AI Lab), then set runtimes.onnxruntime-cuda in the profile",
+    "onnxruntime-tensorrt": "install onnxruntime-gpu built with TensorRT (the Jetson wheels are) and TensorRT "
+                            "(part of JetPack), then set runtimes.onnxruntime-tensorrt in the profile",
+}
+
+
 def check_runtime(profile: DeviceProfile, runtime: Runtime) -> CheckResult:
     name = "runtime on the device"
     py = tuple(int(x) for x in profile.python_version.split("."))
@@ -268,23 +295,31 @@ def check_runtime(profile: DeviceProfile, runtime: Runtime) -> CheckResult:
         return CheckResult(check=name, verdict="refuse", blocks="run",
                            reason=f"the device runner needs Python >= 3.6; {profile.name} has {profile.python_version}",
                            fix="install Python 3.6+ on the device")
-    version = getattr(profile.runtimes, runtime)
-    if version is None:
+    spec = profile.runtimes.get(runtime)
+    unit = profile.unit_of(runtime)
+    if unit == "gpu" and profile.gpu is None:
+        where = "this machine (nvidia-smi found none)" if profile.connection.transport == "local" else profile.name
+        return CheckResult(
+            check=name, verdict="refuse", blocks="build",
+            reason=f"{runtime} runs on an NVIDIA GPU, and {where} has none",
+            fact="onnxruntime's CUDA and TensorRT providers need an NVIDIA GPU and its driver",
+            fix="use --runtime onnxruntime or --runtime tvm here, or a profile of a board with an NVIDIA GPU",
+        )
+    if spec is None or spec.version is None:
         wheel_note = (" TVM 0.27 wheels need Python >= 3.9; this device has "
                       f"{profile.python_version} ({profile.os})") if runtime == "tvm" and py < (3, 9) else ""
+        others = [r for r in ("onnxruntime-tensorrt", "onnxruntime-cuda", "tvm", "onnxruntime")
+                  if r != runtime and (s := profile.runtimes.get(r)) and s.version]
         return CheckResult(
             check=name, verdict="refuse", blocks="run",
-            reason=f"{runtime} is not on {profile.name}: a compiled artifact couldn't be loaded there.{wheel_note}",
-            fact="the device-side runner loads the artifact with the device's own runtime",
-            fix=(f"build the {runtime} runtime on the board and set runtimes.{runtime} in the profile, "
-                 f"or use the {'onnxruntime' if runtime == 'tvm' else 'tvm'} path"),
+            reason=f"{runtime} is not on {profile.name}: the artifact couldn't be run there.{wheel_note}",
+            fact="the device-side runner runs the artifact with the device's own runtime",
+            fix=HOW_TO_INSTALL[runtime] + (f"; or use --runtime {others[0]}" if others else ""),
         )
+    trt = f" (TensorRT {spec.tensorrt})" if spec.tensorrt else ""
     return CheckResult(check=name, verdict="pass",
-                       reason=f"{runtime} {version} and Python {profile.python_version} on {profile.name}")
-
-
-# CUDA 13 builds code for compute capability 7.5 and newer only (it dropped Maxwell, Pascal and Volta).
-CUDA13_MIN_CC = (7, 5)
+                       reason=f"{runtime} {spec.version}{trt} on the {unit.upper()} and Python {profile.python_version} "
+                              f"on {profile.name}")
 
 
 def check_toolchain(profile: DeviceProfile, toolchain: Toolchain) -> CheckResult:
@@ -302,22 +337,25 @@ def check_toolchain(profile: DeviceProfile, toolchain: Toolchain) -> CheckResult
                     "cross_compiler in the profile",
             )
         notes.append(f"cross-linked with {compiler}")
-    if profile.run_on == "gpu" and profile.gpu:
-        cc = tuple(int(x) for x in profile.gpu.compute_capability.split("."))
-        nvcc = toolchain.nvcc_version
-        major = int(nvcc.split(".")[0]) if nvcc else None
-        if nvcc is None or (major is not None and major >= 13 and cc < CUDA13_MIN_CC):
-            why = "no CUDA toolkit here" if nvcc is None else f"this machine's CUDA {nvcc} can't target sm_" \
-                f"{profile.gpu.compute_capability.replace('.', '')}"
+    if profile.unit_of("tvm") == "gpu" and profile.gpu:
+        sm = profile.gpu.sm
+        if toolchain.cuda is None:
+            return CheckResult(
+                check=name, verdict="refuse",
+                reason=f"GPU code for {sm} needs libdevice (LLVM's NVPTX backend links its math functions), and no "
+                       "CUDA 12 toolkit wheel is installed here",
+                fact="CUDA 12.x is the last toolkit line that targets sm_53; the nvidia-cuda-nvcc-cu12 wheel brings "
+                     "its libdevice and ptxas",
+                fix="make setup (pip install nvidia-cuda-nvcc-cu12 nvidia-nvfatbin-cu12)",
+            )
+        if toolchain.cuda.ptxas is None or toolchain.cuda.nvfatbin is None:
             return CheckResult(
                 check=name, verdict="warn",
-                reason=f"{why}: the library carries the kernels as CUDA C source, to be compiled on the board "
-                       f"by its CUDA {profile.gpu.cuda_version}",
-                fact="CUDA toolkits up to 12.x support compute capability 5.3; CUDA 13 dropped it; JetPack 4.6 "
-                     "ships CUDA 10.2",
-                fix="build with a CUDA <= 12 toolkit, or compile the kernels on the device",
+                reason=f"PTX only: the board's driver JIT-compiles it for {sm} on first load (no ptxas or nvFatbin "
+                       "here to add the cubin)",
+                fix="make setup (pip install nvidia-cuda-nvcc-cu12 nvidia-nvfatbin-cu12)",
             )
-        notes.append(f"CUDA {nvcc} builds for compute capability {profile.gpu.compute_capability}")
+        notes.append(f"GPU code: PTX (LLVM NVPTX) + {sm} cubin (ptxas, {toolchain.cuda.describe()})")
     return CheckResult(check=name, verdict="pass", reason="; ".join(notes) or "native build on this machine")
 
 
@@ -332,13 +370,13 @@ def run_checks(
         importable = tvm_importable_ops()
     ort_result, quant = check_ort_int8_x86(profile, quant, runtime)
     results = [
-        check_precision(profile, quant),
+        check_precision(profile, quant, runtime),
         ort_result,
         check_format(model, runtime),
         check_op_coverage(model, runtime, importable),
         check_memory(info, profile, quant, runtime),
         check_runtime(profile, runtime),
-        check_opset(model, profile),
+        check_opset(model, profile, runtime),
     ]
     if runtime == "tvm":
         results.append(check_toolchain(profile, toolchain or detect_toolchain()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import re
@@ -62,12 +63,88 @@ def detect_host() -> HostFacts:
 
 
 @dataclass(frozen=True)
+class NvidiaGpu:
+    """An NVIDIA GPU of this host, as nvidia-smi reports it."""
+
+    name: str
+    compute_capability: str
+    memory_mb: int
+    cuda_version: str  # the newest CUDA the driver supports
+
+
+def detect_nvidia_gpu() -> NvidiaGpu | None:
+    """The first NVIDIA GPU nvidia-smi lists, or None (no nvidia-smi, no GPU, no driver: all the same here)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        listed = subprocess.run([smi, "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True, timeout=10)
+        banner = subprocess.run([smi], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = [f.strip() for f in (listed.stdout.splitlines() or [""])[0].split(",")]
+    cuda = re.search(r"CUDA Version:\s*(\d+\.\d+)", banner)
+    if listed.returncode != 0 or len(fields) < 3 or not re.fullmatch(r"\d+\.\d+", fields[1]) or not cuda:
+        return None
+    try:
+        memory = int(float(fields[2]))
+    except ValueError:
+        memory = 0
+    return NvidiaGpu(name=fields[0], compute_capability=fields[1], memory_mb=memory, cuda_version=cuda.group(1))
+
+
+@dataclass(frozen=True)
+class CudaTools:
+    """The parts of a CUDA 12 toolkit that pip wheels bring (nvidia-cuda-nvcc-cu12: libdevice, ptxas; nvidia-nvfatbin-
+    cu12: nvFatbin), found without importing anything. CUDA 12.9 is the last line that still targets sm_53."""
+
+    root: Path
+
+    @property
+    def libdevice(self) -> Path:
+        return self.root / "nvvm" / "libdevice" / "libdevice.10.bc"
+
+    @property
+    def ptxas(self) -> Path | None:
+        path = self.root / "bin" / "ptxas"
+        return path if path.is_file() and os.access(path, os.X_OK) else None
+
+    @property
+    def nvfatbin(self) -> Path | None:
+        for folder in _package_folders("nvidia.nvfatbin"):
+            for library in sorted((folder / "lib").glob("libnvfatbin.so*")):
+                return library
+        return None
+
+    def describe(self) -> str:
+        parts = ["libdevice"] + (["ptxas"] if self.ptxas else []) + (["nvFatbin"] if self.nvfatbin else [])
+        return f"{' + '.join(parts)} from {self.root}"
+
+
+def _package_folders(name: str) -> list[Path]:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+
+
+def cuda_tools() -> CudaTools | None:
+    """The pip wheels' CUDA 12 toolkit, or None when nvidia-cuda-nvcc-cu12 is not installed."""
+    for folder in _package_folders("nvidia.cuda_nvcc"):
+        if CudaTools(folder).libdevice.is_file():
+            return CudaTools(folder)
+    return None
+
+
+@dataclass(frozen=True)
 class Toolchain:
-    """What this machine can build with: its arch, the C compilers on PATH, the CUDA toolkit version."""
+    """What this machine can build with: its arch, the C compilers on PATH, the CUDA tools for GPU code."""
 
     arch: str
     compilers: frozenset[str]
-    nvcc_version: str | None
+    cuda: CudaTools | None
 
     def has(self, compiler: str) -> bool:
         return compiler in self.compilers
@@ -76,21 +153,9 @@ class Toolchain:
 CROSS_COMPILERS = ("gcc", "cc", "aarch64-linux-gnu-gcc", "arm-linux-gnueabihf-gcc")
 
 
-def _nvcc_version() -> str | None:
-    nvcc = shutil.which("nvcc")
-    if not nvcc:
-        return None
-    try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = re.search(r"release (\d+\.\d+)", out)
-    return match.group(1) if match else None
-
-
 def detect_toolchain() -> Toolchain:
     return Toolchain(
         arch=platform.machine(),
         compilers=frozenset(c for c in CROSS_COMPILERS if shutil.which(c)),
-        nvcc_version=_nvcc_version(),
+        cuda=cuda_tools(),
     )

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgedeploy.errors import ProfileError
-from targets.host import detect_host
+from targets.host import detect_host, detect_nvidia_gpu
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "device_profiles"
 
@@ -62,13 +62,67 @@ class GpuUnit(_Frozen):
     compute_capability: str = Field(pattern=r"^\d+\.\d+$", description="CUDA compute capability, e.g. 5.3.")
     cuda_version: str = Field(pattern=r"^\d+\.\d+$", description="CUDA version on the device.")
     precisions: tuple[Precision, ...] = Field(description="Precisions the GPU computes natively.")
+    int8_dot_product: bool | None = Field(default=None, description="Has DP4A int8 dot products (compute "
+                                          "capability 6.1+); null = derived from the compute capability.")
+
+    @property
+    def sm(self) -> str:
+        """The SM name compilers use: sm_53 for compute capability 5.3."""
+        return "sm_" + self.compute_capability.replace(".", "")
+
+    @property
+    def has_dp4a(self) -> bool:
+        if self.int8_dot_product is not None:
+            return self.int8_dot_product
+        major, minor = (int(x) for x in self.compute_capability.split("."))
+        return (major, minor) >= (6, 1)
+
+
+RuntimeName = Literal["tvm", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt"]
+Unit = Literal["cpu", "gpu"]
+RUNTIME_NAMES: tuple[RuntimeName, ...] = ("tvm", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt")
+# onnxruntime's execution provider decides its unit; TVM runs where the profile compiles it for.
+FIXED_UNITS: dict[str, Unit] = {"onnxruntime": "cpu", "onnxruntime-cuda": "gpu", "onnxruntime-tensorrt": "gpu"}
+
+
+class RuntimeSpec(_Frozen):
+    """One runtime of the device: its version there (null = not installed) and the unit it computes on."""
+
+    version: str | None = Field(default=None, description="Version installed on the device; null = absent.")
+    unit: Unit = Field(default="cpu", description="The unit it runs the model on (TVM: what it is compiled for).")
+    tensorrt: str | None = Field(default=None, description="onnxruntime-tensorrt: the TensorRT version it uses.")
 
 
 class Runtimes(_Frozen):
-    """Runtimes present on the device (version strings; null = absent)."""
+    """Runtimes of the device, each a version string (on the CPU) or {version, unit}; absent = not installed."""
 
-    tvm: str | None = Field(default=None, description="TVM runtime version on the device.")
-    onnxruntime: str | None = Field(default=None, description="onnxruntime version on the device.")
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    tvm: RuntimeSpec | None = Field(default=None, description="TVM's runtime (unit gpu: built with CUDA).")
+    onnxruntime: RuntimeSpec | None = Field(default=None, description="onnxruntime on the CPU.")
+    onnxruntime_cuda: RuntimeSpec | None = Field(default=None, alias="onnxruntime-cuda",
+                                                 description="onnxruntime's CUDA execution provider.")
+    onnxruntime_tensorrt: RuntimeSpec | None = Field(default=None, alias="onnxruntime-tensorrt",
+                                                     description="onnxruntime's TensorRT execution provider.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_versions(cls, data: Any) -> Any:
+        """``tvm: "0.27.0"`` is short for ``{version: "0.27.0"}``; onnxruntime's providers fix their unit."""
+        if not isinstance(data, dict):
+            return data
+        out = {}
+        for key, value in data.items():
+            name = key.replace("_", "-")
+            spec = {"version": value} if isinstance(value, str) or value is None else dict(value)
+            if name in FIXED_UNITS:
+                if spec.get("unit", FIXED_UNITS[name]) != FIXED_UNITS[name]:
+                    raise ValueError(f"{name} runs on the {FIXED_UNITS[name].upper()}; remove its 'unit'")
+                spec["unit"] = FIXED_UNITS[name]
+            out[key] = spec
+        return out
+
+    def get(self, name: str) -> RuntimeSpec | None:
+        return getattr(self, name.replace("-", "_"))
 
 
 class Connection(_Frozen):
@@ -107,11 +161,12 @@ class DeviceProfile(_Frozen):
     description: str = Field(default="", description="One line for people.")
     cpu: CpuUnit = Field(description="The CPU.")
     gpu: GpuUnit | None = Field(default=None, description="A CUDA GPU, if any.")
-    run_on: Literal["cpu", "gpu"] = Field(default="cpu", description="Which unit runs the model.")
     memory_mb: int = Field(ge=1, description="Memory available to the model (shared with the GPU where it is).")
     os: str = Field(description="Operating system, e.g. 'Debian 12'.")
     python_version: str = Field(pattern=r"^3\.\d+$", description="Python on the device, e.g. 3.11.")
     runtimes: Runtimes = Field(default_factory=Runtimes, description="Runtimes on the device.")
+    preferred_runtime: RuntimeName = Field(default="tvm", description="The runtime `deploy run` uses when no "
+                                           "--runtime is given.")
     cross_compiler: str | None = Field(
         default=None, pattern=SAFE_TOKEN,
         description="C compiler that links libraries for this device (null = host cc).",
@@ -131,10 +186,27 @@ class DeviceProfile(_Frozen):
         return target
 
     def tvm_gpu_target(self) -> dict[str, Any] | None:
-        """TVM target for the GPU when the model runs there (its host is the CPU target), else None."""
-        if self.run_on != "gpu" or self.gpu is None:
+        """TVM's target for the GPU when TVM runs the model there (runtimes.tvm.unit: gpu), else None: LLVM's NVPTX
+        backend, which writes PTX without a CUDA toolkit (pipeline/compiler/gpu.py)."""
+        if self.gpu is None or self.unit_of("tvm") != "gpu":
             return None
-        return {"kind": "cuda", "arch": "sm_" + self.gpu.compute_capability.replace(".", "")}
+        return {"kind": "nvptx", "mcpu": self.gpu.sm, "mtriple": "nvptx64-nvidia-cuda"}
+
+    def unit_of(self, runtime: str) -> Unit:
+        """The unit ``runtime`` computes on here: onnxruntime's providers fix it; TVM's is the profile's say (its
+        runtimes.tvm.unit), the CPU by default."""
+        if runtime in FIXED_UNITS:
+            return FIXED_UNITS[runtime]
+        spec = self.runtimes.get(runtime)
+        return spec.unit if spec else "cpu"
+
+    @model_validator(mode="after")
+    def _gpu_runtimes_need_a_gpu(self) -> DeviceProfile:
+        for name in RUNTIME_NAMES:
+            spec = self.runtimes.get(name)
+            if spec and spec.unit == "gpu" and self.gpu is None:
+                raise ValueError(f"runtimes.{name} runs on a GPU, and the profile has no 'gpu' section")
+        return self
 
 
 def available_profiles() -> list[str]:
@@ -209,7 +281,7 @@ def _detected_fields() -> dict[str, Any]:
     vnni = bool(host.features & {"avx512_vnni", "avx_vnni", "asimddp"})
     fp16 = bool(host.features & {"fphp", "asimdhp", "avx512_fp16"})
     triple = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(host.arch, f"{host.arch}-linux-gnu")
-    return {
+    fields: dict[str, Any] = {
         "cpu": {
             "arch": host.arch,
             "triple": triple,
@@ -224,6 +296,33 @@ def _detected_fields() -> dict[str, Any]:
         "python_version": f"{sys.version_info.major}.{sys.version_info.minor}",
         "description": f"This machine: {host.cpu_model}, {host.cores} cores, {host.memory_mb} MB",
     }
+    gpu = detect_nvidia_gpu()
+    if gpu is not None:
+        fields["gpu"] = {"name": gpu.name, "compute_capability": gpu.compute_capability,
+                         "cuda_version": gpu.cuda_version, "precisions": gpu_precisions(gpu.compute_capability)}
+        fields["runtimes"] = _local_gpu_runtimes()
+        fields["description"] += f", {gpu.name} (compute capability {gpu.compute_capability})"
+    return fields
+
+
+def gpu_precisions(compute_capability: str) -> list[str]:
+    """What an NVIDIA GPU computes at full speed: fp16 on 5.3, 6.0, 6.2 and 7.0+ (consumer Pascal, 6.1, runs it at
+    1/64 rate), int8 by DP4A from 6.1."""
+    cc = tuple(int(x) for x in compute_capability.split("."))
+    fp16 = cc in ((5, 3), (6, 0), (6, 2)) or cc >= (7, 0)
+    return ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if cc >= (6, 1) else [])
+
+
+def _local_gpu_runtimes() -> dict[str, Any]:
+    """onnxruntime's GPU providers where this machine's onnxruntime has them (onnxruntime-gpu, not the CPU build)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return {}
+    providers, version = set(onnxruntime.get_available_providers()), onnxruntime.__version__
+    return {name: version for name, provider in (("onnxruntime-cuda", "CUDAExecutionProvider"),
+                                                 ("onnxruntime-tensorrt", "TensorrtExecutionProvider"))
+            if provider in providers}
 
 
 def _explain(path: Path, exc: ValidationError) -> ProfileError:

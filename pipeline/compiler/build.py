@@ -14,6 +14,7 @@ import tvm
 
 from edgedeploy.errors import CompileError, EdgeDeployError
 from pipeline.compiler.frontend import relax_module, resolve_target, tvm_importable_ops
+from pipeline.compiler.gpu import GpuCode, cuda_module, gpu_code, nvptx_refusal, packer, prepare_nvptx
 from pipeline.compiler.intrinsics import load_tensor_intrinsics
 from pipeline.compiler.passes.dot import (
     SDOT,
@@ -26,6 +27,7 @@ from pipeline.ingest import ModelInfo
 from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profile_sha256, write_manifest
 from pipeline.quantize import QuantizedModel
 from targets.hashing import sha256_bytes
+from targets.host import cuda_tools
 from targets.profiles import DeviceProfile
 
 __all__ = ["ELF_MACHINES", "CompiledArtifact", "compile_model", "elf_machine", "profile_sha256",
@@ -50,6 +52,10 @@ def _build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any] | None):
     # CUDA needs every kernel bound to threads: dlight's default GPU schedules do that (no tuning).
     import tvm.s_tir.dlight as dl
 
+    tools = cuda_tools()
+    if tools is None:  # compile_model refused before, with the fix
+        raise CompileError("No CUDA 12 toolkit wheel for the GPU build", value="nvidia-cuda-nvcc-cu12: not installed")
+    prepare_nvptx(tools.libdevice)
     target = tvm.target.Target(gpu, host=cpu)
     load_tensor_intrinsics(target)  # dlight's GPU rules import CUDA's: only those (compiler.intrinsics)
     mod = fused(mod, target)
@@ -59,21 +65,15 @@ def _build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any] | None):
     return tvm.compile(mod, target=target)
 
 
-def _device_code(executable) -> str:
-    """What the library carries for the GPU: 'cuda-source' (compiled on the device), 'cuda-cubin', 'cuda-ptx';
-    'cpu' without a GPU."""
-    todo = list(executable.mod.imports)
-    while todo:
-        module = todo.pop()
-        if getattr(module, "kind", "") == "cuda":
-            # With a CUDA toolkit that can't target the GPU (CUDA 13 dropped sm_53), TVM keeps only the
-            # CUDA C source; the board's own toolkit must compile it. Say which one this library holds.
-            for fmt in ("cubin", "ptx"):
-                if module.inspect_source(fmt):
-                    return f"cuda-{fmt}"
-            return "cuda-source"
-        todo.extend(module.imports)
-    return "cpu"
+def _export(executable, library: Path, profile: DeviceProfile, host: dict[str, Any]) -> GpuCode | None:
+    """The library file; for a GPU build, with its kernels as the board will load them (compiler.gpu)."""
+    options: dict[str, Any] = {"cc": profile.cross_compiler} if profile.cross_compiler else {}
+    code = None
+    if profile.tvm_gpu_target():
+        code = gpu_code(executable, profile)
+        options["fpack_imports"] = packer(code, cuda_module(executable).inspect_source("ptx"), host)
+    executable.export_library(str(library), **options)
+    return code
 
 
 def compile_model(
@@ -88,6 +88,8 @@ def compile_model(
     gpu_dict = profile.tvm_gpu_target()
     if tune_trials and (refusal := tuning_refusal(profile, tune_trials, tuning_board)):
         raise refusal
+    if refusal := nvptx_refusal(profile):
+        raise refusal
     tuning = None
     started = time.perf_counter()
     try:
@@ -99,7 +101,7 @@ def compile_model(
         else:
             executable = _build(mod, target_dict, gpu_dict)
         library = workdir / "model.so"
-        executable.export_library(str(library), **({"cc": profile.cross_compiler} if profile.cross_compiler else {}))
+        gpu = _export(executable, library, profile, target_dict)
     except EdgeDeployError:  # tuning on a board: the device or the connection said what went wrong
         raise
     except Exception as exc:
@@ -117,10 +119,11 @@ def compile_model(
             expected=f"e_machine {ELF_MACHINES.get(profile.cpu.arch)}",
             fix=f"check the profile's cross_compiler ({profile.cross_compiler or 'host cc'})",
         )
-    device_code = _device_code(executable)
+    device_code = gpu.device_code if gpu else "cpu"
     artifact = write_manifest(
         library, quantized, info, profile, runtime="tvm", seconds=seconds,
-        extra={"target": target_dict, "gpu_target": gpu_dict, "device_code": device_code, "elf_machine": machine,
+        extra={"target": target_dict, "gpu_target": gpu_dict, "device_code": device_code,
+               "gpu_code": gpu.summary if gpu else None, "elf_machine": machine,
                "tuning": tuning.model_dump() if tuning else None, "integer_ops": integer_ops,
                "vnni_ops": count_vnni_ops(mod), "sdot_ops": count_dot_ops(mod, (SDOT,)),
                "winograd_convs": count_winograd_convs(mod)},

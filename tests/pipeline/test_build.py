@@ -21,8 +21,14 @@ def test_every_profile_compiles_the_digits_cnn(name, tmp_path):
     assert elf_machine(result.artifact.library_path) == ELF_MACHINES[profile.cpu.arch]
     manifest = json.loads(open(result.artifact.manifest_path).read())
     assert manifest["profile"]["name"] == name and manifest["elf_machine"] == ELF_MACHINES[profile.cpu.arch]
-    if profile.run_on == "gpu":
-        assert manifest["gpu_target"] == {"kind": "cuda", "arch": "sm_53"}
-        assert manifest["device_code"].startswith("cuda")
+    if profile.tvm_gpu_target():
+        sm = profile.gpu.sm
+        assert manifest["gpu_target"] == {"kind": "nvptx", "mcpu": sm, "mtriple": "nvptx64-nvidia-cuda"}
+        # never CUDA C source: PTX a JetPack 4.6 driver JITs (ISA <= 6.5) and the cubin for the exact SM
+        assert manifest["device_code"] == "ptx+cubin"
+        code = manifest["gpu_code"]
+        assert code["sm"] == sm and code["kernels"] > 0 and tuple(map(int, code["ptx_isa"].split("."))) <= (6, 5) \
+            or sm != "sm_53"
+        assert {(e["kind"], e["arch"]) for e in code["fatbin"]} == {("ptx", int(sm[3:])), ("cubin", int(sm[3:]))}
     else:
         assert manifest["device_code"] == "cpu" and manifest["target"]["mtriple"] == profile.cpu.triple

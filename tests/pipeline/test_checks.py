@@ -9,24 +9,37 @@ from pipeline.checks import run_checks
 from pipeline.compiler.frontend import tvm_importable_ops
 from pipeline.ingest import ingest
 from pipeline.quantize import QuantConfig
-from targets.host import Toolchain
+from targets.host import CudaTools, Toolchain, detect_toolchain
 from targets.profiles import load_profile
 from tests.conftest import conv_integer_model, conv_model, lstm_model, qoperator_model
 
 MODELS = {"cnn": conv_model, "qoperator": qoperator_model, "convinteger": conv_integer_model, "lstm": lstm_model}
-# This machine as the checks see it, fixed so the table doesn't depend on where the tests run.
-X86_WITH_CROSS_AND_CUDA13 = Toolchain(arch="x86_64", compilers=frozenset({"gcc", "aarch64-linux-gnu-gcc"}),
-                                      nvcc_version="13.0")
+# This machine as the checks see it, fixed so the table doesn't depend on where the tests run: the cross linker, and
+# no CUDA wheels (the GPU builds' toolchain is its own test below).
+X86_WITH_CROSS_AND_CUDA13 = Toolchain(arch="x86_64", compilers=frozenset({"gcc", "aarch64-linux-gnu-gcc"}), cuda=None)
 IMPORTABLE = tvm_importable_ops()
 
 # profile, scheme, model kind, runtime, check, verdict, words the reason must contain
 TABLE = [
     ("jetson-nano", "int8", "cnn", "tvm", "precision vs arithmetic", "refuse", "DP4A"),
+    ("jetson-nano", "int8", "cnn", "onnxruntime-tensorrt", "precision vs arithmetic", "refuse", "DP4A"),
+    ("jetson-nano", "int8", "cnn", "onnxruntime-cuda", "precision vs arithmetic", "refuse", "DP4A"),
     ("jetson-nano", "fp16", "cnn", "tvm", "precision vs arithmetic", "pass", "native fp16"),
+    ("jetson-nano", "fp16", "cnn", "onnxruntime-tensorrt", "precision vs arithmetic", "pass", "GPU"),
+    # onnxruntime runs on the CPU: the Cortex-A57 has no fp16, and int8 there is not the GPU's DP4A question
+    ("jetson-nano", "fp16", "cnn", "onnxruntime", "precision vs arithmetic", "refuse", "CPU (cortex-a57)"),
+    ("jetson-nano", "int8", "cnn", "onnxruntime", "precision vs arithmetic", "warn", "no int8 dot-product"),
     ("jetson-nano", "fp32", "cnn", "tvm", "runtime on the device", "refuse", "Python >= 3.9"),
     ("jetson-nano", "fp32", "cnn", "onnxruntime", "runtime on the device", "pass", "onnxruntime 1.11.0"),
-    ("jetson-nano", "fp16", "cnn", "tvm", "build toolchain", "warn", "CUDA C source"),
+    ("jetson-nano", "fp16", "cnn", "onnxruntime-tensorrt", "runtime on the device", "pass", "TensorRT 8.2.1"),
+    ("jetson-nano", "fp16", "cnn", "tvm", "build toolchain", "refuse", "libdevice"),
     ("jetson-nano", "fp32", "cnn", "tvm", "memory fit", "pass", "of 4096 MB"),
+    ("jetson-nano", "fp32", "cnn", "onnxruntime-tensorrt", "memory fit", "pass", "overhead ~900 MB"),
+    ("jetson-orin-nano", "int8", "cnn", "onnxruntime-tensorrt", "precision vs arithmetic", "pass", "DP4A"),
+    ("jetson-orin-nano", "int8", "cnn", "onnxruntime-cuda", "precision vs arithmetic", "warn", "TensorRT"),
+    ("jetson-orin-nano", "int8", "cnn", "onnxruntime", "precision vs arithmetic", "pass", "int8 dot-product"),
+    ("jetson-orin-nano", "fp16", "cnn", "onnxruntime", "precision vs arithmetic", "pass", "native fp16"),
+    ("raspberry-pi-4", "fp32", "cnn", "onnxruntime-cuda", "runtime on the device", "refuse", "has none"),
     ("raspberry-pi-4", "fp16", "cnn", "tvm", "precision vs arithmetic", "refuse", "fp16 arithmetic"),
     ("raspberry-pi-4", "int8", "cnn", "tvm", "precision vs arithmetic", "warn", "speed-up will be small"),
     ("raspberry-pi-4", "fp32", "cnn", "tvm", "build toolchain", "pass", "aarch64-linux-gnu-gcc"),
@@ -118,13 +131,33 @@ def test_memory_that_does_not_fit_is_refused(infos, tmp_path):
 
 
 def test_missing_cross_toolchain_is_refused(infos):
-    bare = Toolchain(arch="x86_64", compilers=frozenset({"gcc"}), nvcc_version=None)
+    bare = Toolchain(arch="x86_64", compilers=frozenset({"gcc"}), cuda=None)
     report = _checks(infos, "raspberry-pi-4", "fp32", "cnn", "tvm", toolchain=bare)
     (tool,) = [r for r in report.refused if r.check == "build toolchain"]
     assert "gcc-aarch64-linux-gnu" in tool.fix and tool.blocks == "build"
 
 
-def test_cuda12_builds_for_the_nano(infos):
-    cuda12 = Toolchain(arch="x86_64", compilers=frozenset({"gcc", "aarch64-linux-gnu-gcc"}), nvcc_version="12.4")
-    report = _checks(infos, "jetson-nano", "fp16", "cnn", "tvm", toolchain=cuda12)
-    assert next(r for r in report.results if r.check == "build toolchain").verdict == "pass"
+def test_the_cuda_wheels_build_for_the_nano(infos, tmp_path):
+    """libdevice + ptxas + nvFatbin: PTX and the sm_53 cubin; libdevice alone: PTX only (warned)."""
+    libdevice = tmp_path / "nvvm" / "libdevice" / "libdevice.10.bc"
+    libdevice.parent.mkdir(parents=True)
+    libdevice.write_bytes(b"BC")
+    cross = frozenset({"gcc", "aarch64-linux-gnu-gcc"})
+    only_libdevice = _checks(infos, "jetson-nano", "fp16", "cnn", "tvm",
+                             toolchain=Toolchain(arch="x86_64", compilers=cross, cuda=CudaTools(tmp_path)))
+    tool = next(r for r in only_libdevice.results if r.check == "build toolchain")
+    assert tool.verdict == "warn" and "PTX only" in tool.reason
+    installed = detect_toolchain()
+    if installed.cuda is None or installed.cuda.ptxas is None or installed.cuda.nvfatbin is None:
+        pytest.skip("the CUDA 12 wheels are not installed here (make setup installs them)")
+    full = _checks(infos, "jetson-nano", "fp16", "cnn", "tvm", toolchain=installed)
+    tool = next(r for r in full.results if r.check == "build toolchain")
+    assert tool.verdict == "pass" and "sm_53 cubin" in tool.reason
+
+
+def test_a_gpu_runtime_on_a_machine_without_a_gpu_is_refused_before_any_build(infos):
+    """`--runtime onnxruntime-cuda --profile local` here (no NVIDIA GPU): refused, the alternatives named."""
+    report = _checks(infos, "local", "fp32", "cnn", "onnxruntime-cuda")
+    (refusal,) = report.refused_for("build")
+    assert refusal.check == "runtime on the device" and "nvidia-smi found none" in refusal.reason
+    assert "--runtime onnxruntime" in refusal.fix
