@@ -50,6 +50,9 @@ def _bundled_model(model: Path) -> Path:
 
 
 # Options `run` and `compile` share.
+RuntimeOption = Annotated[Literal["tvm", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt"] | None,
+                          typer.Option(help="What runs the model on the device (default: the profile's preferred "
+                                            "runtime; `deploy profiles list` marks it with *).")]
 AccuracyBudget = Annotated[float, typer.Option(min=0, help="auto and --partial: allowed drop of the metric, "
                                                           "in points.")]
 Partial = Annotated[bool, typer.Option("--partial", help="int8: keep the most sensitive layers in float until the "
@@ -98,6 +101,7 @@ def run(
     eval_data: Annotated[Path | None, typer.Option(help=".npz of inputs (+labels) or a folder of images.")] = None,
     accuracy_budget: AccuracyBudget = 1.0,
     partial: Partial = False,
+    runtime: RuntimeOption = None,
     tune_trials: TuneTrials = 0,
     tune_minutes: TuneMinutes = None,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
@@ -120,7 +124,7 @@ def run(
         config = _build_config(
             model, profile, quant, calibration, per_channel, calib_data, calib_samples, input_shape, tune_trials,
             tune_minutes, eval_data=str(eval_data) if eval_data else None, eval_samples=eval_samples,
-            max_model_mb=max_model_mb, accuracy_budget=accuracy_budget / 100, partial=partial,
+            max_model_mb=max_model_mb, accuracy_budget=accuracy_budget / 100, partial=partial, runtime=runtime,
             bench=BenchmarkSettings(warmup=warmup, min_iterations=min_iterations, min_seconds=min_seconds,
                                     max_seconds=max_seconds, rounds=rounds),
         ).with_run_id()
@@ -147,7 +151,7 @@ def check(
     model: Annotated[Path, typer.Argument(help="The .onnx model, or a bundled workload's name.")],
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
     quant: Annotated[Literal["fp32", "fp16", "int8"], typer.Option(help="Numeric format to check.")] = "fp32",
-    runtime: Annotated[Literal["tvm", "onnxruntime"], typer.Option(help="Runtime on the device.")] = "tvm",
+    runtime: RuntimeOption = None,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
 ) -> None:
@@ -158,10 +162,10 @@ def check(
         from pipeline.compile import check_report, ingest_model
         from targets.profiles import load_profile
 
-        config = _build_config(model, profile, quant, "minmax", True, None, 1, input_shape)
+        config = _build_config(model, profile, quant, "minmax", True, None, 1, input_shape, runtime=runtime)
         device = load_profile(profile)
         with tempfile.TemporaryDirectory(prefix="edgedeploy-check-") as tmp:
-            report = check_report(ingest_model(config, Path(tmp)), device, config, runtime=runtime)
+            report = check_report(ingest_model(config, Path(tmp)), device, config)
     except EdgeDeployError as error:
         exit_with_error(error, as_json=as_json)
     if as_json:
@@ -188,9 +192,12 @@ def compile_command(
     tune_minutes: TuneMinutes = None,
     partial: Partial = False,
     accuracy_budget: AccuracyBudget = 1.0,
+    runtime: Annotated[Literal["tvm", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt"],
+                       typer.Option(help="tvm: a library for the profile's CPU or GPU (runtimes.tvm.unit); an "
+                                         "onnxruntime one: the quantized .onnx and its manifest.")] = "tvm",
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
 ) -> None:
-    """Compile MODEL for a profile on this machine (cross-compiling where the device is another arch)."""
+    """Compile MODEL with TVM for a profile on this machine (cross-compiling where the device is another arch)."""
     try:
         from pipeline.compile import build
         from pipeline.session import tuning_board
@@ -198,7 +205,7 @@ def compile_command(
 
         config = _build_config(model, profile, quant, calibration, per_channel, calib_data, calib_samples,
                                input_shape, tune_trials, tune_minutes, partial=partial,
-                               accuracy_budget=accuracy_budget / 100)
+                               accuracy_budget=accuracy_budget / 100, runtime=runtime)
         with stderr.status(f"compiling for {profile} ..."):
             result = build(config, load_profile(profile), out, tuning_board=tuning_board)
     except EdgeDeployError as error:

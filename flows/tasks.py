@@ -15,7 +15,7 @@ from edgedeploy.errors import EdgeDeployError
 from pipeline.auto import Candidate
 from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement
 from pipeline.checks import CheckReport
-from pipeline.compile import check_model, compile_cached, ingest_model, package_cached, prepare, quantize_model
+from pipeline.compile import artifact_for, check_model, ingest_model, prepare, quantize_model
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact
@@ -81,8 +81,8 @@ def compile_task(
 ) -> CompiledArtifact:
     # Tuning on a board times its candidates there: the compiler gets the way to the board from here (and calls it
     # only when it tunes for one); it imports no connection code itself.
-    return compile_cached(quantized, info, profile, tune_trials=config.tune_trials, tune_minutes=config.tune_minutes,
-                          tuning_board=tuning_board)
+    return artifact_for(config.runtime_on(profile), quantized, info, profile, tune_trials=config.tune_trials,
+                        tune_minutes=config.tune_minutes, tuning_board=tuning_board)
 
 
 def bench_settings(config: RunConfig, profile: DeviceProfile) -> BenchmarkSettings:
@@ -145,12 +145,8 @@ def candidate_task(config: RunConfig, info: ModelInfo, data: PreparedData, profi
                    candidate: Candidate) -> Built:
     # Exactly this candidate's configuration: the checks' own adjustments (e.g. reduce_range) are candidates too.
     quantized = quantize_model(info, data, candidate.quant)
-    if candidate.runtime == "tvm":
-        artifact = compile_cached(quantized, info, profile, tune_trials=candidate.tune_trials,
-                                  tune_minutes=candidate.tune_minutes,
-                                  tuning_board=tuning_board)
-    else:
-        artifact = package_cached(quantized, info, profile)
+    artifact = artifact_for(candidate.runtime, quantized, info, profile, tune_trials=candidate.tune_trials,
+                            tune_minutes=candidate.tune_minutes, tuning_board=tuning_board)
     return Built(quantized=quantized, artifact=artifact)
 
 

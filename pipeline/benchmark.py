@@ -18,6 +18,7 @@ from pipeline.deploy import DeployedArtifact
 from pipeline.metrics import Agreement, LatencyStats
 from pipeline.scoring import Scoring
 from pipeline.workloads.base import Samples
+from targets.board_state import BoardState
 from targets.runner import parse_report, runner_argv
 from targets.transport import Transport
 
@@ -66,6 +67,8 @@ class Measurement(BaseModel):
     warmup: int
     peak_rss_mb: float
     load_seconds: float
+    first_run_seconds: float | None = Field(default=None, description="The first (warm-up) run: where TensorRT "
+                                            "builds its engine and the GPU loads its code; never in the latency.")
     timed_seconds: float
     samples: int
     accuracy: float | None
@@ -90,6 +93,10 @@ class BenchmarkReport(BaseModel):
     agreement: Agreement
     metric: str | None = Field(description="top1 or mAP@0.5; None without labels.")
     settings: BenchmarkSettings
+    board_before: BoardState | None = Field(default=None, description="Power mode, clocks, temperatures before.")
+    board_after: BoardState | None = Field(default=None, description="The same, after the last round.")
+    board_marks: list[str] = Field(default_factory=list, description="What the two snapshots say about the "
+                                   "numbers: throttling, clocks below maximum, a low power mode.")
 
 
 def _run_runner(
@@ -124,6 +131,7 @@ def _measurement(report: dict[str, Any], scoring: Scoring, outputs: np.ndarray, 
         runtime=report["runtime"], artifact_sha256=report["artifact_sha256"], versions=report["versions"],
         latency_ms=LatencyStats.from_samples(report["latency_ms"]), samples_ms=report["latency_ms"],
         warmup=report["warmup"], peak_rss_mb=report["peak_rss_mb"], load_seconds=report["load_seconds"],
+        first_run_seconds=report.get("first_run_seconds"),
         timed_seconds=report["timed_seconds"], samples=report["samples_covered"], accuracy=score,
         valid=report["valid"], invalid_reason=report["invalid_reason"],
         device_python=report["python"], device_machine=report["machine"],

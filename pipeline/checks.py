@@ -16,6 +16,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 
 from pipeline.ingest import ModelInfo
+from pipeline.preflight import HOW_TO_INSTALL
 from pipeline.quantize import QuantConfig
 from targets.host import Toolchain, detect_toolchain
 from targets.profiles import DeviceProfile, RuntimeName
@@ -134,8 +135,8 @@ def check_precision(profile: DeviceProfile, quant: QuantConfig, runtime: Runtime
             return CheckResult(
                 check=name, verdict="refuse",
                 reason=f"int8 has no fast path on {unit}: it would run slower than fp16",
-                fact=f"int8 on NVIDIA GPUs needs DP4A, from compute capability 6.1; {gpu.name} "
-                     f"({gpu.compute_capability}) has none, and TensorRT offers no int8 there",
+                fact=f"int8 on NVIDIA GPUs needs DP4A, from compute capability 6.1; compute capability "
+                     f"{gpu.compute_capability} has none, and TensorRT offers no int8 there",
                 fix="use --quant fp16 (native on this GPU)" if "fp16" in gpu.precisions else "use --quant fp32",
             )
         if runtime == "onnxruntime-cuda":
@@ -235,7 +236,8 @@ def check_opset(model: onnx.ModelProto, profile: DeviceProfile, runtime: Runtime
     """The opset against the device's onnxruntime: the one that runs the model (a GPU provider's build), else the
     CPU one that runs the fp32 baseline."""
     name = "opset vs device onnxruntime"
-    spec = profile.runtimes.get(runtime if runtime.startswith("onnxruntime") else "onnxruntime")
+    own = profile.runtimes.get(runtime) if runtime.startswith("onnxruntime") else None
+    spec = own if own and own.version else profile.runtimes.onnxruntime
     version = spec.version if spec else None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if version is None:
@@ -277,17 +279,6 @@ def check_memory(info: ModelInfo, profile: DeviceProfile, quant: QuantConfig, ru
     return CheckResult(check=name, verdict="pass", reason=detail)
 
 
-HOW_TO_INSTALL = {
-    "tvm": "build TVM's runtime on the board (README: \"A real Jetson\") or pip install apache-tvm where Python "
-           ">= 3.9, then set runtimes.tvm in the profile",
-    "onnxruntime": "pip install onnxruntime on the board, then set runtimes.onnxruntime in the profile",
-    "onnxruntime-cuda": "install onnxruntime-gpu on the board (a Jetson: the wheel for its JetPack from the Jetson "
-                        "Zoo / Jetson AI Lab), then set runtimes.onnxruntime-cuda in the profile",
-    "onnxruntime-tensorrt": "install onnxruntime-gpu built with TensorRT (the Jetson wheels are) and TensorRT "
-                            "(part of JetPack), then set runtimes.onnxruntime-tensorrt in the profile",
-}
-
-
 def check_runtime(profile: DeviceProfile, runtime: Runtime) -> CheckResult:
     name = "runtime on the device"
     py = tuple(int(x) for x in profile.python_version.split("."))
@@ -317,9 +308,8 @@ def check_runtime(profile: DeviceProfile, runtime: Runtime) -> CheckResult:
             fix=HOW_TO_INSTALL[runtime] + (f"; or use --runtime {others[0]}" if others else ""),
         )
     trt = f" (TensorRT {spec.tensorrt})" if spec.tensorrt else ""
-    return CheckResult(check=name, verdict="pass",
-                       reason=f"{runtime} {spec.version}{trt} on the {unit.upper()} and Python {profile.python_version} "
-                              f"on {profile.name}")
+    return CheckResult(check=name, verdict="pass", reason=f"{runtime} {spec.version}{trt} on the {unit.upper()} and "
+                       f"Python {profile.python_version} on {profile.name}")
 
 
 def check_toolchain(profile: DeviceProfile, toolchain: Toolchain) -> CheckResult:

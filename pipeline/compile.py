@@ -44,13 +44,14 @@ def ingest_model(config: RunConfig, workdir: Path) -> ModelInfo:
 
 
 def check_report(info: ModelInfo, profile: DeviceProfile, config: RunConfig, *,
-                 runtime: Runtime = "tvm") -> CheckReport:
-    """Every check's verdict (what `deploy check` prints)."""
+                 runtime: Runtime | None = None) -> CheckReport:
+    """Every check's verdict (what `deploy check` prints), for ``runtime`` (default: the run's)."""
     # The model as the user gave it: its quantized format is what the checks judge.
-    return run_checks(onnx.load(info.prepared_path), info, profile, config.quant, runtime=runtime)
+    return run_checks(onnx.load(info.prepared_path), info, profile, config.quant,
+                      runtime=runtime or config.runtime_on(profile))
 
 
-def check_model(info: ModelInfo, profile: DeviceProfile, config: RunConfig, *, runtime: Runtime = "tvm",
+def check_model(info: ModelInfo, profile: DeviceProfile, config: RunConfig, *, runtime: Runtime | None = None,
                 purpose: Literal["build", "run"] = "run") -> CheckReport:
     """Run every check; raise CheckRefused when one that matters for ``purpose`` refuses."""
     report = check_report(info, profile, config, runtime=runtime)
@@ -89,13 +90,16 @@ def quantize_model(info: ModelInfo, data: PreparedData, quant: QuantConfig) -> Q
     return result.model_copy(update={"cached": hit})
 
 
-def package_cached(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile) -> CompiledArtifact:
-    """The onnxruntime artifact (the .onnx and its manifest), content-addressed like a library."""
+def package_cached(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, *,
+                   runtime: Runtime = "onnxruntime") -> CompiledArtifact:
+    """The onnxruntime artifact (the .onnx and its manifest, which names the provider), content-addressed like a
+    library."""
     tools = tool_versions()
-    key = cache_key(model=quantized.sha256, profile=profile_sha256(profile), runtime="onnxruntime",
+    key = cache_key(model=quantized.sha256, profile=profile_sha256(profile), runtime=runtime,
                     tools={k: tools[k] for k in ("onnxruntime", "edgedeploy")})
     result, hit = artifact_cache().get_or_build(
-        "packaged", key, CompiledArtifact, lambda directory: package_onnx(quantized, info, profile, directory))
+        "packaged", key, CompiledArtifact,
+        lambda directory: package_onnx(quantized, info, profile, directory, runtime=runtime))
     return result.model_copy(update={"cached": hit})
 
 
@@ -121,6 +125,16 @@ def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DevicePr
     return result.model_copy(update={"cached": hit})
 
 
+def artifact_for(runtime: Runtime, quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, *,
+                 tune_trials: int = 0, tune_minutes: float | None = None,
+                 tuning_board: TuningBoard | None = None) -> CompiledArtifact:
+    """What ``runtime`` runs: a TVM library compiled for the profile, or the .onnx packaged for onnxruntime."""
+    if runtime == "tvm":
+        return compile_cached(quantized, info, profile, tune_trials=tune_trials, tune_minutes=tune_minutes,
+                              tuning_board=tuning_board)
+    return package_cached(quantized, info, profile, runtime=runtime)
+
+
 def build(config: RunConfig, profile: DeviceProfile, out_dir: Path, *,
           tuning_board: TuningBoard | None = None) -> BuildResult:
     """Everything up to a library for ``profile`` in ``out_dir`` (tuned on the board through ``tuning_board``, the
@@ -134,8 +148,8 @@ def build(config: RunConfig, profile: DeviceProfile, out_dir: Path, *,
         plan = plan_partial(info, data, quant, budget=config.accuracy_budget, workdir=out_dir / "partial")
         quant = quant.model_copy(update={"keep_float": plan.keep_float})
     quantized = quantize_model(info, data, quant)
-    cached = compile_cached(quantized, info, profile, tune_trials=config.tune_trials,
-                            tune_minutes=config.tune_minutes, tuning_board=tuning_board)
+    cached = artifact_for(config.runtime_on(profile), quantized, info, profile, tune_trials=config.tune_trials,
+                          tune_minutes=config.tune_minutes, tuning_board=tuning_board)
     library = out_dir / Path(cached.library_path).name
     manifest = out_dir / "manifest.json"
     shutil.copyfile(cached.library_path, library)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.benchmark import BenchmarkSettings
 from pipeline.quantize import QuantConfig
 from pipeline.regression import RegressionPolicy
+from targets.profiles import DeviceProfile, RuntimeName
 
 
 def edgedeploy_home() -> Path:
@@ -29,6 +30,8 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
     model_path: str = Field(description="The .onnx file.")
     profile: str = Field(default="local", description="Profile name or YAML path.")
+    runtime: RuntimeName | None = Field(default=None, description="What runs the model on the device; None = the "
+                                        "profile's preferred runtime.")
     quant: QuantConfig = Field(default_factory=QuantConfig)
     calib_data: str | None = Field(default=None, description=".npz or image folder for int8 calibration.")
     eval_data: str | None = Field(default=None, description=".npz or image folder to evaluate on.")
@@ -55,6 +58,10 @@ class RunConfig(BaseModel):
         if isinstance(data, dict) and data.get("tune_minutes") and not data.get("tune_trials"):
             return {**data, "tune_trials": TRIALS_WITHIN_MINUTES}
         return data
+
+    def runtime_on(self, profile: DeviceProfile) -> RuntimeName:
+        """The runtime this run uses on ``profile``: the one asked for, else the profile's preferred one."""
+        return self.runtime or profile.preferred_runtime
 
     def with_run_id(self) -> RunConfig:
         if self.run_id:

@@ -34,7 +34,7 @@ class CompiledArtifact(BaseModel):
     runtime: str = Field(description="The runtime that loads the library on the device.")
     target: dict[str, Any]
     gpu_target: dict[str, Any] | None = None
-    device_code: str = Field(default="cpu", description="cpu, cuda-source (compiled on the device), cuda-cubin/ptx.")
+    device_code: str = Field(default="cpu", description="cpu; ptx or ptx+cubin (GPU code in the library); onnx.")
     compile_seconds: float
     tuning: dict[str, Any] | None = Field(default=None, description="MetaSchedule tuning done for this build.")
     integer_ops: int = Field(default=0, description="conv2d/matmul computed in int8 x int8 -> int32 (TVM int8).")
@@ -85,10 +85,13 @@ def write_manifest(
     )
 
 
-def package_onnx(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, workdir: Path) -> CompiledArtifact:
-    """An onnxruntime artifact: the (quantized) .onnx itself, with the same kind of manifest as a library."""
+def package_onnx(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile, workdir: Path, *,
+                 runtime: str = "onnxruntime") -> CompiledArtifact:
+    """An onnxruntime artifact: the (quantized) .onnx itself, with the same kind of manifest as a library; ``runtime``
+    names the execution provider (onnxruntime-cuda, onnxruntime-tensorrt: TensorRT builds its engine on the
+    device, fp16/int8 as the manifest's scheme says)."""
     started = time.perf_counter()
     artifact = workdir / "model.onnx"
     shutil.copyfile(quantized.path, artifact)
-    return write_manifest(artifact, quantized, info, profile, runtime="onnxruntime",
+    return write_manifest(artifact, quantized, info, profile, runtime=runtime,
                           seconds=time.perf_counter() - started, extra={"device_code": "onnx"})

@@ -7,6 +7,7 @@ import json
 from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import PreflightError
+from targets.gpu_probe import GpuFacts, probe_gpu
 from targets.profiles import DeviceProfile
 from targets.transport import Transport
 
@@ -31,6 +32,40 @@ class DeviceFacts(BaseModel):
     onnxruntime: bool
     free_bytes: int
     workdir: str
+    gpu: GpuFacts | None = None
+
+
+PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider", "onnxruntime-tensorrt": "TensorrtExecutionProvider"}
+HOW_TO_INSTALL = {
+    "tvm": "build TVM's runtime on the board (README: \"A real Jetson\") or pip install apache-tvm where Python "
+           ">= 3.9, then set runtimes.tvm in the profile",
+    "onnxruntime": "pip install onnxruntime on the board, then set runtimes.onnxruntime in the profile",
+    "onnxruntime-cuda": "install onnxruntime-gpu on the board (a Jetson: the wheel for its JetPack from the Jetson "
+                        "Zoo / Jetson AI Lab), then set runtimes.onnxruntime-cuda in the profile",
+    "onnxruntime-tensorrt": "install onnxruntime-gpu built with TensorRT (the Jetson wheels are) and TensorRT "
+                            "(part of JetPack), then set runtimes.onnxruntime-tensorrt in the profile",
+}
+
+
+def gpu_refusal(facts: GpuFacts, profile: DeviceProfile, runtime: str, host: str) -> PreflightError | None:
+    """Why ``runtime`` can't run on this board's GPU, or None: the board named, what is missing, how to install it."""
+    if not facts.device_nodes:
+        return PreflightError(
+            f"{profile.name} ({host}) shows no CUDA device: {runtime} needs the board's NVIDIA GPU",
+            value="no /dev/nvhost-gpu, /dev/nvhost-ctrl-gpu or /dev/nvidia*",
+            fix="check that this is the board the profile describes and that its NVIDIA driver (JetPack's L4T) is "
+                "installed; or use --runtime onnxruntime (its CPU)",
+        )
+    if runtime in PROVIDERS and PROVIDERS[runtime] not in (facts.providers or []):
+        have = (f"onnxruntime {facts.onnxruntime} has {', '.join(facts.providers or [])}"
+                if facts.providers is not None else "no onnxruntime")
+        return PreflightError(f"{profile.name} ({host}) has no {PROVIDERS[runtime]} for {runtime}", value=have,
+                              fix=HOW_TO_INSTALL[runtime])
+    if runtime == "tvm" and not facts.tvm_cuda:
+        return PreflightError(f"{profile.name} ({host}): TVM there reaches no CUDA device (tvm.cuda(0).exist is "
+                              "False)", value=facts.tvm_error or "a TVM runtime built without CUDA",
+                              fix="build TVM's runtime on the board with USE_CUDA=ON (README: \"A real Jetson\")")
+    return None
 
 
 def probe(transport: Transport, profile: DeviceProfile, workdir: str) -> DeviceFacts:
@@ -57,12 +92,19 @@ def preflight(transport: Transport, profile: DeviceProfile, workdir: str, *, byt
             f"The device is {facts.machine}, but profile {profile.name!r} says {profile.cpu.arch}",
             host=transport.name, fix="use the profile that matches this device",
         )
-    missing = [name for name in ("numpy", *runtimes) if not getattr(facts, name)]
+    modules = sorted({"tvm" if name == "tvm" else "onnxruntime" for name in runtimes})
+    missing = [name for name in ("numpy", *modules) if not getattr(facts, name)]
     if missing:
         raise PreflightError(
             f"The device's Python lacks {', '.join(missing)}", host=transport.name, python=facts.python,
             fix=f"install {' '.join(missing)} for the device's Python ({' '.join(profile.connection.python_argv())})",
         )
+    on_gpu = [name for name in runtimes if profile.unit_of(name) == "gpu"]
+    if on_gpu:
+        facts = facts.model_copy(update={"gpu": probe_gpu(transport, profile, tvm="tvm" in on_gpu)})
+        for name in on_gpu:
+            if refusal := gpu_refusal(facts.gpu, profile, name, transport.name):
+                raise refusal
     if facts.free_bytes < bytes_needed:
         raise PreflightError(
             "Not enough free disk on the device for the upload", host=transport.name, directory=workdir,

@@ -43,6 +43,7 @@ class ArtifactSummary(BaseModel):
     vnni_ops: int = Field(default=0, description="Of those, laid out for AVX-512 VNNI's vpdpbusd.")
     sdot_ops: int = Field(default=0, description="Of those, laid out for ARM dotprod's sdot.")
     winograd_convs: int = Field(default=0, description="Float 3x3 convs computed by Winograd F(4x4, 3x3).")
+    device_code: str = Field(default="cpu", description="cpu; ptx or ptx+cubin (a GPU library); onnx.")
 
 
 class BaselineSummary(BaseModel):
@@ -62,6 +63,7 @@ class AccuracySummary(BaseModel):
     samples: int
 
 
+GPU_RUNTIMES = ("onnxruntime-cuda", "onnxruntime-tensorrt")
 # Below this speed-up the report says what to do about it (a few percent either way is measurement noise).
 SLOWER_THAN_BASELINE = 0.95
 
@@ -76,6 +78,7 @@ class RunResult(BaseModel):
     profile: str
     scheme: str
     runtime: str
+    unit: str = Field(default="CPU", description="The unit the artifact ran on: CPU or GPU.")
     artifact: ArtifactSummary
     latency_ms: LatencyStats
     peak_rss_mb: float
@@ -93,6 +96,8 @@ class RunResult(BaseModel):
     auto: AutoSelection | None = Field(default=None, description="--quant auto: every candidate and the choice.")
     partial: PartialPlan | None = Field(default=None, description="--partial: layer sensitivity, layers kept float.")
     benchmark: dict[str, Any] = Field(description="Settings, raw latency samples, devices, versions.")
+    board: dict[str, Any] = Field(default_factory=dict, description="The board's state before and after (power "
+                                  "mode, clocks, temperatures) and its marks; unknown sources are absent.")
     tools: dict[str, str]
     flow_run_id: str | None = None
     result_path: str | None = None
@@ -114,12 +119,13 @@ class RunResult(BaseModel):
                                parameters=info.parameters, flops=info.flops, op_census=info.op_census,
                                static_rewrite=info.static_rewrite),
             profile=profile, scheme=quantized.config.label(),
-            runtime=f"{art.runtime} {art.versions.get(art.runtime, '')}".strip(),
+            runtime=f"{art.runtime} {art.versions.get(art.runtime.split('-')[0], '')}".strip(),
+            unit="GPU" if compiled.device_code.startswith("ptx") or art.runtime in GPU_RUNTIMES else "CPU",
             artifact=ArtifactSummary(sha256=compiled.sha256, path=compiled.library_path,
                                      manifest=compiled.manifest_path, target=compiled.target, tuning=compiled.tuning,
                                      integer_ops=compiled.integer_ops, vnni_ops=compiled.vnni_ops,
-                                     sdot_ops=compiled.sdot_ops,
-                                     winograd_convs=compiled.winograd_convs),
+                                     sdot_ops=compiled.sdot_ops, winograd_convs=compiled.winograd_convs,
+                                     device_code=compiled.device_code),
             latency_ms=art.latency_ms, peak_rss_mb=art.peak_rss_mb,
             baseline=BaselineSummary(runtime=f"onnxruntime {base.versions.get('onnxruntime', '')} fp32".strip(),
                                      latency_ms=base.latency_ms, valid=base.valid, invalid_reason=base.invalid_reason),
@@ -136,6 +142,9 @@ class RunResult(BaseModel):
                 "calibration_samples": quantized.calibration_samples,
                 "calibration_source": quantized.calibration_source,
             },
+            board={"before": bench.board_before.model_dump() if bench.board_before else None,
+                   "after": bench.board_after.model_dump() if bench.board_after else None,
+                   "marks": bench.board_marks},
             tools=tools, flow_run_id=flow_run_id,
         )
 
@@ -167,14 +176,18 @@ class RunResult(BaseModel):
 
         side = Table(title="on the device, side by side", title_justify="left")
         side.add_column("")
-        side.add_column(f"{self.runtime} ({self.scheme})", justify="right")
-        side.add_column(self.baseline.runtime, justify="right")
+        side.add_column(f"{self.runtime} on the {self.unit} ({self.scheme})", justify="right")
+        side.add_column(f"{self.baseline.runtime} on the CPU", justify="right")
         a, b = self.latency_ms, self.baseline.latency_ms
         for label, key in (("p50 ms", "p50"), ("p90 ms", "p90"), ("p99 ms", "p99"), ("mean ms", "mean"),
                            ("std ms", "std")):
             side.add_row(label, f"{getattr(a, key):.3f}", f"{getattr(b, key):.3f}")
         side.add_row("throughput /s", f"{a.throughput_per_s:.1f}", f"{b.throughput_per_s:.1f}")
         side.add_row("timed iterations", str(a.n), str(b.n))
+        first = [self.benchmark.get(k, {}).get("first_run_seconds") for k in ("artifact", "baseline")]
+        if any(f is not None for f in first):  # TensorRT builds its engine in it: never part of the latency
+            side.add_row("first run s (engine build)" if "tensorrt" in self.runtime else "first run s",
+                         *("" if f is None else f"{f:.2f}" for f in first))
         if self.accuracy.metric:
             side.add_row(self.accuracy.metric, _pct(self.accuracy.value), _pct(self.accuracy.baseline))
         style = "green" if self.speedup >= 1 else "red"
@@ -189,6 +202,7 @@ class RunResult(BaseModel):
                     if c.verdict == "warn"]
         if advice := self.slower_advice():
             warnings.append(Text(advice, style="yellow"))
+        warnings += [Text(f"board: {mark}", style="yellow") for mark in self.board.get("marks") or []]
         if self.regression and self.regression.regressed:
             warnings.append(Text("REGRESSION: " + "; ".join(self.regression.reasons), style="bold red"))
         elif self.regression and self.regression.compared_runs:

@@ -21,6 +21,7 @@ from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
 from pipeline.preflight import preflight
 from pipeline.workloads.base import Samples
+from targets.board_state import judge, read_board_state
 from targets.connect import open_transport
 from targets.profiles import DeviceProfile
 from targets.transport import Transport
@@ -49,7 +50,7 @@ class DeviceSession:
         the fp32 baseline model and the evaluation inputs placed on it (pipeline.deploy)."""
         files = [Path(artifact.library_path), Path(artifact.manifest_path), Path(info.source_path),
                  Path(data.eval_path)]
-        runtimes = ("tvm", "onnxruntime") if artifact.runtime == "tvm" else ("onnxruntime",)
+        runtimes = tuple(dict.fromkeys((artifact.runtime, "onnxruntime")))  # the artifact's, and the baseline's
         preflight(self.transport, self.profile, self.workdir, bytes_needed=sum(f.stat().st_size for f in files),
                   runtimes=runtimes)
         return deploy(self.transport, self.workdir, run_id, library=files[0], manifest=files[1],
@@ -61,10 +62,16 @@ class DeviceSession:
 
     def benchmark(self, deployed: DeployedArtifact, info: ModelInfo, data: PreparedData, *,
                   settings: BenchmarkSettings, local_dir: Path) -> BenchmarkReport:
-        """The artifact and onnxruntime fp32 in turns, scored and compared (pipeline.benchmark)."""
+        """The artifact and onnxruntime fp32 in turns, scored and compared (pipeline.benchmark), between two readings
+        of the board's state (power mode, clocks, temperatures, throttling: targets.board_state)."""
         names, samples = self._samples(info, data)
-        return benchmark(self.transport, self.profile.connection.python_argv(), deployed, samples, input_order=names,
-                         scoring=data.scoring, settings=settings, local_dir=local_dir)
+        python = self.profile.connection.python_argv()
+        before = read_board_state(self.transport, python)
+        report = benchmark(self.transport, python, deployed, samples, input_order=names, scoring=data.scoring,
+                           settings=settings, local_dir=local_dir)
+        after = read_board_state(self.transport, python)
+        return report.model_copy(update={"board_before": before, "board_after": after,
+                                         "board_marks": judge(before, after)})
 
     def measure(self, deployed: DeployedArtifact, info: ModelInfo, data: PreparedData, *, which: str,
                 settings: BenchmarkSettings, local_dir: Path) -> tuple[Measurement, np.ndarray]:

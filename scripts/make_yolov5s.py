@@ -64,10 +64,6 @@ class Activation:
     name: str
     value: np.ndarray
 
-    @property
-    def channels(self) -> int:
-        return self.value.shape[0]
-
 
 def conv_value(x: np.ndarray, weight: np.ndarray, stride: int, pad: int) -> np.ndarray:
     """Conv2d without bias on a (C, H, W) array: sliding windows contracted with the weights."""
@@ -113,8 +109,8 @@ class GraphBuilder:
         """A Conv with its bias: He-normal weights, rescaled so the output has unit mean square on the calibration
         image (LSUV), and small random biases. The scale is rounded to 1/64 octave, so that float rounding in the
         calibration cannot change a byte of the file."""
-        fan_in = x.channels * kernel * kernel
-        weight = self.rng.standard_normal((c_out, x.channels, kernel, kernel), dtype=np.float32) * math.sqrt(2 / fan_in)
+        shape = (c_out, len(x.value), kernel, kernel)
+        weight = self.rng.standard_normal(shape, dtype=np.float32) * math.sqrt(2 / math.prod(shape[1:]))  # He-normal
         bias = self.rng.standard_normal(c_out, dtype=np.float32) * BIAS_STD
         pad = kernel // 2 if kernel != 6 else 2  # autopad, except the stem's explicit p=2
         value = conv_value(x.value, weight.astype(np.float64), stride, pad)
@@ -152,7 +148,7 @@ class GraphBuilder:
 
     def sppf(self, x: Activation, c_out: int, module: str) -> Activation:
         """models.common.SPPF: three chained MaxPool k5 s1 p2, concatenated with their input."""
-        pooled = [self.conv_block(x, x.channels // 2, 1, 1, f"{module}.cv1")]
+        pooled = [self.conv_block(x, len(x.value) // 2, 1, 1, f"{module}.cv1")]
         for i in range(3):
             y = self.op("MaxPool", [pooled[-1].name], f"/{module}/m" + (f"_{i}" if i else ""), ceil_mode=0,
                         dilations=[1, 1], kernel_shape=[5, 5], pads=[2, 2, 2, 2], strides=[1, 1])
@@ -179,10 +175,9 @@ class GraphBuilder:
                 [1, ANCHORS_PER_CELL, OUTPUTS_PER_ANCHOR, ny, nx], np.int64))], scope)
             y = self.op("Transpose", [y], scope, perm=[0, 1, 3, 4, 2])
             y = self.op("Sigmoid", [y], scope)
-            sizes = [2, 2, NUM_CLASSES + 1]  # an attribute up to opset 12, an input from 13
+            sizes = np.array([2, 2, NUM_CLASSES + 1])  # an attribute up to opset 12, an input from 13
             xy, wh, conf = self.multi_output_op("Split", [y], scope, 3, axis=4, split=sizes) if self.opset < 13 else \
-                self.multi_output_op("Split", [y, self.constant(f"{scope}/split_{level}", np.array(sizes))], scope, 3,
-                                     axis=4)
+                self.multi_output_op("Split", [y, self.constant(f"{scope}/split_{level}", sizes)], scope, 3, axis=4)
             grid, anchor_grid = make_grids(nx, ny, anchors)
             two = self.constant(f"{scope}/two_{level}", np.array(2.0, np.float32))
             xy = self.op("Mul", [xy, two], scope)
@@ -282,9 +277,7 @@ def main(argv: list[str]) -> int:
     args.out.write_bytes(data)
     built = time.perf_counter() - started
 
-    # self-check: the checker's full pass (with shape inference), then a run on a random image in [0, 1]
-    import onnxruntime as ort
-
+    import onnxruntime as ort  # self-check: the checker's full pass, then a run on a random image in [0, 1]
     onnx.checker.check_model(str(args.out), full_check=True)
     session = ort.InferenceSession(str(args.out), providers=["CPUExecutionProvider"])
     image = np.random.default_rng(args.seed).random((1, 3, args.imgsz, args.imgsz), dtype=np.float32)

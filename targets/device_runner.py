@@ -5,7 +5,10 @@ dataclasses, no walrus, no ``from __future__ import annotations``. It
 
 1. checks the artifact's sha256 against the manifest BEFORE loading it (a tampered library
    is never loaded),
-2. loads the artifact in the requested runtime (tvm: a Relax VM library; onnxruntime: an .onnx),
+2. loads the artifact in the requested runtime: tvm (a Relax VM library, through TVM's runtime alone:
+   ``TVM_USE_RUNTIME_LIB=1``, so a board needs TVM's runtime, not its compiler; on the GPU when the manifest says
+   the library carries GPU code), or onnxruntime with the CPU, CUDA or TensorRT execution provider (an .onnx;
+   TensorRT builds its engine into the run's cache directory, fp16/int8 as the manifest's scheme says),
 3. runs warm-up iterations (not counted), then timed iterations cycling through the input
    samples until both the minimum count and the minimum duration are reached and every sample
    has run once; a wall-clock limit stops it early and marks the run invalid,
@@ -13,7 +16,8 @@ dataclasses, no walrus, no ``from __future__ import annotations``. It
 5. for a TVM library, then times every kernel call of a few more runs (the Relax VM's instrument hook): where
    the time goes on the device, measured after the timed loop so the hook never touches the latencies.
 
-Exit codes: 0 measured (check "valid"), 3 refused or failed (JSON has "error").
+Exit codes: 0 measured (check "valid"), 3 refused or failed (JSON has "error", and "fix" where the device lacks
+something: a provider, a CUDA device).
 """
 
 import argparse
@@ -43,26 +47,46 @@ def fail(kind, message, **extra):
     sys.exit(3)
 
 
+class Missing(Exception):
+    """The device lacks what the artifact needs (a provider, a CUDA device): reported with how to get it."""
+
+    def __init__(self, message, fix):
+        Exception.__init__(self, message)
+        self.fix = fix
+
+
+GPU_PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider", "onnxruntime-tensorrt": "TensorrtExecutionProvider"}
+
+
 KERNELS_SHOWN = 12
 
 
-def load_tvm(path, threads):
+def load_tvm(path, threads, device="cpu"):
     if threads:
         os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # the runtime alone: no 259 MB compiler library to load
     import tvm
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine
 
-    vm = relax.VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
+    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu()
+    if device == "cuda" and not dev.exist:
+        raise Missing("the library carries GPU code and TVM here has no CUDA device (tvm.cuda(0).exist is False: "
+                      "a TVM runtime built without CUDA, or no NVIDIA driver)",
+                      "build TVM's runtime on the board with USE_CUDA=ON (README: A real Jetson)")
+    vm = VirtualMachine(tvm.runtime.load_module(path), dev)
 
     def run(feeds):
-        result = vm["main"](*[tvm.runtime.tensor(x) for x in feeds])
+        result = vm["main"](*[tvm.runtime.tensor(x, dev) for x in feeds])
         first = result[0] if not hasattr(result, "numpy") else result
         return first.numpy()
 
     def profile_kernels(feeds, runs):
         return kernel_times(vm, lambda: run(feeds), runs)
 
-    return run, {"tvm": getattr(tvm, "__version__", "unknown")}, profile_kernels
+    versions = {"tvm": getattr(tvm, "__version__", "unknown")}
+    if device == "cuda":
+        versions["device"] = "cuda:0 compute {}".format(dev.compute_version)
+    return run, versions, profile_kernels
 
 
 def kernel_times(vm, run_once, runs):
@@ -92,20 +116,39 @@ def kernel_times(vm, run_once, runs):
     return kernels, sum(seconds for _, seconds in totals.values()) / runs * 1e6
 
 
-def load_onnxruntime(path, threads):
+def load_onnxruntime(path, threads, runtime="onnxruntime", precision="fp32", cache_dir=None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    wanted = GPU_PROVIDERS.get(runtime, "CPUExecutionProvider")
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise Missing("onnxruntime {} here has no {} (it has {})".format(ort.__version__, wanted, ", ".join(available)),
+                      "install onnxruntime-gpu for this board (a Jetson: the wheel for its JetPack, from the Jetson "
+                      "Zoo / Jetson AI Lab), built with {}".format(wanted))
+    providers = ["CPUExecutionProvider"]
+    if runtime in GPU_PROVIDERS:
+        providers = [("CUDAExecutionProvider", {"device_id": "0"})] + providers
+    if runtime == "onnxruntime-tensorrt":  # onnxruntime 1.11 reads these as strings
+        providers = [("TensorrtExecutionProvider", {
+            "device_id": "0", "trt_fp16_enable": str(precision == "fp16"), "trt_int8_enable": str(precision == "int8"),
+            "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache_dir or "."})] + providers
+    session = ort.InferenceSession(path, options, providers=providers)
+    if wanted not in session.get_providers():  # onnxruntime falls back to the CPU when CUDA/TensorRT fail to load
+        raise Missing("onnxruntime fell back to {} instead of {}: its CUDA/TensorRT libraries did not load (the "
+                      "reason is in its log on stderr)".format(", ".join(session.get_providers()), wanted),
+                      "check that CUDA, cuDNN and TensorRT of the board's JetPack are installed and match this "
+                      "onnxruntime-gpu build")
     names = [i.name for i in session.get_inputs()]
     first_output = session.get_outputs()[0].name
 
     def run(feeds):
         return session.run([first_output], dict(zip(names, feeds)))[0]
 
-    return run, {"onnxruntime": ort.__version__}, None
+    versions = {"onnxruntime": ort.__version__, "provider": wanted}
+    return run, versions, None
 
 
 def peak_rss_mb():
@@ -124,7 +167,8 @@ def peak_rss_mb():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runtime", choices=["tvm", "onnxruntime"], required=True)
+    p.add_argument("--runtime", choices=["tvm", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt"],
+                   required=True)
     p.add_argument("--artifact", required=True)
     p.add_argument("--manifest", help="manifest.json whose artifact.sha256 the artifact must match")
     p.add_argument("--sha256", help="expected sha256 of the artifact (when there is no manifest)")
@@ -140,10 +184,11 @@ def main(argv=None):
                    help="runs after the timed loop whose every kernel call is timed (TVM only; 0 = none)")
     args = p.parse_args(argv)
 
-    expected = args.sha256
+    expected, manifest = args.sha256, {}
     if args.manifest:
         with open(args.manifest) as fh:
-            expected = json.load(fh)["artifact"]["sha256"]
+            manifest = json.load(fh)
+        expected = manifest["artifact"]["sha256"]
     if not expected:
         fail("usage", "give --manifest or --sha256: an artifact is never loaded unverified")
     actual = sha256_file(args.artifact)
@@ -157,18 +202,32 @@ def main(argv=None):
     n_samples = len(columns[0])
     samples = [[col[i:i + 1] for col in columns] for i in range(n_samples)]
 
+    precision = manifest.get("compiled_model", {}).get("scheme", {}).get("scheme", "fp32")
+    gpu_code = manifest.get("device_code") in ("ptx", "ptx+cubin")
     t0 = time.perf_counter()
-    loader = load_tvm if args.runtime == "tvm" else load_onnxruntime
     try:
-        run, versions, profile_kernels = loader(args.artifact, args.threads)
+        if args.runtime == "tvm":
+            run, versions, profile_kernels = load_tvm(args.artifact, args.threads, "cuda" if gpu_code else "cpu")
+        else:
+            cache = os.path.join(os.path.dirname(os.path.abspath(args.outputs)), "trt-engines")
+            if args.runtime == "onnxruntime-tensorrt" and not os.path.isdir(cache):
+                os.makedirs(cache)
+            run, versions, profile_kernels = load_onnxruntime(args.artifact, args.threads, args.runtime, precision,
+                                                              cache)
+    except Missing as exc:
+        fail("missing", str(exc), fix=exc.fix)
     except Exception as exc:  # the runtime's own error, reported as JSON
         fail("load", "{}: {}".format(type(exc).__name__, exc))
     load_seconds = time.perf_counter() - t0
 
     started = time.perf_counter()
     deadline = started + args.max_seconds
+    first_run_seconds = None  # TensorRT may build its engine here, CUDA load its kernels: kept apart from latency
     for i in range(args.warmup):
+        t = time.perf_counter()
         run(samples[i % n_samples])
+        if first_run_seconds is None:
+            first_run_seconds = time.perf_counter() - t
 
     outputs = [None] * n_samples
     latencies = []
@@ -223,6 +282,7 @@ def main(argv=None):
         "warmup": args.warmup,
         "timed_seconds": timed_seconds,
         "load_seconds": load_seconds,
+        "first_run_seconds": first_run_seconds,
         "samples": n_samples,
         "samples_covered": covered,
         "peak_rss_mb": peak_rss_mb(),

@@ -41,6 +41,9 @@ def parse_report(result: CommandResult, *, runtime: str, host: str) -> dict[str,
                 host=host, path=report.get("path"),
                 expected_sha256=report.get("expected"), actual_sha256=report.get("actual"),
             )
+        if report.get("error") == "missing":  # the board lacks a provider or a CUDA device: no stderr noise
+            raise BenchmarkError(f"{host} can't run {runtime}: it lacks what the artifact needs",
+                                 value=report.get("message"), fix=report.get("fix"))
         raise BenchmarkError(f"The device runner ({runtime}) failed on {host}",
                              value=report.get("message"), stderr=result.stderr.strip()[-800:])
     return report

@@ -104,6 +104,22 @@ def histogram_svg(samples: dict[str, list[float]], width: int = 460, height: int
             f'<text x="110" y="12" style="fill:#8c959f">onnxruntime fp32</text></svg>')
 
 
+def _runs_on(run: RunRow) -> str:
+    """Runtime, unit and precision of a run, and whether its board was marked (throttled, below max clocks)."""
+    result = run.result or {}
+    marks = _board_marks(run)
+    before = (result.get("board") or {}).get("before") or {}
+    known = any(value not in (None, {}, []) for key, value in before.items() if key != "raw")
+    board = "board: unknown" if not known else \
+        f"<span class='slow'>board: {len(marks)} mark(s)</span>" if marks else "board: steady"
+    return (f"{html.escape(str(result.get('runtime', '?')))} on the {html.escape(str(result.get('unit', 'CPU')))} · "
+            f"{html.escape(run.scheme.split()[0])} · {board}")
+
+
+def _board_marks(run: RunRow) -> list[str]:
+    return list(((run.result or {}).get("board") or {}).get("marks") or [])
+
+
 def render(store: ResultStore, *, prefect_ui: str | None = None) -> str:
     """The whole page."""
     runs = store.runs()
@@ -135,6 +151,7 @@ def render(store: ResultStore, *, prefect_ui: str | None = None) -> str:
                 f"<div>p90 {_fmt(latest.p90_ms, '.3f', ' ms')}</div>"
                 f"<div class='{speed_class}'>{_fmt(latest.speedup, '.2f', 'x')} vs onnxruntime fp32</div>"
                 f"<div>{html.escape(latest.metric or 'accuracy')} {_percent(latest.accuracy)}</div>"
+                f"<div class='dim'>{_runs_on(latest)}</div>"
                 f"<div>{status} <span class='dim'>{len(history)} night(s)</span></div></a></td>")
         body.append("<tr>" + "".join(row) + "</tr>")
     details = []
@@ -148,6 +165,7 @@ def render(store: ResultStore, *, prefect_ui: str | None = None) -> str:
             f"id='{_cell_id(model, scheme, device)}'>"
             f"<h2>{html.escape(device)} · {html.escape(model)} · {html.escape(scheme)}</h2>"
             + (f"<p class='bad'>Regression: {html.escape(reasons)}</p>" if reasons else "")
+            + "".join(f"<p class='slow'>board: {html.escape(mark)}</p>" for mark in _board_marks(latest))
             + f"<p class='dim'>latest run {html.escape(latest.run_id)} ({latest.created:%Y-%m-%d %H:%M} UTC) · "
             f"<a href='/runs/{html.escape(latest.run_id)}/manifest.json'>manifest</a>{flow_link}</p>"
             f"<div>{trend_svg(history)} {histogram_svg(store.samples(latest.run_id))}</div></section>")

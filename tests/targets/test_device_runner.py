@@ -136,3 +136,42 @@ def test_onnxruntime_reports_no_kernels(setup, tmp_path):
     code, report = _run(model, inputs, tmp_path, "--sha256", sha256_file(model), "--min-iterations", "3",
                         "--min-seconds", "0")
     assert code == 0 and report["kernels"] == [] and report["kernel_runs"] == 0 and report["kernel_error"] is None
+
+
+@pytest.mark.parametrize("runtime, provider", [("onnxruntime-cuda", "CUDAExecutionProvider"),
+                                               ("onnxruntime-tensorrt", "TensorrtExecutionProvider")])
+def test_a_gpu_provider_this_onnxruntime_lacks_is_named_with_how_to_get_it(setup, tmp_path, runtime, provider):
+    """This machine's onnxruntime is the CPU build: the runner says which provider is missing, never falls back to
+    the CPU and reports that as the GPU's time."""
+    model, inputs = setup
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "--runtime", runtime, "--artifact", str(model), "--sha256", sha256_file(model),
+         "--inputs", str(inputs), "--input-order", "x", "--outputs", str(tmp_path / "out.npz")],
+        capture_output=True, text=True, timeout=120)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 3 and report["error"] == "missing"
+    assert provider in report["message"] and "CPUExecutionProvider" in report["message"]
+    assert "onnxruntime-gpu" in report["fix"]
+
+
+def test_a_gpu_library_on_a_tvm_without_cuda_is_refused_before_loading(setup, tmp_path):
+    """A library whose manifest says it carries GPU code, on a TVM that reaches no CUDA device (this machine): one
+    clear refusal, not a loader error about a missing 'cuda' module."""
+    model, inputs = setup
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"artifact": {"sha256": sha256_file(model)}, "device_code": "ptx+cubin",
+                                    "compiled_model": {"scheme": {"scheme": "fp16"}}}))
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), "--runtime", "tvm", "--artifact", str(model), "--manifest", str(manifest),
+         "--inputs", str(inputs), "--input-order", "x", "--outputs", str(tmp_path / "out.npz")],
+        capture_output=True, text=True, timeout=300)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 3 and report["error"] == "missing"
+    assert "tvm.cuda(0).exist is False" in report["message"] and "USE_CUDA=ON" in report["fix"]
+
+
+def test_the_first_run_is_reported_apart_from_the_timed_ones(setup, tmp_path):
+    model, inputs = setup
+    code, report = _run(model, inputs, tmp_path, "--sha256", sha256_file(model), "--min-iterations", "3",
+                        "--min-seconds", "0", "--warmup", "1")
+    assert code == 0 and report["first_run_seconds"] > 0 and len(report["latency_ms"]) >= 3
