@@ -73,7 +73,9 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     runs: list[tuple[Candidate, Measured, object]] = []
     model = onnx.load(info.prepared_path)
     partial = _partial_plan(config, info, profile, data, model)
-    candidates = default_candidates(config.tune_trials, config.tune_minutes)
+    gpu_runtimes = tuple(name for name in ("onnxruntime-tensorrt", "onnxruntime-cuda")
+                         if (spec := profile.runtimes.get(name)) and spec.version)
+    candidates = default_candidates(config.tune_trials, config.tune_minutes, gpu_runtimes)
     if partial and partial.keep_float:  # full int8 misses the budget: try it with the sensitive layers in float
         kept = QuantConfig(scheme="int8", keep_float=partial.keep_float)
         candidates += [Candidate(runtime="onnxruntime", quant=kept),

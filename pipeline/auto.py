@@ -20,8 +20,9 @@ from pipeline.benchmark import Measurement
 from pipeline.metrics import Agreement, within_budget
 from pipeline.partial import PartialPlan
 from pipeline.quantize import QuantConfig
+from targets.profiles import RuntimeName
 
-Runtime = Literal["tvm", "onnxruntime"]
+Runtime = RuntimeName
 FASTER_ALPHA = 0.01
 MIN_SPEEDUP = 1.02  # smaller gains are within what a re-measurement moves
 
@@ -43,10 +44,12 @@ class Candidate(BaseModel):
         return f"{self.runtime} {self.quant.label()}{tuned}"
 
 
-def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None) -> list[Candidate]:
+def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None,
+                       gpu_runtimes: tuple[RuntimeName, ...] = ()) -> list[Candidate]:
     """onnxruntime's own int8 options are candidates too (measured, not assumed). With ``tune_trials``, TVM's
     candidates are MetaSchedule-tuned (each within ``tune_minutes``, when given), and TVM fp32 with its default
-    schedules stays as the reference."""
+    schedules stays as the reference. Each of ``gpu_runtimes`` (onnxruntime's CUDA / TensorRT providers the board
+    has) adds fp32, fp16 and int8 on the GPU; the checks refuse what the GPU can't run (int8 without DP4A)."""
     int8 = QuantConfig(scheme="int8")
     ort = [
         QuantConfig(scheme="fp32"), int8, int8.model_copy(update={"reduce_range": True}),
@@ -57,8 +60,12 @@ def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None) 
     tvm = [QuantConfig(scheme="fp32"), int8, QuantConfig(scheme="fp16")]
     untuned = [Candidate(runtime="tvm", quant=QuantConfig(scheme="fp32"))] if tune_trials else []
     minutes = tune_minutes if tune_trials else None
+    trt_int8 = int8.model_copy(update={"activation_type": "int8", "symmetric_activations": True})
+    gpu = [Candidate(runtime=runtime, quant=q) for runtime in gpu_runtimes
+           for q in (QuantConfig(scheme="fp16"), QuantConfig(scheme="fp32"),
+                     trt_int8 if runtime == "onnxruntime-tensorrt" else int8)]
     return ([Candidate(runtime="onnxruntime", quant=q) for q in ort] + untuned
-            + [Candidate(runtime="tvm", quant=q, tune_trials=tune_trials, tune_minutes=minutes) for q in tvm])
+            + [Candidate(runtime="tvm", quant=q, tune_trials=tune_trials, tune_minutes=minutes) for q in tvm] + gpu)
 
 
 class CandidateOutcome(BaseModel):

@@ -193,6 +193,21 @@ def check_ort_int8_x86(profile: DeviceProfile, quant: QuantConfig,
     ), adjusted
 
 
+def check_trt_int8(quant: QuantConfig, runtime: Runtime) -> tuple[CheckResult, QuantConfig]:
+    """TensorRT's int8 is symmetric (zero points 0) and reads QDQ: the quantization is adjusted to S8S8 with
+    symmetric activations, QDQ."""
+    name = "int8 format for TensorRT"
+    if quant.scheme != "int8" or runtime != "onnxruntime-tensorrt":
+        return CheckResult(check=name, verdict="pass", reason="not applicable"), quant
+    adjusted = quant.model_copy(update={"activation_type": "int8", "symmetric_activations": True, "format": "qdq"})
+    if adjusted == quant:
+        return CheckResult(check=name, verdict="pass", reason="S8S8 QDQ with symmetric activations"), quant
+    return CheckResult(
+        check=name, verdict="warn", reason="TensorRT reads symmetric int8 QDQ only: using S8S8 with symmetric "
+        "activations", fact="TensorRT's explicit quantization: QuantizeLinear/DequantizeLinear with int8 and zero "
+        "point 0"), adjusted
+
+
 def _named(nodes: Iterable[onnx.NodeProto]) -> list[str]:
     return [f"{n.name or '<unnamed>'} ({n.op_type})" for n in nodes]
 
@@ -359,9 +374,11 @@ def run_checks(
 
         importable = tvm_importable_ops()
     ort_result, quant = check_ort_int8_x86(profile, quant, runtime)
+    trt_result, quant = check_trt_int8(quant, runtime)
     results = [
         check_precision(profile, quant, runtime),
         ort_result,
+        trt_result,
         check_format(model, runtime),
         check_op_coverage(model, runtime, importable),
         check_memory(info, profile, quant, runtime),

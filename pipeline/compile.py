@@ -140,15 +140,16 @@ def build(config: RunConfig, profile: DeviceProfile, out_dir: Path, *,
     """Everything up to a library for ``profile`` in ``out_dir`` (tuned on the board through ``tuning_board``, the
     caller's session with it, when the profile is reached over SSH)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    runtime = config.runtime or "tvm"  # `deploy compile` compiles, whatever the profile prefers to run
     info = ingest_model(config, out_dir)
-    checks = check_model(info, profile, config, purpose="build")
+    checks = check_model(info, profile, config, runtime=runtime, purpose="build")
     data = prepare(config, info, out_dir, checks.quant.scheme)
     quant = checks.quant
     if config.partial:
         plan = plan_partial(info, data, quant, budget=config.accuracy_budget, workdir=out_dir / "partial")
         quant = quant.model_copy(update={"keep_float": plan.keep_float})
     quantized = quantize_model(info, data, quant)
-    cached = artifact_for(config.runtime_on(profile), quantized, info, profile, tune_trials=config.tune_trials,
+    cached = artifact_for(runtime, quantized, info, profile, tune_trials=config.tune_trials,
                           tune_minutes=config.tune_minutes, tuning_board=tuning_board)
     library = out_dir / Path(cached.library_path).name
     manifest = out_dir / "manifest.json"

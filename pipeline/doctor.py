@@ -6,9 +6,11 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import EdgeDeployError, HostKeyError
-from pipeline.preflight import probe
+from pipeline.preflight import gpu_refusal, probe
 from targets.connect import open_transport
-from targets.profiles import DeviceProfile
+from targets.gpu_probe import probe_gpu
+from targets.profiles import RUNTIME_NAMES, DeviceProfile
+from targets.transport import Transport
 
 
 class DoctorRow(BaseModel):
@@ -41,15 +43,36 @@ def doctor(profile: DeviceProfile) -> list[DoctorRow]:
         rows.append(DoctorRow(check="python", ok=facts.python.startswith(profile.python_version),
                               detail=f"device {facts.python}, profile {profile.python_version}"))
         for runtime in ("numpy", "tvm", "onnxruntime"):
-            wanted = runtime == "numpy" or getattr(profile.runtimes, runtime) is not None
+            spec = profile.runtimes.get(runtime) if runtime != "numpy" else None
+            wanted = runtime == "numpy" or bool(spec and spec.version)
             present = getattr(facts, runtime)
             rows.append(DoctorRow(check=runtime, ok=present or not wanted,
                                   detail=("installed" if present else "missing") +
                                   ("" if wanted else " (the profile doesn't expect it)")))
+        rows += _gpu_rows(transport, profile)
         rows.append(DoctorRow(check="free disk", ok=facts.free_bytes > 100 * 2**20,
                               detail=f"{facts.free_bytes / 2**30:.1f} GiB free in {workdir}"))
     except EdgeDeployError as exc:
         rows.append(DoctorRow(check="device", ok=False, detail=exc.render()))
     finally:
         transport.close()
+    return rows
+
+
+def _gpu_rows(transport: Transport, profile: DeviceProfile) -> list[DoctorRow]:
+    """For a profile whose runtimes use a GPU: what the board's GPU stack is, and each such runtime's readiness."""
+    on_gpu = [name for name in RUNTIME_NAMES if profile.unit_of(name) == "gpu"
+              and (spec := profile.runtimes.get(name)) and spec.version]
+    if not on_gpu:
+        return []
+    gpu = probe_gpu(transport, profile, tvm="tvm" in on_gpu)
+    rows = [DoctorRow(check="GPU", ok=bool(gpu.device_nodes),
+                      detail=", ".join(filter(None, [gpu.jetson, gpu.l4t, " ".join(gpu.device_nodes)]))
+                      or "no CUDA device nodes (/dev/nvhost-gpu, /dev/nvidia*)"),
+            DoctorRow(check="TensorRT", ok=bool(gpu.tensorrt) or "onnxruntime-tensorrt" not in on_gpu,
+                      detail=f"libnvinfer {gpu.tensorrt}" if gpu.tensorrt else "libnvinfer not found")]
+    for name in on_gpu:
+        refusal = gpu_refusal(gpu, profile, name, transport.name)
+        rows.append(DoctorRow(check=name, ok=refusal is None,
+                              detail=refusal.render() if refusal else "ready on the GPU"))
     return rows

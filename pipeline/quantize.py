@@ -49,6 +49,8 @@ class QuantConfig(BaseModel):
     per_channel: bool = Field(default=True, description="One weight scale per output channel (else per tensor).")
     activation_type: Literal["uint8", "int8"] = Field(default="uint8", description="int8 activation type.")
     reduce_range: bool = Field(default=False, description="7-bit weights (avoids VPMADDUBSW saturation).")
+    symmetric_activations: bool = Field(default=False, description="Activation zero points 0 (what TensorRT "
+                                        "reads: its int8 is symmetric).")
     format: Literal["qdq", "qoperator"] = Field(
         default="qdq", description="QDQ (QuantizeLinear/DequantizeLinear: TVM and onnxruntime) or QOperator "
         "(QLinearConv, ...: onnxruntime only).")
@@ -62,6 +64,7 @@ class QuantConfig(BaseModel):
         grain = "per-channel" if self.per_channel else "per-tensor"
         fmt = "QDQ" if self.format == "qdq" else "QOperator"
         return (f"int8 {fmt} {act} {self.calibration} {grain}" + (" reduce-range" if self.reduce_range else "")
+                + (" symmetric" if self.symmetric_activations else "")
                 + (f" ({len(self.keep_float)} layers float)" if self.keep_float else ""))
 
 
@@ -161,6 +164,7 @@ def _convert(model_path: Path, out: Path, config: QuantConfig, calibration: Samp
         nodes_to_quantize=only,
         nodes_to_exclude=list(config.keep_float) or None,
         calibration_cache_path=calibration_cache,
+        extra_options={"ActivationSymmetric": True} if config.symmetric_activations else None,
     )
 
 

@@ -92,3 +92,16 @@ def test_the_report_says_why_a_candidate_may_saturate():
     console.print(selection)
     assert f"note: {INT8.label()}: {caveat}" in console.export_text()
     assert selection.model_dump(mode="json")["outcomes"][0]["caveat"] == caveat
+
+
+def test_a_board_with_gpu_providers_gets_gpu_candidates():
+    from pipeline.auto import default_candidates
+
+    cpu_only = default_candidates()
+    with_gpu = default_candidates(0, None, ("onnxruntime-tensorrt", "onnxruntime-cuda"))
+    added = with_gpu[len(cpu_only):]
+    assert all(c.runtime not in ("onnxruntime-tensorrt", "onnxruntime-cuda") for c in cpu_only)
+    assert {(c.runtime, c.quant.scheme) for c in added} == {
+        (r, s) for r in ("onnxruntime-tensorrt", "onnxruntime-cuda") for s in ("fp32", "fp16", "int8")}
+    trt_int8 = next(c for c in added if c.runtime == "onnxruntime-tensorrt" and c.quant.scheme == "int8")
+    assert trt_int8.quant.symmetric_activations and trt_int8.quant.activation_type == "int8"

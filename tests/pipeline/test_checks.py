@@ -37,6 +37,7 @@ TABLE = [
     ("jetson-nano", "fp32", "cnn", "onnxruntime-tensorrt", "memory fit", "pass", "overhead ~900 MB"),
     ("jetson-orin-nano", "int8", "cnn", "onnxruntime-tensorrt", "precision vs arithmetic", "pass", "DP4A"),
     ("jetson-orin-nano", "int8", "cnn", "onnxruntime-cuda", "precision vs arithmetic", "warn", "TensorRT"),
+    ("jetson-orin-nano", "int8", "cnn", "onnxruntime-tensorrt", "int8 format for TensorRT", "warn", "symmetric"),
     ("jetson-orin-nano", "int8", "cnn", "onnxruntime", "precision vs arithmetic", "pass", "int8 dot-product"),
     ("jetson-orin-nano", "fp16", "cnn", "onnxruntime", "precision vs arithmetic", "pass", "native fp16"),
     ("raspberry-pi-4", "fp32", "cnn", "onnxruntime-cuda", "runtime on the device", "refuse", "has none"),
@@ -161,3 +162,9 @@ def test_a_gpu_runtime_on_a_machine_without_a_gpu_is_refused_before_any_build(in
     (refusal,) = report.refused_for("build")
     assert refusal.check == "runtime on the device" and "nvidia-smi found none" in refusal.reason
     assert "--runtime onnxruntime" in refusal.fix
+
+
+def test_tensorrt_int8_is_quantized_symmetric(infos):
+    report = _checks(infos, "jetson-orin-nano", "int8", "cnn", "onnxruntime-tensorrt")
+    assert report.quant.activation_type == "int8" and report.quant.symmetric_activations
+    assert report.quant.format == "qdq" and not report.refused
