@@ -64,7 +64,7 @@ TuneMinutes = Annotated[float | None, typer.Option(min=0.1, help="Stop tuning af
                                                                 "clock alone ends the run.")]
 
 
-def _build_config(model: Path, profile: str, quant: str, calibration: str, per_channel: bool,
+def _build_config(model: Path, profile: str, quant: str | None, calibration: str, per_channel: bool,
                   calib_data: Path | None, calib_samples: int, input_shape: list[str] | None, tune_trials: int = 0,
                   tune_minutes: float | None = None, **options):
     """The RunConfig every command builds from its options; `options` are RunConfig's other fields."""
@@ -72,6 +72,10 @@ def _build_config(model: Path, profile: str, quant: str, calibration: str, per_c
     from pipeline.ingest import parse_input_shapes
     from pipeline.quantize import QuantConfig
 
+    if quant is None:  # the profile's own choice (a Jetson's GPU: fp16)
+        from targets.profiles import load_profile
+
+        quant = load_profile(profile).preferred_scheme
     if options.get("partial") and quant != "int8":
         raise OptionError("--partial keeps some layers of an int8 model in float", value=f"--quant {quant}",
                           fix="use --quant int8 --partial (--quant auto tries partial int8 by itself)")
@@ -91,9 +95,10 @@ def run(
     model: Annotated[Path, typer.Argument(help="The .onnx model to deploy, or a bundled workload's name "
                                                 "(digits-cnn, pp-lcnet-orientation, yolox-glyph-detector).")],
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
-    quant: Annotated[Literal["fp32", "fp16", "int8", "auto"],
-                     typer.Option(help="Numeric format to deploy; auto = measure every allowed scheme x runtime "
-                                       "on the device and ship the fastest within --accuracy-budget.")] = "fp32",
+    quant: Annotated[Literal["fp32", "fp16", "int8", "auto"] | None,
+                     typer.Option(help="Numeric format to deploy (default: the profile's, fp32 or a Jetson's fp16); "
+                                       "auto = measure every allowed scheme x runtime on the device and ship the "
+                                       "fastest within --accuracy-budget.")] = None,
     calibration: Annotated[Literal["minmax", "entropy", "percentile"],
                            typer.Option(help="int8 range calibration method.")] = "minmax",
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,
@@ -150,7 +155,8 @@ def run(
 def check(
     model: Annotated[Path, typer.Argument(help="The .onnx model, or a bundled workload's name.")],
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
-    quant: Annotated[Literal["fp32", "fp16", "int8"], typer.Option(help="Numeric format to check.")] = "fp32",
+    quant: Annotated[Literal["fp32", "fp16", "int8"] | None,
+                     typer.Option(help="Numeric format to check (default: the profile's).")] = None,
     runtime: RuntimeOption = None,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,

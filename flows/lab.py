@@ -98,14 +98,16 @@ def _run_job(job: LabJob) -> JobOutcome:
             result = deploy_run(job.config)
         except Exception as exc:  # one job's failure, whatever it is, must not lose the others'
             error = exc.render() if isinstance(exc, EdgeDeployError) else f"{type(exc).__name__}: {exc}"
-            get_run_logger().error("%s: %s %s failed: %s", job.device, model, job.config.quant.scheme, error,
+            asked = job.config.quant.scheme + (f" · {job.config.runtime}" if job.config.runtime not in (None, "tvm")
+                                               else "")
+            get_run_logger().error("%s: %s %s failed: %s", job.device, model, asked, error,
                                    exc_info=not isinstance(exc, EdgeDeployError))
-            return JobOutcome(device=job.device, model=model, scheme=job.config.quant.scheme, started=started,
+            return JobOutcome(device=job.device, model=model, scheme=asked, started=started,
                               finished=_now(), error=error)
         finished = _now()
     verdict = result.regression
     return JobOutcome(
-        device=job.device, model=result.model.workload or model, scheme=result.scheme, started=started,
+        device=job.device, model=result.model.workload or model, scheme=result.series, started=started,
         finished=finished, run_id=result.run_id, valid=result.valid, p50_ms=result.latency_ms.p50,
         speedup=result.speedup, accuracy=result.accuracy.value,
         regression=bool(verdict and verdict.regressed), regression_reasons=verdict.reasons if verdict else [],

@@ -7,6 +7,7 @@
       - {model: ./my_model.onnx, calib_data: ./calib.npz, eval_data: ./eval.npz, input_shape: [images=1,3,640,640]}
     profiles: [lab-x86.yaml, raspberry-pi-4]   # names, or paths relative to this file
     schemes: [fp32, int8]
+    runtimes: [tvm, onnxruntime-tensorrt]   # optional; default: each profile's preferred runtime
     bench: {min_iterations: 20, min_seconds: 2}
     regression: {threshold: 0.05, alpha: 0.01, accuracy_budget: 0.01}
     db_url: postgresql+psycopg://lab@db/edgedeploy     # optional; default $EDGEDEPLOY_DB_URL or SQLite
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +29,7 @@ from pipeline.ingest import parse_input_shapes
 from pipeline.quantize import QuantConfig
 from pipeline.regression import RegressionPolicy
 from pipeline.workloads import WORKLOADS
+from targets.profiles import RuntimeName
 
 
 class LabModel(BaseModel):
@@ -47,6 +50,8 @@ class LabFile(BaseModel):
     models: list[LabModel] = Field(min_length=1)
     profiles: list[str] = Field(min_length=1)
     schemes: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    runtimes: list[RuntimeName] | None = Field(default=None, min_length=1, description="Runtimes to run each "
+                                               "scheme with; None = each profile's preferred runtime.")
     bench: BenchmarkSettings = Field(default_factory=BenchmarkSettings)
     regression: RegressionPolicy = Field(default_factory=RegressionPolicy)
     db_url: str | None = None
@@ -100,13 +105,14 @@ def jobs(lab: LabFile) -> list[LabJob]:
     out = []
     for profile_ref in lab.profiles:
         ref = _resolve(base, profile_ref) if profile_ref.endswith((".yaml", ".yml")) else profile_ref
-        device = load_profile(ref).name
+        profile = load_profile(ref)
+        device = profile.name
         for item in lab.models:
             model = str(WORKLOADS[item.model].model_path()) if item.model in WORKLOADS else _resolve(base, item.model)
-            for scheme in lab.schemes:
+            for scheme, runtime in itertools.product(lab.schemes, lab.runtimes or [profile.preferred_runtime]):
                 name = item.model if item.model in WORKLOADS else Path(model).stem
                 out.append(LabJob(device=device, model=name, config=RunConfig(
-                    model_path=model, profile=ref, quant=QuantConfig(scheme=scheme),
+                    model_path=model, profile=ref, quant=QuantConfig(scheme=scheme), runtime=runtime,
                     calib_data=_resolve(base, item.calib_data), eval_data=_resolve(base, item.eval_data),
                     calib_samples=item.calib_samples, eval_samples=item.eval_samples,
                     input_shapes=parse_input_shapes(item.input_shape), bench=lab.bench,

@@ -102,6 +102,13 @@ class RunResult(BaseModel):
     flow_run_id: str | None = None
     result_path: str | None = None
 
+    @property
+    def series(self) -> str:
+        """What this run's history is kept under, beside model and profile: the scheme, and the runtime and unit
+        unless it is TVM on the CPU (so TensorRT fp16 and TVM fp16 on one board are two histories, two cells)."""
+        name = self.runtime.split()[0] if self.runtime else "tvm"
+        return self.scheme if (name, self.unit) == ("tvm", "CPU") else f"{self.scheme} · {name} ({self.unit})"
+
     @classmethod
     def assemble(
         cls, *, run_id: str, created: str, info: ModelInfo, workload: str | None, profile: str,

@@ -167,6 +167,8 @@ class DeviceProfile(_Frozen):
     runtimes: Runtimes = Field(default_factory=Runtimes, description="Runtimes on the device.")
     preferred_runtime: RuntimeName = Field(default="tvm", description="The runtime `deploy run` uses when no "
                                            "--runtime is given.")
+    preferred_scheme: Precision = Field(default="fp32", description="The numeric format `deploy run` and `deploy "
+                                        "check` use when no --quant is given (a Jetson's GPU: fp16).")
     cross_compiler: str | None = Field(
         default=None, pattern=SAFE_TOKEN,
         description="C compiler that links libraries for this device (null = host cc).",

@@ -118,6 +118,33 @@ def test_run_stops_before_quantizing_when_a_check_refuses(prefect_server, isolat
     assert not list(isolated_home.rglob("model.fp16.onnx")) and not list(isolated_home.rglob("model.so"))
 
 
+def test_a_gpu_runtime_on_a_machine_without_a_gpu_is_refused_in_one_message(prefect_server, isolated_home):  # noqa: F811
+    for command in ("check", "run"):
+        proc = deploy(command, "digits-cnn", "--profile", "local", "--runtime", "onnxruntime-cuda",
+                      api_url=prefect_server, home=isolated_home)
+        assert proc.returncode == 4, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "nvidia-smi found none" in proc.stdout + proc.stderr
+
+
+def test_the_nano_checks_default_to_tensorrt_fp16_and_refuse_int8_for_dp4a(isolated_home):
+    proc = deploy("check", "digits-cnn", "--profile", "jetson-nano", "--json", api_url="http://127.0.0.1:9/api",
+                  home=isolated_home)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["runtime"] == "onnxruntime-tensorrt" and report["scheme"] == "fp16"
+    proc = deploy("check", "digits-cnn", "--profile", "jetson-nano", "--quant", "int8", "--runtime",
+                  "onnxruntime-tensorrt", "--json", api_url="http://127.0.0.1:9/api", home=isolated_home)
+    assert proc.returncode == 4
+    (precision,) = [r for r in json.loads(proc.stdout)["results"] if r["check"] == "precision vs arithmetic"]
+    assert precision["verdict"] == "refuse" and "DP4A" in precision["fact"]
+
+
+def test_profiles_list_names_the_orin(isolated_home):
+    proc = deploy("profiles", "list", "--json", api_url="http://127.0.0.1:9/api", home=isolated_home)
+    orin = next(p for p in json.loads(proc.stdout) if p["name"] == "jetson-orin-nano")
+    assert orin["gpu"]["compute_capability"] == "8.7" and orin["python_version"] == "3.10"
+
+
 def test_compile_cross_compiles_for_the_pi(isolated_home, tmp_path):
     proc = deploy("compile", "digits-cnn", "--profile", "raspberry-pi-4", "--out", str(tmp_path / "pi"), "--json",
                   api_url="http://127.0.0.1:9/api", home=isolated_home)

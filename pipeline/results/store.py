@@ -116,9 +116,10 @@ class ResultStore:
         return [(s.samples_ms, r.accuracy) for r, s in reversed(rows)]
 
     def record(self, result: RunResult, *, manifest: dict[str, Any], policy: RegressionPolicy) -> Verdict:
-        """Compare with this (model, profile, scheme)'s history, then store the run with the verdict."""
+        """Compare with this (model, profile, series)'s history (RunResult.series: the scheme, and a runtime other
+        than TVM on the CPU), then store the run with the verdict."""
         created = datetime.fromisoformat(result.created)
-        history = self.history(result.model.sha256, result.profile, result.scheme, before=created,
+        history = self.history(result.model.sha256, result.profile, result.series, before=created,
                                limit=policy.history)
         verdict = compare(result.benchmark["artifact"]["samples_ms"], result.accuracy.value,
                           [h[0] for h in history], [h[1] for h in history], policy)
@@ -128,7 +129,7 @@ class ResultStore:
         row = RunRow(
             run_id=result.run_id, created=created, model_sha256=result.model.sha256,
             model_name=result.model.workload or Path(result.model.path).stem, profile=result.profile,
-            scheme=result.scheme, valid=result.valid, p50_ms=result.latency_ms.p50, p90_ms=result.latency_ms.p90,
+            scheme=result.series, valid=result.valid, p50_ms=result.latency_ms.p50, p90_ms=result.latency_ms.p90,
             baseline_p50_ms=result.baseline.latency_ms.p50, speedup=result.speedup,
             metric=result.accuracy.metric, accuracy=result.accuracy.value,
             accuracy_baseline=result.accuracy.baseline, regression=verdict.regressed,

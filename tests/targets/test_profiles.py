@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import pytest
@@ -52,3 +53,38 @@ def test_missing_base(tmp_path):
     path.write_text("extends: no-such-board\nname: orphan\n")
     with pytest.raises(ProfileError, match="no-such-board"):
         load_profile(str(path))
+
+
+def test_runtimes_declare_their_unit(tmp_path):
+    nano = load_profile("jetson-nano")
+    assert nano.preferred_runtime == "onnxruntime-tensorrt" and nano.preferred_scheme == "fp16"
+    assert [nano.unit_of(r) for r in ("tvm", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt")] == \
+        ["gpu", "cpu", "gpu", "gpu"]
+    assert nano.runtimes.get("onnxruntime-tensorrt").tensorrt == "8.2.1"
+    assert nano.tvm_gpu_target() == {"kind": "nvptx", "mcpu": "sm_53", "mtriple": "nvptx64-nvidia-cuda"}
+    assert not nano.gpu.has_dp4a and load_profile("jetson-orin-nano").gpu.has_dp4a
+    # a plain version string is a CPU runtime; onnxruntime's providers keep their unit whatever a file says
+    assert load_profile("raspberry-pi-4").unit_of("tvm") == "cpu"
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("extends: jetson-nano\nname: wrong\nruntimes: {onnxruntime-cuda: {version: '1.11.0', unit: cpu}}\n")
+    with pytest.raises(ProfileError, match="runtimes"):
+        load_profile(str(wrong))
+    no_gpu = tmp_path / "no-gpu.yaml"
+    no_gpu.write_text("extends: raspberry-pi-4\nname: no-gpu\nruntimes: {tvm: {version: '0.27.0', unit: gpu}}\n")
+    with pytest.raises(ProfileError, match="no 'gpu' section"):
+        load_profile(str(no_gpu))
+
+
+def test_local_profile_finds_an_nvidia_gpu_through_nvidia_smi(tmp_path, monkeypatch):
+    """A fake nvidia-smi first on PATH (what a GPU machine's driver installs): the local profile gets its GPU."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nif [ \"$1\" = \"--query-gpu=name,compute_cap,memory.total\" ]; then\n"
+                   "  echo 'NVIDIA H100 80GB HBM3, 9.0, 81559'\nelse\n"
+                   "  echo '| NVIDIA-SMI 580.65   Driver Version: 580.65   CUDA Version: 13.0 |'\nfi\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    local = load_profile("local")
+    assert local.gpu is not None and local.gpu.sm == "sm_90" and local.gpu.cuda_version == "13.0"
+    assert local.gpu.precisions == ("fp32", "fp16", "int8") and "H100" in local.description
+    # this machine's onnxruntime is the CPU build: no GPU runtime is offered
+    assert local.runtimes.get("onnxruntime-cuda") is None

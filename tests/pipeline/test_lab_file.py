@@ -1,0 +1,30 @@
+"""A lab file's matrix: models x profiles x schemes x runtimes (each profile's preferred one by default)."""
+
+from __future__ import annotations
+
+from pipeline.lab import jobs, load_lab
+from tests.factories import make_result
+
+
+def test_runtimes_default_to_each_profiles_own(tmp_path):
+    lab = tmp_path / "lab.yaml"
+    lab.write_text("name: gpu\nmodels: [digits-cnn]\nprofiles: [jetson-nano, raspberry-pi-4]\nschemes: [fp16]\n")
+    assert [(j.device, j.config.runtime) for j in jobs(load_lab(lab))] == [
+        ("jetson-nano", "onnxruntime-tensorrt"), ("raspberry-pi-4", "tvm")]
+
+
+def test_a_lab_can_ask_for_several_runtimes(tmp_path):
+    lab = tmp_path / "lab.yaml"
+    lab.write_text("name: gpu\nmodels: [digits-cnn]\nprofiles: [jetson-nano]\nschemes: [fp32, fp16]\n"
+                   "runtimes: [onnxruntime, onnxruntime-tensorrt]\n")
+    assert {(j.config.quant.scheme, j.config.runtime) for j in jobs(load_lab(lab))} == {
+        (s, r) for s in ("fp32", "fp16") for r in ("onnxruntime", "onnxruntime-tensorrt")}
+
+
+def test_each_runtime_keeps_its_own_history():
+    """TVM on the CPU keeps the plain scheme (the series results had before runtimes existed); anything else is its
+    own series, so TensorRT fp16 and TVM fp16 on one board never judge each other."""
+    tvm = make_result(1, scheme="fp16")
+    assert tvm.series == "fp16"
+    trt = tvm.model_copy(update={"runtime": "onnxruntime-tensorrt 1.11.0", "unit": "GPU"})
+    assert trt.series == "fp16 · onnxruntime-tensorrt (GPU)"
