@@ -66,7 +66,8 @@ def test_runtimes_declare_their_unit(tmp_path):
     # a plain version string is a CPU runtime; onnxruntime's providers keep their unit whatever a file says
     assert load_profile("raspberry-pi-4").unit_of("tvm") == "cpu"
     wrong = tmp_path / "wrong.yaml"
-    wrong.write_text("extends: jetson-nano\nname: wrong\nruntimes: {onnxruntime-cuda: {version: '1.11.0', unit: cpu}}\n")
+    wrong.write_text("extends: jetson-nano\nname: wrong\n"
+                     "runtimes: {onnxruntime-cuda: {version: '1.11.0', unit: cpu}}\n")
     with pytest.raises(ProfileError, match="runtimes"):
         load_profile(str(wrong))
     no_gpu = tmp_path / "no-gpu.yaml"
