@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from flows.auto import auto_select, bench_report
 from flows.tasks import (
     benchmark_task,
+    tvm_on_the_gpu,
     check_task,
     compile_task,
     data_task,
@@ -76,10 +77,18 @@ def deploy_run(config: RunConfig) -> RunResult:
     compiled = _timed("compile", timings, compile_task, config, quantized, info, profile)
     deployed = _timed("deploy", timings, deploy_task, config, compiled, info, data, profile)
     bench = _timed("benchmark", timings, benchmark_task, config, deployed, info, data, profile)
+    also = [_timed("tvm-gpu", timings, tvm_on_the_gpu, config, info, data, profile, quantized, bench)] \
+        if _tvm_gpu_beside(config, profile) else []
     result = _report(config, profile, info, data, timings, quantized=quantized, compiled=compiled, bench=bench,
                      deployed=deployed, checks=checks.results,
                      reused=[name for name, part in (("quantize", quantized), ("compile", compiled)) if part.cached])
-    return _record(config, result.model_copy(update={"partial": partial}), compiled, timings)
+    return _record(config, result.model_copy(update={"partial": partial, "also": also}), compiled, timings)
+
+
+def _tvm_gpu_beside(config: RunConfig, profile: DeviceProfile) -> bool:
+    """An onnxruntime run on a board whose profile says its TVM runs on the GPU: TVM-CUDA is measured beside it."""
+    spec = profile.runtimes.tvm
+    return config.runtime_on(profile) != "tvm" and bool(spec and spec.version) and profile.unit_of("tvm") == "gpu"
 
 
 def _report(config: RunConfig, profile: DeviceProfile, info: ModelInfo, data: PreparedData, timings: dict[str, float],

@@ -24,7 +24,7 @@ from pipeline.manifest import CompiledArtifact
 from pipeline.partial import PartialPlan, plan_partial
 from pipeline.quantize import QuantConfig, QuantizedModel
 from pipeline.regression import Verdict
-from pipeline.report import RunResult
+from pipeline.report import AlsoMeasured, RunResult
 from pipeline.results.store import ResultStore
 from pipeline.session import DeviceSession, tuning_board
 from targets.profiles import DeviceProfile
@@ -156,3 +156,23 @@ def record_task(config: RunConfig, result: RunResult, compiled: CompiledArtifact
     store = ResultStore(config.db_url)
     manifest = json.loads(Path(compiled.manifest_path).read_text())
     return store.record(result, manifest=manifest, policy=config.regression)
+
+
+def tvm_on_the_gpu(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
+                   quantized: QuantizedModel, bench: BenchmarkReport) -> AlsoMeasured:
+    """The same quantized model compiled by TVM for the board's GPU and measured there, beside the run's artifact;
+    a board whose TVM has no CUDA (the preflight asks it) or a failed build is reported, never fails the run."""
+    label = f"tvm (GPU) {quantized.config.label()}"
+    try:
+        artifact = compile_task.with_options(task_run_name="compile tvm-gpu")(
+            config.model_copy(update={"runtime": "tvm"}), quantized, info, profile)
+        run = measure_task.with_options(task_run_name="measure tvm-gpu")(
+            config, info, data, profile, quantized, artifact, which="artifact", folder="tvm-gpu")
+    except EdgeDeployError as exc:
+        return AlsoMeasured(label=label, reason=exc.render().splitlines()[0])
+    with np.load(run.outputs_path) as npz, np.load(Path(config.run_dir()) / "outputs.baseline.npz") as base:
+        agreement = data.scoring.agreement(npz["outputs"], base["outputs"])
+    p50 = run.measurement.latency_ms.p50
+    return AlsoMeasured(label=label, p50_ms=p50, p90_ms=run.measurement.latency_ms.p90,
+                        speedup=bench.baseline.latency_ms.p50 / p50 if p50 else None, agreement=agreement,
+                        accuracy=run.measurement.accuracy, valid=run.measurement.valid)

@@ -64,6 +64,21 @@ class AccuracySummary(BaseModel):
 
 
 GPU_RUNTIMES = ("onnxruntime-cuda", "onnxruntime-tensorrt")
+
+
+class AlsoMeasured(BaseModel):
+    """Another runtime measured in the same run, beside the artifact (TVM on a Jetson's GPU, when its TVM has CUDA),
+    or why it could not be."""
+
+    model_config = ConfigDict(frozen=True)
+    label: str = Field(description="Runtime, unit and scheme, e.g. 'tvm (GPU) fp16'.")
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    speedup: float | None = Field(default=None, description="baseline p50 / its p50.")
+    agreement: Agreement | None = None
+    accuracy: float | None = None
+    valid: bool = False
+    reason: str | None = Field(default=None, description="Why it was not measured (e.g. TVM there has no CUDA).")
 # Below this speed-up the report says what to do about it (a few percent either way is measurement noise).
 SLOWER_THAN_BASELINE = 0.95
 
@@ -96,6 +111,7 @@ class RunResult(BaseModel):
     auto: AutoSelection | None = Field(default=None, description="--quant auto: every candidate and the choice.")
     partial: PartialPlan | None = Field(default=None, description="--partial: layer sensitivity, layers kept float.")
     benchmark: dict[str, Any] = Field(description="Settings, raw latency samples, devices, versions.")
+    also: list[AlsoMeasured] = Field(default_factory=list, description="Other runtimes measured beside it.")
     board: dict[str, Any] = Field(default_factory=dict, description="The board's state before and after (power "
                                   "mode, clocks, temperatures) and its marks; unknown sources are absent.")
     tools: dict[str, str]
@@ -210,6 +226,12 @@ class RunResult(BaseModel):
         if advice := self.slower_advice():
             warnings.append(Text(advice, style="yellow"))
         warnings += [Text(f"board: {mark}", style="yellow") for mark in self.board.get("marks") or []]
+        for other in self.also:
+            warnings.append(Text(f"also measured: {other.label}: " + (
+                f"p50 {other.p50_ms:.3f} ms, {other.speedup:.2f}x onnxruntime fp32"
+                + (f", cosine {other.agreement.cosine:.5f}" if other.agreement else "")
+                if other.p50_ms is not None and other.speedup is not None else f"not run: {other.reason}"),
+                style="cyan"))
         if self.regression and self.regression.regressed:
             warnings.append(Text("REGRESSION: " + "; ".join(self.regression.reasons), style="bold red"))
         elif self.regression and self.regression.compared_runs:

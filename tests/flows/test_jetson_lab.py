@@ -26,7 +26,8 @@ def jetson(lab_pi4):
     """The emulated board as a Jetson Nano whose onnxruntime is the aarch64 CPU wheel (no GPU providers)."""
     device, python = lab_pi4
     return device.profile(extends="jetson-nano", python=python, python_version="3.11",
-                          runtimes={"onnxruntime": "1.27.0", "onnxruntime-cuda": "1.27.0",
+                          runtimes={"tvm": {"version": "0.27.0", "unit": "gpu"}, "onnxruntime": "1.27.0",
+                                    "onnxruntime-cuda": "1.27.0",
                                     "onnxruntime-tensorrt": {"version": "1.27.0", "tensorrt": "8.2.1"}})
 
 
@@ -60,6 +61,9 @@ def test_onnxruntime_on_the_jetson_cpu_runs_over_ssh(prefect_server, jetson):
     assert result.benchmark["artifact"]["device_machine"] == "aarch64"
     assert result.benchmark["artifact"]["versions"]["provider"] == "CPUExecutionProvider"
     assert set(result.board) == {"before", "after", "marks"}
+    # the profile says the board's TVM runs on its GPU: TVM-CUDA is tried beside it, and the board says why not
+    (tvm_gpu,) = result.also
+    assert tvm_gpu.label.startswith("tvm (GPU)") and tvm_gpu.p50_ms is None and "no CUDA device" in tvm_gpu.reason
 
 
 def test_doctor_names_what_the_gpu_runtimes_lack(jetson):
@@ -67,4 +71,4 @@ def test_doctor_names_what_the_gpu_runtimes_lack(jetson):
     assert rows["reachable"].ok and rows["architecture"].ok
     assert not rows["GPU"].ok and "no CUDA device nodes" in rows["GPU"].detail
     assert not rows["onnxruntime-tensorrt"].ok and "no CUDA device" in rows["onnxruntime-tensorrt"].detail
-    assert not rows["onnxruntime-cuda"].ok
+    assert not rows["onnxruntime-cuda"].ok and not rows["tvm"].ok
