@@ -16,7 +16,6 @@ from prefect.runtime import flow_run
 from flows.auto import auto_select, bench_report
 from flows.tasks import (
     benchmark_task,
-    tvm_on_the_gpu,
     check_task,
     compile_task,
     data_task,
@@ -25,6 +24,7 @@ from flows.tasks import (
     partial_task,
     quantize_task,
     record_task,
+    tvm_on_the_gpu,
 )
 from pipeline import progress
 from pipeline.config import RunConfig
