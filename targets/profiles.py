@@ -64,6 +64,8 @@ class GpuUnit(_Frozen):
     precisions: tuple[Precision, ...] = Field(description="Precisions the GPU computes natively.")
     int8_dot_product: bool | None = Field(default=None, description="Has DP4A int8 dot products (compute "
                                           "capability 6.1+); null = derived from the compute capability.")
+    cubin: bool = Field(default=True, description="Ship the SM's cubin (ptxas 12.9) beside the PTX; false = PTX "
+                        "only, JIT-compiled by the board's driver (for a driver that refuses newer cubins).")
 
     @property
     def sm(self) -> str:

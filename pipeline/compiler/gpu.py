@@ -192,7 +192,7 @@ def gpu_code(executable, profile: DeviceProfile) -> GpuCode:
     ptx = _ptx_with_entries(ll, profile.gpu.sm)
     isa = _check_ptx(ptx, kernels, profile)
     summary: dict[str, Any] = {"sm": profile.gpu.sm, "ptx_isa": f"{isa[0]}.{isa[1]}", "kernels": len(kernels)}
-    if tools is None or tools.ptxas is None or tools.nvfatbin is None:
+    if tools is None or tools.ptxas is None or tools.nvfatbin is None or not profile.gpu.cubin:
         return GpuCode(fmt="ptx", data=ptx.encode(), device_code="ptx", summary=summary)
     cubin, report = _assemble(tools.ptxas, ptx, profile.gpu.sm)
     registers = [int(n) for n in re.findall(r"Used (\d+) registers", report)]
