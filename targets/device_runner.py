@@ -70,9 +70,12 @@ def load_tvm(path, threads, device="cpu"):
 
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu()
     if device == "cuda" and not dev.exist:
-        raise Missing("the library carries GPU code and TVM here has no CUDA device (tvm.cuda(0).exist is False: "
-                      "a TVM runtime built without CUDA, or no NVIDIA driver)",
-                      "build TVM's runtime on the board with USE_CUDA=ON (README: A real Jetson)")
+        why = load_tvm_cuda_runtime(tvm)
+        dev = tvm.cuda(0)
+        if not dev.exist:
+            raise Missing("the library carries GPU code and TVM here has no CUDA device (tvm.cuda(0).exist is "
+                          "False: {})".format(why or "no NVIDIA GPU or driver"),
+                          "build TVM's runtime on the board with USE_CUDA=ON (README: A real Jetson)")
     vm = VirtualMachine(tvm.runtime.load_module(path), dev)
 
     def run(feeds):
@@ -87,6 +90,23 @@ def load_tvm(path, threads, device="cpu"):
     if device == "cuda":
         versions["device"] = "cuda:0 compute {}".format(dev.compute_version)
     return run, versions, profile_kernels
+
+
+def load_tvm_cuda_runtime(tvm):
+    """TVM's CUDA runtime, which runtime-only TVM never loads: a side library next to libtvm_runtime (the wheel's
+    libtvm_runtime_cuda.so; a source build may link CUDA into libtvm_runtime itself). None when loaded, else why not."""
+    import ctypes
+    import glob
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(tvm.__file__)), "lib")
+    side = glob.glob(os.path.join(folder, "libtvm_runtime_cuda.so*"))
+    if not side:
+        return "a TVM runtime built without CUDA (no libtvm_runtime_cuda.so in {})".format(folder)
+    try:
+        ctypes.CDLL(side[0], mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:  # its CUDA runtime (libcudart) or the driver (libcuda) is not there
+        return "{} did not load: {}".format(os.path.basename(side[0]), exc)
+    return None
 
 
 def kernel_times(vm, run_once, runs):

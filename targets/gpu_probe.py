@@ -42,7 +42,10 @@ except Exception as exc:
 if "tvm" in sys.argv[1:]:
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     try:
-        import tvm
+        import ctypes, tvm
+        side = glob.glob(os.path.join(os.path.dirname(os.path.abspath(tvm.__file__)), "lib", "libtvm_runtime_cuda.so*"))
+        if side and not tvm.cuda(0).exist:  # runtime-only TVM never loads its CUDA runtime by itself
+            ctypes.CDLL(side[0], mode=ctypes.RTLD_GLOBAL)
         out["tvm_cuda"] = bool(tvm.cuda(0).exist)
     except Exception as exc:
         out["tvm_cuda"] = False
