@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = [p for folder in ("edgedeploy", "pipeline", "targets", "flows", "tests", "bench", "scripts")
-           for p in sorted((REPO / folder).rglob("*.py"))]
+FOLDERS = ("edgedeploy", "pipeline", "targets", "flows", "tests", "bench", "scripts")
+# The project's own files: tracked or not yet, never what .gitignore keeps out (bench/gpu_check/bundle holds a copy
+# of TVM's Python package).
+SOURCES = [REPO / name for name in subprocess.run(
+    ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", *FOLDERS], cwd=REPO, capture_output=True,
+    text=True, check=True).stdout.splitlines() if name.endswith(".py") and (REPO / name).is_file()]
 MAX_LINES = 500
 
 

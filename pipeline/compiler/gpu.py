@@ -12,7 +12,7 @@ Two TVM 0.27 + LLVM 22 gaps are closed here, both checked by the tests:
   in-memory module: every kernel came out as a ``.func`` the driver can't launch. The same IR, parsed back from its
   text, is upgraded by LLVM's reader to the ``ptx_kernel`` calling convention and emits ``.entry`` points.
 - libdevice math is float32/float64 only, and TVM's barrier call lacks the argument LLVM 21 wants
-  (passes.half_math).
+  (passes.nvptx_lowering).
 
 A fat binary's PTX is JIT-compiled by any newer driver (an H100 runs Nano code that way); a driver picks the cubin
 when its GPU is that SM and skips the JIT. Uncompressed: compressed fatbins of CUDA 12.8+ use a format JetPack 4.6's
@@ -36,7 +36,7 @@ import tvm
 import tvm_ffi
 
 from edgedeploy.errors import CompileError
-from pipeline.compiler.passes.half_math import register_half_math
+from pipeline.compiler.passes.nvptx_lowering import register_nvptx_lowering
 from targets.host import cuda_tools
 from targets.profiles import DeviceProfile
 
@@ -53,7 +53,7 @@ FATBIN_KINDS = {1: "ptx", 2: "cubin"}
 def prepare_nvptx(libdevice: Path) -> None:
     """Once per process: TVM links this libdevice into every kernel, and the float16 / barrier rules apply."""
     tvm_ffi.register_global_func("tvm_callback_libdevice_path", lambda _arch: str(libdevice), override=True)
-    register_half_math()
+    register_nvptx_lowering()
 
 
 def nvptx_refusal(profile: DeviceProfile) -> CompileError | None:

@@ -168,6 +168,8 @@ def test_a_gpu_library_on_a_tvm_without_cuda_is_refused_before_loading(setup, tm
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 3 and report["error"] == "missing"
     assert "tvm.cuda(0).exist is False" in report["message"] and "USE_CUDA=ON" in report["fix"]
+    # why: the wheel's CUDA runtime was tried (runtime-only TVM never loads it by itself) and its CUDA is missing
+    assert "libtvm_runtime_cuda.so did not load" in report["message"], report["message"]
 
 
 def test_the_first_run_is_reported_apart_from_the_timed_ones(setup, tmp_path):

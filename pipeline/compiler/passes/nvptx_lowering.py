@@ -1,13 +1,14 @@
-"""float16 math on NVIDIA GPUs through LLVM's NVPTX backend: computed in float32, stored in float16.
+"""Lowering rules TVM 0.27 lacks for LLVM's NVPTX backend (LLVM 22 in the apache-tvm wheel), registered for the
+``nvptx`` target only, above TVM's own.
 
-TVM lowers ``exp``, ``tanh``, ``sqrt``, ``floor``, ... for the ``nvptx`` target to libdevice calls (``__nv_expf``,
-``__nv_exp``), and libdevice has float32 and float64 versions only: TVM 0.27 stops an fp16 model's build with
-"Only support float32 or float64" at the first SiLU of a YOLO model. CUDA C has the same gap and fills it the same
-way (``hexp`` converts to float, calls ``expf``, converts back): a Maxwell GPU's fp16 gain is in its half2 multiply-
-adds, not in its special-function unit, which works in float32 anyway.
+float16 math: TVM lowers ``exp``, ``tanh``, ``sqrt``, ``floor``, ... to libdevice calls (``__nv_expf``, ``__nv_exp``),
+and libdevice has float32 and float64 versions only: TVM stops an fp16 model's build with "Only support float32 or
+float64" at the first SiLU of a YOLO model. CUDA C has the same gap and fills it the same way (``hexp`` converts to
+float, calls ``expf``, converts back): a Maxwell GPU's fp16 gain is in its half2 multiply-adds, not in its special-
+function unit, which works in float32 anyway. float32/float64 stay exactly as TVM had them.
 
-:func:`register_half_math` adds a lowering rule for each such op, for ``nvptx`` only and above TVM's own, that
-keeps float32/float64 exactly as TVM had them and wraps float16 in two conversions.
+The block barrier: TVM emits ``llvm.nvvm.barrier.cta.sync.aligned.all()`` without the barrier number that intrinsic
+takes since LLVM 21, and LLVM's verifier rejects every kernel with a shared-memory reduction.
 """
 
 from __future__ import annotations
@@ -33,17 +34,15 @@ def _libdevice(name: str, call: tirx.Call) -> tirx.PrimExpr:
 
 
 @functools.cache
-def register_half_math() -> None:
-    """Once per process: float16 through float32 for every libdevice op on ``nvptx``."""
+def register_nvptx_lowering() -> None:
+    """Once per process: float16 through float32 for every libdevice op, and the barrier with its argument."""
     for name in LIBDEVICE_OPS:
         tirx.op.register_intrin_lowering(f"tirx.{name}", "nvptx", f=functools.partial(_libdevice, name), level=_LEVEL)
     tirx.op.register_intrin_lowering("tirx.tvm_storage_sync", "nvptx", f=_barrier, level=_LEVEL)
 
 
 def _barrier(call: tirx.Call) -> tirx.PrimExpr:
-    """``__syncthreads()`` as LLVM 21 spells it: TVM 0.27's nvptx codegen emits
-    ``llvm.nvvm.barrier.cta.sync.aligned.all()`` without the barrier number that intrinsic takes since LLVM 21, and
-    LLVM's verifier rejects every kernel with a block-wide barrier (reductions, shared-memory tiles)."""
+    """``__syncthreads()`` as LLVM 21 spells it: barrier 0 of the block."""
     scope = getattr(call.args[0], "value", "")
     if scope not in ("shared", "shared.dyn"):
         return call
