@@ -50,7 +50,9 @@ def _bundled_model(model: Path) -> Path:
 
 
 # Options `run` and `compile` share.
-RuntimeOption = Annotated[Literal["tvm", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt"] | None,
+# targets.profiles.RuntimeName, spelled out: the CLI imports nothing heavy before a command runs (tests keep them equal)
+RuntimeName = Literal["tvm", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt"]
+RuntimeOption = Annotated[RuntimeName | None,
                           typer.Option(help="What runs the model on the device (default: the profile's preferred "
                                             "runtime; `deploy profiles list` marks it with *).")]
 AccuracyBudget = Annotated[float, typer.Option(min=0, help="auto and --partial: allowed drop of the metric, "
@@ -72,10 +74,11 @@ def _build_config(model: Path, profile: str, quant: str | None, calibration: str
     from pipeline.ingest import parse_input_shapes
     from pipeline.quantize import QuantConfig
 
-    if quant is None:  # the profile's own choice (a Jetson's GPU: fp16)
+    if quant is None:  # the profile's own choice where the runtime's unit computes it (a Jetson's GPU: fp16)
         from targets.profiles import load_profile
 
-        quant = load_profile(profile).preferred_scheme
+        device = load_profile(profile)
+        quant = device.default_scheme(options.get("runtime") or device.preferred_runtime)
     if options.get("partial") and quant != "int8":
         raise OptionError("--partial keeps some layers of an int8 model in float", value=f"--quant {quant}",
                           fix="use --quant int8 --partial (--quant auto tries partial int8 by itself)")
@@ -198,7 +201,7 @@ def compile_command(
     tune_minutes: TuneMinutes = None,
     partial: Partial = False,
     accuracy_budget: AccuracyBudget = 1.0,
-    runtime: Annotated[Literal["tvm", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt"],
+    runtime: Annotated[RuntimeName,
                        typer.Option(help="tvm: a library for the profile's CPU or GPU (runtimes.tvm.unit); an "
                                          "onnxruntime one: the quantized .onnx and its manifest.")] = "tvm",
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgedeploy.errors import DataError, EdgeDeployError
+from edgedeploy.errors import CheckRefused, DataError, EdgeDeployError
 from flows.tasks import Measured, candidate_task, measure_task, partial_task
 from pipeline.auto import AutoSelection, Candidate, CandidateOutcome, choose, default_candidates, outcome, plot_svg
 from pipeline.benchmark import BenchmarkReport, BenchmarkSettings
-from pipeline.checks import ort_int8_may_saturate, run_checks
+from pipeline.checks import check_runtime, ort_int8_may_saturate, run_checks
 from pipeline.compile import package_cached, prepare
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
@@ -23,7 +23,7 @@ from pipeline.partial import PartialPlan
 from pipeline.quantize import QuantConfig, QuantizedModel
 from pipeline.scoring import Scoring
 from pipeline.workloads.base import Samples
-from targets.profiles import DeviceProfile
+from targets.profiles import GPU_RUNTIMES, DeviceProfile
 
 
 def original_as_artifact(info: ModelInfo, profile: DeviceProfile) -> tuple[QuantizedModel, CompiledArtifact]:
@@ -59,7 +59,11 @@ def _partial_plan(config: RunConfig, info: ModelInfo, profile: DeviceProfile, da
 
 def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
                 ) -> tuple[AutoSelection, Measured, Measured, PreparedData]:
-    """(the selection, what ships, the baseline, the data). Never ships anything slower than the baseline."""
+    """(the selection, what ships, the baseline, the data). Never ships anything slower than the baseline. With
+    --runtime, only that runtime's candidates, and none at all when the board can't have it."""
+    if config.runtime and (refused := check_runtime(profile, config.runtime)).verdict == "refuse":
+        raise CheckRefused(f"--quant auto --runtime {config.runtime}: {refused.reason}", profile=profile.name,
+                           fix=refused.fix)
     try:
         data = prepare(config, info, config.run_dir(), "int8")
     except DataError:  # an unknown model without --calib-data: int8 candidates are refused, the rest still run
@@ -73,14 +77,16 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     runs: list[tuple[Candidate, Measured, object]] = []
     model = onnx.load(info.prepared_path)
     partial = _partial_plan(config, info, profile, data, model)
-    gpu_runtimes = tuple(name for name in ("onnxruntime-tensorrt", "onnxruntime-cuda")
-                         if (spec := profile.runtimes.get(name)) and spec.version)
+    gpu_runtimes = tuple(name for name in GPU_RUNTIMES if (spec := profile.runtimes.get(name)) and spec.version)
     candidates = default_candidates(config.tune_trials, config.tune_minutes, gpu_runtimes)
+    if config.runtime:
+        candidates = [c for c in candidates if c.runtime == config.runtime]
     if partial and partial.keep_float:  # full int8 misses the budget: try it with the sensitive layers in float
         kept = QuantConfig(scheme="int8", keep_float=partial.keep_float)
-        candidates += [Candidate(runtime="onnxruntime", quant=kept),
-                       Candidate(runtime="tvm", quant=kept, tune_trials=config.tune_trials,
-                                 tune_minutes=config.tune_minutes if config.tune_trials else None)]
+        candidates += [c for c in (Candidate(runtime="onnxruntime", quant=kept),
+                                   Candidate(runtime="tvm", quant=kept, tune_trials=config.tune_trials,
+                                             tune_minutes=config.tune_minutes if config.tune_trials else None))
+                       if config.runtime in (None, c.runtime)]
     for index, candidate in enumerate(candidates):
         label = candidate.label()
         reason = _refusal(candidate, model, info, profile, data)

@@ -98,8 +98,7 @@ def _run_job(job: LabJob) -> JobOutcome:
             result = deploy_run(job.config)
         except Exception as exc:  # one job's failure, whatever it is, must not lose the others'
             error = exc.render() if isinstance(exc, EdgeDeployError) else f"{type(exc).__name__}: {exc}"
-            asked = job.config.quant.scheme + (f" · {job.config.runtime}" if job.config.runtime not in (None, "tvm")
-                                               else "")
+            asked = job.label or job.config.quant.scheme
             get_run_logger().error("%s: %s %s failed: %s", job.device, model, asked, error,
                                    exc_info=not isinstance(exc, EdgeDeployError))
             return JobOutcome(device=job.device, model=model, scheme=asked, started=started,

@@ -164,6 +164,7 @@ def tvm_on_the_gpu(config: RunConfig, info: ModelInfo, data: PreparedData, profi
     a board whose TVM has no CUDA (the preflight asks it) or a failed build is reported, never fails the run."""
     label = f"tvm (GPU) {quantized.config.label()}"
     try:
+        check_model(info, profile, config, runtime="tvm", purpose="build")
         artifact = compile_task.with_options(task_run_name="compile tvm-gpu")(
             config.model_copy(update={"runtime": "tvm"}), quantized, info, profile)
         run = measure_task.with_options(task_run_name="measure tvm-gpu")(

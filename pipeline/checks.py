@@ -16,10 +16,9 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 
 from pipeline.ingest import ModelInfo
-from pipeline.preflight import HOW_TO_INSTALL
 from pipeline.quantize import QuantConfig
 from targets.host import Toolchain, detect_toolchain
-from targets.profiles import DeviceProfile, RuntimeName
+from targets.profiles import HOW_TO_INSTALL, TVM_MIN_PYTHON, DeviceProfile, RuntimeName
 
 Verdict = Literal["pass", "warn", "refuse"]
 Runtime = RuntimeName
@@ -179,6 +178,8 @@ def check_ort_int8_x86(profile: DeviceProfile, quant: QuantConfig,
     name = "int8 format on x86 without VNNI"
     if quant.scheme != "int8" or not _x86_without_vnni(profile):
         return CheckResult(check=name, verdict="pass", reason="not applicable"), quant
+    if profile.unit_of(runtime) == "gpu":
+        return CheckResult(check=name, verdict="pass", reason=f"not applicable: {runtime} runs on the GPU"), quant
     if runtime != "onnxruntime":
         return CheckResult(check=name, verdict="pass", reason=f"{runtime}'s integer kernels add in 32 bits: no "
                            "saturation, 8-bit weights kept"), quant
@@ -262,10 +263,12 @@ def check_opset(model: onnx.ModelProto, profile: DeviceProfile, runtime: Runtime
     major_minor = tuple(int(x) for x in version.split(".")[:2])
     newest = ORT_MAX_OPSET.get(major_minor) or (max(ORT_MAX_OPSET.values()) if major_minor > (1, 23) else None)
     if newest is not None and opset > newest:
+        what = ("the model itself and the fp32 baseline" if runtime.startswith("onnxruntime") else
+                "the fp32 baseline")
         return CheckResult(
             check=name, verdict="warn",
             reason=f"the model uses opset {opset}; onnxruntime {version} on the device runs up to opset {newest}: "
-                   "the fp32 baseline won't load there",
+                   f"{what} won't load there",
             fact="onnxruntime's compatibility table: each release runs ONNX opsets up to a fixed version",
             fix=f"re-export with opset <= {newest}, or update onnxruntime on the device",
         )
@@ -312,8 +315,8 @@ def check_runtime(profile: DeviceProfile, runtime: Runtime) -> CheckResult:
             fix="use --runtime onnxruntime or --runtime tvm here, or a profile of a board with an NVIDIA GPU",
         )
     if spec is None or spec.version is None:
-        wheel_note = (" TVM 0.27 wheels need Python >= 3.9; this device has "
-                      f"{profile.python_version} ({profile.os})") if runtime == "tvm" and py < (3, 9) else ""
+        wheel_note = (f" TVM 0.27 needs Python >= {'.'.join(map(str, TVM_MIN_PYTHON))}; this device has "
+                      f"{profile.python_version} ({profile.os})") if runtime == "tvm" and py < TVM_MIN_PYTHON else ""
         others = [r for r in ("onnxruntime-tensorrt", "onnxruntime-cuda", "tvm", "onnxruntime")
                   if r != runtime and (s := profile.runtimes.get(r)) and s.version]
         return CheckResult(

@@ -116,9 +116,13 @@ def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DevicePr
         return compile_model(quantized, info, profile, workdir, tune_trials=tune_trials, tune_minutes=tune_minutes,
                              tuning_root=edgedeploy_home() / "tuning", tuning_board=tuning_board)
     tools = tool_versions()
+    # The targets too: they come from targets/profiles.py, outside the compiler's own revision; and the CUDA wheels,
+    # whose absence makes a PTX-only library that must not be served once they are installed.
     key = cache_key(model=quantized.sha256, inputs=[i.model_dump() for i in info.inputs],
-                    profile=profile_sha256(profile), compiler=COMPILE_REVISION,
-                    tools={k: tools[k] for k in ("apache-tvm", "apache-tvm-ffi", "edgedeploy")})
+                    profile=profile_sha256(profile), compiler=COMPILE_REVISION, target=profile.tvm_target(),
+                    gpu_target=profile.tvm_gpu_target(),
+                    tools={k: tools[k] for k in ("apache-tvm", "apache-tvm-ffi", "edgedeploy", "nvidia-cuda-nvcc-cu12",
+                                                 "nvidia-nvfatbin-cu12")})
     result, hit = artifact_cache().get_or_build(
         "compiled", key, CompiledArtifact,
         lambda directory: compile_model(quantized, info, profile, directory))

@@ -7,7 +7,7 @@
       - {model: ./my_model.onnx, calib_data: ./calib.npz, eval_data: ./eval.npz, input_shape: [images=1,3,640,640]}
     profiles: [lab-x86.yaml, raspberry-pi-4]   # names, or paths relative to this file
     schemes: [fp32, int8]
-    runtimes: [tvm, onnxruntime-tensorrt]   # optional; default: each profile's preferred runtime
+    runtimes: [tvm, onnxruntime-tensorrt]   # optional: those each board has (else its preferred runtime)
     bench: {min_iterations: 20, min_seconds: 2}
     regression: {threshold: 0.05, alpha: 0.01, accuracy_budget: 0.01}
     db_url: postgresql+psycopg://lab@db/edgedeploy     # optional; default $EDGEDEPLOY_DB_URL or SQLite
@@ -28,8 +28,9 @@ from pipeline.config import RunConfig
 from pipeline.ingest import parse_input_shapes
 from pipeline.quantize import QuantConfig
 from pipeline.regression import RegressionPolicy
+from pipeline.report import series
 from pipeline.workloads import WORKLOADS
-from targets.profiles import RuntimeName
+from targets.profiles import DeviceProfile, RuntimeName
 
 
 class LabModel(BaseModel):
@@ -69,6 +70,7 @@ class LabJob(BaseModel):
     model_config = ConfigDict(frozen=True)
     device: str
     model: str = Field(description="As the lab file names it: a bundled workload's name or the model file's stem.")
+    label: str = Field(default="", description="Scheme, and runtime and unit where not TVM on the CPU (its series).")
     config: RunConfig
 
 
@@ -97,6 +99,13 @@ def load_lab(path: Path) -> LabFile:
                           value=repr(first.get("input")), expected=first["msg"]) from exc
 
 
+def _runtimes_on(profile: DeviceProfile, asked: list[RuntimeName] | None) -> list[RuntimeName]:
+    """The lab's runtimes that this board has (a Pi gets no TensorRT job to refuse every night); none asked, or none of
+    them there: the profile's preferred one."""
+    there = [r for r in asked or [] if (spec := profile.runtimes.get(r)) and spec.version]
+    return there or [profile.preferred_runtime]
+
+
 def jobs(lab: LabFile) -> list[LabJob]:
     """Expand the matrix; profiles are loaded so a bad one fails before anything runs."""
     from targets.profiles import load_profile
@@ -109,9 +118,10 @@ def jobs(lab: LabFile) -> list[LabJob]:
         device = profile.name
         for item in lab.models:
             model = str(WORKLOADS[item.model].model_path()) if item.model in WORKLOADS else _resolve(base, item.model)
-            for scheme, runtime in itertools.product(lab.schemes, lab.runtimes or [profile.preferred_runtime]):
+            for scheme, runtime in itertools.product(lab.schemes, _runtimes_on(profile, lab.runtimes)):
                 name = item.model if item.model in WORKLOADS else Path(model).stem
-                out.append(LabJob(device=device, model=name, config=RunConfig(
+                out.append(LabJob(device=device, model=name, label=series(scheme, runtime, profile.unit_of(runtime)),
+                                  config=RunConfig(
                     model_path=model, profile=ref, quant=QuantConfig(scheme=scheme), runtime=runtime,
                     calib_data=_resolve(base, item.calib_data), eval_data=_resolve(base, item.eval_data),
                     calib_samples=item.calib_samples, eval_samples=item.eval_samples,

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import PreflightError
 from targets.gpu_probe import GpuFacts, probe_gpu
-from targets.profiles import DeviceProfile
+from targets.profiles import HOW_TO_INSTALL, PROVIDERS, DeviceProfile
 from targets.transport import Transport
 
 # Runs on the device's Python (>= 3.6): finds the runtimes without importing them (import tvm takes
@@ -35,18 +35,6 @@ class DeviceFacts(BaseModel):
     gpu: GpuFacts | None = None
 
 
-PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider", "onnxruntime-tensorrt": "TensorrtExecutionProvider"}
-HOW_TO_INSTALL = {
-    "tvm": "build TVM's runtime on the board (README: \"A real Jetson\") or pip install apache-tvm where Python "
-           ">= 3.9, then set runtimes.tvm in the profile",
-    "onnxruntime": "pip install onnxruntime on the board, then set runtimes.onnxruntime in the profile",
-    "onnxruntime-cuda": "install onnxruntime-gpu on the board (a Jetson: the wheel for its JetPack from the Jetson "
-                        "Zoo / Jetson AI Lab), then set runtimes.onnxruntime-cuda in the profile",
-    "onnxruntime-tensorrt": "install onnxruntime-gpu built with TensorRT (the Jetson wheels are) and TensorRT "
-                            "(part of JetPack), then set runtimes.onnxruntime-tensorrt in the profile",
-}
-
-
 def gpu_refusal(facts: GpuFacts, profile: DeviceProfile, runtime: str, host: str) -> PreflightError | None:
     """Why ``runtime`` can't run on this board's GPU, or None: the board named, what is missing, how to install it."""
     if not facts.device_nodes:
@@ -64,7 +52,7 @@ def gpu_refusal(facts: GpuFacts, profile: DeviceProfile, runtime: str, host: str
     if runtime == "tvm" and not facts.tvm_cuda:
         return PreflightError(f"{profile.name} ({host}): TVM there reaches no CUDA device (tvm.cuda(0).exist is "
                               "False)", value=facts.tvm_error or "a TVM runtime built without CUDA",
-                              fix="build TVM's runtime on the board with USE_CUDA=ON (README: \"A real Jetson\")")
+                              fix=HOW_TO_INSTALL["tvm"])
     return None
 
 

@@ -19,6 +19,7 @@ from pipeline.metrics import Agreement, LatencyStats
 from pipeline.partial import PartialPlan
 from pipeline.quantize import QuantizedModel
 from pipeline.regression import Verdict
+from targets.profiles import GPU_RUNTIMES
 
 
 class ModelSummary(BaseModel):
@@ -63,7 +64,12 @@ class AccuracySummary(BaseModel):
     samples: int
 
 
-GPU_RUNTIMES = ("onnxruntime-cuda", "onnxruntime-tensorrt")
+
+
+def series(scheme: str, runtime: str, unit: str) -> str:
+    """The scheme, and the runtime and unit unless it is TVM on the CPU (what results had before runtimes were
+    chosen), so TensorRT fp16 and TVM fp16 on one board are two histories and two dashboard cells."""
+    return scheme if (runtime, unit.upper()) == ("tvm", "CPU") else f"{scheme} · {runtime} ({unit.upper()})"
 
 
 class AlsoMeasured(BaseModel):
@@ -120,10 +126,8 @@ class RunResult(BaseModel):
 
     @property
     def series(self) -> str:
-        """What this run's history is kept under, beside model and profile: the scheme, and the runtime and unit
-        unless it is TVM on the CPU (so TensorRT fp16 and TVM fp16 on one board are two histories, two cells)."""
-        name = self.runtime.split()[0] if self.runtime else "tvm"
-        return self.scheme if (name, self.unit) == ("tvm", "CPU") else f"{self.scheme} · {name} ({self.unit})"
+        """What this run's history is kept under, beside model and profile (see :func:`series`)."""
+        return series(self.scheme, self.runtime.split()[0] if self.runtime else "tvm", self.unit)
 
     @classmethod
     def assemble(
@@ -207,10 +211,13 @@ class RunResult(BaseModel):
             side.add_row(label, f"{getattr(a, key):.3f}", f"{getattr(b, key):.3f}")
         side.add_row("throughput /s", f"{a.throughput_per_s:.1f}", f"{b.throughput_per_s:.1f}")
         side.add_row("timed iterations", str(a.n), str(b.n))
-        first = [self.benchmark.get(k, {}).get("first_run_seconds") for k in ("artifact", "baseline")]
-        if any(f is not None for f in first):  # TensorRT builds its engine in it: never part of the latency
-            side.add_row("first run s (engine build)" if "tensorrt" in self.runtime else "first run s",
-                         *("" if f is None else f"{f:.2f}" for f in first))
+        # Never part of the latency: the load (TensorRT builds its engine there for a static-shape model) and the
+        # first run (the GPU loads or JIT-compiles its code).
+        for label, key in (("load s" + (" (engine build)" if "tensorrt" in self.runtime else ""), "load_seconds"),
+                           ("first run s", "first_run_seconds")):
+            values = [self.benchmark.get(k, {}).get(key) for k in ("artifact", "baseline")]
+            if any(v is not None for v in values):
+                side.add_row(label, *("" if v is None else f"{v:.2f}" for v in values))
         if self.accuracy.metric:
             side.add_row(self.accuracy.metric, _pct(self.accuracy.value), _pct(self.accuracy.baseline))
         style = "green" if self.speedup >= 1 else "red"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-TOOLS = ("edgedeploy", "apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime", "numpy", "prefect")
+TOOLS = ("edgedeploy", "apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime", "numpy", "prefect",
+         "nvidia-cuda-nvcc-cu12", "nvidia-nvfatbin-cu12")  # the last two: libdevice, ptxas, nvFatbin for GPU code
 
 
 def tool_versions() -> dict[str, str]:

@@ -193,14 +193,20 @@ def _cores(cores: list[int]) -> str:
 
 
 def _below_max(state: BoardState, when: str) -> list[str]:
+    """Clocks below their maximum where they should be at it: a core whose governor holds it at the top (performance)
+    is capped (thermal, power); under ondemand/schedutil an idle snapshot is low anyway and the governor mark says
+    so. Jetson GPU/EMC clocks are marked as they are (jetson_clocks pins them for stable numbers)."""
     marks = []
+    pinned = {core for core, governor in state.cpu_governors.items() if governor == "performance"}
     cur_khz, top_khz = state.cpu_freq_khz, state.cpu_max_khz
-    low = [core for core, khz in cur_khz.items() if top_khz.get(core) and khz < BELOW_MAX * top_khz[core]]
+    low = [core for core, khz in cur_khz.items()
+           if core in pinned and top_khz.get(core) and khz < BELOW_MAX * top_khz[core]]
     if low:
         slowest = min(low, key=lambda core: cur_khz[core] / top_khz[core])
         marks.append(f"CPU at {cur_khz[slowest] / 1e6:.2f} of {top_khz[slowest] / 1e6:.2f} GHz max {when} the run "
                      f"({_cores(low)})")
-    cpu_max_hz = max(top_khz.values(), default=0) * 1000
+    all_pinned = bool(pinned) and len(pinned) == len(state.cpu_governors)
+    cpu_max_hz = max(top_khz.values(), default=0) * 1000 if all_pinned else 0
     others = (("GPU", state.gpu_freq_hz, state.gpu_max_hz), ("memory (EMC)", state.emc_freq_hz, state.emc_max_hz),
               ("ARM (vcgencmd)", state.arm_clock_hz, cpu_max_hz))
     for label, cur, top in others:

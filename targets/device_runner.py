@@ -75,7 +75,8 @@ def load_tvm(path, threads, device="cpu"):
         if not dev.exist:
             raise Missing("the library carries GPU code and TVM here has no CUDA device (tvm.cuda(0).exist is "
                           "False: {})".format(why or "no NVIDIA GPU or driver"),
-                          "build TVM's runtime on the board with USE_CUDA=ON (README: A real Jetson)")
+                          "build TVM's runtime on the board with USE_CUDA=ON (README: A real Jetson), or run "
+                          "where TVM's CUDA runtime finds its CUDA")
     vm = VirtualMachine(tvm.runtime.load_module(path), dev)
 
     def run(feeds):
@@ -87,8 +88,9 @@ def load_tvm(path, threads, device="cpu"):
         return kernel_times(vm, lambda: run(feeds), runs)
 
     versions = {"tvm": getattr(tvm, "__version__", "unknown")}
-    if device == "cuda":
+    if device == "cuda":  # kernel launches are asynchronous: host-side timings would not be the GPU's
         versions["device"] = "cuda:0 compute {}".format(dev.compute_version)
+        return run, versions, None
     return run, versions, profile_kernels
 
 
@@ -242,7 +244,7 @@ def main(argv=None):
 
     started = time.perf_counter()
     deadline = started + args.max_seconds
-    first_run_seconds = None  # TensorRT may build its engine here, CUDA load its kernels: kept apart from latency
+    first_run_seconds = None  # the GPU loads (or JIT-compiles) its code here: kept apart from latency, like the load
     for i in range(args.warmup):
         t = time.perf_counter()
         run(samples[i % n_samples])

@@ -32,8 +32,9 @@ try:
 except (OSError, UnicodeDecodeError):
     pass
 libs = glob.glob("/usr/lib/*-linux-gnu/libnvinfer.so.*.*") + glob.glob("/usr/lib64/libnvinfer.so.*.*")
-versions = sorted(os.path.basename(p)[len("libnvinfer.so."):] for p in libs)
-out["tensorrt"] = versions[-1] if versions else None
+versions = [os.path.basename(p)[len("libnvinfer.so."):] for p in libs]
+numeric = lambda v: [int(x) if x.isdigit() else 0 for x in v.split(".")]
+out["tensorrt"] = max(versions, key=numeric) if versions else None
 try:
     import onnxruntime
     out["onnxruntime"], out["providers"] = onnxruntime.__version__, onnxruntime.get_available_providers()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import platform
@@ -72,6 +73,7 @@ class NvidiaGpu:
     cuda_version: str  # the newest CUDA the driver supports
 
 
+@functools.cache
 def detect_nvidia_gpu() -> NvidiaGpu | None:
     """The first NVIDIA GPU nvidia-smi lists, or None (no nvidia-smi, no GPU, no driver: all the same here)."""
     smi = shutil.which("nvidia-smi")

@@ -7,6 +7,7 @@ can reuse a base profile with ``extends: NAME`` plus overrides.
 
 from __future__ import annotations
 
+import functools
 import platform
 import re
 import sys
@@ -85,6 +86,22 @@ Unit = Literal["cpu", "gpu"]
 RUNTIME_NAMES: tuple[RuntimeName, ...] = ("tvm", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt")
 # onnxruntime's execution provider decides its unit; TVM runs where the profile compiles it for.
 FIXED_UNITS: dict[str, Unit] = {"onnxruntime": "cpu", "onnxruntime-cuda": "gpu", "onnxruntime-tensorrt": "gpu"}
+# onnxruntime's GPU runtimes, by the execution provider each is (targets/device_runner.py keeps its own copy: it runs
+# on the board, alone; a test keeps the two equal).
+PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider", "onnxruntime-tensorrt": "TensorrtExecutionProvider"}
+GPU_RUNTIMES = tuple(PROVIDERS)
+# What to do when a board lacks a runtime (the checks, the preflight and deploy doctor say it).
+TVM_MIN_PYTHON = (3, 10)  # apache-tvm 0.27's Requires-Python
+HOW_TO_INSTALL = {
+    "tvm": "pip install apache-tvm on the board (Python >= 3.10; a Jetson Nano's JetPack 4.6 has 3.6: a newer Python "
+           "beside it, set in connection.python), or build TVM's runtime there (USE_CUDA=ON for its GPU), then set "
+           "runtimes.tvm in the profile",
+    "onnxruntime": "pip install onnxruntime on the board, then set runtimes.onnxruntime in the profile",
+    "onnxruntime-cuda": "install onnxruntime-gpu on the board (a Jetson: the wheel for its JetPack from the Jetson "
+                        "Zoo / Jetson AI Lab), then set runtimes.onnxruntime-cuda in the profile",
+    "onnxruntime-tensorrt": "install onnxruntime-gpu built with TensorRT (the Jetson wheels are) and TensorRT "
+                            "(part of JetPack), then set runtimes.onnxruntime-tensorrt in the profile",
+}
 
 
 class RuntimeSpec(_Frozen):
@@ -115,6 +132,10 @@ class Runtimes(_Frozen):
         out = {}
         for key, value in data.items():
             name = key.replace("_", "-")
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                value = str(value)  # `onnxruntime: 1.11` in YAML is a number
+            if not (value is None or isinstance(value, str | dict)):
+                raise ValueError(f"runtimes.{name} must be a version string or {{version, unit}}, not {value!r}")
             spec = {"version": value} if isinstance(value, str) or value is None else dict(value)
             if name in FIXED_UNITS:
                 if spec.get("unit", FIXED_UNITS[name]) != FIXED_UNITS[name]:
@@ -196,6 +217,13 @@ class DeviceProfile(_Frozen):
             return None
         return {"kind": "nvptx", "mcpu": self.gpu.sm, "mtriple": "nvptx64-nvidia-cuda"}
 
+    def default_scheme(self, runtime: str) -> Precision:
+        """The scheme `deploy run` uses without --quant: the profile's preferred one where the unit ``runtime`` uses
+        computes it natively (a Jetson's GPU: fp16), else fp32."""
+        gpu = self.gpu if self.unit_of(runtime) == "gpu" else None
+        native = gpu.precisions if gpu else self.cpu.precisions
+        return self.preferred_scheme if self.preferred_scheme in native else "fp32"
+
     def unit_of(self, runtime: str) -> Unit:
         """The unit ``runtime`` computes on here: onnxruntime's providers fix it; TVM's is the profile's say (its
         runtimes.tvm.unit), the CPU by default."""
@@ -259,10 +287,19 @@ def _resolve_path(name_or_path: str) -> Path:
     return path
 
 
+def _runtime_specs(data: dict[str, Any]) -> dict[str, Any]:
+    """``tvm: "0.27.0"`` as ``{version: "0.27.0"}`` before merging, so a board's file that sets a version keeps the
+    unit its base profile gave (extends: jetson-nano, then tvm: "0.27.0": still TVM on the GPU)."""
+    runtimes = data.get("runtimes")
+    if isinstance(runtimes, dict):
+        data["runtimes"] = {k: {"version": v} if isinstance(v, str) else v for k, v in runtimes.items()}
+    return data
+
+
 def _raw_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ProfileError(f"Profile {path} extends itself", value=" -> ".join(map(str, seen + (path,))))
-    data = _read_yaml(path)
+    data = _runtime_specs(_read_yaml(path))
     base_name = data.pop("extends", None)
     if base_name is None:
         return data
@@ -317,6 +354,7 @@ def gpu_precisions(compute_capability: str) -> list[str]:
     return ["fp32"] + (["fp16"] if fp16 else []) + (["int8"] if cc >= (6, 1) else [])
 
 
+@functools.cache
 def _local_gpu_runtimes() -> dict[str, Any]:
     """onnxruntime's GPU providers where this machine's onnxruntime has them (onnxruntime-gpu, not the CPU build)."""
     try:
@@ -324,9 +362,7 @@ def _local_gpu_runtimes() -> dict[str, Any]:
     except ImportError:
         return {}
     providers, version = set(onnxruntime.get_available_providers()), onnxruntime.__version__
-    return {name: version for name, provider in (("onnxruntime-cuda", "CUDAExecutionProvider"),
-                                                 ("onnxruntime-tensorrt", "TensorrtExecutionProvider"))
-            if provider in providers}
+    return {name: {"version": version} for name, provider in PROVIDERS.items() if provider in providers}
 
 
 def _explain(path: Path, exc: ValidationError) -> ProfileError:

@@ -29,7 +29,7 @@ TABLE = [
     # onnxruntime runs on the CPU: the Cortex-A57 has no fp16, and int8 there is not the GPU's DP4A question
     ("jetson-nano", "fp16", "cnn", "onnxruntime", "precision vs arithmetic", "refuse", "CPU (cortex-a57)"),
     ("jetson-nano", "int8", "cnn", "onnxruntime", "precision vs arithmetic", "warn", "no int8 dot-product"),
-    ("jetson-nano", "fp32", "cnn", "tvm", "runtime on the device", "refuse", "Python >= 3.9"),
+    ("jetson-nano", "fp32", "cnn", "tvm", "runtime on the device", "refuse", "Python >= 3.10"),
     ("jetson-nano", "fp32", "cnn", "onnxruntime", "runtime on the device", "pass", "onnxruntime 1.11.0"),
     ("jetson-nano", "fp16", "cnn", "onnxruntime-tensorrt", "runtime on the device", "pass", "TensorRT 8.2.1"),
     ("jetson-nano", "fp16", "cnn", "tvm", "build toolchain", "refuse", "libdevice"),

@@ -103,6 +103,25 @@ def _tiny_gpu_executable(profile):
     return tvm.compile(mod, target=target)
 
 
+def test_the_orin_gets_its_own_sm_and_an_isa_its_cuda_12_6_driver_jits():
+    from pipeline.compiler.gpu import gpu_code
+    from targets.profiles import load_profile
+
+    if cuda_tools() is None:
+        pytest.fail("nvidia-cuda-nvcc-cu12 is not installed: run `make setup`")
+    orin = load_profile("jetson-orin-nano")
+    code = gpu_code(_tiny_gpu_executable(orin), orin)
+    assert code.device_code == "ptx+cubin" and code.summary["sm"] == "sm_87"
+    assert tuple(map(int, code.summary["ptx_isa"].split("."))) <= PTX_ISA_FOR_CUDA["12.6"]
+    assert {(e["kind"], e["arch"]) for e in code.summary["fatbin"]} == {("ptx", 87), ("cubin", 87)}
+
+
+def test_an_unknown_cuda_release_is_judged_by_the_nearest_older_one():
+    from pipeline.compiler.gpu import ptx_isa_for
+
+    assert ptx_isa_for("10.2") == (6, 5) and ptx_isa_for("12.7") == PTX_ISA_FOR_CUDA["12.6"]
+
+
 @pytest.mark.parametrize("cubin", [True, False])
 def test_kernels_are_entries_and_the_library_carries_what_the_profile_asks(tmp_path, cubin):
     from pipeline.compiler.gpu import cuda_module, gpu_code, packer

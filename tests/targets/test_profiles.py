@@ -8,6 +8,7 @@ import platform
 import pytest
 
 from edgedeploy.errors import ProfileError
+from targets.host import detect_nvidia_gpu
 from targets.profiles import load_profile
 
 
@@ -84,8 +85,46 @@ def test_local_profile_finds_an_nvidia_gpu_through_nvidia_smi(tmp_path, monkeypa
                    "  echo '| NVIDIA-SMI 580.65   Driver Version: 580.65   CUDA Version: 13.0 |'\nfi\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    local = load_profile("local")
+    detect_nvidia_gpu.cache_clear()  # asked once per process: this test is another machine
+    try:
+        local = load_profile("local")
+    finally:
+        detect_nvidia_gpu.cache_clear()
     assert local.gpu is not None and local.gpu.sm == "sm_90" and local.gpu.cuda_version == "13.0"
     assert local.gpu.precisions == ("fp32", "fp16", "int8") and "H100" in local.description
     # this machine's onnxruntime is the CPU build: no GPU runtime is offered
     assert local.runtimes.get("onnxruntime-cuda") is None
+
+
+def test_a_board_file_keeps_its_bases_unit_and_may_write_versions_as_numbers(tmp_path):
+    """`extends: jetson-nano` + `tvm: "0.27.0"`: TVM installed there, still on the GPU; `onnxruntime: 1.11` (a YAML
+    number) is a version, not a traceback."""
+    mine = tmp_path / "my-nano.yaml"
+    mine.write_text("extends: jetson-nano\nname: my-nano\nruntimes: {tvm: '0.27.0', onnxruntime: 1.11}\n")
+    profile = load_profile(str(mine))
+    assert profile.runtimes.tvm.version == "0.27.0" and profile.unit_of("tvm") == "gpu"
+    assert profile.runtimes.onnxruntime.version == "1.11"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: jetson-nano\nname: bad\nruntimes: {onnxruntime: [1, 11]}\n")
+    with pytest.raises(ProfileError, match="runtimes"):
+        load_profile(str(bad))
+
+
+def test_the_default_scheme_is_the_profiles_where_the_runtimes_unit_has_it():
+    nano = load_profile("jetson-nano")
+    assert nano.default_scheme("onnxruntime-tensorrt") == "fp16"
+    assert nano.default_scheme("onnxruntime") == "fp32"  # its Cortex-A57 has no fp16
+    assert load_profile("raspberry-pi-4").default_scheme("tvm") == "fp32"
+
+
+def test_the_runner_and_the_cli_name_the_runtimes_as_the_profiles_do():
+    """The device runner and the CLI keep their own copies (the runner runs alone on a board; the CLI imports nothing
+    heavy before a command): equal to the profiles' own."""
+    import typing
+
+    from edgedeploy.cli import RuntimeName as CliRuntimeName
+    from targets.device_runner import GPU_PROVIDERS
+    from targets.profiles import PROVIDERS, RUNTIME_NAMES
+
+    assert GPU_PROVIDERS == PROVIDERS
+    assert typing.get_args(CliRuntimeName) == RUNTIME_NAMES
