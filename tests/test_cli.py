@@ -119,8 +119,8 @@ def test_run_stops_before_quantizing_when_a_check_refuses(prefect_server, isolat
 
 
 def test_a_gpu_runtime_on_a_machine_without_a_gpu_is_refused_in_one_message(prefect_server, isolated_home):  # noqa: F811
-    for command in ("check", "run"):
-        proc = deploy(command, "digits-cnn", "--profile", "local", "--runtime", "onnxruntime-cuda",
+    for command in (["check"], ["run"], ["run", "--quant", "auto"]):
+        proc = deploy(*command, "digits-cnn", "--profile", "local", "--runtime", "onnxruntime-cuda",
                       api_url=prefect_server, home=isolated_home)
         assert proc.returncode == 4, proc.stderr
         assert "Traceback" not in proc.stderr
