@@ -409,7 +409,7 @@ def profiles_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
     except EdgeDeployError as error:
         exit_with_error(error, as_json=as_json)
     if as_json:
-        print(json.dumps([p.model_dump(mode="json") for p in profiles]))
+        print(json.dumps([p.model_dump(mode="json", by_alias=True) for p in profiles]))
         return
     table = Table(title="device profiles", title_justify="left")
     for column in ("name", "cpu", "gpu", "runtimes (unit)", "memory", "python", "transport"):
@@ -434,9 +434,9 @@ def profiles_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = 
     except EdgeDeployError as error:
         exit_with_error(error, as_json=as_json)
     if as_json:
-        print(prof.model_dump_json(indent=2))
+        print(prof.model_dump_json(indent=2, by_alias=True))
     else:
         import yaml
         from rich.syntax import Syntax
 
-        stdout.print(Syntax(yaml.safe_dump(prof.model_dump(mode="json"), sort_keys=False), "yaml"))
+        stdout.print(Syntax(yaml.safe_dump(prof.model_dump(mode="json", by_alias=True), sort_keys=False), "yaml"))
