@@ -5,6 +5,7 @@ driver will be handed is all in the file."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -63,7 +64,8 @@ def test_a_yolov5_export_compiles_for_the_nano_in_fp16_into_ptx_and_an_sm53_cubi
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "edgedeploy", "compile", str(model), "--profile", "jetson-nano",
                            "--quant", "fp16", "--out", str(out), "--json"],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
+                          capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "EDGEDEPLOY_HOME": str(tmp_path / "home")})
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)
     assert summary["device_code"] == "ptx+cubin"
