@@ -16,6 +16,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 
 from pipeline.ingest import ModelInfo
+from pipeline.opset import converted, model_opset, ort_max_opset
 from pipeline.quantize import QuantConfig
 from targets.host import Toolchain, detect_toolchain
 from targets.profiles import HOW_TO_INSTALL, TVM_MIN_PYTHON, DeviceProfile, RuntimeName
@@ -31,10 +32,6 @@ QOPERATOR_OPS = frozenset({
 })
 # Dynamic quantization of Conv (quantize_dynamic) produces ConvInteger.
 DYNAMIC_QUANT_OPS = frozenset({"ConvInteger"})
-
-# Newest default-domain opset each onnxruntime release runs (onnxruntime's compatibility table).
-ORT_MAX_OPSET = {(1, 10): 15, (1, 11): 16, (1, 12): 17, (1, 13): 17, (1, 14): 18, (1, 15): 19, (1, 16): 19,
-                 (1, 17): 20, (1, 18): 21, (1, 19): 21, (1, 20): 21, (1, 21): 22, (1, 22): 22, (1, 23): 23}
 
 # Resident memory of a runtime with nothing loaded (Python + numpy + the runtime): measured on x86-64 with the
 # device runner for the CPU runtimes; for the GPU ones, a CUDA context with cuDNN/cuBLAS (and TensorRT's builder)
@@ -255,21 +252,24 @@ def check_opset(model: onnx.ModelProto, profile: DeviceProfile, runtime: Runtime
     own = profile.runtimes.get(runtime) if runtime.startswith("onnxruntime") else None
     spec = own if own and own.version else profile.runtimes.onnxruntime
     version = spec.version if spec else None
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = model_opset(model)
     if version is None:
         return CheckResult(check=name, verdict="warn",
                            reason="no onnxruntime on the device: the fp32 baseline can't be measured there",
                            fix="install onnxruntime on the device and set runtimes.onnxruntime in the profile")
-    major_minor = tuple(int(x) for x in version.split(".")[:2])
-    newest = ORT_MAX_OPSET.get(major_minor) or (max(ORT_MAX_OPSET.values()) if major_minor > (1, 23) else None)
+    newest = ort_max_opset(version)
     if newest is not None and opset > newest:
-        what = ("the model itself and the fp32 baseline" if runtime.startswith("onnxruntime") else
-                "the fp32 baseline")
+        what = "the model and the fp32 baseline" if runtime.startswith("onnxruntime") else "the fp32 baseline"
+        fact = "onnxruntime's compatibility table: each release runs ONNX opsets up to a fixed version"
+        if converted(model, newest) is not None:
+            return CheckResult(check=name, verdict="warn", fact=fact,
+                               reason=f"the model uses opset {opset}; onnxruntime {version} on the device runs up to "
+                                      f"{newest}: {what} go there converted to opset {newest} (onnx's version "
+                                      "converter)")
         return CheckResult(
-            check=name, verdict="warn",
-            reason=f"the model uses opset {opset}; onnxruntime {version} on the device runs up to opset {newest}: "
-                   f"{what} won't load there",
-            fact="onnxruntime's compatibility table: each release runs ONNX opsets up to a fixed version",
+            check=name, verdict="warn", fact=fact,
+            reason=f"the model uses opset {opset}; onnxruntime {version} on the device runs up to opset {newest}, and "
+                   f"onnx's version converter can't take it down: {what} won't load there",
             fix=f"re-export with opset <= {newest}, or update onnxruntime on the device",
         )
     return CheckResult(check=name, verdict="pass", reason=f"opset {opset} runs on onnxruntime {version}")

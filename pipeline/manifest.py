@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.ingest import ModelInfo
+from pipeline.opset import for_onnxruntime, model_opset
 from pipeline.quantize import QuantizedModel
 from pipeline.versions import tool_versions
 from targets.hashing import sha256_bytes, sha256_file
@@ -92,6 +94,9 @@ def package_onnx(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
     device, fp16/int8 as the manifest's scheme says)."""
     started = time.perf_counter()
     artifact = workdir / "model.onnx"
-    shutil.copyfile(quantized.path, artifact)
-    return write_manifest(artifact, quantized, info, profile, runtime=runtime,
-                          seconds=time.perf_counter() - started, extra={"device_code": "onnx"})
+    spec = profile.runtimes.get(runtime)
+    model = for_onnxruntime(Path(quantized.path), spec.version if spec else None, workdir / "converted")
+    shutil.copyfile(model, artifact)
+    return write_manifest(artifact, quantized, info, profile, runtime=runtime, seconds=time.perf_counter() - started,
+                          extra={"device_code": "onnx", "opset": model_opset(onnx.load(str(artifact),
+                                                                                        load_external_data=False))})

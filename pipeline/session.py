@@ -19,6 +19,7 @@ from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact, deploy
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
+from pipeline.opset import for_onnxruntime
 from pipeline.preflight import preflight
 from pipeline.workloads.base import Samples
 from targets.board_state import judge, read_board_state
@@ -48,8 +49,11 @@ class DeviceSession:
     def deploy(self, run_id: str, artifact: CompiledArtifact, info: ModelInfo, data: PreparedData) -> DeployedArtifact:
         """The preflight (the device is what the profile says, has the runtimes and the room), then the artifact,
         the fp32 baseline model and the evaluation inputs placed on it (pipeline.deploy)."""
-        files = [Path(artifact.library_path), Path(artifact.manifest_path), Path(info.source_path),
-                 Path(data.eval_path)]
+        # The fp32 baseline at an opset the board's onnxruntime runs (converted down where it must: pipeline.opset).
+        base = self.profile.runtimes.onnxruntime
+        baseline = for_onnxruntime(Path(info.source_path), base.version if base else None,
+                                   Path(info.prepared_path).parent / "baseline")
+        files = [Path(artifact.library_path), Path(artifact.manifest_path), baseline, Path(data.eval_path)]
         runtimes = tuple(dict.fromkeys((artifact.runtime, "onnxruntime")))  # the artifact's, and the baseline's
         preflight(self.transport, self.profile, self.workdir, bytes_needed=sum(f.stat().st_size for f in files),
                   runtimes=runtimes)
