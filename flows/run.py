@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from flows.auto import auto_select, bench_report
 from flows.tasks import (
     benchmark_task,
+    board_state_now,
     check_task,
     compile_task,
     data_task,
@@ -32,6 +33,7 @@ from pipeline.data import PreparedData
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
 from pipeline.report import RunResult
+from pipeline.session import with_board_state
 from pipeline.versions import tool_versions
 from targets.profiles import DeviceProfile, load_profile
 
@@ -114,8 +116,10 @@ def _record(config: RunConfig, result: RunResult, compiled: CompiledArtifact, ti
 
 def _auto_run(config: RunConfig, profile: DeviceProfile, info: ModelInfo, timings: dict[str, float]) -> RunResult:
     """--quant auto: every allowed candidate measured on the device; the fastest within budget ships."""
+    before = board_state_now(profile)
     selection, shipped, baseline, data = _timed("auto", timings, auto_select, config, info, profile)
-    bench = bench_report(shipped, baseline, metric=selection.metric, settings=config.bench, scoring=data.scoring)
+    bench = with_board_state(bench_report(shipped, baseline, metric=selection.metric, settings=config.bench,
+                                          scoring=data.scoring), before, board_state_now(profile))
     result = _report(config, profile, info, data, timings, quantized=shipped.quantized, compiled=shipped.artifact,
                      bench=bench, deployed=shipped.deployed)
     return _record(config, result.model_copy(update={"auto": selection}), shipped.artifact, timings)

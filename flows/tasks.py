@@ -27,6 +27,7 @@ from pipeline.regression import Verdict
 from pipeline.report import AlsoMeasured, RunResult
 from pipeline.results.store import ResultStore
 from pipeline.session import DeviceSession, tuning_board
+from targets.board_state import BoardState
 from targets.profiles import DeviceProfile
 
 # Task results are persisted as JSON (never pickle). Prefect's own result cache is off: artifacts are
@@ -177,3 +178,13 @@ def tvm_on_the_gpu(config: RunConfig, info: ModelInfo, data: PreparedData, profi
     return AlsoMeasured(label=label, p50_ms=p50, p90_ms=run.measurement.latency_ms.p90,
                         speedup=bench.baseline.latency_ms.p50 / p50 if p50 else None, agreement=agreement,
                         accuracy=run.measurement.accuracy, valid=run.measurement.valid)
+
+
+def board_state_now(profile: DeviceProfile) -> BoardState:
+    """The board's state through a session of its own (--quant auto reads it around all its measurements); a board
+    that can't be reached is an unknown state here: the measurements themselves say what went wrong."""
+    try:
+        with DeviceSession(profile) as session:
+            return session.board_state()
+    except EdgeDeployError:
+        return BoardState()

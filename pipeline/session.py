@@ -22,7 +22,7 @@ from pipeline.manifest import CompiledArtifact
 from pipeline.opset import for_onnxruntime
 from pipeline.preflight import preflight
 from pipeline.workloads.base import Samples
-from targets.board_state import judge, read_board_state
+from targets.board_state import BoardState, judge, read_board_state
 from targets.connect import open_transport
 from targets.profiles import DeviceProfile
 from targets.transport import Transport
@@ -70,12 +70,15 @@ class DeviceSession:
         of the board's state (power mode, clocks, temperatures, throttling: targets.board_state)."""
         names, samples = self._samples(info, data)
         python = self.profile.connection.python_argv()
-        before = read_board_state(self.transport, python)
+        before = self.board_state()
         report = benchmark(self.transport, python, deployed, samples, input_order=names, scoring=data.scoring,
                            settings=settings, local_dir=local_dir)
-        after = read_board_state(self.transport, python)
-        return report.model_copy(update={"board_before": before, "board_after": after,
-                                         "board_marks": judge(before, after)})
+        return with_board_state(report, before, self.board_state())
+
+    def board_state(self) -> BoardState:
+        """Power mode, clocks, temperatures, throttling now (targets.board_state): unknown where the board can't
+        say, never an error."""
+        return read_board_state(self.transport, self.profile.connection.python_argv())
 
     def measure(self, deployed: DeployedArtifact, info: ModelInfo, data: PreparedData, *, which: str,
                 settings: BenchmarkSettings, local_dir: Path) -> tuple[Measurement, np.ndarray]:
@@ -83,6 +86,11 @@ class DeviceSession:
         names, samples = self._samples(info, data)
         return measure(self.transport, self.profile.connection.python_argv(), deployed, samples, which=which,
                        input_order=names, scoring=data.scoring, settings=settings, local_dir=local_dir)
+
+
+def with_board_state(report: BenchmarkReport, before: BoardState, after: BoardState) -> BenchmarkReport:
+    """The report with the board's state around it and what the two snapshots say about its numbers."""
+    return report.model_copy(update={"board_before": before, "board_after": after, "board_marks": judge(before, after)})
 
 
 @contextlib.contextmanager

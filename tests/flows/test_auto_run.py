@@ -21,6 +21,7 @@ def test_auto_on_digits(prefect_server, tmp_path):
                                   auto=True, eval_samples=100, calib_samples=100,
                                   bench=BenchmarkSettings(warmup=2, min_iterations=200, min_seconds=0.3)))
     selection = result.auto
+    assert set(result.board) == {"before", "after", "marks"}  # the board's state around all the measurements
     statuses = {o.label: o for o in selection.outcomes}
     assert len(statuses) == 12
     assert statuses["onnxruntime fp16"].status == "refused" and "fp16" in statuses["onnxruntime fp16"].reason
