@@ -88,11 +88,11 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
                                              tune_minutes=config.tune_minutes if config.tune_trials else None))
                        if config.runtime in (None, c.runtime)]
     for index, candidate in enumerate(candidates):
-        label = candidate.label()
+        label, unit = candidate.label(), profile.unit_of(candidate.runtime)
         reason = _refusal(candidate, model, info, profile, data)
         if reason:
-            outcomes.append(CandidateOutcome(label=label, runtime=candidate.runtime, scheme=candidate.quant.label(),
-                                             status="refused", reason=reason))
+            outcomes.append(CandidateOutcome(label=label, runtime=candidate.runtime, unit=unit,
+                                             scheme=candidate.quant.label(), status="refused", reason=reason))
             continue
         try:
             built = candidate_task.with_options(task_run_name=f"candidate {label}")(config, info, data, profile,
@@ -101,8 +101,8 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
                 config, info, data, profile, built.quantized, built.artifact, which="artifact",
                 folder=f"candidate-{index}")
         except EdgeDeployError as exc:
-            outcomes.append(CandidateOutcome(label=label, runtime=candidate.runtime, scheme=candidate.quant.label(),
-                                             status="failed", reason=exc.what))
+            outcomes.append(CandidateOutcome(label=label, runtime=candidate.runtime, unit=unit,
+                                             scheme=candidate.quant.label(), status="failed", reason=exc.what))
             continue
         with np.load(run.outputs_path) as npz:
             runs.append((candidate, run, data.scoring.agreement(npz["outputs"], base_out)))
@@ -116,7 +116,8 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
         measured_outcome = outcome(candidate, run.measurement, baseline.measurement, agree, metric=metric,
                                    budget=config.accuracy_budget)
         caveat = ort_int8_may_saturate(profile, candidate.quant, candidate.runtime)
-        outcomes.append(measured_outcome.model_copy(update={"tuning": run.artifact.tuning, "caveat": caveat}))
+        outcomes.append(measured_outcome.model_copy(update={"tuning": run.artifact.tuning, "caveat": caveat,
+                                                            "unit": profile.unit_of(candidate.runtime)}))
         measured[candidate.label()] = run
     selection = choose(outcomes, budget=config.accuracy_budget, metric=metric, baseline=baseline.measurement)
     selection = selection.model_copy(update={"partial": partial})

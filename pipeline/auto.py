@@ -76,6 +76,7 @@ class CandidateOutcome(BaseModel):
     runtime: Runtime
     scheme: str
     status: Literal["measured", "refused", "failed"]
+    unit: Literal["cpu", "gpu"] = Field(default="cpu", description="The unit the candidate runs on.")
     reason: str | None = None
     p50_ms: float | None = None
     p90_ms: float | None = None
@@ -134,8 +135,9 @@ class AutoSelection(BaseModel):
             table.add_column(column)
         for o in sorted(self.outcomes, key=lambda o: (o.status != "measured", o.p50_ms or 0)):
             style = "bold green" if o.label == self.chosen else ""
+            label = o.label + (" (GPU)" if o.unit == "gpu" else "")
             table.add_row(
-                f"[{style}]{o.label}[/]" if style else o.label,
+                f"[{style}]{label}[/]" if style else label,
                 "" if o.p50_ms is None else f"{o.p50_ms:.3f}",
                 "" if o.speedup is None else f"{o.speedup:.2f}x", o.quality_text(),
                 ("yes" if o.within_budget else "no") if o.status == "measured" else "",
