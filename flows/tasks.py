@@ -22,6 +22,7 @@ from pipeline.deploy import DeployedArtifact
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
 from pipeline.partial import PartialPlan, plan_partial
+from pipeline.preflight import gpu_refusal
 from pipeline.quantize import QuantConfig, QuantizedModel
 from pipeline.regression import Verdict
 from pipeline.report import AlsoMeasured, RunResult
@@ -161,10 +162,15 @@ def record_task(config: RunConfig, result: RunResult, compiled: CompiledArtifact
 
 def tvm_on_the_gpu(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
                    quantized: QuantizedModel, bench: BenchmarkReport) -> AlsoMeasured:
-    """The same quantized model compiled by TVM for the board's GPU and measured there, beside the run's artifact;
-    a board whose TVM has no CUDA (the preflight asks it) or a failed build is reported, never fails the run."""
+    """The same quantized model compiled by TVM for the board's GPU and measured there, beside the run's artifact,
+    when the board's TVM reaches CUDA (`tvm.cuda(0).exist` there); a board without it, or a failed build, is
+    reported, never fails the run."""
     label = f"tvm (GPU) {quantized.config.label()}"
     try:
+        with DeviceSession(profile) as session:
+            refusal = gpu_refusal(session.gpu_facts(tvm=True), profile, "tvm", session.transport.name)
+        if refusal:
+            return AlsoMeasured(label=label, reason=refusal.render().splitlines()[0])
         check_model(info, profile, config, runtime="tvm", purpose="build")
         artifact = compile_task.with_options(task_run_name="compile tvm-gpu")(
             config.model_copy(update={"runtime": "tvm"}), quantized, info, profile)

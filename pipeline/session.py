@@ -24,6 +24,7 @@ from pipeline.preflight import preflight
 from pipeline.workloads.base import Samples
 from targets.board_state import BoardState, judge, read_board_state
 from targets.connect import open_transport
+from targets.gpu_probe import GpuFacts, probe_gpu
 from targets.profiles import DeviceProfile
 from targets.transport import Transport
 
@@ -74,6 +75,10 @@ class DeviceSession:
         report = benchmark(self.transport, python, deployed, samples, input_order=names, scoring=data.scoring,
                            settings=settings, local_dir=local_dir)
         return with_board_state(report, before, self.board_state())
+
+    def gpu_facts(self, *, tvm: bool) -> GpuFacts:
+        """The board's GPU stack (targets.gpu_probe); with ``tvm``, whether its TVM reaches a CUDA device."""
+        return probe_gpu(self.transport, self.profile, tvm=tvm)
 
     def board_state(self) -> BoardState:
         """Power mode, clocks, temperatures, throttling now (targets.board_state): unknown where the board can't

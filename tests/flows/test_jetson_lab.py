@@ -61,7 +61,7 @@ def test_onnxruntime_on_the_jetson_cpu_runs_over_ssh(prefect_server, jetson):
     assert result.benchmark["artifact"]["device_machine"] == "aarch64"
     assert result.benchmark["artifact"]["versions"]["provider"] == "CPUExecutionProvider"
     assert set(result.board) == {"before", "after", "marks"}
-    # the profile says the board's TVM runs on its GPU: TVM-CUDA is tried beside it, and the board says why not
+    # a GPU board: its TVM is asked whether it reaches CUDA, and the board says why not
     (tvm_gpu,) = result.also
     assert tvm_gpu.label.startswith("tvm (GPU)") and tvm_gpu.p50_ms is None and "no CUDA device" in tvm_gpu.reason
 
