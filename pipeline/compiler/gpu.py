@@ -156,16 +156,24 @@ def _assemble(ptxas: Path, ptx: str, sm: str) -> tuple[bytes, str]:
 def _fatbin(library: Path, ptx: str, cubin: bytes, arch: str) -> bytes:
     """PTX and cubin for ``arch`` (e.g. "53") in one uncompressed fat binary (nvFatbin)."""
     lib = ctypes.CDLL(str(library))
-    handle = ctypes.c_void_p()
+    void_p, char_p, size_t = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+    # Declared (nvFatbin.h): sizes are size_t, which a plain Python int passed as a C int would not fill.
+    for name, argtypes in (("nvFatbinCreate", [ctypes.POINTER(void_p), ctypes.POINTER(char_p), size_t]),
+                           ("nvFatbinAddPTX", [void_p, char_p, size_t, char_p, char_p, char_p]),
+                           ("nvFatbinAddCubin", [void_p, void_p, size_t, char_p, char_p]),
+                           ("nvFatbinSize", [void_p, ctypes.POINTER(size_t)]), ("nvFatbinGet", [void_p, void_p]),
+                           ("nvFatbinDestroy", [ctypes.POINTER(void_p)])):
+        getattr(lib, name).argtypes = argtypes
+    lib.nvFatbinGetErrorString.argtypes, lib.nvFatbinGetErrorString.restype = [ctypes.c_int], char_p
+    handle = void_p()
     options = [b"-64", b"-cuda", b"-host=linux", b"-compress=false"]
 
     def call(name: str, *args) -> None:
         if (code := getattr(lib, name)(*args)) != 0:
-            lib.nvFatbinGetErrorString.restype = ctypes.c_char_p
             raise CompileError(f"nvFatbin could not build the fat binary ({name})",
                                value=(lib.nvFatbinGetErrorString(code) or b"").decode(), fix="report this")
 
-    call("nvFatbinCreate", ctypes.byref(handle), (ctypes.c_char_p * len(options))(*options), len(options))
+    call("nvFatbinCreate", ctypes.byref(handle), (char_p * len(options))(*options), len(options))
     try:
         text = ptx.encode() + b"\0"
         call("nvFatbinAddPTX", handle, text, len(text), arch.encode(), b"kernels", b"")
