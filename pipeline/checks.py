@@ -7,7 +7,6 @@ argued with. `deploy check` prints them; `deploy run` stops before quantizing on
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Literal
 
 import onnx
@@ -15,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 
+from pipeline.graph_stats import every_node, function_calls
 from pipeline.ingest import ModelInfo
-from pipeline.opset import converted, model_opset, ort_max_opset
+from pipeline.opset import converted, model_opset, ort_max_ir, ort_max_opset, with_ir
 from pipeline.quantize import QuantConfig
 from targets.host import Toolchain, detect_toolchain
 from targets.profiles import HOW_TO_INSTALL, TVM_MIN_PYTHON, DeviceProfile, RuntimeName
@@ -206,41 +206,41 @@ def check_trt_int8(quant: QuantConfig, runtime: Runtime) -> tuple[CheckResult, Q
         "point 0"), adjusted
 
 
-def _named(nodes: Iterable[onnx.NodeProto]) -> list[str]:
-    return [f"{n.name or '<unnamed>'} ({n.op_type})" for n in nodes]
-
-
 def check_format(model: onnx.ModelProto, runtime: Runtime) -> CheckResult:
     name = "quantized format vs compiler"
-    bad = [n for n in model.graph.node if n.op_type in QOPERATOR_OPS | DYNAMIC_QUANT_OPS]
+    bad = [p for p in every_node(model) if p.node.op_type in QOPERATOR_OPS | DYNAMIC_QUANT_OPS]
     if runtime != "tvm" or not bad:
         return CheckResult(check=name, verdict="pass", reason="no QOperator or dynamically quantized Conv nodes"
                            if not bad else "onnxruntime runs QOperator and ConvInteger nodes")
-    kinds = sorted({n.op_type for n in bad})
+    kinds = sorted({p.node.op_type for p in bad})
     return CheckResult(
         check=name, verdict="refuse",
         reason=f"{len(bad)} node(s) in a quantized format TVM can't import ({', '.join(kinds)})",
         fact="TVM 0.27's ONNX importer reads QDQ (QuantizeLinear/DequantizeLinear) models only; QOperator ops "
              "(QLinearConv, QGemm, ...) and ConvInteger (dynamic quantization of Conv) are not in its table",
         fix="run this model with onnxruntime, or give the fp32 model with --quant int8 (static QDQ)",
-        nodes=_named(bad[:20]),
+        nodes=[p.named() for p in bad[:20]],
     )
 
 
 def check_op_coverage(model: onnx.ModelProto, runtime: Runtime, importable: frozenset[str]) -> CheckResult:
+    """Every op TVM must import, wherever it is: the main graph, If/Loop/Scan bodies, the model's functions (named
+    with where it sits: an LSTM inside an If is refused as LSTM, not as If)."""
     name = "op coverage"
     if runtime == "tvm":
-        missing = [n for n in model.graph.node
-                   if n.domain not in ("", "ai.onnx") or n.op_type not in importable]
-        missing = [n for n in missing if n.op_type not in QOPERATOR_OPS | DYNAMIC_QUANT_OPS]  # said above
+        calls = function_calls(model)
+        missing = [p for p in every_node(model)
+                   if (p.node.domain not in ("", "ai.onnx") or p.node.op_type not in importable)
+                   and (p.node.domain, p.node.op_type) not in calls
+                   and p.node.op_type not in QOPERATOR_OPS | DYNAMIC_QUANT_OPS]  # said by check_format
         if missing:
             return CheckResult(
                 check=name, verdict="refuse",
                 reason=f"{len(missing)} node(s) TVM can't import: "
-                       f"{', '.join(sorted({n.op_type for n in missing}))}",
+                       f"{', '.join(sorted({p.node.op_type for p in missing}))}",
                 fact="TVM 0.27's ONNX converter table has 164 ops; not LSTM/GRU/RNN, not com.microsoft contrib ops",
                 fix="run the model with onnxruntime, or replace these ops before export",
-                nodes=_named(missing[:20]),
+                nodes=[p.named() for p in missing[:20]],
             )
     return CheckResult(check=name, verdict="pass", reason=f"every op is importable by {runtime}")
 
@@ -273,6 +273,28 @@ def check_opset(model: onnx.ModelProto, profile: DeviceProfile, runtime: Runtime
             fix=f"re-export with opset <= {newest}, or update onnxruntime on the device",
         )
     return CheckResult(check=name, verdict="pass", reason=f"opset {opset} runs on onnxruntime {version}")
+
+
+def check_ir_version(model: onnx.ModelProto, profile: DeviceProfile, runtime: Runtime = "tvm") -> CheckResult:
+    """The model's IR version against the device's onnxruntime (the one that runs the model, else the baseline's)."""
+    name = "IR version vs device onnxruntime"
+    own = profile.runtimes.get(runtime) if runtime.startswith("onnxruntime") else None
+    spec = own if own and own.version else profile.runtimes.onnxruntime
+    newest = ort_max_ir(spec.version if spec else None)
+    if newest is None or model.ir_version <= newest:
+        return CheckResult(check=name, verdict="pass", reason=f"IR version {model.ir_version}" + (
+            f" reads on onnxruntime {spec.version}" if newest is not None and spec else " (the device's limit is not "
+            "known)"))
+    what = "the model and the fp32 baseline" if runtime.startswith("onnxruntime") else "the fp32 baseline"
+    fact = "each onnxruntime release reads ONNX IR versions up to the one of the onnx it was built with"
+    if with_ir(model, newest) is not None:
+        return CheckResult(check=name, verdict="warn", fact=fact,
+                           reason=f"the model is saved with IR version {model.ir_version}; onnxruntime {spec.version} "
+                                  f"reads up to {newest}, and nothing in it needs more: {what} go there as IR {newest}")
+    return CheckResult(check=name, verdict="warn", fact=fact,
+                       reason=f"the model is saved with IR version {model.ir_version} and uses what onnxruntime "
+                              f"{spec.version} (IR <= {newest}) can't read: {what} won't load there",
+                       fix="save the model with an older onnx, or update onnxruntime on the device")
 
 
 def check_memory(info: ModelInfo, profile: DeviceProfile, quant: QuantConfig, runtime: Runtime) -> CheckResult:
@@ -387,6 +409,7 @@ def run_checks(
         check_memory(info, profile, quant, runtime),
         check_runtime(profile, runtime),
         check_opset(model, profile, runtime),
+        check_ir_version(model, profile, runtime),
     ]
     if runtime == "tvm":
         results.append(check_toolchain(profile, toolchain or detect_toolchain()))

@@ -3,12 +3,49 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from pipeline.onnx_safety import iter_tensors
+
+
+@dataclass(frozen=True)
+class PlacedNode:
+    """A node and where it is: "" in the main graph, else e.g. "If 'cond' then_branch" or "function 'Block'"."""
+
+    node: onnx.NodeProto
+    where: str = ""
+
+    def named(self) -> str:
+        n = self.node
+        return f"{n.name or '<unnamed>'} ({n.op_type})" + (f" in {self.where}" if self.where else "")
+
+
+def _in_graph(graph: onnx.GraphProto, where: str) -> Iterator[PlacedNode]:
+    for node in graph.node:
+        yield PlacedNode(node, where)
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for body in bodies:
+                inner = f"{node.op_type} '{node.name or '<unnamed>'}' {attribute.name}"
+                yield from _in_graph(body, f"{where} > {inner}" if where else inner)
+
+
+def every_node(model: onnx.ModelProto) -> Iterator[PlacedNode]:
+    """Every node of the model with where it is: the main graph, the bodies of If/Loop/Scan (nested), and the
+    model's local functions, whose calls are not ops of their own (:func:`function_calls`)."""
+    yield from _in_graph(model.graph, "")
+    for function in model.functions:
+        yield from _in_graph(onnx.GraphProto(node=function.node), f"function '{function.name}'")
+
+
+def function_calls(model: onnx.ModelProto) -> frozenset[tuple[str, str]]:
+    """(domain, name) of the model's local functions: a node with that op calls one (its body is checked instead)."""
+    return frozenset((f.domain, f.name) for f in model.functions)
 
 
 def op_census(model: onnx.ModelProto) -> dict[str, int]:

@@ -1,7 +1,9 @@
-"""A model at an opset the board's onnxruntime runs: each onnxruntime release loads ONNX opsets up to a fixed version,
-and a board's is often old (a Jetson Nano's JetPack 4.6 wheel is 1.11: opset 16) while exports are new (YOLOv5's
-exporter writes opset 17 by default). onnx's version converter takes most models down a version or two: the artifact
-and the fp32 baseline are converted for the board where it can, and the checks say which it will be.
+"""A model at an opset and IR version the board's onnxruntime reads: each onnxruntime release loads ONNX opsets and
+IR versions up to fixed ones, and a board's is often old (a Jetson Nano's JetPack 4.6 wheel is 1.11: opset 16, IR 8)
+while exports are new (YOLOv5's exporter writes opset 17; onnx 1.23's helper stamps IR 14, which even onnxruntime 1.31
+refuses). onnx's version converter takes most models down an opset or two, and a model that uses nothing of a newer
+IR can say an older one: the artifact and the fp32 baseline go to the board so where they can, and the checks say
+which it will be.
 """
 
 from __future__ import annotations
@@ -14,6 +16,30 @@ from onnx import version_converter
 # Newest default-domain opset each onnxruntime release runs (onnxruntime's compatibility table).
 ORT_MAX_OPSET = {(1, 10): 15, (1, 11): 16, (1, 12): 17, (1, 13): 17, (1, 14): 18, (1, 15): 19, (1, 16): 19,
                  (1, 17): 20, (1, 18): 21, (1, 19): 21, (1, 20): 21, (1, 21): 22, (1, 22): 22, (1, 23): 23}
+
+
+# Newest ONNX IR version each onnxruntime release reads (the onnx release it was built with): the releases up to
+# 1.16 from onnxruntime's compatibility table, and 1.31 as measured here ("max supported IR version: 13"); others
+# unknown (no claim).
+ORT_MAX_IR = {(1, 10): 8, (1, 11): 8, (1, 12): 8, (1, 13): 8, (1, 14): 9, (1, 15): 9, (1, 16): 9, (1, 31): 13}
+
+
+def ort_max_ir(version: str | None) -> int | None:
+    """The newest IR version onnxruntime ``version`` reads; None when not known."""
+    return ORT_MAX_IR.get(tuple(int(x) for x in version.split(".")[:2])) if version else None
+
+
+def with_ir(model: onnx.ModelProto, ir_version: int) -> onnx.ModelProto | None:
+    """``model`` stamped with an older IR version, when nothing in it needs the newer one (onnx's checker, full, at
+    that IR, says so), else None. onnx 1.23's helper stamps IR 14 on everything it writes."""
+    older = onnx.ModelProto()
+    older.CopyFrom(model)
+    older.ir_version = ir_version
+    try:
+        onnx.checker.check_model(older, full_check=True)
+    except Exception:  # a type or field of the newer IR: not this way
+        return None
+    return older
 
 
 def ort_max_opset(version: str | None) -> int | None:
@@ -42,14 +68,18 @@ def for_onnxruntime(path: Path, version: str | None, out_dir: Path) -> Path:
     """``path`` itself when onnxruntime ``version`` runs its opset, else a copy converted down to it in ``out_dir``
     (the same file for the same model: re-deploying it sends nothing); ``path`` when it can't be converted (the
     checks warned: it won't load there)."""
-    newest = ort_max_opset(version)
+    newest, newest_ir = ort_max_opset(version), ort_max_ir(version)
     model = onnx.load(str(path), load_external_data=False)
-    if newest is None or model_opset(model) <= newest or _has_external_data(model):
+    too_new = newest is not None and model_opset(model) > newest
+    ir_too_new = newest_ir is not None and model.ir_version > newest_ir
+    if not (too_new or ir_too_new) or _has_external_data(model):
         return path
-    down = converted(onnx.load(str(path)), newest)
-    if down is None:
+    down = onnx.load(str(path))
+    if too_new and (down := converted(down, newest)) is None:
         return path
-    out = out_dir / f"{path.stem}.opset{newest}.onnx"
+    if newest_ir is not None and down.ir_version > newest_ir and (down := with_ir(down, newest_ir)) is None:
+        return path
+    out = out_dir / f"{path.stem}.opset{model_opset(down)}.ir{down.ir_version}.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(down, str(out))
     return out

@@ -168,3 +168,67 @@ def test_tensorrt_int8_is_quantized_symmetric(infos):
     report = _checks(infos, "jetson-orin-nano", "int8", "cnn", "onnxruntime-tensorrt")
     assert report.quant.activation_type == "int8" and report.quant.symmetric_activations
     assert report.quant.format == "qdq" and not report.refused
+
+
+def _vad_like() -> onnx.ModelProto:
+    """A real VAD model's shape: the LSTM sits inside an If's branch; the main graph holds only If."""
+    from onnx import TensorProto, helper
+
+    inner = lstm_model().graph
+    then_body = helper.make_graph(list(inner.node), "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                             [5, 1, 1, 8])],
+                                  list(inner.initializer))
+    else_body = helper.make_graph([helper.make_node("Identity", ["zeros"], ["y"], name="nothing")], "else", [],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 8])],
+                                  [helper.make_tensor("zeros", TensorProto.FLOAT, [5, 1, 1, 8], [0.0] * 40)])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], name="speech", then_branch=then_body, else_branch=else_body)], "vad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 6]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 8])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_an_lstm_inside_an_if_is_refused_as_lstm_and_named_where_it_is(infos):
+    from pipeline.checks import check_op_coverage
+
+    result = check_op_coverage(_vad_like(), "tvm", IMPORTABLE)
+    assert result.verdict == "refuse" and "LSTM" in result.reason  # not only "If": TVM 0.27's table lacks both
+    assert "lstm_0 (LSTM) in If 'speech' then_branch" in result.nodes
+
+
+def test_ops_inside_a_models_function_are_checked_and_the_call_is_not_an_op():
+    from onnx import TensorProto, helper
+
+    from pipeline.checks import check_op_coverage
+
+    block = helper.make_function("local", "Block", ["a"], ["b"], [helper.make_node("LSTM", ["a", "W", "R"], ["b"],
+                                                                                   name="inner_lstm")],
+                                 [helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("Block", ["x"], ["y"], domain="local", name="call")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, functions=[block],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    result = check_op_coverage(model, "tvm", IMPORTABLE)
+    assert result.verdict == "refuse" and result.nodes == ["inner_lstm (LSTM) in function 'Block'"]
+
+
+def test_an_ir_version_the_devices_onnxruntime_cant_read_is_lowered_where_nothing_needs_it(tmp_path):
+    """onnx 1.23's helper stamps IR 14; onnxruntime 1.31 reads up to 13: the model goes there as IR 13 and loads."""
+    import onnxruntime as ort
+
+    from pipeline.checks import check_ir_version
+    from pipeline.opset import for_onnxruntime
+
+    model = conv_model()
+    model.ir_version = 14
+    path = tmp_path / "ir14.onnx"
+    onnx.save(model, str(path))
+    result = check_ir_version(model, load_profile("local"), "onnxruntime")
+    assert result.verdict == "warn" and "as IR 13" in result.reason
+    sent = for_onnxruntime(path, "1.31.1", tmp_path / "out")
+    assert onnx.load(str(sent)).ir_version == 13
+    ort.InferenceSession(str(sent), providers=["CPUExecutionProvider"])  # loads
+    with pytest.raises(Exception, match="IR version"):
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
