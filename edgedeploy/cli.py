@@ -98,10 +98,11 @@ def run(
     model: Annotated[Path, typer.Argument(help="The .onnx model to deploy, or a bundled workload's name "
                                                 "(digits-cnn, pp-lcnet-orientation, yolox-glyph-detector).")],
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
-    quant: Annotated[Literal["fp32", "fp16", "int8", "auto"] | None,
+    quant: Annotated[Literal["fp32", "fp16", "int8", "dynamic", "auto"] | None,
                      typer.Option(help="Numeric format to deploy (default: the profile's, fp32 or a Jetson's fp16); "
-                                       "auto = measure every allowed scheme x runtime on the device and ship the "
-                                       "fastest within --accuracy-budget.")] = None,
+                                       "dynamic = onnxruntime's dynamic int8 (with --runtime onnxruntime; no "
+                                       "calibration); auto = measure every allowed scheme x runtime on the device and "
+                                       "ship the fastest within --accuracy-budget.")] = None,
     calibration: Annotated[Literal["minmax", "entropy", "percentile"],
                            typer.Option(help="int8 range calibration method.")] = "minmax",
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,
@@ -158,7 +159,7 @@ def run(
 def check(
     model: Annotated[Path, typer.Argument(help="The .onnx model, or a bundled workload's name.")],
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
-    quant: Annotated[Literal["fp32", "fp16", "int8"] | None,
+    quant: Annotated[Literal["fp32", "fp16", "int8", "dynamic"] | None,
                      typer.Option(help="Numeric format to check (default: the profile's).")] = None,
     runtime: RuntimeOption = None,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
@@ -190,7 +191,7 @@ def compile_command(
     model: Annotated[Path, typer.Argument(help="The .onnx model, or a bundled workload's name.")],
     out: Annotated[Path, typer.Option(help="Directory for the library and its manifest.")],
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
-    quant: Annotated[Literal["fp32", "fp16", "int8"], typer.Option(help="Numeric format.")] = "fp32",
+    quant: Annotated[Literal["fp32", "fp16", "int8", "dynamic"], typer.Option(help="Numeric format.")] = "fp32",
     calibration: Annotated[Literal["minmax", "entropy", "percentile"],
                            typer.Option(help="int8 range calibration method.")] = "minmax",
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,

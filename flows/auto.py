@@ -11,7 +11,16 @@ import onnx
 
 from edgedeploy.errors import CheckRefused, DataError, EdgeDeployError
 from flows.tasks import Measured, candidate_task, measure_task, partial_task
-from pipeline.auto import AutoSelection, Candidate, CandidateOutcome, choose, default_candidates, outcome, plot_svg
+from pipeline.auto import (
+    DYNAMIC_WORTHY_OPS,
+    AutoSelection,
+    Candidate,
+    CandidateOutcome,
+    choose,
+    default_candidates,
+    outcome,
+    plot_svg,
+)
 from pipeline.benchmark import BenchmarkReport, BenchmarkSettings
 from pipeline.checks import check_runtime, ort_int8_may_saturate, run_checks
 from pipeline.compile import package_cached, prepare
@@ -78,7 +87,8 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     model = onnx.load(info.prepared_path)
     partial = _partial_plan(config, info, profile, data, model)
     gpu_runtimes = tuple(name for name in GPU_RUNTIMES if (spec := profile.runtimes.get(name)) and spec.version)
-    candidates = default_candidates(config.tune_trials, config.tune_minutes, gpu_runtimes)
+    dynamic = any(op.split("::")[-1] in DYNAMIC_WORTHY_OPS for op in info.op_census)
+    candidates = default_candidates(config.tune_trials, config.tune_minutes, gpu_runtimes, dynamic=dynamic)
     if config.runtime:
         candidates = [c for c in candidates if c.runtime == config.runtime]
     if partial and partial.keep_float:  # full int8 misses the budget: try it with the sensitive layers in float

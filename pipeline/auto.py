@@ -44,12 +44,17 @@ class Candidate(BaseModel):
         return f"{self.runtime} {self.quant.label()}{tuned}"
 
 
+# Models whose work is in these ops (transformers, recurrent models) get onnxruntime's dynamic int8 as a candidate.
+DYNAMIC_WORTHY_OPS = frozenset({"MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention"})
+
+
 def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None,
-                       gpu_runtimes: tuple[RuntimeName, ...] = ()) -> list[Candidate]:
+                       gpu_runtimes: tuple[RuntimeName, ...] = (), dynamic: bool = False) -> list[Candidate]:
     """onnxruntime's own int8 options are candidates too (measured, not assumed). With ``tune_trials``, TVM's
     candidates are MetaSchedule-tuned (each within ``tune_minutes``, when given), and TVM fp32 with its default
     schedules stays as the reference. Each of ``gpu_runtimes`` (onnxruntime's CUDA / TensorRT providers the board
-    has) adds fp32, fp16 and int8 on the GPU; the checks refuse what the GPU can't run (int8 without DP4A)."""
+    has) adds fp32, fp16 and int8 on the GPU; the checks refuse what the GPU can't run (int8 without DP4A). ``dynamic``
+    (a model whose work is in MatMul/Gemm/LSTM/attention) adds onnxruntime's dynamic int8."""
     int8 = QuantConfig(scheme="int8")
     ort = [
         QuantConfig(scheme="fp32"), int8, int8.model_copy(update={"reduce_range": True}),
@@ -64,6 +69,8 @@ def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None,
     gpu = [Candidate(runtime=runtime, quant=q) for runtime in gpu_runtimes
            for q in (QuantConfig(scheme="fp16"), QuantConfig(scheme="fp32"),
                      trt_int8 if runtime == "onnxruntime-tensorrt" else int8)]
+    if dynamic:  # weights int8, activations quantized on every run: no calibration (pipeline.quantize)
+        ort.append(QuantConfig(scheme="dynamic"))
     return ([Candidate(runtime="onnxruntime", quant=q) for q in ort] + untuned
             + [Candidate(runtime="tvm", quant=q, tune_trials=tune_trials, tune_minutes=minutes) for q in tvm] + gpu)
 

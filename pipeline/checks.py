@@ -30,8 +30,8 @@ QOPERATOR_OPS = frozenset({
     "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
     "QLinearReduceMean", "QLinearWhere", "QAttention",
 })
-# Dynamic quantization of Conv (quantize_dynamic) produces ConvInteger.
-DYNAMIC_QUANT_OPS = frozenset({"ConvInteger"})
+# Dynamic quantization (quantize_dynamic) writes these: activations quantized on every run, integer kernels after.
+DYNAMIC_QUANT_OPS = frozenset({"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"})
 
 # Resident memory of a runtime with nothing loaded (Python + numpy + the runtime): measured on x86-64 with the
 # device runner for the CPU runtimes; for the GPU ones, a CUDA context with cuDNN/cuBLAS (and TensorRT's builder)
@@ -126,6 +126,8 @@ def check_precision(profile: DeviceProfile, quant: QuantConfig, runtime: Runtime
                 profile.gpu.precisions else ""),
         )
     gpu = profile.gpu if profile.unit_of(runtime) == "gpu" else None
+    if quant.scheme == "dynamic":
+        return _dynamic_precision(name, unit, runtime, profile)
     if gpu is not None:
         if not gpu.has_dp4a:
             return CheckResult(
@@ -154,6 +156,33 @@ def check_precision(profile: DeviceProfile, quant: QuantConfig, runtime: Runtime
     )
 
 
+def _dynamic_precision(name: str, unit: str, runtime: Runtime, profile: DeviceProfile) -> CheckResult:
+    """Dynamic quantization: onnxruntime's CPU scheme (DynamicQuantizeLinear, MatMulInteger, ConvInteger)."""
+    if runtime == "tvm":
+        return CheckResult(
+            check=name, verdict="refuse",
+            reason="dynamic quantization runs in onnxruntime only: TVM can't import its ops (DynamicQuantizeLinear, "
+                   "MatMulInteger, ConvInteger)",
+            fact="TVM 0.27's ONNX importer reads static QDQ models; dynamic quantization's integer ops are not in "
+                 "its table",
+            fix="add --runtime onnxruntime, or use --quant int8 (static, with calibration data) for TVM",
+        )
+    if profile.unit_of(runtime) == "gpu":
+        return CheckResult(
+            check=name, verdict="refuse",
+            reason=f"dynamic quantization is a CPU scheme of onnxruntime: {runtime} would run its ops on the CPU or "
+                   "not at all",
+            fact="TensorRT parses static QDQ int8 only; onnxruntime's dynamic ops (DynamicQuantizeLinear) are CPU "
+                 "kernels",
+            fix="use --runtime onnxruntime (the CPU), or --quant fp16 on the GPU",
+        )
+    if profile.cpu.int8_dot_product:
+        return CheckResult(check=name, verdict="pass", reason=f"{unit} has an int8 dot-product instruction")
+    return CheckResult(check=name, verdict="warn",
+                       reason=f"{unit} has no int8 dot-product instruction: dynamic int8 cuts weight memory 4x, the "
+                              "speed-up will be small (each run also quantizes the activations)")
+
+
 def _x86_without_vnni(profile: DeviceProfile) -> bool:
     return profile.cpu.arch == "x86_64" and not profile.cpu.int8_dot_product
 
@@ -173,14 +202,14 @@ def ort_int8_may_saturate(profile: DeviceProfile, quant: QuantConfig, runtime: R
 def check_ort_int8_x86(profile: DeviceProfile, quant: QuantConfig,
                        runtime: Runtime) -> tuple[CheckResult, QuantConfig]:
     name = "int8 format on x86 without VNNI"
-    if quant.scheme != "int8" or not _x86_without_vnni(profile):
+    if quant.scheme not in ("int8", "dynamic") or not _x86_without_vnni(profile):
         return CheckResult(check=name, verdict="pass", reason="not applicable"), quant
     if profile.unit_of(runtime) == "gpu":
         return CheckResult(check=name, verdict="pass", reason=f"not applicable: {runtime} runs on the GPU"), quant
     if runtime != "onnxruntime":
         return CheckResult(check=name, verdict="pass", reason=f"{runtime}'s integer kernels add in 32 bits: no "
                            "saturation, 8-bit weights kept"), quant
-    adjusted = quant.model_copy(update={"activation_type": "uint8", "reduce_range": True})
+    adjusted = quant.model_copy(update={"activation_type": "uint8", "reduce_range": True})  # dynamic: U8S8 already
     return CheckResult(
         check=name, verdict="warn",
         reason="without VNNI, onnxruntime's int8 kernels (U8S8, and S8S8 shifted to it) can saturate in VPMADDUBSW, "
@@ -299,7 +328,7 @@ def check_ir_version(model: onnx.ModelProto, profile: DeviceProfile, runtime: Ru
 
 def check_memory(info: ModelInfo, profile: DeviceProfile, quant: QuantConfig, runtime: Runtime) -> CheckResult:
     name = "memory fit"
-    weight_factor = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}[quant.scheme]
+    weight_factor = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25, "dynamic": 0.25}[quant.scheme]
     weights_mb = info.weight_bytes * weight_factor / 2**20
     activations_mb = info.peak_activation_bytes / 2**20
     overhead = RUNTIME_OVERHEAD_MB[runtime] + (TVM_CUDA_OVERHEAD_MB if runtime == "tvm" and

@@ -50,7 +50,7 @@ class LabFile(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     models: list[LabModel] = Field(min_length=1)
     profiles: list[str] = Field(min_length=1)
-    schemes: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    schemes: list[Literal["fp32", "fp16", "int8", "dynamic"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
     runtimes: list[RuntimeName] | None = Field(default=None, min_length=1, description="Runtimes to run each "
                                                "scheme with; None = each profile's preferred runtime.")
     bench: BenchmarkSettings = Field(default_factory=BenchmarkSettings)

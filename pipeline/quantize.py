@@ -21,6 +21,7 @@ from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
     QuantType,
+    quantize_dynamic,
     quantize_static,
 )
 from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -30,7 +31,7 @@ from edgedeploy.errors import QuantizationError
 from pipeline.workloads.base import Samples
 from targets.hashing import sha256_file
 
-Scheme = Literal["fp32", "fp16", "int8"]
+Scheme = Literal["fp32", "fp16", "int8", "dynamic"]
 Calibration = Literal["minmax", "entropy", "percentile"]
 
 _METHODS = {
@@ -58,6 +59,9 @@ class QuantConfig(BaseModel):
         default=(), description="Partial quantization: layers (node names) left in float, the most sensitive ones.")
 
     def label(self) -> str:
+        if self.scheme == "dynamic":  # weights int8 ahead of time, activations quantized per run: no calibration
+            return f"dynamic int8 {'per-channel' if self.per_channel else 'per-tensor'}" + (
+                " reduce-range" if self.reduce_range else "")
         if self.scheme != "int8":
             return self.scheme
         act = "U8S8" if self.activation_type == "uint8" else "S8S8"
@@ -146,6 +150,12 @@ def _convert(model_path: Path, out: Path, config: QuantConfig, calibration: Samp
         half = convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True)
         topological_sort(half.graph)
         onnx.save(half, str(out))
+        return
+    if config.scheme == "dynamic":
+        # onnxruntime's dynamic quantization: int8 weights, activations' ranges measured on every run
+        # (DynamicQuantizeLinear -> MatMulInteger / ConvInteger); the scheme for transformers and recurrent models.
+        quantize_dynamic(str(model_path), str(out), per_channel=config.per_channel, reduce_range=config.reduce_range,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=list(config.keep_float) or None)
         return
     cached_ranges = calibration_cache is not None and calibration_cache.is_file()
     if not cached_ranges and (calibration is None or len(calibration) == 0):

@@ -230,3 +230,40 @@ def postgres_url():
     subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
                    capture_output=True)
     shutil.rmtree(base, ignore_errors=True)
+
+
+def tiny_vit(dim: int = 64, tokens: int = 16, blocks: int = 2, classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """A small ViT-style transformer: patches by MatMul, attention blocks (LayerNorm, q/k/v MatMuls, Softmax,
+    residuals, an MLP), a mean-pooled Gemm head. Its work is in MatMul: dynamic quantization's kind of model."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.ones(dim, np.float32), "ln_g"),
+             numpy_helper.from_array(np.zeros(dim, np.float32), "ln_b"),
+             numpy_helper.from_array(np.array(1 / np.sqrt(dim), np.float32), "scale")]
+
+    def weight(name: str, shape: tuple[int, ...], scale: float | None = None) -> str:
+        scale = scale or 1.0 / np.sqrt(shape[0])
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name))
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    nodes: list[onnx.NodeProto] = []
+    h = node("MatMul", ["x", weight("patch_w", (48, dim))], "patch")
+    for b in range(blocks):
+        p = f"b{b}_"
+        ln = node("LayerNormalization", [h, "ln_g", "ln_b"], p + "ln", axis=-1)
+        q, k, v = (node("MatMul", [ln, weight(p + t + "_w", (dim, dim))], p + t) for t in "qkv")
+        scores = node("Mul", [node("MatMul", [q, node("Transpose", [k], p + "kt", perm=[0, 2, 1])], p + "qk"),
+                              "scale"], p + "scores")
+        attended = node("MatMul", [node("Softmax", [scores], p + "softmax", axis=-1), v], p + "attend")
+        r1 = node("Add", [h, node("MatMul", [attended, weight(p + "proj_w", (dim, dim))], p + "proj")], p + "res1")
+        hidden = node("Relu", [node("MatMul", [r1, weight(p + "fc1_w", (dim, 2 * dim))], p + "fc1")], p + "relu")
+        h = node("Add", [r1, node("MatMul", [hidden, weight(p + "fc2_w", (2 * dim, dim))], p + "fc2")], p + "res2")
+    pooled = node("ReduceMean", [h], "pool", axes=[1], keepdims=0)
+    node("Gemm", [pooled, weight("head_w", (dim, classes)), weight("head_b", (classes,), 0.01)], "logits")
+    patches = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, 48])
+    graph = helper.make_graph(nodes, "tiny_vit", [patches],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)

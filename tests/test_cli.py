@@ -139,6 +139,24 @@ def test_the_nano_checks_default_to_tensorrt_fp16_and_refuse_int8_for_dp4a(isola
     assert precision["verdict"] == "refuse" and "DP4A" in precision["fact"]
 
 
+def test_a_transformer_with_dynamic_int8_on_onnxruntime_and_refused_on_tvm(prefect_server, isolated_home,  # noqa: F811
+                                                                          tmp_path):
+    import onnx
+
+    from tests.conftest import tiny_vit
+
+    model = tmp_path / "vit.onnx"
+    onnx.save(tiny_vit(), str(model))
+    proc = deploy("run", str(model), "--quant", "dynamic", "--runtime", "onnxruntime", "--min-iterations", "10",
+                  "--min-seconds", "0.2", "--json", api_url=prefect_server, home=isolated_home)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["valid"] and result["scheme"] == "dynamic int8 per-channel" and result["speedup"] > 0
+    assert result["agreement"]["cosine"] > 0.99
+    proc = deploy("run", str(model), "--quant", "dynamic", api_url=prefect_server, home=isolated_home)
+    assert proc.returncode == 4 and "dynamic quantization" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_profiles_list_names_the_orin(isolated_home):
     proc = deploy("profiles", "list", "--json", api_url="http://127.0.0.1:9/api", home=isolated_home)
     orin = next(p for p in json.loads(proc.stdout) if p["name"] == "jetson-orin-nano")

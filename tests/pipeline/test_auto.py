@@ -105,3 +105,11 @@ def test_a_board_with_gpu_providers_gets_gpu_candidates():
         (r, s) for r in ("onnxruntime-tensorrt", "onnxruntime-cuda") for s in ("fp32", "fp16", "int8")}
     trt_int8 = next(c for c in added if c.runtime == "onnxruntime-tensorrt" and c.quant.scheme == "int8")
     assert trt_int8.quant.symmetric_activations and trt_int8.quant.activation_type == "int8"
+
+
+def test_a_transformer_gets_dynamic_int8_as_a_candidate():
+    from pipeline.auto import default_candidates
+
+    assert not any(c.quant.scheme == "dynamic" for c in default_candidates())
+    (dynamic,) = [c for c in default_candidates(dynamic=True) if c.quant.scheme == "dynamic"]
+    assert dynamic.runtime == "onnxruntime"

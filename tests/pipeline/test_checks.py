@@ -58,6 +58,11 @@ TABLE = [
     ("x86-server", "fp32", "convinteger", "tvm", "quantized format vs compiler", "refuse", "ConvInteger"),
     ("x86-server", "fp32", "qoperator", "onnxruntime", "quantized format vs compiler", "pass", "onnxruntime runs"),
     ("x86-server", "fp32", "cnn", "tvm", "build toolchain", "pass", "native build"),
+    # dynamic quantization: onnxruntime on the CPU only, refused for TVM naming it
+    ("x86-server-vnni", "dynamic", "cnn", "tvm", "precision vs arithmetic", "refuse", "dynamic quantization"),
+    ("x86-server-vnni", "dynamic", "cnn", "onnxruntime", "precision vs arithmetic", "pass", "int8 dot-product"),
+    ("x86-server", "dynamic", "cnn", "onnxruntime", "int8 format on x86 without VNNI", "warn", "reduce_range"),
+    ("jetson-orin-nano", "dynamic", "cnn", "onnxruntime-tensorrt", "precision vs arithmetic", "refuse", "CPU scheme"),
 ]
 
 

@@ -83,3 +83,21 @@ def test_int8_of_an_opset11_model_is_valid_onnx(tmp_path):
     quantized = onnx.load(q.path)
     onnx.checker.check_model(quantized)
     assert quantized.opset_import[0].version >= 13
+
+
+def test_dynamic_quantization_of_a_transformer_needs_no_calibration_and_keeps_its_outputs(tmp_path):
+    """onnxruntime's dynamic int8: weights int8, activations quantized on every run (DynamicQuantizeLinear ->
+    MatMulInteger); no calibration data; the logits stay close to fp32's."""
+    from tests.conftest import tiny_vit
+
+    path = tmp_path / "vit.onnx"
+    onnx.save(tiny_vit(), str(path))
+    dynamic = quantize(path, tmp_path, QuantConfig(scheme="dynamic"), None)
+    assert dynamic.config.label() == "dynamic int8 per-channel" and dynamic.calibration_samples == 0
+    ops = {n.op_type for n in onnx.load(dynamic.path).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    x = np.random.default_rng(0).standard_normal((1, 16, 48)).astype(np.float32)
+    fp32, int8 = (ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                  for p in (str(path), dynamic.path))
+    cosine = float((fp32 * int8).sum() / np.linalg.norm(fp32) / np.linalg.norm(int8))
+    assert cosine > 0.99 and int8.argmax() == fp32.argmax()
