@@ -15,7 +15,7 @@ from edgedeploy.errors import EdgeDeployError
 from pipeline.auto import Candidate
 from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement
 from pipeline.checks import CheckReport
-from pipeline.compile import artifact_for, check_model, ingest_model, prepare, quantize_model
+from pipeline.compile import artifact_for, check_model, data_scheme, ingest_model, prepare, quantize_model
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact
@@ -64,7 +64,7 @@ def check_task(config: RunConfig, info: ModelInfo, profile: DeviceProfile) -> Ch
 
 @task(name="data", **TASK_OPTIONS)
 def data_task(config: RunConfig, info: ModelInfo, checks: CheckReport) -> PreparedData:
-    return prepare(config, info, config.run_dir(), checks.quant.scheme)
+    return prepare(config, info, config.run_dir(), data_scheme(checks.quant))
 
 
 @task(name="partial", **TASK_OPTIONS)

@@ -202,7 +202,7 @@ def ort_int8_may_saturate(profile: DeviceProfile, quant: QuantConfig, runtime: R
 def check_ort_int8_x86(profile: DeviceProfile, quant: QuantConfig,
                        runtime: Runtime) -> tuple[CheckResult, QuantConfig]:
     name = "int8 format on x86 without VNNI"
-    if quant.scheme not in ("int8", "dynamic") or not _x86_without_vnni(profile):
+    if quant.scheme not in ("int8", "dynamic") or quant.prequantized or not _x86_without_vnni(profile):
         return CheckResult(check=name, verdict="pass", reason="not applicable"), quant
     if profile.unit_of(runtime) == "gpu":
         return CheckResult(check=name, verdict="pass", reason=f"not applicable: {runtime} runs on the GPU"), quant
@@ -220,11 +220,26 @@ def check_ort_int8_x86(profile: DeviceProfile, quant: QuantConfig,
     ), adjusted
 
 
+def check_prequantized(info: ModelInfo, quant: QuantConfig) -> tuple[CheckResult, QuantConfig]:
+    """A model that is QDQ int8 already runs as it is: int8, never quantized twice, no calibration data needed."""
+    name = "already quantized"
+    if not info.prequantized:
+        return CheckResult(check=name, verdict="pass", reason="not applicable: a float model"), quant
+    adjusted = QuantConfig(scheme="int8", prequantized=True)
+    asked = "" if quant.scheme in ("int8", "fp32") else f" (--quant {quant.scheme} asked: it stays int8)"
+    result = CheckResult(
+        check=name, verdict="pass" if not asked else "warn",
+        reason=f"the model is QDQ int8 already: used as it is, not quantized again, no calibration data needed; TVM "
+               f"compiles it with its integer kernels{asked}",
+        fact="QuantizeLinear/DequantizeLinear pairs around the weights: a QAT export or another tool's output")
+    return result, adjusted
+
+
 def check_trt_int8(quant: QuantConfig, runtime: Runtime) -> tuple[CheckResult, QuantConfig]:
     """TensorRT's int8 is symmetric (zero points 0) and reads QDQ: the quantization is adjusted to S8S8 with
     symmetric activations, QDQ."""
     name = "int8 format for TensorRT"
-    if quant.scheme != "int8" or runtime != "onnxruntime-tensorrt":
+    if quant.scheme != "int8" or quant.prequantized or runtime != "onnxruntime-tensorrt":
         return CheckResult(check=name, verdict="pass", reason="not applicable"), quant
     adjusted = quant.model_copy(update={"activation_type": "int8", "symmetric_activations": True, "format": "qdq"})
     if adjusted == quant:
@@ -427,9 +442,11 @@ def run_checks(
         from pipeline.compiler.frontend import tvm_importable_ops
 
         importable = tvm_importable_ops()
+    prequantized, quant = check_prequantized(info, quant)
     ort_result, quant = check_ort_int8_x86(profile, quant, runtime)
     trt_result, quant = check_trt_int8(quant, runtime)
     results = [
+        prequantized,
         check_precision(profile, quant, runtime),
         ort_result,
         trt_result,

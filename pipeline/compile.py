@@ -72,9 +72,15 @@ def artifact_cache() -> ArtifactCache:
     return ArtifactCache(edgedeploy_home() / "cache")
 
 
+def data_scheme(quant: QuantConfig) -> str:
+    """The scheme the data stage prepares for: a prequantized model needs no calibration data."""
+    return "fp32" if quant.prequantized else quant.scheme
+
+
 def quantize_model(info: ModelInfo, data: PreparedData, quant: QuantConfig) -> QuantizedModel:
-    """Quantize, or reuse the same model quantized the same way on the same data by the same tools."""
-    if quant.scheme == "fp32":
+    """Quantize, or reuse the same model quantized the same way on the same data by the same tools; a prequantized
+    model (QDQ already) is used as it is."""
+    if quant.scheme == "fp32" or quant.prequantized:
         return quantize(Path(info.prepared_path), Path(info.prepared_path).parent, quant, None)
     names = [s.name for s in info.inputs]
     calibration = Samples.load(Path(data.calibration_path), names) if data.calibration_path else None
@@ -147,7 +153,7 @@ def build(config: RunConfig, profile: DeviceProfile, out_dir: Path, *,
     runtime = config.runtime or "tvm"  # `deploy compile` compiles, whatever the profile prefers to run
     info = ingest_model(config, out_dir)
     checks = check_model(info, profile, config, runtime=runtime, purpose="build")
-    data = prepare(config, info, out_dir, checks.quant.scheme)
+    data = prepare(config, info, out_dir, data_scheme(checks.quant))
     quant = checks.quant
     if config.partial:
         plan = plan_partial(info, data, quant, budget=config.accuracy_budget, workdir=out_dir / "partial")

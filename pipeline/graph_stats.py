@@ -48,6 +48,22 @@ def function_calls(model: onnx.ModelProto) -> frozenset[tuple[str, str]]:
     return frozenset((f.domain, f.name) for f in model.functions)
 
 
+# A weight dequantized into one of these is QDQ quantization (a QAT export, or another tool's output).
+_QUANTIZED_CONSUMERS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+
+def is_prequantized(model: onnx.ModelProto) -> bool:
+    """True for a QDQ model: a DequantizeLinear of a constant feeds a Conv/MatMul/Gemm (its weights are int8 already),
+    or quantization pairs surround the graph's activations. Such a model is never quantized again."""
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    dequantized_weights = {n.output[0] for n in model.graph.node
+                           if n.op_type == "DequantizeLinear" and n.input and n.input[0] in constants}
+    feeds = any(n.op_type in _QUANTIZED_CONSUMERS and dequantized_weights & set(n.input) for n in model.graph.node)
+    ops = {n.op_type for n in model.graph.node}
+    return feeds or {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
 def op_census(model: onnx.ModelProto) -> dict[str, int]:
     """Node count per op ('domain::Op' for non-default domains), most frequent first."""
     names = Counter(

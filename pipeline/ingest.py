@@ -17,7 +17,7 @@ from onnx import helper
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgedeploy.errors import OptionError, StaticShapeError
-from pipeline.graph_stats import flops, op_census, parameters, peak_activation_bytes
+from pipeline.graph_stats import flops, is_prequantized, op_census, parameters, peak_activation_bytes
 from pipeline.onnx_safety import DEFAULT_MAX_MODEL_BYTES, load_model_safely
 from targets.hashing import sha256_file
 
@@ -55,6 +55,8 @@ class ModelInfo(BaseModel):
     static_rewrite: bool = Field(description="True when run-time shape computation was folded away.")
     static_max_abs_diff: float | None = Field(description="Largest output difference of the rewrite vs the original.")
     prepared_path: str = Field(description="The static-shape model later stages use.")
+    prequantized: bool = Field(default=False, description="Already QDQ int8 (a QAT export, another tool's output): "
+                               "never quantized again; compiled with integer kernels.")
 
 
 def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
@@ -275,4 +277,5 @@ def ingest(
         static_rewrite=rewrite,
         static_max_abs_diff=diff,
         prepared_path=str(prepared_path),
+        prequantized=is_prequantized(model),
     )

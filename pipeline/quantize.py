@@ -57,6 +57,7 @@ class QuantConfig(BaseModel):
         "(QLinearConv, ...: onnxruntime only).")
     keep_float: tuple[str, ...] = Field(
         default=(), description="Partial quantization: layers (node names) left in float, the most sensitive ones.")
+    prequantized: bool = Field(default=False, description="The model came QDQ int8: used as it is, not quantized.")
 
     def label(self) -> str:
         if self.scheme == "dynamic":  # weights int8 ahead of time, activations quantized per run: no calibration
@@ -64,6 +65,8 @@ class QuantConfig(BaseModel):
                 " reduce-range" if self.reduce_range else "")
         if self.scheme != "int8":
             return self.scheme
+        if self.prequantized:
+            return "int8 QDQ (prequantized)"
         act = "U8S8" if self.activation_type == "uint8" else "S8S8"
         grain = "per-channel" if self.per_channel else "per-tensor"
         fmt = "QDQ" if self.format == "qdq" else "QOperator"
@@ -198,7 +201,7 @@ def quantize(model_path: Path, workdir: Path, config: QuantConfig, calibration: 
     in a file so that many variants of one model calibrate once.
     """
     model_path = Path(model_path)
-    if config.scheme == "fp32":
+    if config.scheme == "fp32" or config.prequantized:  # as it is (a prequantized model is QDQ int8 already)
         return QuantizedModel(path=str(model_path), sha256=sha256_file(model_path), config=config)
     out = workdir / (out_name or f"model.{config.scheme}.onnx")
     try:

@@ -31,6 +31,7 @@ class ModelSummary(BaseModel):
     flops: int
     op_census: dict[str, int]
     static_rewrite: bool
+    prequantized: bool = Field(default=False, description="The model came QDQ int8 and ran as it is.")
 
 
 class ArtifactSummary(BaseModel):
@@ -144,7 +145,7 @@ class RunResult(BaseModel):
             run_id=run_id, created=created,
             model=ModelSummary(path=info.source_path, sha256=info.sha256, workload=workload,
                                parameters=info.parameters, flops=info.flops, op_census=info.op_census,
-                               static_rewrite=info.static_rewrite),
+                               static_rewrite=info.static_rewrite, prequantized=info.prequantized),
             profile=profile, scheme=quantized.config.label(),
             runtime=f"{art.runtime} {art.versions.get(art.runtime.split('-')[0], '')}".strip(),
             unit="GPU" if compiled.device_code.startswith("ptx") or art.runtime in GPU_RUNTIMES else "CPU",
