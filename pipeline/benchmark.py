@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.deploy import DeployedArtifact
-from pipeline.metrics import Agreement, LatencyStats
+from pipeline.metrics import Agreement, LatencyStats, per_output_agreement
 from pipeline.scoring import Scoring
 from pipeline.workloads.base import Samples
 from targets.board_state import BoardState
@@ -208,13 +208,20 @@ def measure(
 def benchmark(
     transport: Transport, python: list[str], deployed: DeployedArtifact, samples: Samples, *,
     input_order: list[str], scoring: Scoring, settings: BenchmarkSettings, local_dir: Path,
+    output_names: list[str] | None = None,
 ) -> BenchmarkReport:
-    """Measure the artifact and the baseline on the device, in turns; score and compare them."""
+    """Measure the artifact and the baseline on the device, in turns; score and compare them (every output, where
+    the model has more than one: ``output_names``)."""
     timed = _timed_in_turns(transport, python, deployed, whiches=["artifact", "baseline"], input_order=input_order,
                             settings=settings, local_dir=local_dir)
     (art_report, art_out), (base_report, base_out) = timed["artifact"], timed["baseline"]
+    agreement = scoring.agreement(art_out, base_out)
+    if output_names and len(output_names) > 1:
+        with np.load(local_dir / "outputs.artifact.npz") as a, np.load(local_dir / "outputs.baseline.npz") as b:
+            rows = per_output_agreement(dict(a), dict(b), output_names)
+        agreement = agreement.model_copy(update={"per_output": rows})
     return BenchmarkReport(
         artifact=_measurement(art_report, scoring, art_out, samples),
         baseline=_measurement(base_report, scoring, base_out, samples),
-        agreement=scoring.agreement(art_out, base_out), metric=scoring.metric_for(samples), settings=settings,
+        agreement=agreement, metric=scoring.metric_for(samples), settings=settings,
     )

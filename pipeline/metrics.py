@@ -37,14 +37,27 @@ class LatencyStats(BaseModel):
         )
 
 
+class OutputAgreement(BaseModel):
+    """One output of the model against the reference's same output."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    top1: float | None = Field(description="Share of samples whose argmax matches, where the output is a classifier's "
+                               "(one row of scores per sample).")
+    cosine: float
+    max_abs: float
+
+
 class Agreement(BaseModel):
-    """How closely the artifact's outputs follow the fp32 reference's, on the same inputs."""
+    """How closely the artifact's outputs follow the fp32 reference's, on the same inputs (the headline: the first
+    output's; ``per_output``: every output, where the model has more than one)."""
 
     model_config = ConfigDict(frozen=True)
     top1: float | None = Field(description="Share of samples whose argmax matches (classifiers).")
     cosine: float = Field(description="Mean cosine similarity of flattened outputs.")
     max_abs: float = Field(description="Largest absolute difference over all outputs.")
     samples: int
+    per_output: list[OutputAgreement] = Field(default_factory=list, description="Every output, by name, in order.")
 
 
 def top1_accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
@@ -103,3 +116,19 @@ def within_budget(value: float | None, reference: float | None, agree: Agreement
     if agree.top1 is not None:
         return agree.top1 >= 1 - budget
     return agree.cosine >= 0.99
+
+
+def per_output_agreement(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                         names: list[str]) -> list[OutputAgreement]:
+    """Every output against the reference's, by position (the runner's ``outputs``, ``output_1``, ...) and named
+    after the model's outputs; a 2-D output with a score per class is a classifier's (top-1 agreement)."""
+    rows = []
+    for index, name in enumerate(names):
+        key = "outputs" if index == 0 else f"output_{index}"
+        if key not in outputs or key not in reference:
+            break
+        out = outputs[key]
+        classifier = out.ndim == 2 and out.shape[1] > 1
+        found = agreement(out, reference[key], classifier=classifier)
+        rows.append(OutputAgreement(name=name, top1=found.top1, cosine=found.cosine, max_abs=found.max_abs))
+    return rows

@@ -228,6 +228,8 @@ class RunResult(BaseModel):
               is not None else ()),
             f"\nagreement with fp32: top-1 {_pct(self.agreement.top1)}, cosine {self.agreement.cosine:.5f}, "
             f"max abs {self.agreement.max_abs:.3g} over {self.agreement.samples} samples",
+            *(f"\n  output {row.name}: cosine {row.cosine:.5f}, max abs {row.max_abs:.3g}"
+              + (f", top-1 {_pct(row.top1)}" if row.top1 is not None else "") for row in self.agreement.per_output),
         )
         warnings = [Text(f"warning ({c.check}): {c.reason}", style="yellow") for c in self.checks
                     if c.verdict == "warn"]

@@ -73,7 +73,7 @@ class DeviceSession:
         python = self.profile.connection.python_argv()
         before = self.board_state()
         report = benchmark(self.transport, python, deployed, samples, input_order=names, scoring=data.scoring,
-                           settings=settings, local_dir=local_dir)
+                           settings=settings, local_dir=local_dir, output_names=[o.name for o in info.outputs])
         return with_board_state(report, before, self.board_state())
 
     def gpu_facts(self, *, tvm: bool) -> GpuFacts:

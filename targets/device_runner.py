@@ -12,7 +12,8 @@ dataclasses, no walrus, no ``from __future__ import annotations``. It
 3. runs warm-up iterations (not counted), then timed iterations cycling through the input
    samples until both the minimum count and the minimum duration are reached and every sample
    has run once; a wall-clock limit stops it early and marks the run invalid,
-4. writes the first output of every sample to an .npz and prints ONE JSON object on stdout,
+4. writes every output of every sample to an .npz (``outputs``: the first; ``output_1``, ...: the others) and
+   prints ONE JSON object on stdout,
 5. for a TVM library, then times every kernel call of a few more runs (the Relax VM's instrument hook): where
    the time goes on the device, measured after the timed loop so the hook never touches the latencies.
 
@@ -79,10 +80,9 @@ def load_tvm(path, threads, device="cpu"):
                           "where TVM's CUDA runtime finds its CUDA")
     vm = VirtualMachine(tvm.runtime.load_module(path), dev)
 
-    def run(feeds):
+    def run(feeds):  # every output of the model, in its order (.numpy() copies back: synchronised)
         result = vm["main"](*[tvm.runtime.tensor(x, dev) for x in feeds])
-        first = result[0] if not hasattr(result, "numpy") else result
-        return first.numpy()
+        return [result.numpy()] if hasattr(result, "numpy") else [r.numpy() for r in result]
 
     def profile_kernels(feeds, runs):
         return kernel_times(vm, lambda: run(feeds), runs)
@@ -164,10 +164,9 @@ def load_onnxruntime(path, threads, runtime="onnxruntime", precision="fp32", cac
                       "check that CUDA, cuDNN and TensorRT of the board's JetPack are installed and match this "
                       "onnxruntime-gpu build")
     names = [i.name for i in session.get_inputs()]
-    first_output = session.get_outputs()[0].name
 
-    def run(feeds):
-        return session.run([first_output], dict(zip(names, feeds)))[0]
+    def run(feeds):  # every output of the model, in its order
+        return session.run(None, dict(zip(names, feeds)))
 
     versions = {"onnxruntime": ort.__version__, "provider": wanted}
     return run, versions, None
@@ -196,7 +195,7 @@ def main(argv=None):
     p.add_argument("--sha256", help="expected sha256 of the artifact (when there is no manifest)")
     p.add_argument("--inputs", required=True, help=".npz: one array per model input, one sample per row")
     p.add_argument("--input-order", required=True, help="comma-separated model input names")
-    p.add_argument("--outputs", required=True, help=".npz to write the first output of every sample into")
+    p.add_argument("--outputs", required=True, help=".npz to write every output of every sample into")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-iterations", type=int, default=20)
     p.add_argument("--min-seconds", type=float, default=2.0)
@@ -270,7 +269,7 @@ def main(argv=None):
         out = run(feeds)
         latencies.append((time.perf_counter() - t) * 1000.0)
         if i < n_samples:
-            outputs[i] = np.asarray(out)
+            outputs[i] = [np.asarray(o) for o in out]
         i += 1
     timed_seconds = time.perf_counter() - timed_start
 
@@ -292,7 +291,10 @@ def main(argv=None):
         except Exception as exc:  # an older TVM without the hook: the latencies still stand
             kernel_error = "{}: {}".format(type(exc).__name__, exc)
 
-    np.savez(args.outputs, outputs=np.concatenate([o for o in outputs if o is not None], axis=0))
+    ran = [o for o in outputs if o is not None]
+    # "outputs": the first output of every sample (what scoring reads); output_1, output_2, ...: the others
+    np.savez(args.outputs, outputs=np.concatenate([o[0] for o in ran], axis=0),
+             **{"output_{}".format(j): np.concatenate([o[j] for o in ran], axis=0) for j in range(1, len(ran[0]))})
     print(json.dumps({
         "ok": True,
         "runtime": args.runtime,

@@ -267,3 +267,18 @@ def tiny_vit(dim: int = 64, tokens: int = 16, blocks: int = 2, classes: int = 10
     graph = helper.make_graph(nodes, "tiny_vit", [patches],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def two_output_model() -> onnx.ModelProto:
+    """x[1,3,8,8] -> conv -> (scores[1,4] by pooling + Flatten, features[1,4,8,8]): two outputs, a classifier's and a
+    feature map."""
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["features"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["features"], ["pooled"], name="pool"),
+             helper.make_node("Flatten", ["pooled"], ["scores"], name="flatten")]
+    image = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    graph = helper.make_graph(nodes, "two_outputs", [image],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 4]),
+                               helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
