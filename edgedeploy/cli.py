@@ -103,7 +103,7 @@ def run(
                                        "dynamic = onnxruntime's dynamic int8 (with --runtime onnxruntime; no "
                                        "calibration); auto = measure every allowed scheme x runtime on the device and "
                                        "ship the fastest within --accuracy-budget.")] = None,
-    calibration: Annotated[Literal["minmax", "entropy", "percentile"],
+    calibration: Annotated[Literal["minmax", "entropy", "percentile", "mse"],
                            typer.Option(help="int8 range calibration method.")] = "minmax",
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
@@ -192,7 +192,7 @@ def compile_command(
     out: Annotated[Path, typer.Option(help="Directory for the library and its manifest.")],
     profile: Annotated[str, typer.Option(help="Device profile name or YAML file.")] = "local",
     quant: Annotated[Literal["fp32", "fp16", "int8", "dynamic"], typer.Option(help="Numeric format.")] = "fp32",
-    calibration: Annotated[Literal["minmax", "entropy", "percentile"],
+    calibration: Annotated[Literal["minmax", "entropy", "percentile", "mse"],
                            typer.Option(help="int8 range calibration method.")] = "minmax",
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,

@@ -101,3 +101,44 @@ def test_dynamic_quantization_of_a_transformer_needs_no_calibration_and_keeps_it
                   for p in (str(path), dynamic.path))
     cosine = float((fp32 * int8).sum() / np.linalg.norm(fp32) / np.linalg.norm(int8))
     assert cosine > 0.99 and int8.argmax() == fp32.argmax()
+
+
+def test_mse_calibration_clips_outliers_and_keeps_the_model_close(tmp_path):
+    """--calibration mse: each tensor's clipping range by least squared quantization error on the calibration data;
+    the ranges it writes are at most min/max's, and narrower for some tensor; the int8 model stays close to fp32."""
+    import json
+
+    from pipeline.workloads import WORKLOADS
+
+    digits = WORKLOADS["digits-cnn"]
+    calibration = digits.calibration(64)
+    mse = quantize(digits.model_path(), tmp_path, QuantConfig(scheme="int8", calibration="mse"), calibration,
+                   out_name="mse.onnx")
+    minmax = quantize(digits.model_path(), tmp_path, QuantConfig(scheme="int8"), calibration, out_name="minmax.onnx",
+                      calibration_cache=tmp_path / "minmax-ranges.json")
+    assert mse.config.label() == "int8 QDQ U8S8 mse per-channel" and minmax.config.calibration == "minmax"
+    chosen = json.loads((tmp_path / "mse.mse-ranges.json").read_text())
+    observed = json.loads((tmp_path / "minmax-ranges.json").read_text())
+    widths = {name: _width(chosen, name) / max(_width(observed, name), 1e-12) for name in _tensors(chosen)
+              if name in _tensors(observed)}
+    assert widths and max(widths.values()) <= 1.0 + 1e-5 and min(widths.values()) < 0.99
+    x = digits.evaluation(32).inputs
+    name = next(iter(x))
+    fp32, int8 = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {name: x[name]})[0]
+                  for p in (digits.model_path(), mse.path))
+    assert (fp32.argmax(1) == int8.argmax(1)).mean() > 0.9
+
+
+def _tensors(cache: dict) -> dict:
+    return cache.get("data") or cache.get("tensors") or {}
+
+
+def _width(cache: dict, name: str) -> float:
+    """highest - lowest of a tensor in onnxruntime's calibration cache (values as {"data": [v], ...} arrays)."""
+    entry = _tensors(cache)[name]
+
+    def value(v) -> float:
+        v = v["data"] if isinstance(v, dict) else v
+        return float(v[0] if isinstance(v, list) else v)
+
+    return value(entry["highest"]) - value(entry["lowest"])
