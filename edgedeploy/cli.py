@@ -59,6 +59,12 @@ AccuracyBudget = Annotated[float, typer.Option(min=0, help="auto and --partial: 
                                                           "in points.")]
 Partial = Annotated[bool, typer.Option("--partial", help="int8: keep the most sensitive layers in float until the "
                                                          "accuracy budget is met.")]
+Percentile = Annotated[float, typer.Option(min=50.0, max=100.0, help="--calibration percentile: the share of each "
+                                                                     "tensor's values its range keeps.")]
+Activations = Annotated[Literal["uint8", "int8"], typer.Option(help="int8: the activations' type (uint8 asymmetric "
+                                                                   "by default; TensorRT wants int8 symmetric).")]
+SymmetricActivations = Annotated[bool, typer.Option("--symmetric-activations", help="int8: activation zero points "
+                                                                                     "0.")]
 TuneTrials = Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM build (0 = none; a "
                                                      "board is timed over SSH).")]
 TuneMinutes = Annotated[float | None, typer.Option(min=0.1, help="Stop tuning after this many minutes (the database "
@@ -68,7 +74,7 @@ TuneMinutes = Annotated[float | None, typer.Option(min=0.1, help="Stop tuning af
 
 def _build_config(model: Path, profile: str, quant: str | None, calibration: str, per_channel: bool,
                   calib_data: Path | None, calib_samples: int, input_shape: list[str] | None, tune_trials: int = 0,
-                  tune_minutes: float | None = None, **options):
+                  tune_minutes: float | None = None, quant_options: dict | None = None, **options):
     """The RunConfig every command builds from its options; `options` are RunConfig's other fields."""
     from pipeline.config import RunConfig
     from pipeline.ingest import parse_input_shapes
@@ -86,7 +92,7 @@ def _build_config(model: Path, profile: str, quant: str | None, calibration: str
     return RunConfig(
         model_path=str(_bundled_model(model)), profile=profile,
         quant=QuantConfig(scheme="fp32" if quant == "auto" else quant, calibration=calibration,
-                          per_channel=per_channel),
+                          per_channel=per_channel, **(quant_options or {})),
         auto=quant == "auto", calib_data=str(calib_data) if calib_data else None, calib_samples=calib_samples,
         input_shapes=parse_input_shapes(input_shape or []), tune_trials=tune_trials, tune_minutes=tune_minutes,
         **options,
@@ -106,6 +112,9 @@ def run(
     calibration: Annotated[Literal["minmax", "entropy", "percentile", "mse"],
                            typer.Option(help="int8 range calibration method.")] = "minmax",
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,
+    percentile: Percentile = 99.999,
+    activations: Activations = "uint8",
+    symmetric_activations: SymmetricActivations = False,
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
     eval_data: Annotated[Path | None, typer.Option(help=".npz of inputs (+labels) or a folder of images.")] = None,
     accuracy_budget: AccuracyBudget = 1.0,
@@ -134,6 +143,8 @@ def run(
             model, profile, quant, calibration, per_channel, calib_data, calib_samples, input_shape, tune_trials,
             tune_minutes, eval_data=str(eval_data) if eval_data else None, eval_samples=eval_samples,
             max_model_mb=max_model_mb, accuracy_budget=accuracy_budget / 100, partial=partial, runtime=runtime,
+            quant_options={"percentile": percentile, "activation_type": activations,
+                           "symmetric_activations": symmetric_activations},
             bench=BenchmarkSettings(warmup=warmup, min_iterations=min_iterations, min_seconds=min_seconds,
                                     max_seconds=max_seconds, rounds=rounds),
         ).with_run_id()
@@ -195,6 +206,9 @@ def compile_command(
     calibration: Annotated[Literal["minmax", "entropy", "percentile", "mse"],
                            typer.Option(help="int8 range calibration method.")] = "minmax",
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="int8 weight scales.")] = True,
+    percentile: Percentile = 99.999,
+    activations: Activations = "uint8",
+    symmetric_activations: SymmetricActivations = False,
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
@@ -215,7 +229,9 @@ def compile_command(
 
         config = _build_config(model, profile, quant, calibration, per_channel, calib_data, calib_samples,
                                input_shape, tune_trials, tune_minutes, partial=partial,
-                               accuracy_budget=accuracy_budget / 100, runtime=runtime)
+                               accuracy_budget=accuracy_budget / 100, runtime=runtime,
+                               quant_options={"percentile": percentile, "activation_type": activations,
+                                              "symmetric_activations": symmetric_activations})
         with stderr.status(f"compiling for {profile} ..."):
             result = build(config, load_profile(profile), out, tuning_board=tuning_board)
     except EdgeDeployError as error:

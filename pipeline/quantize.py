@@ -57,6 +57,8 @@ class QuantConfig(BaseModel):
     reduce_range: bool = Field(default=False, description="7-bit weights (avoids VPMADDUBSW saturation).")
     symmetric_activations: bool = Field(default=False, description="Activation zero points 0 (what TensorRT "
                                         "reads: its int8 is symmetric).")
+    percentile: float = Field(default=99.999, gt=50, le=100, description="--calibration percentile: the share of "
+                              "each tensor's values its range keeps.")
     format: Literal["qdq", "qoperator"] = Field(
         default="qdq", description="QDQ (QuantizeLinear/DequantizeLinear: TVM and onnxruntime) or QOperator "
         "(QLinearConv, ...: onnxruntime only).")
@@ -75,7 +77,8 @@ class QuantConfig(BaseModel):
         act = "U8S8" if self.activation_type == "uint8" else "S8S8"
         grain = "per-channel" if self.per_channel else "per-tensor"
         fmt = "QDQ" if self.format == "qdq" else "QOperator"
-        return (f"int8 {fmt} {act} {self.calibration} {grain}" + (" reduce-range" if self.reduce_range else "")
+        method = f"percentile {self.percentile:g}" if self.calibration == "percentile" else self.calibration
+        return (f"int8 {fmt} {act} {method} {grain}" + (" reduce-range" if self.reduce_range else "")
                 + (" symmetric" if self.symmetric_activations else "")
                 + (f" ({len(self.keep_float)} layers float)" if self.keep_float else ""))
 
@@ -186,7 +189,7 @@ def _convert(model_path: Path, out: Path, config: QuantConfig, calibration: Samp
         nodes_to_quantize=only,
         nodes_to_exclude=list(config.keep_float) or None,
         calibration_cache_path=calibration_cache,
-        extra_options={"ActivationSymmetric": True} if config.symmetric_activations else None,
+        extra_options={"ActivationSymmetric": config.symmetric_activations, "CalibPercentile": config.percentile},
     )
 
 

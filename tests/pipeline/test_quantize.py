@@ -142,3 +142,9 @@ def _width(cache: dict, name: str) -> float:
         return float(v[0] if isinstance(v, list) else v)
 
     return value(entry["highest"]) - value(entry["lowest"])
+
+
+def test_the_calibration_options_are_in_the_label():
+    config = QuantConfig(scheme="int8", calibration="percentile", percentile=99.9, activation_type="int8",
+                         symmetric_activations=True)
+    assert config.label() == "int8 QDQ S8S8 percentile 99.9 per-channel symmetric"
