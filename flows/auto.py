@@ -12,12 +12,12 @@ import onnx
 from edgedeploy.errors import CheckRefused, DataError, EdgeDeployError
 from flows.tasks import Measured, candidate_task, measure_task, partial_task
 from pipeline.auto import (
-    DYNAMIC_WORTHY_OPS,
     AutoSelection,
     Candidate,
     CandidateOutcome,
     choose,
     default_candidates,
+    dynamic_worthy,
     outcome,
     plot_svg,
 )
@@ -87,8 +87,8 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     model = onnx.load(info.prepared_path)
     partial = _partial_plan(config, info, profile, data, model)
     gpu_runtimes = tuple(name for name in GPU_RUNTIMES if (spec := profile.runtimes.get(name)) and spec.version)
-    dynamic = any(op.split("::")[-1] in DYNAMIC_WORTHY_OPS for op in info.op_census)
-    candidates = default_candidates(config.tune_trials, config.tune_minutes, gpu_runtimes, dynamic=dynamic)
+    candidates = default_candidates(config.tune_trials, config.tune_minutes, gpu_runtimes,
+                                    dynamic=dynamic_worthy(info.op_census))
     if config.runtime:
         candidates = [c for c in candidates if c.runtime == config.runtime]
     if partial and partial.keep_float:  # full int8 misses the budget: try it with the sensitive layers in float

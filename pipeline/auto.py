@@ -44,8 +44,15 @@ class Candidate(BaseModel):
         return f"{self.runtime} {self.quant.label()}{tuned}"
 
 
-# Models whose work is in these ops (transformers, recurrent models) get onnxruntime's dynamic int8 as a candidate.
-DYNAMIC_WORTHY_OPS = frozenset({"MatMul", "Gemm", "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention"})
+# Transformers and recurrent models get onnxruntime's dynamic int8 as a candidate: a model with recurrent or attention
+# ops, or whose weighted work is all MatMul/Gemm (a CNN's one classifier Gemm does not make it one).
+RECURRENT_OR_ATTENTION = frozenset({"LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention"})
+
+
+def dynamic_worthy(op_census: dict[str, int]) -> bool:
+    """Is dynamic quantization a candidate for a model with this op census ('domain::Op' keys for other domains)?"""
+    ops = {op.split("::")[-1] for op in op_census}
+    return bool(ops & RECURRENT_OR_ATTENTION) or (bool(ops & {"MatMul", "Gemm"}) and not ops & {"Conv", "ConvTranspose"})
 
 
 def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None,

@@ -113,3 +113,11 @@ def test_a_transformer_gets_dynamic_int8_as_a_candidate():
     assert not any(c.quant.scheme == "dynamic" for c in default_candidates())
     (dynamic,) = [c for c in default_candidates(dynamic=True) if c.quant.scheme == "dynamic"]
     assert dynamic.runtime == "onnxruntime"
+
+
+def test_dynamic_is_for_transformers_and_recurrent_models_not_a_cnns_classifier_head():
+    from pipeline.auto import dynamic_worthy
+
+    assert dynamic_worthy({"MatMul": 12, "Softmax": 2, "LayerNormalization": 2, "Gemm": 1})  # a ViT
+    assert dynamic_worthy({"LSTM": 1, "Conv": 2})  # recurrent, whatever else
+    assert not dynamic_worthy({"Conv": 3, "Relu": 3, "Gemm": 1})  # a CNN with its classifier head
