@@ -52,7 +52,8 @@ RECURRENT_OR_ATTENTION = frozenset({"LSTM", "GRU", "RNN", "Attention", "MultiHea
 def dynamic_worthy(op_census: dict[str, int]) -> bool:
     """Is dynamic quantization a candidate for a model with this op census ('domain::Op' keys for other domains)?"""
     ops = {op.split("::")[-1] for op in op_census}
-    return bool(ops & RECURRENT_OR_ATTENTION) or (bool(ops & {"MatMul", "Gemm"}) and not ops & {"Conv", "ConvTranspose"})
+    dense_only = bool(ops & {"MatMul", "Gemm"}) and not ops & {"Conv", "ConvTranspose"}
+    return bool(ops & RECURRENT_OR_ATTENTION) or dense_only
 
 
 def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None,
