@@ -38,7 +38,7 @@ import tvm_ffi
 from edgedeploy.errors import CompileError
 from pipeline.compiler.passes.nvptx_lowering import register_nvptx_lowering
 from targets.host import cuda_tools
-from targets.profiles import DeviceProfile
+from targets.profiles import DeviceProfile, GpuUnit
 
 # Newest PTX ISA each CUDA release's driver JIT-compiles (NVIDIA's PTX ISA release notes).
 PTX_ISA_FOR_CUDA = {"10.0": (6, 3), "10.1": (6, 4), "10.2": (6, 5), "11.0": (7, 0), "11.1": (7, 1), "11.2": (7, 2),
@@ -113,28 +113,27 @@ def _ptx_with_entries(ll: str, sm: str) -> str:
         return tvm.runtime.load_module(str(path)).inspect_source("asm")
 
 
-def _check_ptx(ptx: str, kernels: list[str], profile: DeviceProfile) -> tuple[int, int]:
-    """Every kernel an ``.entry``, for the profile's SM, at a PTX ISA the board's CUDA JITs; returns the ISA."""
-    assert profile.gpu is not None
+def _check_ptx(ptx: str, kernels: list[str], gpu: GpuUnit, board: str) -> tuple[int, int]:
+    """Every kernel an ``.entry``, for the GPU's SM, at a PTX ISA the board's CUDA JITs; returns the ISA."""
     version = re.search(r"^\.version (\d+)\.(\d+)", ptx, re.M)
     target = re.search(r"^\.target (\S+)", ptx, re.M)
     entries = set(re.findall(r"^\.visible \.entry (\w+)\(", ptx, re.M))
     functions = set(re.findall(r"^\.visible \.func (\w+)\(", ptx, re.M))
     missing = [k for k in kernels if k not in entries or k in functions] or (["(no kernel found)"] if not kernels
                                                                              else [])
-    if not version or not target or target.group(1) != profile.gpu.sm or missing:
+    if not version or not target or target.group(1) != gpu.sm or missing:
         raise CompileError(
             "The PTX is not what the board's driver can launch",
             value=f".version {version.groups() if version else None}, .target {target and target.group(1)}, "
                   f"{len(missing)} of {len(kernels)} kernels not .entry ({', '.join(missing[:3])})",
-            expected=f".target {profile.gpu.sm}, every kernel an .entry",
+            expected=f".target {gpu.sm}, every kernel an .entry",
             fix="report this with the model: the NVPTX step of pipeline/compiler/gpu.py needs updating",
         )
     isa = (int(version.group(1)), int(version.group(2)))
-    newest = ptx_isa_for(profile.gpu.cuda_version)
+    newest = ptx_isa_for(gpu.cuda_version)
     if isa > newest:
         raise CompileError(
-            f"The PTX needs ISA {isa[0]}.{isa[1]}; {profile.name}'s CUDA {profile.gpu.cuda_version} JITs up to "
+            f"The PTX needs ISA {isa[0]}.{isa[1]}; {board}'s CUDA {gpu.cuda_version} JITs up to "
             f"{newest[0]}.{newest[1]}", value=f".version {isa[0]}.{isa[1]}",
             fix="check gpu.cuda_version in the profile (the driver's CUDA version on the board)")
     return isa
@@ -206,19 +205,22 @@ def fatbin_entries(data: bytes) -> list[dict[str, Any]]:
 def gpu_code(executable, profile: DeviceProfile) -> GpuCode:
     """The library's kernels as the board will load them: PTX with every kernel an ``.entry``, plus the cubin for the
     board's SM where ptxas and nvFatbin are installed."""
-    assert profile.gpu is not None
+    gpu = profile.gpu
+    if gpu is None:
+        raise CompileError(f"Profile {profile.name!r} has no GPU to build code for", value="gpu: null",
+                           fix="add the board's gpu section to the profile, or build for its CPU")
     tools = cuda_tools()
     ll = cuda_module(executable).inspect_source("ll")
     kernels = re.findall(r"!\{ptr @(\w+), !\"kernel\", i32 1\}", ll)
-    ptx = _ptx_with_entries(ll, profile.gpu.sm)
-    isa = _check_ptx(ptx, kernels, profile)
-    summary: dict[str, Any] = {"sm": profile.gpu.sm, "ptx_isa": f"{isa[0]}.{isa[1]}", "kernels": len(kernels)}
-    if tools is None or tools.ptxas is None or tools.nvfatbin is None or not profile.gpu.cubin:
+    ptx = _ptx_with_entries(ll, gpu.sm)
+    isa = _check_ptx(ptx, kernels, gpu, profile.name)
+    summary: dict[str, Any] = {"sm": gpu.sm, "ptx_isa": f"{isa[0]}.{isa[1]}", "kernels": len(kernels)}
+    if tools is None or tools.ptxas is None or tools.nvfatbin is None or not gpu.cubin:
         return GpuCode(fmt="ptx", data=ptx.encode(), device_code="ptx", summary=summary)
-    cubin, report = _assemble(tools.ptxas, ptx, profile.gpu.sm)
+    cubin, report = _assemble(tools.ptxas, ptx, gpu.sm)
     registers = [int(n) for n in re.findall(r"Used (\d+) registers", report)]
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
-    data = _fatbin(tools.nvfatbin, ptx, cubin, profile.gpu.sm.removeprefix("sm_"))
+    data = _fatbin(tools.nvfatbin, ptx, cubin, gpu.sm.removeprefix("sm_"))
     summary.update(max_registers=max(registers, default=0), spill_store_bytes=spills, cubin_bytes=len(cubin),
                    fatbin=[{k: e[k] for k in ("kind", "arch")} for e in fatbin_entries(data)])
     return GpuCode(fmt="fatbin", data=data, device_code="ptx+cubin", summary=summary)
