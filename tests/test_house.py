@@ -50,3 +50,16 @@ def test_only_the_lab_flow_talks_to_prefects_server_api():
     pools, deployments, artifacts)."""
     api = ("prefect.client", "prefect.server", "prefect.deployments", "prefect.concurrency", "prefect.artifacts")
     assert _importers(*api) == ["flows/lab.py"]
+
+
+def test_the_readme_is_a_users_document_and_its_links_resolve():
+    """At most 300 lines (measurements and internals go to docs/), and every relative link points at a file."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300, "move detail into docs/"
+    for target in re.findall(r"\]\((?!https?://|#)([^)#]+)", readme):
+        assert (REPO / target).is_file(), target
+    for page in (REPO / "docs").glob("*.md"):
+        for target in re.findall(r"\]\((?!https?://|#)([^)#]+)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name}: {target}"
