@@ -434,7 +434,7 @@ def profiles_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
     for p in profiles:
         gpu = f"{p.gpu.sm}: {', '.join(p.gpu.precisions)}" if p.gpu else ""
         runtimes = [f"{'*' if name == p.preferred_runtime else ''}{name} ({p.unit_of(name).upper()})"
-                    for name in RUNTIME_NAMES if (spec := p.runtimes.get(name)) and spec.version]
+                    for name in RUNTIME_NAMES if p.has_runtime(name)]
         table.add_row(p.name, f"{p.cpu.arch} {p.cpu.mcpu or '(host)'}: {', '.join(p.cpu.precisions)}"
                       f"{', int8 dot' if p.cpu.int8_dot_product else ''}", gpu, "\n".join(runtimes),
                       f"{p.memory_mb} MB", p.python_version, p.connection.transport)

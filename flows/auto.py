@@ -86,7 +86,7 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     runs: list[tuple[Candidate, Measured, object]] = []
     model = onnx.load(info.prepared_path)
     partial = _partial_plan(config, info, profile, data, model)
-    gpu_runtimes = tuple(name for name in GPU_RUNTIMES if (spec := profile.runtimes.get(name)) and spec.version)
+    gpu_runtimes = tuple(name for name in GPU_RUNTIMES if profile.has_runtime(name))
     candidates = default_candidates(config.tune_trials, config.tune_minutes, gpu_runtimes,
                                     dynamic=dynamic_worthy(info.op_census))
     if config.runtime:

@@ -293,9 +293,7 @@ def check_opset(model: onnx.ModelProto, profile: DeviceProfile, runtime: Runtime
     """The opset against the device's onnxruntime: the one that runs the model (a GPU provider's build), else the
     CPU one that runs the fp32 baseline."""
     name = "opset vs device onnxruntime"
-    own = profile.runtimes.get(runtime) if runtime.startswith("onnxruntime") else None
-    spec = own if own and own.version else profile.runtimes.onnxruntime
-    version = spec.version if spec else None
+    version = profile.onnxruntime_for(runtime)
     opset = model_opset(model)
     if version is None:
         return CheckResult(check=name, verdict="warn",
@@ -303,7 +301,7 @@ def check_opset(model: onnx.ModelProto, profile: DeviceProfile, runtime: Runtime
                            fix="install onnxruntime on the device and set runtimes.onnxruntime in the profile")
     newest = ort_max_opset(version)
     if newest is not None and opset > newest:
-        what = "the model and the fp32 baseline" if runtime.startswith("onnxruntime") else "the fp32 baseline"
+        what = _loaded_by_onnxruntime(runtime)
         fact = "onnxruntime's compatibility table: each release runs ONNX opsets up to a fixed version"
         if converted(model, newest) is not None:
             return CheckResult(check=name, verdict="warn", fact=fact,
@@ -322,23 +320,26 @@ def check_opset(model: onnx.ModelProto, profile: DeviceProfile, runtime: Runtime
 def check_ir_version(model: onnx.ModelProto, profile: DeviceProfile, runtime: Runtime = "tvm") -> CheckResult:
     """The model's IR version against the device's onnxruntime (the one that runs the model, else the baseline's)."""
     name = "IR version vs device onnxruntime"
-    own = profile.runtimes.get(runtime) if runtime.startswith("onnxruntime") else None
-    spec = own if own and own.version else profile.runtimes.onnxruntime
-    newest = ort_max_ir(spec.version if spec else None)
+    version = profile.onnxruntime_for(runtime)
+    newest = ort_max_ir(version)
     if newest is None or model.ir_version <= newest:
-        return CheckResult(check=name, verdict="pass", reason=f"IR version {model.ir_version}" + (
-            f" reads on onnxruntime {spec.version}" if newest is not None and spec else " (the device's limit is not "
-            "known)"))
-    what = "the model and the fp32 baseline" if runtime.startswith("onnxruntime") else "the fp32 baseline"
+        known = f" reads on onnxruntime {version}" if newest is not None else " (the device's limit is not known)"
+        return CheckResult(check=name, verdict="pass", reason=f"IR version {model.ir_version}{known}")
+    what = _loaded_by_onnxruntime(runtime)
     fact = "each onnxruntime release reads ONNX IR versions up to the one of the onnx it was built with"
     if with_ir(model, newest) is not None:
         return CheckResult(check=name, verdict="warn", fact=fact,
-                           reason=f"the model is saved with IR version {model.ir_version}; onnxruntime {spec.version} "
+                           reason=f"the model is saved with IR version {model.ir_version}; onnxruntime {version} "
                                   f"reads up to {newest}, and nothing in it needs more: {what} go there as IR {newest}")
     return CheckResult(check=name, verdict="warn", fact=fact,
                        reason=f"the model is saved with IR version {model.ir_version} and uses what onnxruntime "
-                              f"{spec.version} (IR <= {newest}) can't read: {what} won't load there",
+                              f"{version} (IR <= {newest}) can't read: {what} won't load there",
                        fix="save the model with an older onnx, or update onnxruntime on the device")
+
+
+def _loaded_by_onnxruntime(runtime: Runtime) -> str:
+    """What of a run onnxruntime loads on the device: the artifact too, when the runtime is one of its own."""
+    return "the model and the fp32 baseline" if runtime.startswith("onnxruntime") else "the fp32 baseline"
 
 
 def check_memory(info: ModelInfo, profile: DeviceProfile, quant: QuantConfig, runtime: Runtime) -> CheckResult:
@@ -380,7 +381,7 @@ def check_runtime(profile: DeviceProfile, runtime: Runtime) -> CheckResult:
             fact="onnxruntime's CUDA and TensorRT providers need an NVIDIA GPU and its driver",
             fix="use --runtime onnxruntime or --runtime tvm here, or a profile of a board with an NVIDIA GPU",
         )
-    if spec is None or spec.version is None:
+    if spec is None or not profile.has_runtime(runtime):
         wheel_note = (f" TVM 0.27 needs Python >= {'.'.join(map(str, TVM_MIN_PYTHON))}; this device has "
                       f"{profile.python_version} ({profile.os})") if runtime == "tvm" and py < TVM_MIN_PYTHON else ""
         others = [r for r in ("onnxruntime-tensorrt", "onnxruntime-cuda", "tvm", "onnxruntime")

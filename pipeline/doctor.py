@@ -43,8 +43,7 @@ def doctor(profile: DeviceProfile) -> list[DoctorRow]:
         rows.append(DoctorRow(check="python", ok=facts.python.startswith(profile.python_version),
                               detail=f"device {facts.python}, profile {profile.python_version}"))
         for runtime in ("numpy", "tvm", "onnxruntime"):
-            spec = profile.runtimes.get(runtime) if runtime != "numpy" else None
-            wanted = runtime == "numpy" or bool(spec and spec.version)
+            wanted = runtime == "numpy" or profile.has_runtime(runtime)
             present = getattr(facts, runtime)
             rows.append(DoctorRow(check=runtime, ok=present or not wanted,
                                   detail=("installed" if present else "missing") +
@@ -61,8 +60,7 @@ def doctor(profile: DeviceProfile) -> list[DoctorRow]:
 
 def _gpu_rows(transport: Transport, profile: DeviceProfile) -> list[DoctorRow]:
     """For a profile whose runtimes use a GPU: what the board's GPU stack is, and each such runtime's readiness."""
-    on_gpu = [name for name in RUNTIME_NAMES if profile.unit_of(name) == "gpu"
-              and (spec := profile.runtimes.get(name)) and spec.version]
+    on_gpu = [name for name in RUNTIME_NAMES if profile.unit_of(name) == "gpu" and profile.has_runtime(name)]
     if not on_gpu:
         return []
     gpu = probe_gpu(transport, profile, tvm="tvm" in on_gpu)

@@ -102,7 +102,7 @@ def load_lab(path: Path) -> LabFile:
 def _runtimes_on(profile: DeviceProfile, asked: list[RuntimeName] | None) -> list[RuntimeName]:
     """The lab's runtimes that this board has (a Pi gets no TensorRT job to refuse every night); none asked, or none of
     them there: the profile's preferred one."""
-    there = [r for r in asked or [] if (spec := profile.runtimes.get(r)) and spec.version]
+    there = [r for r in asked or [] if profile.has_runtime(r)]
     return there or [profile.preferred_runtime]
 
 

@@ -94,8 +94,7 @@ def package_onnx(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
     device, fp16/int8 as the manifest's scheme says)."""
     started = time.perf_counter()
     artifact = workdir / "model.onnx"
-    spec = profile.runtimes.get(runtime)
-    model = for_onnxruntime(Path(quantized.path), spec.version if spec else None, workdir / "converted")
+    model = for_onnxruntime(Path(quantized.path), profile.onnxruntime_for(runtime), workdir / "converted")
     shutil.copyfile(model, artifact)
     return write_manifest(artifact, quantized, info, profile, runtime=runtime, seconds=time.perf_counter() - started,
                           extra={"device_code": "onnx", "opset": model_opset(onnx.load(str(artifact),

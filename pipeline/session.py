@@ -51,8 +51,7 @@ class DeviceSession:
         """The preflight (the device is what the profile says, has the runtimes and the room), then the artifact,
         the fp32 baseline model and the evaluation inputs placed on it (pipeline.deploy)."""
         # The fp32 baseline at an opset the board's onnxruntime runs (converted down where it must: pipeline.opset).
-        base = self.profile.runtimes.onnxruntime
-        baseline = for_onnxruntime(Path(info.source_path), base.version if base else None,
+        baseline = for_onnxruntime(Path(info.source_path), self.profile.onnxruntime_for("onnxruntime"),
                                    Path(info.prepared_path).parent / "baseline")
         files = [Path(artifact.library_path), Path(artifact.manifest_path), baseline, Path(data.eval_path)]
         runtimes = tuple(dict.fromkeys((artifact.runtime, "onnxruntime")))  # the artifact's, and the baseline's

@@ -224,6 +224,18 @@ class DeviceProfile(_Frozen):
         native = gpu.precisions if gpu else self.cpu.precisions
         return self.preferred_scheme if self.preferred_scheme in native else "fp32"
 
+    def has_runtime(self, runtime: str) -> bool:
+        """Is ``runtime`` installed on the device (declared with a version)?"""
+        spec = self.runtimes.get(runtime)
+        return bool(spec and spec.version)
+
+    def onnxruntime_for(self, runtime: str) -> str | None:
+        """The onnxruntime version that loads what ``runtime`` runs: its own (a GPU provider's build), else the CPU
+        one that also runs the fp32 baseline; None when the device has none."""
+        own = self.runtimes.get(runtime) if runtime.startswith("onnxruntime") else None
+        spec = own if own and own.version else self.runtimes.onnxruntime
+        return spec.version if spec else None
+
     def unit_of(self, runtime: str) -> Unit:
         """The unit ``runtime`` computes on here: onnxruntime's providers fix it; TVM's is the profile's say (its
         runtimes.tvm.unit), the CPU by default."""

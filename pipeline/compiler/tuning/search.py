@@ -225,7 +225,7 @@ def tuning_refusal(profile: DeviceProfile, trials: int,
     if profile.tvm_gpu_target():
         expected = ("a CPU profile: GPU kernels are built with dlight's default schedules, and tuning them would "
                     "need CUDA on the board and a GPU runner, which edgedeploy doesn't have")
-    elif remote and not (profile.runtimes.tvm and profile.runtimes.tvm.version):
+    elif remote and not profile.has_runtime("tvm"):
         expected = ("a board with TVM: tuning times each candidate with TVM's RPC server on the board, and this "
                     "profile says it has no TVM (runtimes.tvm: null)")
     elif remote and tuning_board is None:
