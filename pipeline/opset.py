@@ -66,22 +66,23 @@ def converted(model: onnx.ModelProto, opset: int) -> onnx.ModelProto | None:
 
 def for_onnxruntime(path: Path, version: str | None, out_dir: Path) -> Path:
     """``path`` itself when onnxruntime ``version`` runs its opset, else a copy converted down to it in ``out_dir``
-    (the same file for the same model: re-deploying it sends nothing); ``path`` when it can't be converted (the
-    checks warned: it won't load there)."""
+    (the same file for the same model, made once: re-deploying it sends nothing); ``path`` when it can't be converted
+    (the checks warned: it won't load there)."""
     newest, newest_ir = ort_max_opset(version), ort_max_ir(version)
     model = onnx.load(str(path), load_external_data=False)
-    too_new = newest is not None and model_opset(model) > newest
-    ir_too_new = newest_ir is not None and model.ir_version > newest_ir
+    opset, ir = model_opset(model), model.ir_version
+    too_new, ir_too_new = newest is not None and opset > newest, newest_ir is not None and ir > newest_ir
     if not (too_new or ir_too_new) or _has_external_data(model):
         return path
-    down = onnx.load(str(path))
-    if too_new and (down := converted(down, newest)) is None:
+    out = out_dir / f"{path.stem}.opset{newest if too_new else opset}.ir{newest_ir if ir_too_new else ir}.onnx"
+    if out.is_file():
+        return out
+    if too_new and (model := converted(model, newest)) is None:
         return path
-    if newest_ir is not None and down.ir_version > newest_ir and (down := with_ir(down, newest_ir)) is None:
+    if ir_too_new and model.ir_version > newest_ir and (model := with_ir(model, newest_ir)) is None:
         return path
-    out = out_dir / f"{path.stem}.opset{model_opset(down)}.ir{down.ir_version}.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(down, str(out))
+    onnx.save(model, str(out))
     return out
 
 

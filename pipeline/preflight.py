@@ -32,7 +32,6 @@ class DeviceFacts(BaseModel):
     onnxruntime: bool
     free_bytes: int
     workdir: str
-    gpu: GpuFacts | None = None
 
 
 def gpu_refusal(facts: GpuFacts, profile: DeviceProfile, runtime: str, host: str) -> PreflightError | None:
@@ -89,9 +88,9 @@ def preflight(transport: Transport, profile: DeviceProfile, workdir: str, *, byt
         )
     on_gpu = [name for name in runtimes if profile.unit_of(name) == "gpu"]
     if on_gpu:
-        facts = facts.model_copy(update={"gpu": probe_gpu(transport, profile, tvm="tvm" in on_gpu)})
+        gpu = probe_gpu(transport, profile, tvm="tvm" in on_gpu)
         for name in on_gpu:
-            if refusal := gpu_refusal(facts.gpu, profile, name, transport.name):
+            if refusal := gpu_refusal(gpu, profile, name, transport.name):
                 raise refusal
     if facts.free_bytes < bytes_needed:
         raise PreflightError(

@@ -69,10 +69,10 @@ class DeviceSession:
         """The artifact and onnxruntime fp32 in turns, scored and compared (pipeline.benchmark), between two readings
         of the board's state (power mode, clocks, temperatures, throttling: targets.board_state)."""
         names, samples = self._samples(info, data)
-        python = self.profile.connection.python_argv()
         before = self.board_state()
-        report = benchmark(self.transport, python, deployed, samples, input_order=names, scoring=data.scoring,
-                           settings=settings, local_dir=local_dir, output_names=[o.name for o in info.outputs])
+        report = benchmark(self.transport, self.profile.connection.python_argv(), deployed, samples, input_order=names,
+                           scoring=data.scoring, settings=settings, local_dir=local_dir,
+                           output_names=[o.name for o in info.outputs])
         return with_board_state(report, before, self.board_state())
 
     def gpu_facts(self, *, tvm: bool) -> GpuFacts:
