@@ -65,6 +65,10 @@ Activations = Annotated[Literal["uint8", "int8"], typer.Option(help="int8: the a
                                                                    "by default; TensorRT wants int8 symmetric).")]
 SymmetricActivations = Annotated[bool, typer.Option("--symmetric-activations", help="int8: activation zero points "
                                                                                      "0.")]
+InputShape = Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")]
+Batch = Annotated[int | None, typer.Option(min=1, help="Samples per inference, for a model whose batch dimension is "
+                                                       "dynamic (default: the model's own, else 1); data rows are "
+                                                       "samples.")]
 TuneTrials = Annotated[int, typer.Option(min=0, help="MetaSchedule trials per task for the TVM build (0 = none; a "
                                                      "board is timed over SSH).")]
 TuneMinutes = Annotated[float | None, typer.Option(min=0.1, help="Stop tuning after this many minutes (the database "
@@ -124,7 +128,8 @@ def run(
     tune_minutes: TuneMinutes = None,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
     eval_samples: Annotated[int | None, typer.Option(min=1, help="Cap on evaluation samples.")] = None,
-    input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
+    input_shape: InputShape = None,
+    batch: Batch = None,
     min_iterations: Annotated[int, typer.Option(min=1, help="Minimum timed iterations per runtime.")] = 20,
     min_seconds: Annotated[float, typer.Option(min=0, help="Minimum timed seconds per runtime.")] = 2.0,
     max_seconds: Annotated[float, typer.Option(min=1, help="Time limit per runtime on the device.")] = 600.0,
@@ -143,6 +148,7 @@ def run(
             model, profile, quant, calibration, per_channel, calib_data, calib_samples, input_shape, tune_trials,
             tune_minutes, eval_data=str(eval_data) if eval_data else None, eval_samples=eval_samples,
             max_model_mb=max_model_mb, accuracy_budget=accuracy_budget / 100, partial=partial, runtime=runtime,
+            batch=batch,
             quant_options={"percentile": percentile, "activation_type": activations,
                            "symmetric_activations": symmetric_activations},
             bench=BenchmarkSettings(warmup=warmup, min_iterations=min_iterations, min_seconds=min_seconds,
@@ -173,7 +179,8 @@ def check(
     quant: Annotated[Literal["fp32", "fp16", "int8", "dynamic"] | None,
                      typer.Option(help="Numeric format to check (default: the profile's).")] = None,
     runtime: RuntimeOption = None,
-    input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
+    input_shape: InputShape = None,
+    batch: Batch = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only one JSON object on stdout.")] = False,
 ) -> None:
     """Only the hardware and compiler checks: pass / warn / refuse, each with its reason. Exit 4 on a refusal."""
@@ -183,7 +190,8 @@ def check(
         from pipeline.compile import check_report, ingest_model
         from targets.profiles import load_profile
 
-        config = _build_config(model, profile, quant, "minmax", True, None, 1, input_shape, runtime=runtime)
+        config = _build_config(model, profile, quant, "minmax", True, None, 1, input_shape, runtime=runtime,
+                               batch=batch)
         device = load_profile(profile)
         with tempfile.TemporaryDirectory(prefix="edgedeploy-check-") as tmp:
             report = check_report(ingest_model(config, Path(tmp)), device, config)
@@ -211,7 +219,8 @@ def compile_command(
     symmetric_activations: SymmetricActivations = False,
     calib_data: Annotated[Path | None, typer.Option(help=".npz of inputs or a folder of images.")] = None,
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples to use.")] = 100,
-    input_shape: Annotated[list[str] | None, typer.Option(help="NAME=1,3,224,224 (repeatable).")] = None,
+    input_shape: InputShape = None,
+    batch: Batch = None,
     tune_trials: TuneTrials = 0,
     tune_minutes: TuneMinutes = None,
     partial: Partial = False,
@@ -229,7 +238,7 @@ def compile_command(
 
         config = _build_config(model, profile, quant, calibration, per_channel, calib_data, calib_samples,
                                input_shape, tune_trials, tune_minutes, partial=partial,
-                               accuracy_budget=accuracy_budget / 100, runtime=runtime,
+                               accuracy_budget=accuracy_budget / 100, runtime=runtime, batch=batch,
                                quant_options={"percentile": percentile, "activation_type": activations,
                                               "symmetric_activations": symmetric_activations})
         with stderr.status(f"compiling for {profile} ..."):

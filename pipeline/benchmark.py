@@ -105,7 +105,7 @@ class BenchmarkReport(BaseModel):
 def _run_runner(
     transport: Transport, python: list[str], deployed: DeployedArtifact, *, runtime: str,
     input_order: list[str], settings: BenchmarkSettings, local_dir: Path, which: str, name: str,
-    kernel_runs: int, fetch_outputs: bool = True,
+    kernel_runs: int, batch: int, fetch_outputs: bool = True,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Run the device runner on the artifact (which="artifact") or on the fp32 baseline (which="baseline")."""
     remote_out = posixpath.join(deployed.run_dir, f"outputs.{name}.npz")
@@ -116,7 +116,8 @@ def _run_runner(
     argv = runner_argv(python, deployed.runner.remote_path, runtime=runtime, inputs=deployed.inputs.remote_path,
                        input_order=input_order, outputs=remote_out, warmup=settings.warmup,
                        min_iterations=settings.min_iterations, min_seconds=settings.min_seconds,
-                       max_seconds=settings.max_seconds, threads=settings.threads, kernel_runs=kernel_runs, **checked)
+                       max_seconds=settings.max_seconds, threads=settings.threads, kernel_runs=kernel_runs, batch=batch,
+                       **checked)
     allowance = STARTUP_ALLOWANCE_S + (ENGINE_BUILD_ALLOWANCE_S if runtime == "onnxruntime-tensorrt" else 0.0)
     result = transport.run(argv, timeout=settings.max_seconds + allowance)
     report = parse_report(result, runtime=runtime, host=transport.name)
@@ -133,7 +134,8 @@ def _measurement(report: dict[str, Any], scoring: Scoring, outputs: np.ndarray, 
     score = scoring.accuracy(outputs, samples)
     return Measurement(
         runtime=report["runtime"], artifact_sha256=report["artifact_sha256"], versions=report["versions"],
-        latency_ms=LatencyStats.from_samples(report["latency_ms"]), samples_ms=report["latency_ms"],
+        latency_ms=LatencyStats.from_samples(report["latency_ms"], report.get("batch", 1)),
+        samples_ms=report["latency_ms"],
         warmup=report["warmup"], peak_rss_mb=report["peak_rss_mb"], load_seconds=report["load_seconds"],
         first_run_seconds=report.get("first_run_seconds"),
         timed_seconds=report["timed_seconds"], samples=report["samples_covered"], accuracy=score,
@@ -171,8 +173,8 @@ def _joined(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _timed_in_turns(transport: Transport, python: list[str], deployed: DeployedArtifact, *, whiches: list[str],
-                    input_order: list[str], settings: BenchmarkSettings,
-                    local_dir: Path) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
+                    input_order: list[str], settings: BenchmarkSettings, local_dir: Path,
+                    batch: int) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
     """Each runtime in ``whiches`` run ``settings.rounds`` times, taking turns A B, B A, A B, ...; its outputs are
     the first round's (every round runs every sample)."""
     share = settings.per_round()
@@ -186,7 +188,7 @@ def _timed_in_turns(transport: Transport, python: list[str], deployed: DeployedA
                                       input_order=input_order, settings=share, local_dir=local_dir, which=which,
                                       name=which if index == 0 else f"{which}.round{index + 1}",
                                       kernel_runs=KERNEL_RUNS if last and runtime == "tvm" else 0,
-                                      fetch_outputs=index == 0)
+                                      batch=batch, fetch_outputs=index == 0)
             reports[which].append(report)
             if out is not None:
                 outputs[which] = out
@@ -195,25 +197,25 @@ def _timed_in_turns(transport: Transport, python: list[str], deployed: DeployedA
 
 def measure(
     transport: Transport, python: list[str], deployed: DeployedArtifact, samples: Samples, *, which: str,
-    input_order: list[str], scoring: Scoring, settings: BenchmarkSettings, local_dir: Path,
+    input_order: list[str], scoring: Scoring, settings: BenchmarkSettings, local_dir: Path, batch: int = 1,
 ) -> tuple[Measurement, np.ndarray]:
     """One runtime on the device: the deployed artifact (which="artifact") or onnxruntime fp32 ("baseline"), in one
     process (rounds are turns between two runtimes; alone, they would only cost more start-ups)."""
     (report, outputs), = _timed_in_turns(transport, python, deployed, whiches=[which], input_order=input_order,
                                           settings=settings.model_copy(update={"rounds": 1}),
-                                          local_dir=local_dir).values()
+                                          local_dir=local_dir, batch=batch).values()
     return _measurement(report, scoring, outputs, samples), outputs
 
 
 def benchmark(
     transport: Transport, python: list[str], deployed: DeployedArtifact, samples: Samples, *,
     input_order: list[str], scoring: Scoring, settings: BenchmarkSettings, local_dir: Path,
-    output_names: list[str] | None = None,
+    output_names: list[str] | None = None, batch: int = 1,
 ) -> BenchmarkReport:
-    """Measure the artifact and the baseline on the device, in turns; score and compare them (every output, where
-    the model has more than one: ``output_names``)."""
+    """Measure the artifact and the baseline on the device, in turns, ``batch`` samples per inference; score and
+    compare them (every output, where the model has more than one: ``output_names``)."""
     timed = _timed_in_turns(transport, python, deployed, whiches=["artifact", "baseline"], input_order=input_order,
-                            settings=settings, local_dir=local_dir)
+                            settings=settings, local_dir=local_dir, batch=batch)
     (art_report, art_out), (base_report, base_out) = timed["artifact"], timed["baseline"]
     agreement = scoring.agreement(art_out, base_out)
     if output_names and len(output_names) > 1:

@@ -39,7 +39,7 @@ class BuildResult(BaseModel):
 
 
 def ingest_model(config: RunConfig, workdir: Path) -> ModelInfo:
-    return ingest(Path(config.model_path), workdir, input_shapes=config.input_shapes,
+    return ingest(Path(config.model_path), workdir, input_shapes=config.input_shapes, batch=config.batch,
                   max_bytes=config.max_model_mb * 1024 * 1024)
 
 

@@ -38,6 +38,8 @@ class RunConfig(BaseModel):
     calib_samples: int = Field(default=100, ge=1, description="Calibration samples to use.")
     eval_samples: int | None = Field(default=None, ge=1, description="Cap on evaluation samples.")
     input_shapes: dict[str, tuple[int, ...]] = Field(default_factory=dict)
+    batch: int | None = Field(default=None, ge=1, description="Samples per inference, for a model whose first "
+                              "dimension is dynamic; None = the model's own batch, else 1.")
     max_model_mb: int = Field(default=2048, ge=1, description="Size cap for the model file.")
     bench: BenchmarkSettings = Field(default_factory=BenchmarkSettings)
     regression: RegressionPolicy = Field(default_factory=RegressionPolicy)

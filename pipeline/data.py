@@ -2,13 +2,15 @@
 tensors or a folder of images).
 
 .npz: one array per model input, named like the input (a single-input model may use ``inputs``),
-with one sample per row: shape (N, *input_shape[1:]); an optional int array ``labels`` (N,) gives
-classification labels. A folder: images (png/jpg/bmp) run through the workload's preprocessing;
-images in sub-folders are labelled by the sorted sub-folder names (ImageFolder convention).
+with one sample per row: shape (N, *input_shape[1:]), whatever the batch (a batch-4 model takes 4 rows per
+inference); an optional int array ``labels`` (N,) gives classification labels. A folder: images (png/jpg/bmp)
+run through the workload's preprocessing; images in sub-folders are labelled by the sorted sub-folder names
+(ImageFolder convention).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgedeploy.errors import DataError
-from pipeline.ingest import TensorSpec
+from pipeline.ingest import TensorSpec, batch_of, sample_shape
 from pipeline.scoring import Scoring, scoring_for
 from pipeline.workloads.base import Samples, TaskKind, Workload
 
@@ -27,6 +29,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 def _check_arrays(path: Path, arrays: dict[str, np.ndarray], specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
     inputs: dict[str, np.ndarray] = {}
+    batch = batch_of(specs)
     for spec in specs:
         key = spec.name if spec.name in arrays else ("inputs" if len(specs) == 1 and "inputs" in arrays else None)
         if key is None:
@@ -36,7 +39,7 @@ def _check_arrays(path: Path, arrays: dict[str, np.ndarray], specs: Sequence[Ten
                 fix=f"np.savez(path, {spec.name}=x, labels=y)",
             )
         arr = arrays[key]
-        want = (spec.shape[1:] if spec.shape and spec.shape[0] == 1 else spec.shape)
+        want = sample_shape(spec, batch)
         if arr.ndim != len(want) + 1 or tuple(arr.shape[1:]) != tuple(want):
             raise DataError(
                 f"Array {key!r} in {path} has the wrong shape for input {spec.name!r}",
@@ -139,6 +142,20 @@ class PreparedData(BaseModel):
         return scoring_for(self.kind)
 
 
+def whole_batches(samples: Samples, batch: int, what: str) -> Samples:
+    """The samples that fill whole batches (a batch-N model runs N rows at a time; the rest is left out, as its
+    source says); fewer than one batch is refused."""
+    if batch <= 1 or len(samples) % batch == 0:
+        return samples
+    if len(samples) < batch:
+        raise DataError(f"The {what} data has fewer samples than one batch", value=len(samples),
+                        expected=f"at least {batch} (the model's batch)",
+                        fix="give more samples, or a smaller --batch")
+    kept = samples.head(len(samples) - len(samples) % batch)
+    left = len(samples) - len(kept)
+    return dataclasses.replace(kept, source=f"{samples.source} ({left} left out: whole batches of {batch})")
+
+
 def prepare_data(
     specs: Sequence[TensorSpec], workload: Workload | None, run_dir: Path, *, scheme: str,
     calib_data: str | None, eval_data: str | None, calib_samples: int, eval_samples: int | None,
@@ -167,6 +184,9 @@ def prepare_data(
         rows = [sample_inputs(specs, seed=i) for i in range(n)]
         evaluation = Samples({s.name: np.concatenate([r[s.name] for r in rows]) for s in specs}, None,
                              "random inputs (no --eval-data): no accuracy, agreement only")
+    batch = batch_of(specs)
+    evaluation = whole_batches(evaluation, batch, "evaluation")
+    calibration = whole_batches(calibration, batch, "calibration") if calibration is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
     calib_path = None
     if calibration is not None:

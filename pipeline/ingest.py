@@ -36,6 +36,19 @@ class TensorSpec(BaseModel):
     dtype: str
 
 
+def batch_of(specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> int:
+    """The samples one inference takes: the inputs' common first dimension (1 where they don't share one, or where
+    it is dynamic: -1)."""
+    firsts = {spec.shape[0] if spec.shape else None for spec in specs}
+    first = firsts.pop() if len(firsts) == 1 else None
+    return first if first and first > 0 else 1
+
+
+def sample_shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
+    """One sample of this input: its shape without the batch dimension (an input without one is whole)."""
+    return spec.shape[1:] if spec.shape and spec.shape[0] == batch else spec.shape
+
+
 class ModelInfo(BaseModel):
     """What ingest learned about a model, and the static model the later stages use."""
 
@@ -57,6 +70,11 @@ class ModelInfo(BaseModel):
     prepared_path: str = Field(description="The static-shape model later stages use.")
     prequantized: bool = Field(default=False, description="Already QDQ int8 (a QAT export, another tool's output): "
                                "never quantized again; compiled with integer kernels.")
+
+    @property
+    def batch(self) -> int:
+        """Samples per inference (--batch, --input-shape or the model's own first dimension)."""
+        return batch_of(self.inputs)
 
 
 def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
@@ -84,12 +102,19 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in weights]
 
 
+def input_specs(model: onnx.ModelProto) -> tuple[TensorSpec, ...]:
+    """The model's inputs (its weights aside), as they are declared."""
+    return _specs(_graph_inputs(model))
+
+
 def _dims(info: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in info.type.tensor_type.shape.dim]
 
 
-def resolve_input_shapes(model: onnx.ModelProto, requested: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Static shape for every input: requested, else the model's own, else batch 1 for a dynamic first dim."""
+def resolve_input_shapes(model: onnx.ModelProto, requested: dict[str, tuple[int, ...]],
+                         batch: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Static shape for every input: requested, else the model's own, its dynamic first dim (the batch) ``batch``
+    or 1; a ``batch`` the model's fixed first dim contradicts is refused."""
     inputs = _graph_inputs(model)
     known = {i.name for i in inputs}
     for name in requested:
@@ -118,7 +143,12 @@ def resolve_input_shapes(model: onnx.ModelProto, requested: dict[str, tuple[int,
                 value=dims, fix=f"give them with --input-shape {info.name}=" + ",".join(
                     "1" if i == 0 else (str(d) if isinstance(d, int) and d > 0 else "N") for i, d in enumerate(dims)),
             )
-        resolved[info.name] = tuple(1 if i == 0 and i in dynamic else int(d) for i, d in enumerate(dims))
+        if batch is not None and dims and not dynamic and dims[0] != batch:
+            raise OptionError(
+                f"--batch {batch} doesn't fit input {info.name!r}: its first dimension is fixed", value=dims,
+                fix=f"leave --batch out (the model's batch is {dims[0]}), or export the model with a dynamic batch",
+            )
+        resolved[info.name] = tuple((batch or 1) if i == 0 and i in dynamic else int(d) for i, d in enumerate(dims))
     return resolved
 
 
@@ -244,12 +274,12 @@ def name_unnamed_nodes(model: onnx.ModelProto) -> int:
 
 def ingest(
     model_path: Path, workdir: Path, *, input_shapes: dict[str, tuple[int, ...]] | None = None,
-    max_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+    batch: int | None = None, max_bytes: int = DEFAULT_MAX_MODEL_BYTES,
 ) -> ModelInfo:
     """Load, check and measure a model; write the static model later stages use into ``workdir``."""
     model_path = Path(model_path)
     model = load_model_safely(model_path, max_bytes=max_bytes)
-    shapes = resolve_input_shapes(model, input_shapes or {})
+    shapes = resolve_input_shapes(model, input_shapes or {}, batch)
     workdir.mkdir(parents=True, exist_ok=True)
     prepared_path = workdir / "model.static.onnx"
     rewrite = needs_static_rewrite(model)
@@ -267,7 +297,7 @@ def ingest(
         size_bytes=model_path.stat().st_size,
         opset=opset,
         producer=f"{model.producer_name} {model.producer_version}".strip(),
-        inputs=_specs(_graph_inputs(prepared)),
+        inputs=input_specs(prepared),
         outputs=_specs(prepared.graph.output),
         op_census=op_census(model),
         parameters=weights,

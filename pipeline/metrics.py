@@ -20,20 +20,24 @@ class LatencyStats(BaseModel):
     std: float
     min: float
     max: float
-    throughput_per_s: float = Field(description="1000 / mean, batch 1.")
+    throughput_per_s: float = Field(description="Samples per second: batch x 1000 / mean.")
+    batch: int = Field(default=1, description="Samples per inference: every figure above but throughput is per "
+                       "batch.")
+    per_sample_ms: float | None = Field(default=None, description="mean / batch.")
 
     @classmethod
-    def from_samples(cls, samples_ms: list[float]) -> LatencyStats:
+    def from_samples(cls, samples_ms: list[float], batch: int = 1) -> LatencyStats:
         arr = np.asarray(samples_ms, np.float64)
         if arr.size == 0:
             nan = float("nan")
-            return cls(n=0, p50=nan, p90=nan, p99=nan, mean=nan, std=nan, min=nan, max=nan, throughput_per_s=0.0)
+            return cls(n=0, p50=nan, p90=nan, p99=nan, mean=nan, std=nan, min=nan, max=nan, throughput_per_s=0.0,
+                       batch=batch)
         p50, p90, p99 = np.percentile(arr, [50, 90, 99])
         mean = float(arr.mean())
         return cls(
             n=int(arr.size), p50=float(p50), p90=float(p90), p99=float(p99), mean=mean,
             std=float(arr.std(ddof=1)) if arr.size > 1 else 0.0, min=float(arr.min()), max=float(arr.max()),
-            throughput_per_s=1000.0 / mean if mean > 0 else 0.0,
+            throughput_per_s=batch * 1000.0 / mean if mean > 0 else 0.0, batch=batch, per_sample_ms=mean / batch,
         )
 
 

@@ -82,6 +82,7 @@ class _Evaluator:
 
     def __init__(self, info: ModelInfo, data: PreparedData) -> None:
         self.names = [s.name for s in info.inputs]
+        self.batch = info.batch
         self.samples = Samples.load(Path(data.eval_path), self.names)
         self.scoring = data.scoring
         self.labelled = self.scoring.metric_for(self.samples) is not None
@@ -93,9 +94,8 @@ class _Evaluator:
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the model's arithmetic
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        n = len(self.samples) if limit is None else min(limit, len(self.samples))
-        return np.concatenate([session.run(None, {k: self.samples.inputs[k][i:i + 1] for k in self.names})[0]
-                               for i in range(n)])
+        samples = self.samples.head(limit)
+        return np.concatenate([session.run(None, feeds)[0] for feeds in samples.batches(self.batch)])
 
 
     def metric_name(self) -> str:

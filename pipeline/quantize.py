@@ -30,6 +30,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgedeploy.errors import QuantizationError
+from pipeline.ingest import batch_of, input_specs
 from pipeline.workloads.base import Samples
 from targets.hashing import sha256_file
 
@@ -108,15 +109,13 @@ logging.getLogger().addFilter(_DropPreprocessAdvice())
 
 
 class _Reader(CalibrationDataReader):
-    def __init__(self, samples: Samples) -> None:
-        self._rows = iter(range(len(samples)))
-        self._samples = samples
+    """The calibration samples, a batch of the model's size at a time."""
+
+    def __init__(self, samples: Samples, model_path: Path) -> None:
+        self._batches = samples.batches(batch_of(input_specs(onnx.load(str(model_path), load_external_data=False))))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        i = next(self._rows, None)
-        if i is None:
-            return None
-        return {name: arr[i : i + 1] for name, arr in self._samples.inputs.items()}
+        return next(self._batches, None)
 
 
 def topological_sort(graph: onnx.GraphProto) -> None:
@@ -179,7 +178,7 @@ def _convert(model_path: Path, out: Path, config: QuantConfig, calibration: Samp
     quantize_static(
         str(model_path),
         str(out),
-        None if cached_ranges else _Reader(calibration),
+        None if cached_ranges else _Reader(calibration, model_path),
         quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
         per_channel=config.per_channel,
         reduce_range=config.reduce_range,
@@ -202,7 +201,7 @@ def _mse_ranges(model_path: Path, calibration: Samples, cache: Path) -> None:
         calibrator = create_calibrator(model_path, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=CalibrationMethod.Entropy,
                                        extra_options={"num_bins": MSE_BINS, "num_quantized_bins": 255})
-        calibrator.collect_data(_Reader(calibration))
+        calibrator.collect_data(_Reader(calibration, model_path))
         histograms = calibrator.collector.histogram_dict
     ranges = {}
     for name, (counts, edges, low, high, _) in histograms.items():

@@ -32,6 +32,8 @@ class ModelSummary(BaseModel):
     op_census: dict[str, int]
     static_rewrite: bool
     prequantized: bool = Field(default=False, description="The model came QDQ int8 and ran as it is.")
+    inputs: dict[str, tuple[int, ...]] = Field(default_factory=dict, description="Each input's static shape, as run.")
+    batch: int = Field(default=1, description="Samples per inference.")
 
 
 class ArtifactSummary(BaseModel):
@@ -145,7 +147,8 @@ class RunResult(BaseModel):
             run_id=run_id, created=created,
             model=ModelSummary(path=info.source_path, sha256=info.sha256, workload=workload,
                                parameters=info.parameters, flops=info.flops, op_census=info.op_census,
-                               static_rewrite=info.static_rewrite, prequantized=info.prequantized),
+                               static_rewrite=info.static_rewrite, prequantized=info.prequantized,
+                               inputs={spec.name: spec.shape for spec in info.inputs}, batch=info.batch),
             profile=profile, scheme=quantized.config.label(),
             runtime=f"{art.runtime} {art.versions.get(art.runtime.split('-')[0], '')}".strip(),
             unit="GPU" if compiled.device_code.startswith("ptx") or art.runtime in GPU_RUNTIMES else "CPU",
@@ -210,7 +213,9 @@ class RunResult(BaseModel):
         for label, key in (("p50 ms", "p50"), ("p90 ms", "p90"), ("p99 ms", "p99"), ("mean ms", "mean"),
                            ("std ms", "std")):
             side.add_row(label, f"{getattr(a, key):.3f}", f"{getattr(b, key):.3f}")
-        side.add_row("throughput /s", f"{a.throughput_per_s:.1f}", f"{b.throughput_per_s:.1f}")
+        if a.batch > 1:  # the rows above are per batch
+            side.add_row(f"per sample ms (batch {a.batch})", f"{a.per_sample_ms:.3f}", f"{b.per_sample_ms:.3f}")
+        side.add_row("samples /s", f"{a.throughput_per_s:.1f}", f"{b.throughput_per_s:.1f}")
         side.add_row("timed iterations", str(a.n), str(b.n))
         # Never part of the latency: the load (TensorRT builds its engine there for a static-shape model) and the
         # first run (the GPU loads or JIT-compiles its code).

@@ -72,7 +72,7 @@ class DeviceSession:
         before = self.board_state()
         report = benchmark(self.transport, self.profile.connection.python_argv(), deployed, samples, input_order=names,
                            scoring=data.scoring, settings=settings, local_dir=local_dir,
-                           output_names=[o.name for o in info.outputs])
+                           output_names=[o.name for o in info.outputs], batch=info.batch)
         return with_board_state(report, before, self.board_state())
 
     def gpu_facts(self, *, tvm: bool) -> GpuFacts:
@@ -89,7 +89,8 @@ class DeviceSession:
         """One runtime alone: the artifact (which="artifact") or onnxruntime fp32 (which="baseline")."""
         names, samples = self._samples(info, data)
         return measure(self.transport, self.profile.connection.python_argv(), deployed, samples, which=which,
-                       input_order=names, scoring=data.scoring, settings=settings, local_dir=local_dir)
+                       input_order=names, scoring=data.scoring, settings=settings, local_dir=local_dir,
+                       batch=info.batch)
 
 
 def with_board_state(report: BenchmarkReport, before: BoardState, after: BoardState) -> BenchmarkReport:

@@ -10,7 +10,7 @@ dataclasses, no walrus, no ``from __future__ import annotations``. It
    the library carries GPU code), or onnxruntime with the CPU, CUDA or TensorRT execution provider (an .onnx;
    TensorRT builds its engine into the run's cache directory, fp16/int8 as the manifest's scheme says),
 3. runs warm-up iterations (not counted), then timed iterations cycling through the input
-   samples until both the minimum count and the minimum duration are reached and every sample
+   samples (``--batch`` rows per inference) until both the minimum count and the minimum duration are reached and every sample
    has run once; a wall-clock limit stops it early and marks the run invalid,
 4. writes every output of every sample to an .npz (``outputs``: the first; ``output_1``, ...: the others) and
    prints ONE JSON object on stdout,
@@ -196,6 +196,7 @@ def main(argv=None):
     p.add_argument("--inputs", required=True, help=".npz: one array per model input, one sample per row")
     p.add_argument("--input-order", required=True, help="comma-separated model input names")
     p.add_argument("--outputs", required=True, help=".npz to write every output of every sample into")
+    p.add_argument("--batch", type=int, default=1, help="samples (rows of --inputs) per inference")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-iterations", type=int, default=20)
     p.add_argument("--min-seconds", type=float, default=2.0)
@@ -220,8 +221,9 @@ def main(argv=None):
     names = args.input_order.split(",")
     with np.load(args.inputs) as npz:
         columns = [npz[name] for name in names]
-    n_samples = len(columns[0])
-    samples = [[col[i:i + 1] for col in columns] for i in range(n_samples)]
+    batch = args.batch  # rows per inference: a batch-4 model takes rows 0-3, then 4-7, ...
+    n_samples = len(columns[0]) // batch
+    samples = [[col[i * batch:(i + 1) * batch] for col in columns] for i in range(n_samples)]
 
     precision = manifest.get("compiled_model", {}).get("scheme", {}).get("scheme", "fp32")
     gpu_code = manifest.get("device_code") in ("ptx", "ptx+cubin")
@@ -280,7 +282,7 @@ def main(argv=None):
     if timed_seconds < args.min_seconds:
         reasons.append("{:.2f} s timed < minimum {} s".format(timed_seconds, args.min_seconds))
     if covered < n_samples:
-        reasons.append("only {} of {} samples ran".format(covered, n_samples))
+        reasons.append("only {} of {} samples ran".format(covered * batch, n_samples * batch))
     if stopped_by_limit:
         reasons.append("stopped by the {} s time limit".format(args.max_seconds))
 
@@ -307,8 +309,9 @@ def main(argv=None):
         "timed_seconds": timed_seconds,
         "load_seconds": load_seconds,
         "first_run_seconds": first_run_seconds,
-        "samples": n_samples,
-        "samples_covered": covered,
+        "batch": batch,
+        "samples": n_samples * batch,
+        "samples_covered": covered * batch,
         "peak_rss_mb": peak_rss_mb(),
         "valid": not reasons,
         "invalid_reason": "; ".join(reasons) or None,

@@ -13,13 +13,14 @@ from targets.transport import CommandResult
 
 def runner_argv(python: list[str], runner: str, *, runtime: str, artifact: str, inputs: str, input_order: list[str],
                 outputs: str, warmup: int, min_iterations: int, min_seconds: float, max_seconds: float, threads: int,
-                kernel_runs: int, manifest: str | None = None, sha256: str | None = None) -> list[str]:
+                kernel_runs: int, batch: int = 1, manifest: str | None = None,
+                sha256: str | None = None) -> list[str]:
     """The device's ``python`` running the ``runner`` script on ``artifact``, checked against its ``manifest`` (a
     library) or its ``sha256`` (a model)."""
     argv = [*python, runner, "--runtime", runtime, "--inputs", inputs, "--input-order", ",".join(input_order),
             "--outputs", outputs, "--warmup", str(warmup), "--min-iterations", str(min_iterations),
             "--min-seconds", str(min_seconds), "--max-seconds", str(max_seconds), "--threads", str(threads),
-            "--kernel-runs", str(kernel_runs), "--artifact", artifact]
+            "--kernel-runs", str(kernel_runs), "--batch", str(batch), "--artifact", artifact]
     return argv + (["--manifest", manifest] if manifest else ["--sha256", sha256 or ""])
 
 

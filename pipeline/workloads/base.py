@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -50,6 +51,12 @@ class Samples:
                 owner, boxes = npz["box_owner"], npz["boxes"]
                 labels = [boxes[owner == i] for i in range(len(next(iter(inputs.values()))))]
         return cls(inputs, labels, str(path))
+
+    def batches(self, batch: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """The inputs of each inference in turn: ``batch`` consecutive rows of every input (the rows are whole
+        batches: the data stage trims them)."""
+        for start in range(0, len(self) - batch + 1, batch):
+            yield {name: arr[start:start + batch] for name, arr in self.inputs.items()}
 
     def head(self, n: int | None) -> Samples:
         if n is None or n >= len(self):
