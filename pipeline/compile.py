@@ -13,13 +13,14 @@ from typing import Literal
 import onnx
 from pydantic import BaseModel, ConfigDict
 
-from edgedeploy.errors import CheckRefused
+from edgedeploy.errors import CheckRefused, OptionError
 from pipeline.checks import CheckReport, Runtime, run_checks
 from pipeline.compiler.build import COMPILE_REVISION, compile_model
 from pipeline.compiler.tuning.search import TuningBoard
 from pipeline.config import RunConfig, edgedeploy_home
 from pipeline.data import PreparedData, prepare_data
 from pipeline.ingest import ModelInfo, ingest
+from pipeline.layer_error import LayerErrorReport, layer_errors
 from pipeline.manifest import CompiledArtifact, package_onnx, profile_sha256
 from pipeline.partial import plan_partial
 from pipeline.quantize import QuantConfig, QuantizedModel, quantize
@@ -39,8 +40,19 @@ class BuildResult(BaseModel):
 
 
 def ingest_model(config: RunConfig, workdir: Path) -> ModelInfo:
-    return ingest(Path(config.model_path), workdir, input_shapes=config.input_shapes, batch=config.batch,
-                  max_bytes=config.max_model_mb * 1024 * 1024)
+    """Stage 1 for a run: the model, and the fp32 ``--reference`` beside it (the same inputs and outputs)."""
+    limits = {"input_shapes": config.input_shapes, "batch": config.batch, "max_bytes": config.max_model_mb << 20}
+    info = ingest(Path(config.model_path), workdir, **limits)
+    if not config.reference:
+        return info
+    reference = ingest(Path(config.reference), workdir / "reference", **limits)
+    for what, ours, theirs in (("inputs", info.inputs, reference.inputs), ("outputs", info.outputs, reference.outputs)):
+        if [(s.name, s.shape) for s in ours] != [(s.name, s.shape) for s in theirs]:
+            raise OptionError(f"--reference has other {what} than the model", value=config.reference,
+                              expected=", ".join(f"{s.name} {list(s.shape)}" for s in ours),
+                              fix="give the fp32 model the int8 one was made from (the same export)")
+    return info.model_copy(update={"reference_path": reference.source_path,
+                                   "reference_prepared_path": reference.prepared_path})
 
 
 def check_report(info: ModelInfo, profile: DeviceProfile, config: RunConfig, *,
@@ -167,3 +179,21 @@ def build(config: RunConfig, profile: DeviceProfile, out_dir: Path, *,
     shutil.copyfile(cached.manifest_path, manifest)
     artifact = cached.model_copy(update={"library_path": str(library), "manifest_path": str(manifest)})
     return BuildResult(info=info, checks=checks, quantized=quantized, artifact=artifact)
+
+
+def inspect_quantization(config: RunConfig, workdir: Path) -> tuple[ModelInfo, QuantizedModel, LayerErrorReport]:
+    """`deploy inspect`: the model quantized as ``config.quant`` says (a model that came int8, as it is), and every
+    quantized tensor's error against the fp32 model (its ``--reference`` for one that came int8) on the calibration
+    samples (pipeline.layer_error)."""
+    info = ingest_model(config, workdir)
+    quant = (QuantConfig(scheme="int8", prequantized=True) if info.prequantized
+             else config.quant.model_copy(update={"scheme": "int8"}))
+    data = prepare(config, info, workdir, "fp32" if info.prequantized and not config.calib_data else "int8")
+    quantized = quantize_model(info, data, quant)
+    names = [s.name for s in info.inputs]
+    samples = Samples.load(Path(data.calibration_path or data.eval_path), names).head(config.calib_samples)
+    fp32 = info.reference_prepared_path if info.prequantized else info.prepared_path
+    report = layer_errors(Path(fp32) if fp32 else None, Path(quantized.path), samples, batch=info.batch,
+                          workdir=workdir / "layers")
+    return info, quantized, report
+

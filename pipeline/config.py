@@ -38,6 +38,9 @@ class RunConfig(BaseModel):
     calib_samples: int = Field(default=100, ge=1, description="Calibration samples to use.")
     eval_samples: int | None = Field(default=None, ge=1, description="Cap on evaluation samples.")
     input_shapes: dict[str, tuple[int, ...]] = Field(default_factory=dict)
+    reference: str | None = Field(default=None, description="The fp32 model the accuracy is measured against (the "
+                                  "baseline on the device, the float side of `deploy inspect`): for an int8 model "
+                                  "that came quantized; None = the model itself.")
     batch: int | None = Field(default=None, ge=1, description="Samples per inference, for a model whose first "
                               "dimension is dynamic; None = the model's own batch, else 1.")
     max_model_mb: int = Field(default=2048, ge=1, description="Size cap for the model file.")

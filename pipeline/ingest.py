@@ -71,6 +71,9 @@ class ModelInfo(BaseModel):
     prequantized: bool = Field(default=False, description="Already QDQ int8 (a QAT export, another tool's output): "
                                "never quantized again; compiled with integer kernels.")
 
+    reference_path: str | None = Field(default=None, description="--reference: the fp32 model the baseline runs.")
+    reference_prepared_path: str | None = Field(default=None, description="Its static-shape model.")
+
     @property
     def batch(self) -> int:
         """Samples per inference (--batch, --input-shape or the model's own first dimension)."""

@@ -1,12 +1,14 @@
 """Partial quantization: find the layers int8 hurts most and keep the fewest of them in float.
 
-Per-layer sensitivity, as in NVIDIA's TensorRT guidance (leaving 2-10 sensitive layers in float recovers most of the
-int8 loss): each weighted layer is quantized ALONE, with the ranges of one shared calibration, and the error that
-adds to the model's output against the fp32 reference is measured on this host with onnxruntime, its graph
-optimizations off: the QDQ graph op by op as ONNX defines it, never onnxruntime's fused int8 kernels, which saturate
-on x86 CPUs without VNNI (docs/int8-saturation.md). So the accuracy is the model's own, wherever it runs (speed is
-not, and is measured on the device later). Layers are ranked by that error; the most sensitive are kept in float,
-one more at a time, until the whole model's quality on the evaluation samples is within the accuracy budget.
+The ranking is the per-layer quantization error report (pipeline/layer_error.py): every layer that computes on
+quantized data, weighted or not, by the worst SQNR among the tensors it reads, each quantization measured alone on
+the calibration samples (one pass of the fp32 and the int8 model, not one quantization per layer). The worst are
+kept in float, one more at a time and then in growing steps (NVIDIA's TensorRT guidance: a few sensitive layers in
+float recover most of the int8 loss), until the whole model's quality on the evaluation samples is within the
+accuracy budget. Quality is measured on this host with onnxruntime, its graph optimizations off: the QDQ graph op
+by op as ONNX defines it, never onnxruntime's fused int8 kernels, which saturate on x86 CPUs without VNNI
+(docs/int8-saturation.md). So the accuracy is the model's own, wherever it runs (speed is not, and is measured on
+the device later).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -24,24 +25,39 @@ from rich.table import Table
 from edgedeploy.errors import QuantizationError
 from pipeline.data import PreparedData
 from pipeline.ingest import ModelInfo
+from pipeline.layer_error import layer_errors
 from pipeline.metrics import within_budget
-from pipeline.quantize import QuantConfig, quantize, weighted_layers
+from pipeline.quantize import QuantConfig, quantize
 from pipeline.workloads.base import Samples
 
-MAX_FLOAT_LAYERS = 10  # beyond that, int8 isn't the format for this model: say so rather than keep going
-PROBE_SAMPLES = 32  # the ranking needs a relative error per layer, not the metric: a few samples show it
+REPORT_SAMPLES = 32  # the ranking needs each tensor's error, not the metric: a few samples show it
+SHOWN = 10  # ranking rows the console shows
+
+
+def float_counts(layers: int) -> list[int]:
+    """How many of the worst layers each step keeps in float: 1..8 one at a time, then growing by half (12, 18, 27,
+    ...) up to all of them, so a model of 500 layers takes ~20 steps, not 500."""
+    counts, k = [], 1
+    while k < layers:
+        counts.append(k)
+        k = k + 1 if k < 8 else (k * 3 + 1) // 2
+    return counts + [layers] if layers else []
 
 
 class LayerSensitivity(BaseModel):
+    """One quantized tensor, and the layers kept in float when it is."""
+
     model_config = ConfigDict(frozen=True)
-    name: str
-    op_type: str
-    error: float = Field(description="Relative squared output error (vs fp32) with only this layer in int8.")
+    name: str = Field(description="The tensor.")
+    op_type: str = Field(description="Of the node that reads it.")
+    sqnr_db: float = Field(description="Its quantization's SQNR, alone (lower is worse): pipeline/layer_error.py.")
+    layers: tuple[str, ...] = Field(description="The nodes kept in float for it to stay float.")
 
 
 class PartialStep(BaseModel):
     model_config = ConfigDict(frozen=True)
-    kept_float: int
+    kept_float: int = Field(description="The worst tensors kept in float (each with its layers).")
+    layers: int = Field(default=0, description="The layers that keeps in float.")
     quality: float
     within_budget: bool
 
@@ -53,7 +69,8 @@ class PartialPlan(BaseModel):
     metric: str = Field(description="The quality measure: the workload's metric, or agreement with fp32.")
     fp32_quality: float
     full_int8_quality: float
-    layers: int = Field(description="Weighted layers in the model.")
+    layers: int = Field(description="Layers that compute on quantized data in full int8.")
+    tensors: int = Field(default=0, description="Tensors full int8 quantizes (the ranking's length).")
     ranking: list[LayerSensitivity] = Field(description="Most sensitive first; empty when full int8 was fine.")
     steps: list[PartialStep]
     keep_float: tuple[str, ...]
@@ -66,15 +83,18 @@ class PartialPlan(BaseModel):
                f"full int8 {self.full_int8_quality * 100:.2f} %; {self.seconds:.0f} s)")
         if not self.ranking:
             return
-        table = Table(title="most sensitive layers (output error with only that layer in int8)",
+        table = Table(title="worst quantized tensors (SQNR of each quantization alone; lower is worse)",
                       title_justify="left")
-        for column in ("layer", "op", "error", "kept in float", f"{self.metric} with the first N in float"):
+        for column in ("tensor", "read by", "SQNR dB", "layers kept in float", f"{self.metric} with the first N"):
             table.add_column(column)
         quality = {s.kept_float: s.quality for s in self.steps}
-        for i, layer in enumerate(self.ranking[:MAX_FLOAT_LAYERS], start=1):
-            table.add_row(layer.name, layer.op_type, f"{layer.error:.3g}", "yes" if layer.name in self.keep_float
-                          else "", f"{quality[i] * 100:.2f} %" if i in quality else "")
+        for i, tensor in enumerate(self.ranking[:SHOWN], start=1):
+            kept = [name for name in tensor.layers if name in self.keep_float]
+            table.add_row(tensor.name, tensor.op_type, f"{tensor.sqnr_db:.1f}", ", ".join(kept),
+                          f"{quality[i] * 100:.2f} %" if i in quality else "")
         yield table
+        if len(self.ranking) > SHOWN:
+            yield f"... {len(self.ranking) - SHOWN} more tensors ranked; {len(self.keep_float)} layers kept in float"
 
 
 class _Evaluator:
@@ -110,11 +130,6 @@ class _Evaluator:
         quality = agree.top1 if agree.top1 is not None else agree.cosine
         return quality, within_budget(None, None, agree, budget)
 
-    def relative_error(self, outputs: np.ndarray) -> float:
-        ref = self.reference[: len(outputs)].reshape(len(outputs), -1).astype(np.float64)
-        got = outputs.reshape(len(outputs), -1).astype(np.float64)
-        return float(np.mean(((got - ref) ** 2).sum(1) / np.maximum((ref ** 2).sum(1), 1e-30)))
-
 
 def plan_partial(info: ModelInfo, data: PreparedData, quant: QuantConfig, *, budget: float,
                  workdir: Path) -> PartialPlan:
@@ -131,37 +146,39 @@ def plan_partial(info: ModelInfo, data: PreparedData, quant: QuantConfig, *, bud
     prepared = Path(info.prepared_path)
     quant = quant.model_copy(update={"keep_float": ()})
 
-    def variant(config: QuantConfig, name: str, only: list[str] | None = None) -> Path:
-        return Path(quantize(prepared, workdir, config, calibration, only=only, calibration_cache=ranges,
+    def variant(config: QuantConfig, name: str) -> Path:
+        return Path(quantize(prepared, workdir, config, calibration, calibration_cache=ranges,
                              out_name=name).path)
 
-    full_quality, full_within = evaluator.score(evaluator.outputs(variant(quant, "full.onnx")), budget)
-    common = {"metric": evaluator.metric_name(), "fp32_quality": evaluator.reference_quality,
-              "full_int8_quality": full_quality}
-    layers = weighted_layers(onnx.load(str(prepared)))
+    full = variant(quant, "full.onnx")
+    full_quality, full_within = evaluator.score(evaluator.outputs(full), budget)
+    common: dict = {"metric": evaluator.metric_name(), "fp32_quality": evaluator.reference_quality,
+                    "full_int8_quality": full_quality}
+    report = layer_errors(prepared, full, calibration.head(REPORT_SAMPLES), batch=info.batch, workdir=workdir)
+    ranking = [LayerSensitivity(name=t.tensor, op_type=t.op_type, sqnr_db=t.sqnr_db, layers=t.float_layers)
+               for t in report.tensors]
+    common["layers"] = len({name for t in report.tensors for name in t.float_layers})
+    common["tensors"] = len(ranking)
     if full_within:
-        return PartialPlan(**common, layers=len(layers), ranking=[], steps=[], keep_float=(), within_budget=True,
+        return PartialPlan(**common, ranking=[], steps=[], keep_float=(), within_budget=True,
                            reason="full int8 is within the accuracy budget: no layer needs float",
                            seconds=time.perf_counter() - started)
 
-    ranking = sorted(
-        (LayerSensitivity(name=name, op_type=op, error=evaluator.relative_error(
-            evaluator.outputs(variant(quant, "probe.onnx", only=[name]), limit=PROBE_SAMPLES)))
-         for name, op in layers),
-        key=lambda layer: -layer.error)
+    def kept(k: int) -> tuple[str, ...]:  # the layers of the k worst tensors, in that order
+        return tuple(dict.fromkeys(name for sensitivity in ranking[:k] for name in sensitivity.layers))
+
     steps: list[PartialStep] = []
-    for k in range(1, min(MAX_FLOAT_LAYERS, len(ranking)) + 1):
-        keep = tuple(layer.name for layer in ranking[:k])
-        outputs = evaluator.outputs(variant(quant.model_copy(update={"keep_float": keep}), f"keep{k}.onnx"))
+    for k in float_counts(len(ranking)):
+        outputs = evaluator.outputs(variant(quant.model_copy(update={"keep_float": kept(k)}), f"keep{k}.onnx"))
         quality, within = evaluator.score(outputs, budget)
-        steps.append(PartialStep(kept_float=k, quality=quality, within_budget=within))
+        steps.append(PartialStep(kept_float=k, layers=len(kept(k)), quality=quality, within_budget=within))
         if steps[-1].within_budget:
             break
     best = next((s for s in steps if s.within_budget), None) or max(steps, key=lambda s: s.quality)
-    keep = tuple(layer.name for layer in ranking[: best.kept_float])
-    reason = (f"{best.kept_float} of {len(layers)} layers kept in float bring int8 within the budget"
-              if best.within_budget else
-              f"even {len(steps)} layers in float leave int8 outside the budget; the best ({best.kept_float} in "
-              f"float) is used: consider fp32/fp16 or a larger --accuracy-budget")
-    return PartialPlan(**common, layers=len(layers), ranking=ranking, steps=steps, keep_float=keep,
-                       within_budget=best.within_budget, reason=reason, seconds=time.perf_counter() - started)
+    keep = kept(best.kept_float)
+    reason = (f"{len(keep)} of {common['layers']} layers kept in float (for the {best.kept_float} worst of "
+              f"{len(ranking)} quantized tensors) bring int8 within the budget" if best.within_budget else
+              f"even every layer in float leaves int8 outside the budget; the best ({len(keep)} in float) is used: "
+              "consider fp32/fp16 or a larger --accuracy-budget")
+    return PartialPlan(**common, ranking=ranking, steps=steps, keep_float=keep, within_budget=best.within_budget,
+                       reason=reason, seconds=time.perf_counter() - started)

@@ -155,7 +155,7 @@ def _at_least_opset(model_path: Path, workdir: Path, version: int) -> Path:
 
 
 def _convert(model_path: Path, out: Path, config: QuantConfig, calibration: Samples | None, *,
-             only: list[str] | None = None, calibration_cache: Path | None = None) -> None:
+             calibration_cache: Path | None = None) -> None:
     if config.scheme == "fp16":
         half = convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True)
         topological_sort(half.graph)
@@ -185,7 +185,6 @@ def _convert(model_path: Path, out: Path, config: QuantConfig, calibration: Samp
         activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=_METHODS[config.calibration],
-        nodes_to_quantize=only,
         nodes_to_exclude=list(config.keep_float) or None,
         calibration_cache_path=calibration_cache,
         extra_options={"ActivationSymmetric": config.symmetric_activations, "CalibPercentile": config.percentile},
@@ -219,24 +218,12 @@ def _mse_ranges(model_path: Path, calibration: Samples, cache: Path) -> None:
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, ranges), cache)
 
 
-# The layers partial quantization decides about: the ones with weights, where int8 saves the most.
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def weighted_layers(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    """(node name, op type) of every layer with a constant weight, in graph order."""
-    constants = {t.name for t in model.graph.initializer}
-    return [(n.name, n.op_type) for n in model.graph.node
-            if n.op_type in WEIGHTED_OPS and n.name and any(i in constants for i in n.input[1:2])]
-
-
 def quantize(model_path: Path, workdir: Path, config: QuantConfig, calibration: Samples | None, *,
-             only: list[str] | None = None, calibration_cache: Path | None = None,
+             calibration_cache: Path | None = None,
              out_name: str | None = None) -> QuantizedModel:
     """Write the model for ``config.scheme`` into ``workdir``.
 
-    ``only`` quantizes just those nodes (a sensitivity probe); ``calibration_cache`` keeps the int8 ranges
-    in a file so that many variants of one model calibrate once.
+    ``calibration_cache`` keeps the int8 ranges in a file so that many variants of one model calibrate once.
     """
     model_path = Path(model_path)
     if config.scheme == "fp32" or config.prequantized:  # as it is (a prequantized model is QDQ int8 already)
@@ -245,7 +232,7 @@ def quantize(model_path: Path, workdir: Path, config: QuantConfig, calibration: 
     try:
         # onnxruntime's calibrators print progress on stdout, which belongs to --json output.
         with contextlib.redirect_stdout(sys.stderr):
-            _convert(model_path, out, config, calibration, only=only, calibration_cache=calibration_cache)
+            _convert(model_path, out, config, calibration, calibration_cache=calibration_cache)
     except QuantizationError:
         raise
     except Exception as exc:

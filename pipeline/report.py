@@ -34,6 +34,7 @@ class ModelSummary(BaseModel):
     prequantized: bool = Field(default=False, description="The model came QDQ int8 and ran as it is.")
     inputs: dict[str, tuple[int, ...]] = Field(default_factory=dict, description="Each input's static shape, as run.")
     batch: int = Field(default=1, description="Samples per inference.")
+    reference: str | None = Field(default=None, description="--reference: the fp32 model the baseline ran.")
 
 
 class ArtifactSummary(BaseModel):
@@ -148,7 +149,8 @@ class RunResult(BaseModel):
             model=ModelSummary(path=info.source_path, sha256=info.sha256, workload=workload,
                                parameters=info.parameters, flops=info.flops, op_census=info.op_census,
                                static_rewrite=info.static_rewrite, prequantized=info.prequantized,
-                               inputs={spec.name: spec.shape for spec in info.inputs}, batch=info.batch),
+                               inputs={spec.name: spec.shape for spec in info.inputs}, batch=info.batch,
+                               reference=info.reference_path),
             profile=profile, scheme=quantized.config.label(),
             runtime=f"{art.runtime} {art.versions.get(art.runtime.split('-')[0], '')}".strip(),
             unit="GPU" if compiled.device_code.startswith("ptx") or art.runtime in GPU_RUNTIMES else "CPU",

@@ -49,9 +49,11 @@ class DeviceSession:
 
     def deploy(self, run_id: str, artifact: CompiledArtifact, info: ModelInfo, data: PreparedData) -> DeployedArtifact:
         """The preflight (the device is what the profile says, has the runtimes and the room), then the artifact,
-        the fp32 baseline model and the evaluation inputs placed on it (pipeline.deploy)."""
+        the fp32 baseline model (``--reference`` where one was given) and the evaluation inputs placed on it
+        (pipeline.deploy)."""
         # The fp32 baseline at an opset the board's onnxruntime runs (converted down where it must: pipeline.opset).
-        baseline = for_onnxruntime(Path(info.source_path), self.profile.onnxruntime_for("onnxruntime"),
+        baseline = for_onnxruntime(Path(info.reference_path or info.source_path),
+                                   self.profile.onnxruntime_for("onnxruntime"),
                                    Path(info.prepared_path).parent / "baseline")
         files = [Path(artifact.library_path), Path(artifact.manifest_path), baseline, Path(data.eval_path)]
         runtimes = tuple(dict.fromkeys((artifact.runtime, "onnxruntime")))  # the artifact's, and the baseline's
