@@ -75,6 +75,8 @@ class Measurement(BaseModel):
     timed_seconds: float
     samples: int
     accuracy: float | None
+    metrics: dict[str, float] = Field(default_factory=dict, description="Every metric against the labels (COCO: "
+                                      "mAP@0.5:0.95 and mAP@0.5), the headline (accuracy) among them.")
     valid: bool
     invalid_reason: str | None
     device_python: str
@@ -131,14 +133,15 @@ def _run_runner(
 
 
 def _measurement(report: dict[str, Any], scoring: Scoring, outputs: np.ndarray, samples: Samples) -> Measurement:
-    score = scoring.accuracy(outputs, samples)
+    metrics = scoring.metrics(outputs, samples)
+    score = metrics.get(scoring.metric or "")
     return Measurement(
         runtime=report["runtime"], artifact_sha256=report["artifact_sha256"], versions=report["versions"],
         latency_ms=LatencyStats.from_samples(report["latency_ms"], report.get("batch", 1)),
         samples_ms=report["latency_ms"],
         warmup=report["warmup"], peak_rss_mb=report["peak_rss_mb"], load_seconds=report["load_seconds"],
         first_run_seconds=report.get("first_run_seconds"),
-        timed_seconds=report["timed_seconds"], samples=report["samples_covered"], accuracy=score,
+        timed_seconds=report["timed_seconds"], samples=report["samples_covered"], accuracy=score, metrics=metrics,
         valid=report["valid"], invalid_reason=report["invalid_reason"],
         device_python=report["python"], device_machine=report["machine"],
         kernels=report.get("kernels") or [], kernels_total_us=report.get("kernels_total_us"),

@@ -76,7 +76,8 @@ def prepare(config: RunConfig, info: ModelInfo, workdir: Path, scheme: str) -> P
     return prepare_data(
         info.inputs, workload_for(info.sha256), workdir, scheme=scheme,
         calib_data=config.calib_data, eval_data=config.eval_data,
-        calib_samples=config.calib_samples, eval_samples=config.eval_samples,
+        calib_samples=config.calib_samples, eval_samples=config.eval_samples, decode=config.decode,
+        images=config.images,
     )
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.benchmark import BenchmarkSettings
 from pipeline.quantize import QuantConfig
 from pipeline.regression import RegressionPolicy
+from pipeline.workloads.base import Decode
 from targets.profiles import DeviceProfile, RuntimeName
 
 
@@ -38,6 +39,9 @@ class RunConfig(BaseModel):
     calib_samples: int = Field(default=100, ge=1, description="Calibration samples to use.")
     eval_samples: int | None = Field(default=None, ge=1, description="Cap on evaluation samples.")
     input_shapes: dict[str, tuple[int, ...]] = Field(default_factory=dict)
+    decode: Decode | None = Field(default=None, description="How a detector's outputs read, for COCO annotations "
+                                  "(--eval-data instances.json): yolov5, yolov8 or yolox.")
+    images: str | None = Field(default=None, description="The COCO annotations' images (default: beside the .json).")
     reference: str | None = Field(default=None, description="The fp32 model the accuracy is measured against (the "
                                   "baseline on the device, the float side of `deploy inspect`): for an int8 model "
                                   "that came quantized; None = the model itself.")

@@ -20,9 +20,10 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgedeploy.errors import DataError
+from pipeline.coco import load_coco
 from pipeline.ingest import TensorSpec, batch_of, sample_shape
 from pipeline.scoring import Scoring, scoring_for
-from pipeline.workloads.base import Samples, TaskKind, Workload
+from pipeline.workloads.base import CocoLabels, Decode, Samples, TaskKind, Workload
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -108,17 +109,23 @@ def generic_preprocess(spec: TensorSpec) -> Callable[[Image.Image], np.ndarray]:
     return preprocess
 
 
-def load_samples(path: Path, specs: Sequence[TensorSpec],
-                 preprocess: Callable[[Image.Image], np.ndarray] | None = None) -> Samples:
-    """Read user data and check it against the model's inputs; every mismatch is one DataError."""
+def load_samples(path: Path, specs: Sequence[TensorSpec], preprocess: Callable[[Image.Image], np.ndarray] | None = None,
+                 *, decode: Decode | None = None, images: Path | None = None, limit: int | None = None) -> Samples:
+    """Read user data and check it against the model's inputs; every mismatch is one DataError. A .json is COCO
+    instances (its images letterboxed as ``decode``'s family does: pipeline/coco.py), read up to ``limit`` images."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"Data path {path} does not exist", fix="give an .npz file or a folder of images")
     if path.is_dir():
         return _load_folder(path, specs, preprocess or generic_preprocess(specs[0]))
+    if path.suffix == ".json":
+        if len(specs) != 1:
+            raise DataError("COCO annotations feed a single-input model", value=len(specs))
+        inputs, labels = load_coco(path, specs[0], decode, images, limit)
+        return Samples(inputs, labels, source=f"{path} (COCO, {len(labels)} images, --decode {decode})")
     if path.suffix != ".npz":
         raise DataError(f"Data file {path} is not an .npz", value=path.suffix or "(no suffix)",
-                        expected=".npz of input tensors, or a folder of images")
+                        expected=".npz of input tensors, a folder of images, or COCO instances (.json)")
     return _load_npz(path, specs)
 
 
@@ -159,13 +166,16 @@ def whole_batches(samples: Samples, batch: int, what: str) -> Samples:
 def prepare_data(
     specs: Sequence[TensorSpec], workload: Workload | None, run_dir: Path, *, scheme: str,
     calib_data: str | None, eval_data: str | None, calib_samples: int, eval_samples: int | None,
+    decode: Decode | None = None, images: str | None = None,
 ) -> PreparedData:
     """Pick the data for this run: the user's if given, else the workload's generator; checked against the model."""
     preprocess = workload.preprocess if workload else None
+    folder = Path(images) if images else None
     calibration: Samples | None = None
     if scheme == "int8":
         if calib_data:
-            calibration = load_samples(Path(calib_data), specs, preprocess).head(calib_samples)
+            calibration = load_samples(Path(calib_data), specs, preprocess, decode=decode, images=folder,
+                                       limit=calib_samples).head(calib_samples)
         elif workload:
             calibration = workload.calibration(calib_samples)
         else:
@@ -174,7 +184,8 @@ def prepare_data(
                 fix="pass --calib-data PATH (an .npz of inputs or a folder of images; 100-500 samples)",
             )
     if eval_data:
-        evaluation = load_samples(Path(eval_data), specs, preprocess).head(eval_samples)
+        evaluation = load_samples(Path(eval_data), specs, preprocess, decode=decode, images=folder,
+                                  limit=eval_samples).head(eval_samples)
     elif workload:
         evaluation = workload.evaluation(eval_samples)
     else:  # latency and agreement with the fp32 reference still mean something without labels
@@ -196,7 +207,8 @@ def prepare_data(
     evaluation.save(eval_path)
     return PreparedData(
         workload=workload.name if workload else None,
-        kind=workload.kind if workload else ("classifier" if evaluation.labels is not None else None),
+        kind="coco" if isinstance(evaluation.labels, CocoLabels) else workload.kind if workload else (
+            "classifier" if evaluation.labels is not None else None),
         calibration_path=str(calib_path) if calib_path else None,
         calibration_samples=len(calibration) if calibration is not None else 0,
         calibration_source=calibration.source if calibration is not None else "",

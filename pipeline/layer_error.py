@@ -157,33 +157,44 @@ def _activation_pairs(qdq: onnx.ModelProto) -> list[_Pair]:
     return pairs
 
 
+def _float_weight(dq: onnx.NodeProto, reader: onnx.NodeProto, fp32_nodes: dict[str, onnx.NodeProto],
+                  fp32_inits: dict[str, onnx.TensorProto]) -> str | None:
+    """The fp32 weight a dequantized one stands for: what the same node reads at the same input, else the name
+    onnxruntime's quantizer derived (``w_quantized``, ``w_DequantizeLinear_Output``) from an unnamed node's."""
+    original = fp32_nodes.get(reader.name) if reader.name else None
+    index = list(reader.input).index(dq.output[0])
+    if original is not None and index < len(original.input) and original.input[index] in fp32_inits:
+        return original.input[index]
+    for name, suffix in ((dq.input[0], "_quantized"), (dq.output[0], "_DequantizeLinear_Output")):
+        if name.endswith(suffix) and name[: -len(suffix)] in fp32_inits:
+            return name[: -len(suffix)]
+    return None
+
+
 def _weight_errors(fp32: onnx.ModelProto, qdq: onnx.ModelProto) -> list[TensorError]:
-    """Each int8 weight, dequantized, against the fp32 weight its reader reads at the same input."""
+    """Each int8 weight, dequantized, against the fp32 weight it stands for."""
     inits = {t.name: t for t in qdq.graph.initializer}
     fp32_nodes = {n.name: n for n in fp32.graph.node if n.name}
     fp32_inits = {t.name: t for t in fp32.graph.initializer}
     readers = _readers(qdq.graph)
     errors = []
     for dq in qdq.graph.node:
-        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or not readers.get(dq.output[0]):
             continue
-        for reader in readers.get(dq.output[0], []):
-            original = fp32_nodes.get(reader.name)
-            index = list(reader.input).index(dq.output[0])
-            if original is None or index >= len(original.input) or original.input[index] not in fp32_inits:
-                continue
-            weight = numpy_helper.to_array(fp32_inits[original.input[index]]).astype(np.float64)
-            q = numpy_helper.to_array(inits[dq.input[0]])
-            scale = numpy_helper.to_array(inits[dq.input[1]])
-            zero = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else None
-            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-            if q.shape != weight.shape:  # a bias quantized to int32, or a reshaped weight: not comparable here
-                continue
-            noise = float(((weight - _dequantize(q, scale, zero, axis)) ** 2).sum())
-            errors.append(TensorError(tensor=original.input[index], kind="weight", layer=reader.name,
-                                      op_type=reader.op_type, float_layers=(reader.name,),
-                                      sqnr_db=_sqnr(float((weight ** 2).sum()), noise)))
-            break
+        reader = readers[dq.output[0]][0]
+        name = _float_weight(dq, reader, fp32_nodes, fp32_inits)
+        if name is None:
+            continue
+        weight = numpy_helper.to_array(fp32_inits[name]).astype(np.float64)
+        q = numpy_helper.to_array(inits[dq.input[0]])
+        if q.shape != weight.shape:  # a reshaped weight: not comparable here
+            continue
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        zero = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else None
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        noise = float(((weight - _dequantize(q, scale, zero, axis)) ** 2).sum())
+        errors.append(TensorError(tensor=name, kind="weight", layer=reader.name, op_type=reader.op_type,
+                                  float_layers=(reader.name,), sqnr_db=_sqnr(float((weight ** 2).sum()), noise)))
     return errors
 
 

@@ -66,6 +66,8 @@ class AccuracySummary(BaseModel):
     baseline: float | None
     delta: float | None = Field(description="value - baseline, in the metric's units (fraction).")
     samples: int
+    others: dict[str, tuple[float, float | None]] = Field(default_factory=dict, description="Further metrics (COCO: "
+                                                          "mAP@0.5): the artifact's and the baseline's.")
 
 
 
@@ -164,7 +166,9 @@ class RunResult(BaseModel):
                                      latency_ms=base.latency_ms, valid=base.valid, invalid_reason=base.invalid_reason),
             speedup=base.latency_ms.p50 / art.latency_ms.p50 if art.latency_ms.p50 > 0 else 0.0,
             accuracy=AccuracySummary(metric=bench.metric, value=art.accuracy, baseline=base.accuracy, delta=delta,
-                                     samples=art.samples),
+                                     samples=art.samples,
+                                     others={name: (value, base.metrics.get(name)) for name, value in
+                                             art.metrics.items() if name != bench.metric}),
             agreement=bench.agreement, valid=art.valid and base.valid, invalid_reasons=reasons,
             stage_seconds=stage_seconds, checks=checks or [],
             deployment=_deployment(deployed) if deployed else {}, reused=reused or [],
@@ -228,6 +232,8 @@ class RunResult(BaseModel):
                 side.add_row(label, *("" if v is None else f"{v:.2f}" for v in values))
         if self.accuracy.metric:
             side.add_row(self.accuracy.metric, _pct(self.accuracy.value), _pct(self.accuracy.baseline))
+        for name, (value, baseline) in self.accuracy.others.items():
+            side.add_row(name, _pct(value), _pct(baseline))
         style = "green" if self.speedup >= 1 else "red"
         summary = Text.assemble(
             "speed-up vs onnxruntime fp32 (p50): ", (f"{self.speedup:.2f}x", f"bold {style}"),

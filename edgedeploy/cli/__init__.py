@@ -104,8 +104,14 @@ def run(
     activations: Activations = "uint8",
     symmetric_activations: SymmetricActivations = False,
     calib_data: CalibData = None,
-    eval_data: Annotated[Path | None, typer.Option(help=".npz of inputs (+labels) or a folder of images.")] = None,
+    eval_data: Annotated[Path | None, typer.Option(help=".npz of inputs (+labels), a folder of images, or COCO "
+                                                        "instances (.json, with --decode).")] = None,
     reference: Reference = None,
+    decode: Annotated[Literal["yolov5", "yolov8", "yolox"] | None,
+                      typer.Option(help="How a detector's outputs read, for COCO annotations (--eval-data "
+                                        "instances.json): mAP@0.5:0.95 and mAP@0.5 by pycocotools.")] = None,
+    images: Annotated[Path | None, typer.Option(help="The COCO annotations' images (default: beside the "
+                                                     ".json, or images/ there).")] = None,
     accuracy_budget: AccuracyBudget = 1.0,
     partial: Partial = False,
     runtime: RuntimeOption = None,
@@ -133,7 +139,8 @@ def run(
             model, profile, quant, calibration, per_channel, calib_data, calib_samples, input_shape, tune_trials,
             tune_minutes, eval_data=str(eval_data) if eval_data else None, eval_samples=eval_samples,
             max_model_mb=max_model_mb, accuracy_budget=accuracy_budget / 100, partial=partial, runtime=runtime,
-            batch=batch, reference=str(reference) if reference else None,
+            batch=batch, reference=str(reference) if reference else None, decode=decode,
+            images=str(images) if images else None,
             quant_options={"percentile": percentile, "activation_type": activations,
                            "symmetric_activations": symmetric_activations},
             bench=BenchmarkSettings(warmup=warmup, min_iterations=min_iterations, min_seconds=min_seconds,
