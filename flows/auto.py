@@ -15,6 +15,7 @@ from pipeline.auto import (
     AutoSelection,
     Candidate,
     CandidateOutcome,
+    calibration_retries,
     choose,
     default_candidates,
     dynamic_worthy,
@@ -97,25 +98,34 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
                                    Candidate(runtime="tvm", quant=kept, tune_trials=config.tune_trials,
                                              tune_minutes=config.tune_minutes if config.tune_trials else None))
                        if config.runtime in (None, c.runtime)]
-    for index, candidate in enumerate(candidates):
+    def attempt(candidate: Candidate) -> None:
         label, unit = candidate.label(), profile.unit_of(candidate.runtime)
         reason = _refusal(candidate, model, info, profile, data)
         if reason:
             outcomes.append(CandidateOutcome(label=label, runtime=candidate.runtime, unit=unit,
                                              scheme=candidate.quant.label(), status="refused", reason=reason))
-            continue
+            return
         try:
             built = candidate_task.with_options(task_run_name=f"candidate {label}")(config, info, data, profile,
                                                                                    candidate)
             run = measure_task.with_options(task_run_name=f"measure {label}")(
                 config, info, data, profile, built.quantized, built.artifact, which="artifact",
-                folder=f"candidate-{index}")
+                folder=f"candidate-{len(runs) + len(outcomes)}")
         except EdgeDeployError as exc:
             outcomes.append(CandidateOutcome(label=label, runtime=candidate.runtime, unit=unit,
                                              scheme=candidate.quant.label(), status="failed", reason=exc.what))
-            continue
+            return
         with np.load(run.outputs_path) as npz:
             runs.append((candidate, run, data.scoring.agreement(npz["outputs"], base_out)))
+
+    for candidate in candidates:
+        attempt(candidate)
+    # Calibration changes what int8 computes, not how fast: where TVM's int8 missed the budget, the calibration that
+    # kept onnxruntime's int8 closest to fp32 gets its turn with TVM's kernels.
+    quality = {c.label(): outcome(c, run.measurement, baseline.measurement, agree, metric=metric,
+                                  budget=config.accuracy_budget) for c, run, agree in runs}
+    for candidate in calibration_retries(candidates, quality):
+        attempt(candidate)
     # The baseline again, after the candidates: whichever of its two measurements is faster is the one to
     # beat, so a baseline measured on a cold machine can't make a candidate look faster than it is.
     again = _baseline(config, info, data, profile, name="baseline (again)", folder="baseline-again")

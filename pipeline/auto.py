@@ -68,7 +68,8 @@ def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None,
         QuantConfig(scheme="fp32"), int8, int8.model_copy(update={"reduce_range": True}),
         int8.model_copy(update={"activation_type": "int8"}), int8.model_copy(update={"format": "qoperator"}),
         int8.model_copy(update={"per_channel": False}), int8.model_copy(update={"calibration": "percentile"}),
-        int8.model_copy(update={"calibration": "entropy"}), QuantConfig(scheme="fp16"),
+        int8.model_copy(update={"calibration": "entropy"}), int8.model_copy(update={"calibration": "mse"}),
+        QuantConfig(scheme="fp16"),
     ]
     tvm = [QuantConfig(scheme="fp32"), int8, QuantConfig(scheme="fp16")]
     untuned = [Candidate(runtime="tvm", quant=QuantConfig(scheme="fp32"))] if tune_trials else []
@@ -81,6 +82,38 @@ def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None,
         ort.append(QuantConfig(scheme="dynamic"))
     return ([Candidate(runtime="onnxruntime", quant=q) for q in ort] + untuned
             + [Candidate(runtime="tvm", quant=q, tune_trials=tune_trials, tune_minutes=minutes) for q in tvm] + gpu)
+
+
+def _closeness(result: CandidateOutcome) -> tuple[bool, float]:
+    """How well a candidate kept the model's answers: within the budget first, then its metric or agreement."""
+    agree = result.agreement
+    score = result.accuracy if result.accuracy is not None else (
+        agree.top1 if agree is not None and agree.top1 is not None else agree.cosine if agree is not None else 0.0)
+    return result.within_budget, score
+
+
+def calibration_retries(candidates: list[Candidate], measured: dict[str, CandidateOutcome]) -> list[Candidate]:
+    """TVM int8 again with another calibration, for each TVM int8 candidate measured outside the budget: the
+    calibration whose onnxruntime int8 (per-channel U8S8, as TVM's) kept the answers best, if not its own. A
+    calibration changes the ranges, not the kernels: only accuracy can differ, so a candidate within budget is not
+    tried again."""
+    tried = {c.label() for c in candidates}
+    ort_int8 = [(c, measured[c.label()]) for c in candidates if c.runtime == "onnxruntime" and c.label() in measured
+                and c.quant.scheme == "int8" and c.quant.format == "qdq" and c.quant.per_channel
+                and c.quant.activation_type == "uint8" and not c.quant.reduce_range and not c.quant.keep_float]
+    if not ort_int8:
+        return []
+    best = max(ort_int8, key=lambda pair: _closeness(pair[1]))[0].quant.calibration
+    retries = []
+    for c in candidates:
+        result = measured.get(c.label())
+        if c.runtime != "tvm" or c.quant.scheme != "int8" or result is None or result.within_budget:
+            continue
+        retry = c.model_copy(update={"quant": c.quant.model_copy(update={"calibration": best})})
+        if c.quant.calibration != best and retry.label() not in tried:
+            retries.append(retry)
+            tried.add(retry.label())
+    return retries
 
 
 class CandidateOutcome(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.auto import Candidate, choose, outcome
+from pipeline.auto import Candidate, calibration_retries, choose, default_candidates, outcome
 from pipeline.benchmark import Measurement
 from pipeline.metrics import Agreement, LatencyStats
 from pipeline.quantize import QuantConfig
@@ -58,11 +58,11 @@ def test_tuning_makes_the_tvm_candidates_tuned_and_keeps_the_default_as_referenc
 
     plain = [c.label() for c in default_candidates()]
     tuned = [c.label() for c in default_candidates(32)]
-    assert len(plain) == 12 and not any("tuned" in label for label in plain)
+    assert len(plain) == 13 and not any("tuned" in label for label in plain)
     assert "tvm fp32" in tuned and "tvm fp32 tuned 32/task" in tuned
     assert "tvm int8 QDQ U8S8 minmax per-channel tuned 32/task" in tuned
     assert all("tuned" not in label for label in tuned if label.startswith("onnxruntime"))
-    assert len(set(tuned)) == len(tuned) == 13
+    assert len(set(tuned)) == len(tuned) == 14
 
 
 def test_a_time_budget_reaches_every_tuned_candidate():
@@ -121,3 +121,23 @@ def test_dynamic_is_for_transformers_and_recurrent_models_not_a_cnns_classifier_
     assert dynamic_worthy({"MatMul": 12, "Softmax": 2, "LayerNormalization": 2, "Gemm": 1})  # a ViT
     assert dynamic_worthy({"LSTM": 1, "Conv": 2})  # recurrent, whatever else
     assert not dynamic_worthy({"Conv": 3, "Relu": 3, "Gemm": 1})  # a CNN with its classifier head
+
+
+def test_tvm_int8_outside_the_budget_is_retried_with_the_calibration_that_kept_onnxruntime_closest():
+    candidates = default_candidates()
+    assert any(c.quant.calibration == "mse" for c in candidates if c.runtime == "onnxruntime")
+    base = _measurement(10.0)
+    accuracy = {"minmax": 0.95, "percentile": 0.985, "entropy": 0.97, "mse": 0.975}
+    measured = {}
+    for c in candidates:
+        if c.quant.scheme != "int8":
+            continue
+        value = accuracy[c.quant.calibration] if c.runtime == "onnxruntime" else 0.95  # TVM int8 minmax misses
+        measured[c.label()] = outcome(c, _measurement(5.0, value, seed=len(measured)), base, AGREE, metric="top1",
+                                      budget=0.01)
+    retries = calibration_retries(candidates, measured)
+    assert [(r.runtime, r.quant.calibration) for r in retries] == [("tvm", "percentile")]
+    tvm_int8 = next(c for c in candidates if c.runtime == "tvm" and c.quant.scheme == "int8")
+    measured[tvm_int8.label()] = outcome(tvm_int8, _measurement(5.0, 0.99, seed=99), base, AGREE, metric="top1",
+                                         budget=0.01)
+    assert calibration_retries(candidates, measured) == []  # within budget: the calibration can't make it faster
