@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean zoo
 
 setup: $(STAMP)
 
@@ -51,6 +51,14 @@ test: setup
 test-fast: setup
 	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_WORKERS) -m "not slow"
+
+# Real architectures the tests never see (docs/model-coverage.md): exported with PyTorch in their own environment,
+# then each through `deploy run`; about an hour on 2 cores. Not part of `make test`.
+zoo: setup
+	scripts/make_zoo_env.sh .lab/zoo
+	.lab/zoo/bin/python scripts/zoo/export.py build/zoo
+	[ -f build/zoo/yolov5s.onnx ] || $(BIN)/python scripts/make_yolov5s.py build/zoo/yolov5s.onnx
+	$(BIN)/python scripts/zoo/run.py build/zoo
 
 lint: setup
 	$(BIN)/ruff check edgedeploy pipeline targets flows tests bench scripts
