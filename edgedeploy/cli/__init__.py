@@ -254,6 +254,8 @@ def compile_command(
 def inspect(
     model: Annotated[Path, typer.Argument(help="The .onnx model (fp32, or int8 QDQ as it came), or a bundled "
                                                 "workload's name.")],
+    quant: Annotated[Literal["int8"], typer.Option(help="The scheme whose error is measured: static int8 (QDQ); a "
+                                                        "model that came int8 is measured as it is.")] = "int8",
     calibration: Calibration = "minmax",
     per_channel: PerChannel = True,
     percentile: Percentile = 99.999,
@@ -273,7 +275,7 @@ def inspect(
     try:
         from pipeline.compile import inspect_quantization
 
-        config = _build_config(model, "local", "int8", calibration, per_channel, calib_data, calib_samples,
+        config = _build_config(model, "local", quant, calibration, per_channel, calib_data, calib_samples,
                                input_shape, batch=batch, reference=str(reference) if reference else None,
                                quant_options={"percentile": percentile, "activation_type": activations,
                                               "symmetric_activations": symmetric_activations})
