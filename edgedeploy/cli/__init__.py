@@ -61,6 +61,10 @@ TuneTrials = Annotated[int, typer.Option(min=0, help="MetaSchedule trials per ta
                                                      "board is timed over SSH).")]
 
 
+def _quant_options(percentile: float, activations: str, symmetric_activations: bool) -> dict:
+    return {"percentile": percentile, "activation_type": activations, "symmetric_activations": symmetric_activations}
+
+
 def _build_config(model: Path, profile: str, quant: str | None, calibration: str, per_channel: bool,
                   calib_data: Path | None, calib_samples: int, input_shape: list[str] | None, tune_trials: int = 0,
                   tune_minutes: float | None = None, quant_options: dict | None = None, **options):
@@ -141,8 +145,7 @@ def run(
             max_model_mb=max_model_mb, accuracy_budget=accuracy_budget / 100, partial=partial, runtime=runtime,
             batch=batch, reference=str(reference) if reference else None, decode=decode,
             images=str(images) if images else None,
-            quant_options={"percentile": percentile, "activation_type": activations,
-                           "symmetric_activations": symmetric_activations},
+            quant_options=_quant_options(percentile, activations, symmetric_activations),
             bench=BenchmarkSettings(warmup=warmup, min_iterations=min_iterations, min_seconds=min_seconds,
                                     max_seconds=max_seconds, rounds=rounds),
         ).with_run_id()
@@ -230,8 +233,7 @@ def compile_command(
         config = _build_config(model, profile, quant, calibration, per_channel, calib_data, calib_samples,
                                input_shape, tune_trials, tune_minutes, partial=partial,
                                accuracy_budget=accuracy_budget / 100, runtime=runtime, batch=batch,
-                               quant_options={"percentile": percentile, "activation_type": activations,
-                                              "symmetric_activations": symmetric_activations})
+                               quant_options=_quant_options(percentile, activations, symmetric_activations))
         with stderr.status(f"compiling for {profile} ..."):
             result = build(config, load_profile(profile), out, tuning_board=tuning_board)
     except EdgeDeployError as error:
@@ -277,8 +279,7 @@ def inspect(
 
         config = _build_config(model, "local", quant, calibration, per_channel, calib_data, calib_samples,
                                input_shape, batch=batch, reference=str(reference) if reference else None,
-                               quant_options={"percentile": percentile, "activation_type": activations,
-                                              "symmetric_activations": symmetric_activations})
+                               quant_options=_quant_options(percentile, activations, symmetric_activations))
         with tempfile.TemporaryDirectory(prefix="edgedeploy-inspect-") as tmp, stderr.status("quantizing ..."):
             info, quantized, report = inspect_quantization(config, Path(tmp))
     except EdgeDeployError as error:
