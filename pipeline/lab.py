@@ -5,6 +5,7 @@
       - digits-cnn                     # a bundled workload's name, or a path to an .onnx
       - {model: pp-lcnet-orientation, eval_samples: 24}
       - {model: ./my_model.onnx, calib_data: ./calib.npz, eval_data: ./eval.npz, input_shape: [images=1,3,640,640]}
+      - {model: ./yolov8n.onnx, eval_data: ./coco/instances.json, decode: yolov8, batch: 4}
     profiles: [lab-x86.yaml, raspberry-pi-4]   # names, or paths relative to this file
     schemes: [fp32, int8]
     runtimes: [tvm, onnxruntime-tensorrt]   # optional: those each board has (else its preferred runtime)
@@ -30,6 +31,7 @@ from pipeline.quantize import QuantConfig
 from pipeline.regression import RegressionPolicy
 from pipeline.report import series
 from pipeline.workloads import WORKLOADS
+from pipeline.workloads.base import Decode
 from targets.profiles import DeviceProfile, RuntimeName
 
 
@@ -41,6 +43,10 @@ class LabModel(BaseModel):
     eval_samples: int | None = Field(default=None, ge=1)
     calib_samples: int = Field(default=100, ge=1)
     input_shape: list[str] = Field(default_factory=list)
+    batch: int | None = Field(default=None, ge=1)
+    decode: Decode | None = Field(default=None, description="eval_data as COCO instances: how outputs read.")
+    images: str | None = None
+    reference: str | None = Field(default=None, description="The fp32 model of one that came int8.")
 
 
 class LabFile(BaseModel):
@@ -125,7 +131,8 @@ def jobs(lab: LabFile) -> list[LabJob]:
                     model_path=model, profile=ref, quant=QuantConfig(scheme=scheme), runtime=runtime,
                     calib_data=_resolve(base, item.calib_data), eval_data=_resolve(base, item.eval_data),
                     calib_samples=item.calib_samples, eval_samples=item.eval_samples,
-                    input_shapes=parse_input_shapes(item.input_shape), bench=lab.bench,
+                    input_shapes=parse_input_shapes(item.input_shape), batch=item.batch, decode=item.decode,
+                    images=_resolve(base, item.images), reference=_resolve(base, item.reference), bench=lab.bench,
                     regression=lab.regression, db_url=lab.db_url,
                 )))
     return out

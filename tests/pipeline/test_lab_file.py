@@ -28,3 +28,14 @@ def test_each_runtime_keeps_its_own_history():
     assert tvm.series == "fp16"
     trt = tvm.model_copy(update={"runtime": "onnxruntime-tensorrt 1.11.0", "unit": "GPU"})
     assert trt.series == "fp16 · onnxruntime-tensorrt (GPU)"
+
+
+def test_a_lab_model_takes_a_users_batch_coco_labels_and_reference(tmp_path):
+    lab = tmp_path / "lab.yaml"
+    lab.write_text("name: own\nprofiles: [local]\nmodels:\n"
+                   "  - {model: ./det.onnx, eval_data: coco/instances.json, decode: yolov8, batch: 4, images: coco}\n"
+                   "  - {model: ./qat.onnx, reference: ./fp32.onnx}\n")
+    det, qat = (job.config for job in jobs(load_lab(lab)))
+    assert (det.batch, det.decode, det.eval_data, det.images) == (
+        4, "yolov8", str(tmp_path / "coco" / "instances.json"), str(tmp_path / "coco"))
+    assert qat.reference == str(tmp_path / "fp32.onnx") and qat.batch is None
