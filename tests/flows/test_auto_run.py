@@ -23,7 +23,8 @@ def test_auto_on_digits(prefect_server, tmp_path):
     selection = result.auto
     assert set(result.board) == {"before", "after", "marks"}  # the board's state around all the measurements
     statuses = {o.label: o for o in selection.outcomes}
-    assert len(statuses) == 12
+    assert len(statuses) == 13  # the calibration retry only where TVM's int8 misses the budget: not here
+    assert statuses["onnxruntime int8 QDQ U8S8 mse per-channel"].status == "measured"
     assert statuses["onnxruntime fp16"].status == "refused" and "fp16" in statuses["onnxruntime fp16"].reason
     assert statuses["tvm fp16"].status == "refused"
     assert statuses["tvm int8 QDQ U8S8 minmax per-channel"].status == "measured"
