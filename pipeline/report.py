@@ -197,8 +197,8 @@ class RunResult(BaseModel):
             return slower + f"{self.scheme} loses to fp32 for this model on this device; {auto}"
         if self.artifact.tuning:
             return slower + f"tune longer (--tune-minutes adds to the trials kept so far), {auto}"
-        return (slower + "this TVM build is untuned (TVM's default kernels): tune it (e.g. --tune-minutes 20; "
-                f"the trials are kept, and every later run adds to them), {auto}")
+        return (slower + "this TVM build is untuned (default schedules, nothing measured): tune it (e.g. "
+                f"--tune-minutes 20; the trials are kept, and every later run adds to them), {auto}")
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         head = Text.assemble(

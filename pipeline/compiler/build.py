@@ -21,8 +21,16 @@ from pipeline.compiler.passes.dot import (
     count_dot_ops,
     count_vnni_ops,
 )
-from pipeline.compiler.passes.winograd import count_winograd_convs
-from pipeline.compiler.tuning.search import TuningBoard, fused, tuned_build, tuning_dir, tuning_refusal
+from pipeline.compiler.passes.winograd import count_winograd_convs, register_schedule_rules
+from pipeline.compiler.tuning.defaults import default_schedules, vector_lanes
+from pipeline.compiler.tuning.search import (
+    TuningBoard,
+    decompose,
+    fused,
+    tuned_build,
+    tuning_dir,
+    tuning_refusal,
+)
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import ELF_MACHINES, CompiledArtifact, elf_machine, profile_sha256, write_manifest
 from pipeline.quantize import QuantizedModel
@@ -46,9 +54,20 @@ COMPILER_SOURCES = sorted(Path(__file__).parent.rglob("*.py"))
 COMPILE_REVISION = source_revision(COMPILER_SOURCES)
 
 
-def _build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any] | None):
-    if gpu is None:
-        return tvm.compile(mod, target=tvm.target.Target(cpu))
+def _cpu_build(mod: tvm.IRModule, cpu: dict[str, Any], lanes: int) -> tuple[Any, dict[str, int]]:
+    """An untuned CPU build with a default schedule for every kernel (tuning.defaults); how many got one."""
+    from tvm.s_tir import meta_schedule as ms
+
+    target = tvm.target.Target(cpu)
+    load_tensor_intrinsics(target)  # before MetaSchedule imports every target's (compiler.intrinsics)
+    register_schedule_rules()  # the Winograd transforms' (passes.winograd)
+    decomposed = decompose(mod, target)
+    database, scheduled, kernels = default_schedules(decomposed, target, lanes)
+    executable = ms.relax_integration.compile_relax(database, decomposed, target, params=None)
+    return executable, {"kernels": kernels, "default_scheduled": scheduled, "vector_lanes": lanes}
+
+
+def _gpu_build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any]):
     # CUDA needs every kernel bound to threads: dlight's default GPU schedules do that (no tuning).
     import tvm.s_tir.dlight as dl
 
@@ -90,7 +109,7 @@ def compile_model(
         raise refusal
     if refusal := nvptx_refusal(profile):
         raise refusal
-    tuning = None
+    tuning, schedules = None, None
     started = time.perf_counter()
     try:
         mod, integer_ops = relax_module(quantized, info, profile, tuned=bool(tune_trials))
@@ -98,8 +117,10 @@ def compile_model(
             root = tuning_root or workdir / "tuning"
             executable, tuning = tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root), profile,
                                               minutes=tune_minutes, tuning_board=tuning_board)
+        elif gpu_dict is None:
+            executable, schedules = _cpu_build(mod, target_dict, vector_lanes(profile))
         else:
-            executable = _build(mod, target_dict, gpu_dict)
+            executable = _gpu_build(mod, target_dict, gpu_dict)
         library = workdir / "model.so"
         gpu = _export(executable, library, profile, target_dict)
     except EdgeDeployError:  # tuning on a board: the device or the connection said what went wrong
@@ -126,6 +147,6 @@ def compile_model(
                "gpu_code": gpu.summary if gpu else None, "elf_machine": machine,
                "tuning": tuning.model_dump() if tuning else None, "integer_ops": integer_ops,
                "vnni_ops": count_vnni_ops(mod), "sdot_ops": count_dot_ops(mod, (SDOT,)),
-               "winograd_convs": count_winograd_convs(mod)},
+               "winograd_convs": count_winograd_convs(mod), "schedules": schedules},
     )
     return artifact.model_copy(update={"tuning": tuning.model_dump() if tuning else None})

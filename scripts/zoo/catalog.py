@@ -14,6 +14,7 @@ class ZooModel:
     family: str
     normalise: str = "imagenet"  # or "unit": [0, 1] pixels, as YOLO takes them
     dynamic: bool = False  # onnxruntime dynamic int8 measured too (weights in MatMul/Gemm: transformers)
+    classifier: bool = True  # one row of class scores per image: top-1 agreement means something
 
 
 ZOO = (
@@ -26,7 +27,8 @@ ZOO = (
     ZooModel("convnext_tiny", "torchvision:convnext_tiny", 224, "CNN, 7x7 depthwise + LayerNorm + GELU", dynamic=True),
     ZooModel("vit_b_16", "torchvision:vit_b_16", 224, "transformer (ViT-B/16)", dynamic=True),
     ZooModel("deeplabv3_mobilenet_v3_large", "torchvision.segmentation:deeplabv3_mobilenet_v3_large", 256,
-             "segmentation (ASPP, bilinear upsampling)"),
-    ZooModel("yolov5s", "yolov5:s", 640, "detector (YOLOv5 v7.0 export graph)", normalise="unit"),
-    ZooModel("yolov8n", "ultralytics:yolov8n.yaml", 640, "detector (anchor-free, DFL head)", normalise="unit"),
+             "segmentation (ASPP, bilinear upsampling)", classifier=False),
+    ZooModel("yolov5s", "yolov5:s", 640, "detector (YOLOv5 v7.0 export graph)", normalise="unit", classifier=False),
+    ZooModel("yolov8n", "ultralytics:yolov8n.yaml", 640, "detector (anchor-free, DFL head)", normalise="unit",
+             classifier=False),
 )

@@ -66,6 +66,18 @@ def build(entry: ZooModel) -> tuple[torch.nn.Module, str, str]:
     raise SystemExit(f"{entry.name}: no exporter for {kind!r} here")
 
 
+def no_zero_layers(model: torch.nn.Module) -> int:
+    """Layers a reference definition initialises to zero (ViT's classification head: its outputs would all be 0, and
+    every runtime would "agree" on them) get small random weights instead, as after training."""
+    zeroed = 0
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                parameter.normal_(0.0, 0.02)
+                zeroed += 1
+    return zeroed
+
+
 def settle_batchnorm(model: torch.nn.Module, entry: ZooModel) -> int:
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
@@ -84,13 +96,19 @@ def export(entry: ZooModel, out: Path) -> dict:
     torch.manual_seed(0)
     started = time.perf_counter()
     model, input_name, output_name = build(entry)
+    zeroed = no_zero_layers(model)
     norms = settle_batchnorm(model, entry)
     example = torch.from_numpy(batch(1, entry.size, seed=20_000, normalise=entry.normalise))
+    with torch.no_grad():
+        spread = float(model(torch.from_numpy(batch(2, entry.size, seed=20_001, normalise=entry.normalise))).std())
+    if not spread > 0:
+        raise SystemExit(f"{entry.name}: its outputs are constant: no runtime could disagree on them")
     path = out / f"{entry.name}.onnx"
     torch.onnx.export(model, (example,), str(path), opset_version=17, dynamo=False, input_names=[input_name],
                       output_names=[output_name], dynamic_axes={input_name: {0: "N"}, output_name: {0: "N"}})
     return {"name": entry.name, "path": str(path), "parameters": sum(p.numel() for p in model.parameters()),
-            "batchnorms_settled": norms, "seconds": round(time.perf_counter() - started, 1),
+            "batchnorms_settled": norms, "zero_layers_initialised": zeroed, "output_std": spread,
+            "seconds": round(time.perf_counter() - started, 1),
             "exporter": f"torch {torch.__version__}"}
 
 

@@ -74,7 +74,8 @@ def row(entry: ZooModel, runtime: str, scheme: str, outcome: dict) -> dict:
     agreement = answer["agreement"]
     passed = outcome["exit"] == 0 and answer["valid"] and (scheme != "fp32" or agreement["cosine"] >= 0.999)
     return {**common, "result": "pass" if passed else "fail", "valid": answer["valid"],
-            "cosine": agreement["cosine"], "top1": agreement.get("top1"), "max_abs": agreement["max_abs"],
+            "cosine": agreement["cosine"], "top1": agreement.get("top1") if entry.classifier else None,
+            "max_abs": agreement["max_abs"],
             "p50_ms": answer["latency_ms"]["p50"], "onnxruntime_fp32_p50_ms": answer["baseline"]["latency_ms"]["p50"],
             "speedup": answer["speedup"], "parameters": answer["model"]["parameters"],
             "gflops": answer["model"]["flops"] / 1e9, "label": answer["scheme"]}

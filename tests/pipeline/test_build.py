@@ -32,3 +32,8 @@ def test_every_profile_compiles_the_digits_cnn(name, tmp_path):
         assert {(e["kind"], e["arch"]) for e in code["fatbin"]} == {("ptx", int(sm[3:])), ("cubin", int(sm[3:]))}
     else:
         assert manifest["device_code"] == "cpu" and manifest["target"]["mtriple"] == profile.cpu.triple
+        # every kernel of a CPU build has a default schedule, vectors as wide as the profile's CPU has
+        schedules = manifest["schedules"]
+        assert schedules["default_scheduled"] == schedules["kernels"] > 0
+        assert schedules["vector_lanes"] == (16 if "avx512f" in profile.cpu.features else 8
+                                             if profile.cpu.arch == "x86_64" else 4)

@@ -1,0 +1,127 @@
+"""Default schedules: every CPU kernel of an untuned build gets a reasonable schedule without a single measurement.
+
+TVM 0.27 leaves an untuned CPU kernel a naive loop nest (one thread, no vectors, no tiling): 0.005-0.13x of
+onnxruntime fp32. Here each kernel takes MetaSchedule's own design space for the target (multi-level tiling
+SSRSRS, parallel outer loops, vectorised inner ones, unrolling: the space tuning searches), and instead of sampling
+its decisions at random or timing candidates, they are set from the profile:
+
+- the innermost output axis (output channels of a conv, columns of a matmul) is tiled by the vector lanes (16 fp32
+  in AVX-512, 8 in AVX2, 4 in NEON), so the innermost loop is one vector register;
+- the next output axis by up to 4 (a register block of rows: 4 accumulators that share every loaded weight);
+- every other spatial axis stays whole in the outermost tile, which MetaSchedule's postprocessing fuses and runs in
+  parallel on the profile's cores;
+- reduction axes in tiles of up to 4, unrolled up to 64 steps; producers (padding) computed at the root.
+
+Then MetaSchedule's postprocessors for the target make each a concrete schedule (what tuning does to a candidate)
+and the build applies them as a database would. A kernel whose space, postprocessing or build fails (one laid out
+for a dot-product instruction already: passes.dot) keeps TVM's default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tvm
+
+from targets.profiles import DeviceProfile
+
+REGISTER_ROWS = 4
+REDUCTION_TILE = 4
+UNROLL = 64
+# Below this, a kernel runs on one thread: waking the pool costs ~5-20 us, what 1e5-1e6 operations take on one core.
+PARALLEL_MIN_FLOPS = 500_000
+
+
+def vector_lanes(profile: DeviceProfile) -> int:
+    """32-bit lanes of the widest vector register the profile's CPU has."""
+    features = set(profile.cpu.features)
+    if profile.cpu.arch == "x86_64":
+        return 16 if "avx512f" in features else 8 if "avx2" in features or "avx" in features else 4
+    return 4  # NEON (aarch64), and a safe width elsewhere
+
+
+def _largest_divisor(extent: int, at_most: int) -> int:
+    return next(f for f in range(max(1, min(extent, at_most)), 0, -1) if extent % f == 0)
+
+
+def _tiles(extent: int, parts: int, axis: int, spatial_axes: int, lanes: int) -> list[int] | None:
+    """The tile sizes of one loop: ``axis`` counts the block's spatial loops (tiled in 4), -1 a reduction loop."""
+    if parts == 2:  # a reduction loop: small inner tiles
+        inner = _largest_divisor(extent, REDUCTION_TILE)
+        return [extent // inner, inner]
+    if parts != 4:
+        return None
+    if axis == spatial_axes - 1:  # the innermost output axis: one vector register
+        vector = _largest_divisor(extent, lanes)
+        return [extent // vector, 1, 1, vector]
+    if axis == spatial_axes - 2:  # a block of rows held in registers
+        rows = _largest_divisor(extent, REGISTER_ROWS)
+        return [extent // rows, 1, rows, 1]
+    return [extent, 1, 1, 1]  # outermost: fused with the others and run in parallel
+
+
+def serial(trace):
+    """``trace`` without its parallel annotation: a small kernel's work doesn't pay for waking the thread pool."""
+    keep = [inst for inst in trace.insts if not (inst.kind.name == "Annotate"
+                                                  and str(inst.attrs[0]) == "meta_schedule.parallel")]
+    return tvm.s_tir.Trace(keep, {inst: decision for inst, decision in trace.decisions.items() if inst in keep})
+
+
+def decided(trace, lanes: int):
+    """``trace`` (a design space's) with every sampling decision set as the module docstring says."""
+    tiles = [inst for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
+    spatial_axes = sum(1 for inst in tiles if int(inst.attrs[0]) == 4)
+    axis = 0
+    for inst in trace.insts:
+        kind = inst.kind.name
+        if kind == "SamplePerfectTile":
+            parts = int(inst.attrs[0])
+            extent = 1
+            for factor in trace.decisions[inst]:
+                extent *= int(factor)
+            decision = _tiles(extent, parts, axis if parts == 4 else -1, spatial_axes, lanes)
+            axis += parts == 4
+            if decision is not None:
+                trace = trace.with_decision(inst, decision, remove_postproc=True)
+        elif kind == "SampleCategorical":  # the unroll depth
+            candidates = [int(c) for c in inst.attrs[0]]
+            if UNROLL in candidates:
+                trace = trace.with_decision(inst, candidates.index(UNROLL), remove_postproc=True)
+        elif kind == "SampleComputeLocation":
+            trace = trace.with_decision(inst, -1, remove_postproc=True)  # at the root
+    return trace
+
+
+def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes: int) -> tuple[Any, int, int]:
+    """(a MetaSchedule database holding a default schedule for each kernel of ``decomposed``, how many kernels got
+    one, how many there are). compile_relax(database, decomposed, target) builds with them."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    from pipeline.compiler.tuning.search import fuse, unnamed_handlers_detached
+
+    database = ms.database.MemoryDatabase()
+    tasks = ms.relax_integration.extract_tasks(fuse(decomposed, target), target)
+    scheduled = 0
+    with unnamed_handlers_detached():
+        for task in tasks:
+            kernel = task.dispatched[0]
+            context = ms.TuneContext(mod=kernel, target=target, space_generator="post-order-apply",
+                                     search_strategy="replay-trace", task_name=task.task_name, rand_state=1)
+            try:
+                spaces = context.generate_design_space()
+                schedule = tvm.s_tir.Schedule(kernel)
+                trace = decided(spaces[0].trace.simplified(remove_postproc=True), lanes)
+                if estimate_tir_flops(kernel) < PARALLEL_MIN_FLOPS:
+                    trace = serial(trace)
+                trace.apply_to_schedule(schedule, remove_postproc=True)
+                if not all(postproc.apply(schedule) for postproc in context.space_generator.postprocs):
+                    continue
+                tvm.compile(schedule.mod, target=target)  # e.g. a kernel laid out for VNNI already won't vectorise
+            except Exception:  # noqa: BLE001 - any failure: TVM's default for this kernel, as before
+                continue
+            workload = database.commit_workload(kernel)
+            database.commit_tuning_record(ms.database.TuningRecord(
+                schedule.trace, workload, [1.0], target, ms.arg_info.ArgInfo.from_entry_func(kernel)))
+            scheduled += 1
+    return database, scheduled, len(tasks)

@@ -1,0 +1,89 @@
+"""Default schedules (pipeline/compiler/tuning/defaults.py): an untuned CPU build gets a vectorised, tiled,
+parallel schedule for every kernel without measuring anything, and computes what TVM's plain build computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from pipeline.compiler.build import _cpu_build
+from pipeline.compiler.frontend import relax_module, resolve_target
+from pipeline.compiler.tuning.defaults import PARALLEL_MIN_FLOPS, decided, serial, vector_lanes
+from pipeline.compiler.tuning.search import fused
+from pipeline.ingest import ingest
+from pipeline.quantize import QuantConfig, QuantizedModel, quantize
+from pipeline.workloads import WORKLOADS
+from targets.hashing import sha256_file
+from targets.profiles import load_profile
+
+
+def _module(tmp_path: Path, scheme: str = "fp32"):
+    digits = WORKLOADS["digits-cnn"]
+    info = ingest(digits.model_path(), tmp_path / "ingest")
+    if scheme == "int8":
+        quantized = quantize(Path(info.prepared_path), tmp_path, QuantConfig(scheme="int8"), digits.calibration(32))
+    else:
+        quantized = QuantizedModel(path=info.prepared_path, sha256=sha256_file(Path(info.prepared_path)),
+                                   config=QuantConfig(scheme="fp32"))
+    profile = load_profile("local")
+    mod, _ = relax_module(quantized, info, profile)
+    return mod, resolve_target(profile), profile, digits.evaluation(16).inputs["image"]
+
+
+def _run(executable, x: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for i in range(len(x))])
+
+
+def test_the_decisions_tile_the_output_channels_by_the_vector_lanes():
+    from tvm.s_tir import meta_schedule as ms
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+    conv = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 16, 32), "float32"))
+    w = relax.Var("w", relax.TensorType((64, 3, 3, 32), "float32"))
+    with conv.function("main", [x, w]):
+        with conv.dataflow():
+            out = conv.emit_output(relax.op.nn.conv2d(x, w, padding=1, data_layout="NHWC", kernel_layout="OHWI"))
+        conv.emit_func_output(out)
+    (task,) = [t for t in ms.relax_integration.extract_tasks(fused(conv.get(), target), target)
+               if "conv2d" in t.task_name]
+    context = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
+                             search_strategy="replay-trace", rand_state=1)
+    trace = decided(context.generate_design_space()[0].trace.simplified(remove_postproc=True), lanes=16)
+    tiles = [[int(v) for v in trace.decisions[inst]] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
+    spatial = [t for t in tiles if len(t) == 4]
+    assert spatial[-1] == [4, 1, 1, 16]  # 64 output channels: 4 vectors of 16 lanes, innermost
+    assert spatial[-2] == [4, 1, 4, 1]  # 16 columns: 4 in registers at a time
+    assert all(t[1:] == [1, 1, 1] for t in spatial[:-2])  # the rest outermost, run in parallel
+    assert all(len(t) == 2 and t[1] <= 4 for t in tiles if len(t) != 4)  # reductions in small tiles
+    parallel = [i for i in trace.insts if i.kind.name == "Annotate" and str(i.attrs[0]) == "meta_schedule.parallel"]
+    assert parallel and not [i for i in serial(trace).insts if i in parallel]
+    assert PARALLEL_MIN_FLOPS > 0
+
+
+def test_lanes_follow_the_profiles_cpu():
+    assert vector_lanes(load_profile("x86-server-vnni")) == 16
+    assert vector_lanes(load_profile("x86-server")) == 8
+    assert vector_lanes(load_profile("raspberry-pi-4")) == 4
+
+
+def test_default_schedules_compute_what_the_plain_build_computes(tmp_path):
+    mod, cpu, profile, x = _module(tmp_path)
+    plain = tvm.compile(mod, target=tvm.target.Target(cpu))
+    scheduled, counts = _cpu_build(mod, cpu, vector_lanes(profile))
+    assert counts["default_scheduled"] == counts["kernels"] > 0
+    np.testing.assert_allclose(_run(scheduled, x), _run(plain, x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_int8_build_keeps_what_does_not_take_a_default_schedule(tmp_path):
+    """Integer kernels laid out for a dot-product instruction don't vectorise again: they keep TVM's schedule; the
+    rest get defaults; the library computes the same."""
+    mod, cpu, profile, x = _module(tmp_path, "int8")
+    plain = tvm.compile(mod, target=tvm.target.Target(cpu))
+    scheduled, counts = _cpu_build(mod, cpu, vector_lanes(profile))
+    assert 0 < counts["default_scheduled"] <= counts["kernels"]
+    np.testing.assert_allclose(_run(scheduled, x), _run(plain, x), rtol=1e-5, atol=1e-4)
