@@ -13,8 +13,9 @@ its decisions at random or timing candidates, they are set from the profile:
 - reduction axes in tiles of up to 4, unrolled up to 64 steps; producers (padding) computed at the root.
 
 Then MetaSchedule's postprocessors for the target make each a concrete schedule (what tuning does to a candidate)
-and the build applies them as a database would. A kernel whose space, postprocessing or build fails (one laid out
-for a dot-product instruction already: passes.dot) keeps TVM's default.
+and the build applies them as a database would. A kernel whose space or postprocessing fails, or whose vectorised
+loop would hold a dot-product instruction's body (the VNNI / sdot layouts of passes.dot: LLVM can't widen it),
+keeps TVM's default. Small kernels (under PARALLEL_MIN_FLOPS) run on one thread.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
+    from pipeline.compiler.passes.dot import vector_code_in_vectorized_loop
     from pipeline.compiler.tuning.search import fuse, unnamed_handlers_detached
 
     database = ms.database.MemoryDatabase()
@@ -117,7 +119,8 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
                 trace.apply_to_schedule(schedule, remove_postproc=True)
                 if not all(postproc.apply(schedule) for postproc in context.space_generator.postprocs):
                     continue
-                tvm.compile(schedule.mod, target=target)  # e.g. a kernel laid out for VNNI already won't vectorise
+                if vector_code_in_vectorized_loop(schedule.mod):  # a VNNI / sdot body: LLVM can't widen it again
+                    continue
             except Exception:  # noqa: BLE001 - any failure: TVM's default for this kernel, as before
                 continue
             workload = database.commit_workload(kernel)
