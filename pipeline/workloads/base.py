@@ -66,7 +66,7 @@ class CocoLabels:
 
 @dataclass
 class Samples:
-    """Model inputs, one sample per row (each row is fed as a batch of one), and optional labels.
+    """Model inputs, one sample per row (fed ``batch`` rows at a time: ``batches``), and optional labels.
 
     ``labels`` is an int array [N] for classifiers; for detectors a list of [K,4] xyxy boxes per
     sample, in model-input pixels; or a user's COCO annotations (CocoLabels).
