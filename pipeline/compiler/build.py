@@ -112,7 +112,7 @@ def compile_model(
     tuning, schedules = None, None
     started = time.perf_counter()
     try:
-        mod, integer_ops = relax_module(quantized, info, profile, tuned=bool(tune_trials))
+        mod, integer_ops = relax_module(quantized, info, profile)
         if tune_trials:
             root = tuning_root or workdir / "tuning"
             executable, tuning = tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root), profile,

@@ -77,8 +77,8 @@ def _module_pass(name: str, rewrite: Callable[..., Any], log: PassLog,
     return tvm.transform.module_pass(run, opt_level=0, name=name)
 
 
-def rewrites(profile: DeviceProfile, *, int8: bool, tuned: bool, log: PassLog) -> tvm.transform.Sequential:
-    """The passes for the profile's target, in order (``tuned``: for a tuned build; ``int8``: a QDQ model)."""
+def rewrites(profile: DeviceProfile, *, int8: bool, log: PassLog) -> tvm.transform.Sequential:
+    """The passes for the profile's target, in order (``int8``: a QDQ model)."""
     dot, cpu = dot_layout(profile), not profile.tvm_gpu_target()
 
     def integer_ops() -> bool:
@@ -96,10 +96,8 @@ def rewrites(profile: DeviceProfile, *, int8: bool, tuned: bool, log: PassLog) -
             _module_pass("ChannelsLast", channels_last, log),
             _module_pass("DotProductConvs", functools.partial(dot_convs, layout=dot), log,
                          when=lambda: integer_ops() and dot is not None),
-        ]
-        if tuned:  # float 3x3 convs with 4x fewer multiply-adds; untuned, its transforms are serial loops
-            passes.append(_module_pass("WinogradConvs", winograd_convs, log))
-        passes += [
+            # float 3x3 convs with 4x fewer multiply-adds (untuned, its transforms take default schedules too)
+            _module_pass("WinogradConvs", winograd_convs, log),
             # sigmoid/exp as vector code, not a libm call per element (passes.fastmath)
             _module_pass("FastMath", fast_math, log),
             # requantize with one multiply, not a divide per element (same module)
@@ -108,16 +106,14 @@ def rewrites(profile: DeviceProfile, *, int8: bool, tuned: bool, log: PassLog) -
     return tvm.transform.Sequential(passes, opt_level=0, name="edgedeploy.rewrites")
 
 
-def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile,
-                 tuned: bool = False) -> tuple[tvm.IRModule, int]:
-    """The model as the profile's target will run it (``tuned``: for a tuned build), and how many of its ops
-    became integer kernels."""
+def relax_module(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProfile) -> tuple[tvm.IRModule, int]:
+    """The model as the profile's target will run it, and how many of its ops became integer kernels."""
     model = onnx.load(quantized.path)
     shape_dict = {spec.name: list(spec.shape) for spec in info.inputs}
     mod = onnx_frontend.from_onnx(model, shape_dict=shape_dict, keep_params_in_input=False)
     log = PassLog()
     try:
-        mod = rewrites(profile, int8=quantized.config.scheme == "int8", tuned=tuned, log=log)(mod)
+        mod = rewrites(profile, int8=quantized.config.scheme == "int8", log=log)(mod)
     except Exception:
         if log.raised is not None:  # the pass's own exception, not TVM's wrapper of it
             raise log.raised from None
