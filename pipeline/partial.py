@@ -69,7 +69,8 @@ class PartialPlan(BaseModel):
     metric: str = Field(description="The quality measure: the workload's metric, or agreement with fp32.")
     fp32_quality: float
     full_int8_quality: float
-    layers: int = Field(description="Layers that compute on quantized data in full int8.")
+    layers: int = Field(description="Layers that compute on quantized data in full int8 (0 when full int8 was within "
+                        "the budget: nothing was ranked).")
     tensors: int = Field(default=0, description="Tensors full int8 quantizes (the ranking's length).")
     ranking: list[LayerSensitivity] = Field(description="Most sensitive first; empty when full int8 was fine.")
     steps: list[PartialStep]
@@ -154,15 +155,15 @@ def plan_partial(info: ModelInfo, data: PreparedData, quant: QuantConfig, *, bud
     full_quality, full_within = evaluator.score(evaluator.outputs(full), budget)
     common: dict = {"metric": evaluator.metric_name(), "fp32_quality": evaluator.reference_quality,
                     "full_int8_quality": full_quality}
+    if full_within:  # nothing to rank: the per-layer report (two more passes over the samples) is not needed
+        return PartialPlan(**common, layers=0, ranking=[], steps=[], keep_float=(), within_budget=True,
+                           reason="full int8 is within the accuracy budget: no layer needs float",
+                           seconds=time.perf_counter() - started)
     report = layer_errors(prepared, full, calibration.head(REPORT_SAMPLES), batch=info.batch, workdir=workdir)
     ranking = [LayerSensitivity(name=t.tensor, op_type=t.op_type, sqnr_db=t.sqnr_db, layers=t.float_layers)
                for t in report.tensors]
     common["layers"] = len({name for t in report.tensors for name in t.float_layers})
     common["tensors"] = len(ranking)
-    if full_within:
-        return PartialPlan(**common, ranking=[], steps=[], keep_float=(), within_budget=True,
-                           reason="full int8 is within the accuracy budget: no layer needs float",
-                           seconds=time.perf_counter() - started)
 
     def kept(k: int) -> tuple[str, ...]:  # the layers of the k worst tensors, in that order
         return tuple(dict.fromkeys(name for sensitivity in ranking[:k] for name in sensitivity.layers))
