@@ -147,6 +147,10 @@ def check_precision(profile: DeviceProfile, quant: QuantConfig, runtime: Runtime
         return CheckResult(check=name, verdict="pass", reason=f"{unit} has DP4A int8 dot products")
     if profile.cpu.int8_dot_product:
         return CheckResult(check=name, verdict="pass", reason=f"{unit} has an int8 dot-product instruction")
+    if runtime == "tvm" and _has_vpmaddubsw(profile):
+        return CheckResult(check=name, verdict="pass",
+                           reason=f"{unit} has no VNNI; TVM lays its int8 kernels out for VPMADDUBSW (32 uint8 x int8 "
+                                  "products an instruction, with 7-bit weights)")
     return CheckResult(
         check=name, verdict="warn",
         reason=f"{unit} has no int8 dot-product instruction: int8 cuts weight memory 4x, but the speed-up will be "
@@ -187,6 +191,11 @@ def _x86_without_vnni(profile: DeviceProfile) -> bool:
     return profile.cpu.arch == "x86_64" and not profile.cpu.int8_dot_product
 
 
+def _has_vpmaddubsw(profile: DeviceProfile) -> bool:
+    """x86 without VNNI where TVM lays int8 kernels out for VPMADDUBSW (AVX2 or AVX-512BW: compiler.passes.dot)."""
+    return _x86_without_vnni(profile) and bool({"avx2", "avx512bw"} & set(profile.cpu.features))
+
+
 def ort_int8_may_saturate(profile: DeviceProfile, quant: QuantConfig, runtime: Runtime) -> str | None:
     """Why this int8 scheme's results may be off on this device, or None. onnxruntime on an x86 CPU without VNNI
     multiplies activations (int8 ones shifted to uint8 first) by 8-bit int8 weights with VPMADDUBSW, whose 16-bit
@@ -206,6 +215,14 @@ def check_ort_int8_x86(profile: DeviceProfile, quant: QuantConfig,
         return CheckResult(check=name, verdict="pass", reason="not applicable"), quant
     if profile.unit_of(runtime) == "gpu":
         return CheckResult(check=name, verdict="pass", reason=f"not applicable: {runtime} runs on the GPU"), quant
+    if runtime == "tvm" and quant.scheme == "int8" and _has_vpmaddubsw(profile):
+        return CheckResult(
+            check=name, verdict="pass",
+            reason="TVM's int8 kernels here multiply with VPMADDUBSW, exact only with 7-bit weights: using "
+                   "reduce_range (a layer whose weights could still saturate keeps a plain kernel, adding in 32 bits)",
+            fact="VPMADDUBSW adds each two uint8 x int8 products in 16 bits, saturating: 255 x 127 x 2 does not fit, "
+                 "255 x 64 x 2 does; without it TVM's integer kernels are widened int32 loops, slower than fp32",
+        ), quant.model_copy(update={"reduce_range": True})
     if runtime != "onnxruntime":
         return CheckResult(check=name, verdict="pass", reason=f"{runtime}'s integer kernels add in 32 bits: no "
                            "saturation, 8-bit weights kept"), quant

@@ -42,6 +42,8 @@ class CompiledArtifact(BaseModel):
     integer_ops: int = Field(default=0, description="conv2d/matmul computed in int8 x int8 -> int32 (TVM int8).")
     vnni_ops: int = Field(default=0, description="Of those, laid out for AVX-512 VNNI (compiler.passes.dot).")
     sdot_ops: int = Field(default=0, description="Of those, laid out for ARM dotprod's sdot (compiler.passes.dot).")
+    dot_ops: dict[str, int] = Field(default_factory=dict, description="Of those, laid out for a dot-product "
+                                    "instruction, by instruction (vpdpbusd, vpmaddubsw, sdot, smull+saddlp).")
     winograd_convs: int = Field(default=0, description="Float 3x3 convs computed by Winograd (passes.winograd).")
     cached: bool = Field(default=False, description="Reused from the artifact cache.")
 
@@ -82,7 +84,7 @@ def write_manifest(
         library_path=str(artifact), manifest_path=str(manifest_path), sha256=digest, runtime=runtime,
         target=extra.get("target", {}), gpu_target=extra.get("gpu_target"),
         device_code=extra.get("device_code", "cpu"), compile_seconds=seconds, integer_ops=extra.get("integer_ops", 0),
-        vnni_ops=extra.get("vnni_ops", 0), sdot_ops=extra.get("sdot_ops", 0),
+        vnni_ops=extra.get("vnni_ops", 0), sdot_ops=extra.get("sdot_ops", 0), dot_ops=extra.get("dot_ops", {}),
         winograd_convs=extra.get("winograd_convs", 0),
     )
 

@@ -47,6 +47,8 @@ class ArtifactSummary(BaseModel):
     integer_ops: int = Field(default=0, description="TVM int8: conv2d/matmul computed as int8 x int8 -> int32.")
     vnni_ops: int = Field(default=0, description="Of those, laid out for AVX-512 VNNI's vpdpbusd.")
     sdot_ops: int = Field(default=0, description="Of those, laid out for ARM dotprod's sdot.")
+    dot_ops: dict[str, int] = Field(default_factory=dict, description="Of those, laid out for a dot-product "
+                                    "instruction, by instruction (vpdpbusd, vpmaddubsw, sdot, smull+saddlp).")
     winograd_convs: int = Field(default=0, description="Float 3x3 convs computed by Winograd F(4x4, 3x3).")
     device_code: str = Field(default="cpu", description="cpu; ptx or ptx+cubin (a GPU library); onnx.")
 
@@ -159,7 +161,8 @@ class RunResult(BaseModel):
             artifact=ArtifactSummary(sha256=compiled.sha256, path=compiled.library_path,
                                      manifest=compiled.manifest_path, target=compiled.target, tuning=compiled.tuning,
                                      integer_ops=compiled.integer_ops, vnni_ops=compiled.vnni_ops,
-                                     sdot_ops=compiled.sdot_ops, winograd_convs=compiled.winograd_convs,
+                                     sdot_ops=compiled.sdot_ops, dot_ops=compiled.dot_ops,
+                                     winograd_convs=compiled.winograd_convs,
                                      device_code=compiled.device_code),
             latency_ms=art.latency_ms, peak_rss_mb=art.peak_rss_mb,
             baseline=BaselineSummary(runtime=f"onnxruntime {base.versions.get('onnxruntime', '')} fp32".strip(),
@@ -265,8 +268,7 @@ class RunResult(BaseModel):
         footer = Text(f"result: {self.result_path}" if self.result_path else "", style="dim")
         parts: list[Any] = [p for p in (self.auto, self.partial) if p]
         if self.artifact.integer_ops:
-            laid_out = [f"{n} of them laid out for {name}" for n, name in
-                        ((self.artifact.vnni_ops, "VNNI"), (self.artifact.sdot_ops, "ARM sdot")) if n]
+            laid_out = [f"{n} of them laid out for {name}" for name, n in self.artifact.dot_ops.items()]
             parts.append(Text(f"integer kernels: {self.artifact.integer_ops} conv/matmul compute int8 x int8 -> "
                               f"int32 in TVM{''.join(', ' + text for text in laid_out)} (the rest of the graph "
                               "stays float)"))

@@ -20,6 +20,7 @@ from pipeline.compiler.passes.dot import (
     SDOT,
     count_dot_ops,
     count_vnni_ops,
+    dot_ops_by_instruction,
 )
 from pipeline.compiler.passes.winograd import count_winograd_convs, register_schedule_rules
 from pipeline.compiler.tuning.defaults import default_schedules, vector_lanes
@@ -147,6 +148,7 @@ def compile_model(
                "gpu_code": gpu.summary if gpu else None, "elf_machine": machine,
                "tuning": tuning.model_dump() if tuning else None, "integer_ops": integer_ops,
                "vnni_ops": count_vnni_ops(mod), "sdot_ops": count_dot_ops(mod, (SDOT,)),
+               "dot_ops": dot_ops_by_instruction(mod),
                "winograd_convs": count_winograd_convs(mod), "schedules": schedules},
     )
     return artifact.model_copy(update={"tuning": tuning.model_dump() if tuning else None})

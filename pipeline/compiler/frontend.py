@@ -13,6 +13,9 @@ import tvm
 from tvm.relax.frontend import onnx as onnx_frontend
 
 from pipeline.compiler.passes.dot import (
+    AVX2,
+    AVX512BW,
+    NEON,
     SDOT,
     VNNI,
     DotLayout,
@@ -36,15 +39,19 @@ def resolve_target(profile: DeviceProfile) -> dict[str, Any]:
 
 
 def dot_layout(profile: DeviceProfile) -> DotLayout | None:
-    """The int8 dot-product instruction the profile's CPU kernels can be laid out for (passes.dot): AVX-512
-    VNNI's vpdpbusd on 512-bit registers, or ARM's sdot where LLVM's target has dotprod (mcpu cortex-a76, or
-    +dotprod); None for a GPU build, whose integer kernels are CUDA's."""
+    """The int8 dot-product instruction the profile's CPU kernels are laid out for (passes.dot), the best its CPU
+    has: on x86 AVX-512 VNNI's vpdpbusd, else AVX-512BW's or AVX2's vpmaddubsw; on aarch64 sdot where LLVM's target
+    has dotprod (mcpu cortex-a76, or +dotprod), else NEON's smull. None for a GPU build (its integer kernels are
+    CUDA's) and for an x86 CPU older than AVX2."""
     if profile.tvm_gpu_target():
         return None
-    if profile.cpu.arch == "x86_64" and "avx512_vnni" in profile.cpu.features:
-        return VNNI
-    if profile.cpu.arch == "aarch64" and tvm.target.Target(resolve_target(profile)).features.has_dotprod:
-        return SDOT
+    features = set(profile.cpu.features)
+    if profile.cpu.arch == "x86_64":
+        if "avx512_vnni" in features:
+            return VNNI
+        return AVX512BW if "avx512bw" in features else AVX2 if "avx2" in features else None
+    if profile.cpu.arch == "aarch64":
+        return SDOT if tvm.target.Target(resolve_target(profile)).features.has_dotprod else NEON
     return None
 
 

@@ -94,9 +94,14 @@ def test_orientation_int8_static_rewrite(prefect_server):
     # Its 18 1x1 convs and its classifier in integers; the 3-channel stem and the depthwise convs stay float.
     assert result.artifact.integer_ops == 19
     # Every 1x1 conv of the channel-last network (13 on feature maps, 4 in the two squeeze-excitation blocks, the
-    # last conv) laid out for vpdpbusd where the CPU has it (`local` is this machine).
-    has_vnni = "avx512_vnni" in load_profile("local").cpu.features
-    assert result.artifact.vnni_ops == (18 if has_vnni else 0)
+    # last conv) laid out for vpdpbusd where the CPU has it (`local` is this machine), else for vpmaddubsw (whose
+    # 16-bit pair sums the 7-bit weights the checks chose there keep exact).
+    features = load_profile("local").cpu.features
+    instruction = "vpdpbusd" if "avx512_vnni" in features else \
+        "vpmaddubsw (512-bit)" if "avx512bw" in features else "vpmaddubsw (256-bit)"
+    assert result.artifact.dot_ops == {instruction: 18}
+    assert result.artifact.vnni_ops == (18 if instruction == "vpdpbusd" else 0)
+    assert ("reduce-range" in result.scheme) is (instruction != "vpdpbusd")
 
 
 def test_detector_int8_map(prefect_server):

@@ -41,6 +41,9 @@ def test_run_over_ssh_to_the_x86_server(prefect_server, lab_x86):
     assert first.valid and first.profile == "lab-x86"
     assert first.benchmark["artifact"]["device_machine"] == "x86_64"
     assert first.accuracy.value > 0.95 and first.agreement.top1 > 0.97
+    # An AVX2 server: int8 kernels laid out for vpmaddubsw, with the 7-bit weights that keep it exact.
+    assert first.artifact.dot_ops == {"vpmaddubsw (256-bit)": first.artifact.integer_ops} and "reduce-range" in \
+        first.scheme
     assert first.deployment["device"] == f"{lab_x86.user}@127.0.0.1:{lab_x86.port}"
     assert "inputs" in first.deployment["uploaded"]
     # The same artifact again: nothing but the new run's inputs crosses the network.
@@ -130,24 +133,29 @@ def test_transient_errors_are_retried_and_auth_errors_are_not(prefect_server, la
     assert _attempts(flow_run_id, "deploy") == 1
 
 
-def test_a_tuned_int8_build_for_the_pi5_is_sdot_code_timed_and_checked_on_the_emulated_board(prefect_server,
-                                                                                                lab_pi4):
-    """ARM dotprod end to end: the Raspberry Pi 5 profile's int8 convs and Gemm are laid out for sdot, MetaSchedule
+@pytest.mark.parametrize(("board", "mcpu", "instruction", "mnemonic"), [
+    ("raspberry-pi-5", "cortex-a76", "sdot", "\tsdot\t"),
+    ("raspberry-pi-4", "cortex-a72", "smull+saddlp", "\tsaddlp\t"),
+], ids=["pi5-sdot", "pi4-neon"])
+def test_a_tuned_int8_build_for_arm_is_dot_code_timed_and_checked_on_the_emulated_board(
+        prefect_server, lab_pi4, board, mcpu, instruction, mnemonic):
+    """ARM int8 end to end: the Raspberry Pi 5 profile's int8 convs and Gemm are laid out for sdot (ARMv8.2
+    dotprod), the Pi 4's for NEON's smull + saddlp (its A72 has no dotprod) on the same 4 x 4 tiles; MetaSchedule
     tunes them with every candidate timed by TVM's RPC server on the board (over the SSH connection; the emulated
-    board's Python starts the server's worker under qemu too), the library holds sdot instructions, and its top-1
-    on the board is onnxruntime fp32's within the budget."""
+    board's Python starts the server's worker under qemu too), the library holds those instructions (and a Pi 4's no
+    sdot: an A72 stops on it), and its top-1 on the board is onnxruntime fp32's within the budget."""
     import subprocess
 
     device, python = lab_pi4
-    profile = device.profile(extends="raspberry-pi-5", python=python,
-                             runtimes={"tvm": "0.27.0", "onnxruntime": "1.27.0"})
+    profile = device.profile(extends=board, python=python, runtimes={"tvm": "0.27.0", "onnxruntime": "1.27.0"})
     result = deploy_run(_config(profile, "int8", tune_trials=2))
     assert result.valid, result.invalid_reasons
-    assert result.artifact.target["mcpu"] == "cortex-a76"
-    assert result.artifact.integer_ops == result.artifact.sdot_ops == 3  # two 3x3 convs and the Gemm
+    assert result.artifact.target["mcpu"] == mcpu
+    assert result.artifact.integer_ops == 3 and result.artifact.dot_ops == {instruction: 3}  # 3x3 convs, the Gemm
     tuning = result.artifact.tuning
     assert tuning["measured_on"] == f"{device.user}@127.0.0.1:{device.port}" and tuning["scheduled"] > 0
     disassembly = subprocess.run(["aarch64-linux-gnu-objdump", "-d", result.artifact.path], capture_output=True,
                                  text=True, check=True).stdout
-    assert "\tsdot\t" in disassembly
+    assert mnemonic in disassembly
+    assert ("\tsdot\t" in disassembly) is (instruction == "sdot")
     assert result.accuracy.delta >= -0.01

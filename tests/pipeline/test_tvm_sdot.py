@@ -18,20 +18,37 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
 from pipeline.compiler.frontend import dot_layout  # noqa: E402
-from pipeline.compiler.passes.dot import SDOT, VNNI, count_dot_ops, dot_conv, dot_convs, dot_matmul, packed_weight  # noqa: E402
+from pipeline.compiler.passes.dot import (  # noqa: E402
+    AVX2,
+    NEON,
+    SDOT,
+    VNNI,
+    DotLayout,
+    count_dot_ops,
+    dot_conv,
+    dot_convs,
+    dot_matmul,
+    packed_weight,
+)
 from pipeline.compiler.passes.int8 import integerize  # noqa: E402
 from pipeline.compiler.passes.layout import channels_last  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PI5 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod"],
        "num-cores": 4}
+PI4 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"], "num-cores": 4}
 
 
 def test_the_profiles_pick_their_dot_product_instruction():
     assert dot_layout(load_profile("raspberry-pi-5")) is SDOT
     assert dot_layout(load_profile("x86-server-vnni")) is VNNI
-    for name in ("raspberry-pi-4", "jetson-nano", "x86-server"):  # A72 has no dotprod; the Nano's int8 is CUDA's
-        assert dot_layout(load_profile(name)) is None, name
+    assert dot_layout(load_profile("x86-server")) is AVX2
+    assert dot_layout(load_profile("raspberry-pi-4")) is NEON  # the A72 has no dotprod
+    nano = load_profile("jetson-nano")
+    assert dot_layout(nano) is None  # TVM builds for its GPU: integer kernels are CUDA's
+    tvm_on_cpu = nano.runtimes.tvm.model_copy(update={"unit": "cpu"})
+    on_its_cpu = nano.model_copy(update={"runtimes": nano.runtimes.model_copy(update={"tvm": tvm_on_cpu})})
+    assert dot_layout(on_its_cpu) is NEON  # the A57
 
 
 def test_packed_weight_puts_each_4x4_sdot_tile_in_16_contiguous_bytes():
@@ -77,21 +94,25 @@ RUN_ON_BOARD = textwrap.dedent("""
 """)
 
 
-def test_tuning_candidates_for_the_pi5_are_sdot_code_and_exact_on_the_emulated_board(tmp_path):
-    """MetaSchedule's design space for cortex-a76 +dotprod tensorizes the kernels with TVM's dot_4x4_i8i8s32_sdot
-    (its ARM rules, through the same search space as VNNI's): each kind of kernel, one candidate each, built for
-    aarch64, must hold sdot instructions and, run on the emulated board (qemu's CPU has dotprod), give numpy's
-    int32 sums bit for bit, extremes (-128 x -128, 4 at a time) included."""
+@pytest.mark.parametrize(("board", "layout", "mnemonic"), [(PI5, SDOT, "sdot\tv"), (PI4, NEON, "smull\tv")],
+                         ids=["pi5-sdot", "pi4-neon"])
+def test_tuning_candidates_for_arm_are_dot_code_and_exact_on_the_emulated_board(tmp_path, board: dict,
+                                                                                layout: DotLayout, mnemonic: str):
+    """MetaSchedule's design space for cortex-a76 +dotprod tensorizes the kernels with TVM's dot_4x4_i8i8s32_sdot, for
+    the Pi 4's cortex-a72 (no dotprod) with dot_4x4_i8i8s32_neon (smull + saddlp) on the same 4 x 4 tiles (its ARM
+    rules, through the same search space as VNNI's): each kind of kernel, one candidate each, built for aarch64, must
+    hold those instructions and, run on the emulated board, give numpy's int32 sums bit for bit, extremes (-128 x
+    -128, 4 at a time) included."""
     from tvm.s_tir import meta_schedule as ms
 
     from pipeline.compiler.intrinsics import load_modules
-    from pipeline.compiler.passes.dot import dot_search_space
+    from pipeline.compiler.passes.dot_intrinsics import search_space
 
     python = aarch64_python()
     if python is None:
         pytest.fail("the emulated aarch64 board is not built: run `make setup` (scripts/make_aarch64_root.sh)")
     load_modules("arm_cpu")
-    target = tvm.target.Target(PI5)
+    target = tvm.target.Target(board)
     rng = np.random.default_rng(0)
     c, n = 32, 32
     a = rng.integers(-128, 128, (1, 9, 9, c), dtype=np.int8)
@@ -100,9 +121,9 @@ def test_tuning_candidates_for_the_pi5_are_sdot_code_and_exact_on_the_emulated_b
     hwio[0, 0, :4, 0] = -128
     w = np.ascontiguousarray(hwio[0, 0].T)
     cases = {
-        "matmul": (dot_matmul((81,), c, n, SDOT), a.reshape(81, c), w, a.reshape(81, c).astype(np.int32) @ w.T),
-        "conv1x1": (dot_matmul((1, 9, 9), c, n, SDOT), a, w, a.astype(np.int32) @ w.astype(np.int32).T),
-        "conv3x3s2": (dot_conv(a.shape, (3, 3), (2, 2), (1, 1), n, SDOT), a, hwio.reshape(-1, n).T,
+        "matmul": (dot_matmul((81,), c, n, layout), a.reshape(81, c), w, a.reshape(81, c).astype(np.int32) @ w.T),
+        "conv1x1": (dot_matmul((1, 9, 9), c, n, layout), a, w, a.astype(np.int32) @ w.astype(np.int32).T),
+        "conv3x3s2": (dot_conv(a.shape, (3, 3), (2, 2), (1, 1), n, layout), a, hwio.reshape(-1, n).T,
                       _reference_conv(a, hwio, 2)),
     }
     libraries = []
@@ -110,10 +131,10 @@ def test_tuning_candidates_for_the_pi5_are_sdot_code_and_exact_on_the_emulated_b
         mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
         built = None
         for seed in range(8):  # a candidate its postprocessors accept (some vectorize around the intrinsic)
-            context = ms.TuneContext(mod=mod, target=target, space_generator=dot_search_space(), task_name=name,
+            context = ms.TuneContext(mod=mod, target=target, space_generator=search_space(), task_name=name,
                                      search_strategy="replay-trace", num_threads=1, rand_state=seed)
             for schedule in context.generate_design_space():
-                assert "dot_4x4_i8i8s32_sdot" in str(schedule.trace), name
+                assert layout.intrinsic in str(schedule.trace), name
                 if all(postproc.apply(schedule) for postproc in context.space_generator.postprocs):
                     built = tvm.compile(schedule.mod, target=target)
                     break
@@ -121,10 +142,12 @@ def test_tuning_candidates_for_the_pi5_are_sdot_code_and_exact_on_the_emulated_b
                 break
         assert built is not None, f"no {name} candidate passed the postprocessors"
         assembly = "\n".join(m.inspect_source("asm") for m in [built.mod, *built.mod.imports] if m.kind == "llvm")
-        assert "sdot\tv" in assembly, name
+        assert mnemonic in assembly, name
+        if layout is NEON:  # the A72 would stop on an illegal instruction (qemu's CPU has dotprod: it wouldn't)
+            assert "sdot" not in assembly, name
         library = tmp_path / f"{name}.so"
         built.export_library(str(library), cc="aarch64-linux-gnu-gcc")
-        np.savez(f"{library}.npz", a=operand, w=packed_weight(np.ascontiguousarray(rows), SDOT),
+        np.savez(f"{library}.npz", a=operand, w=packed_weight(np.ascontiguousarray(rows), layout),
                  expected=expected.astype(np.int32))
         libraries.append(str(library))
     script = tmp_path / "run.py"

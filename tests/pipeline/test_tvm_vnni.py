@@ -24,8 +24,8 @@ from pipeline.compiler.passes.dot import (  # noqa: E402
     dot_convs,
     dot_matmul,
     packed_weight,
-    register_vnni_intrinsic,
 )
+from pipeline.compiler.passes.dot_intrinsics import register_vnni_intrinsic  # noqa: E402
 from pipeline.compiler.passes.int8 import integerize  # noqa: E402
 from pipeline.compiler.passes.layout import channels_last, count_permutes  # noqa: E402
 
@@ -94,14 +94,15 @@ def _pointwise_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
-def quantized_pointwise_model(tmp_path) -> tuple[str, tvm.IRModule, np.random.Generator]:
-    """The pointwise model quantized U8S8 (uint8 activations, int8 weights): its path, its Relax import, and the
-    random generator to draw test inputs from."""
+def quantized_pointwise_model(tmp_path, reduce_range: bool = False) -> tuple[str, tvm.IRModule, np.random.Generator]:
+    """The pointwise model quantized U8S8 (uint8 activations, int8 weights; 7-bit with ``reduce_range``): its path,
+    its Relax import, and the random generator to draw test inputs from."""
     float_path = tmp_path / "pointwise.onnx"
     onnx.save(_pointwise_model(), str(float_path))
     rng = np.random.default_rng(1)
     calibration = Samples({"x": rng.uniform(-1, 3, (16, 8, 6, 6)).astype(np.float32)})
-    path = quantize(float_path, tmp_path, QuantConfig(scheme="int8", activation_type="uint8"), calibration).path
+    config = QuantConfig(scheme="int8", activation_type="uint8", reduce_range=reduce_range)
+    path = quantize(float_path, tmp_path, config, calibration).path
     mod = onnx_frontend.from_onnx(onnx.load(path), shape_dict={"x": [1, 8, 6, 6]}, keep_params_in_input=False)
     return path, mod, rng
 
@@ -222,12 +223,12 @@ def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, ke
 def test_candidates_that_vectorize_around_the_intrinsic_are_dropped_before_they_are_built(tmp_path):
     """A 7x7 kernel (PP-LCNet's last stage): MetaSchedule's own postprocessors vectorize the loop over 16-output
     tiles around the tensorized vpdpbusd body in many candidates, and LLVM codegen fails each ("Cannot broadcast
-    lanes=16 to 64"): a failed trial. dot_search_space drops exactly those before building."""
+    lanes=16 to 64"): a failed trial. dot_intrinsics.search_space drops exactly those before building."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.builder import PyBuilder
 
-    from pipeline.compiler.passes.dot import dot_search_space, vector_code_in_vectorized_loop
+    from pipeline.compiler.passes.dot_intrinsics import search_space, vector_code_in_vectorized_loop
     from pipeline.compiler.tuning.search import forked_builder, unnamed_handlers_detached
 
     register_vnni_intrinsic()
@@ -255,5 +256,5 @@ def test_candidates_that_vectorize_around_the_intrinsic_are_dropped_before_they_
     default = built("post-order-apply", "default")
     assert any(failed for failed, _ in default), "no candidate failed: the case this guards against didn't occur"
     assert all(failed == flagged for failed, flagged in default)  # the check flags exactly the ones that fail
-    checked = built(dot_search_space(), "checked")
+    checked = built(search_space(), "checked")
     assert len(checked) == 16 and not any(failed for failed, _ in checked)

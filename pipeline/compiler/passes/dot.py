@@ -33,21 +33,24 @@ activations: :meth:`DotKernels._called` shifts them to int8 (x - 128) and adds 1
 MetaSchedule's ARM rules tensorize with TVM's own ``dot_4x4_i8i8s32_sdot`` for a target with ``+dotprod``; those
 candidates are timed on the board (tuning.board), as every ARM candidate is.
 
-TVM 0.27's own ``dot_16x4_vnni`` does not build with the LLVM it ships ("Call parameter type does not
-match function signature"): LLVM now declares vpdpbusd.512's multiplicands as <64 x i8> where TVM passes
-<16 x i32>. ``register_vnni_intrinsic`` re-registers it under the same name with the new operand types.
+Without those instructions the same layouts serve the older ones (their tensor intrinsics: passes.dot_intrinsics):
+AVX-512BW without VNNI (Skylake-SP) and AVX2 (Haswell .. Zen 3) multiply the same uint8 x int8 operands with
+``vpmaddubsw`` + ``vpmaddwd`` (16 or 8 int32 lanes), ARMv8.0 NEON (the Raspberry Pi 4's Cortex-A72, the Jetson Nano's
+A57) multiplies sdot's 4 x 4 int8 tiles with ``smull`` + ``saddlp``. vpmaddubsw adds each two neighbouring products
+in int16, saturating: a kernel is laid out for it only where its weights make that exact (:func:`exact`: every
+neighbour pair's same-sign weights sum to at most 128 in magnitude, which 7-bit weights always do), else it stays
+the plain integer kernel, which adds in int32. NEON's products are exact int16s, added in int32.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
-import tvm_ffi
-from tvm import relax, te, tirx
+from tvm import relax, te
 
+from pipeline.compiler.passes.dot_intrinsics import register_avx2_intrinsic, register_vnni_intrinsic
 from pipeline.compiler.passes.relax_util import (
     KernelSet,
     count_calls,
@@ -61,13 +64,17 @@ from pipeline.compiler.passes.relax_util import (
 class DotLayout:
     """How one int8 dot-product instruction reads its operands: ``lanes`` int32 outputs, each the sum of ``group``
     products of an activation (``activation`` dtype) and an int8 weight; the kernels of this module are named
-    ``{name}_matmul_...`` / ``{name}_conv_...`` and tensorized with the registered ``intrinsic``."""
+    ``{name}_matmul_...`` / ``{name}_conv_...`` and tensorized with the registered ``intrinsic`` (its main
+    ``instruction`` named for the report). ``pair_sums_16bit``: the instruction adds neighbouring products in int16,
+    saturating (vpmaddubsw), so only weights :func:`exact` for it are laid out."""
 
     name: str
     lanes: int
     group: int
     activation: str
     intrinsic: str
+    instruction: str
+    pair_sums_16bit: bool = False
 
     @property
     def prefixes(self) -> tuple[str, str]:
@@ -78,43 +85,19 @@ class DotLayout:
         return activation == self.activation or (self.activation, activation) == ("int8", "uint8")
 
 
-VNNI = DotLayout("vnni", lanes=16, group=4, activation="uint8", intrinsic="dot_16x4_vnni")
+VNNI = DotLayout("vnni", lanes=16, group=4, activation="uint8", intrinsic="dot_16x4_vnni", instruction="vpdpbusd")
+# AVX-512BW without VNNI (Skylake-SP, Cascade Lake's predecessors): VNNI's tiles, two instructions a step.
+AVX512BW = DotLayout("avx512bw", lanes=16, group=4, activation="uint8", intrinsic="dot_16x4_avx512",
+                     instruction="vpmaddubsw (512-bit)", pair_sums_16bit=True)
+AVX2 = DotLayout("avx2", lanes=8, group=4, activation="uint8", intrinsic="edgedeploy_dot_8x4_avx2",
+                 instruction="vpmaddubsw (256-bit)", pair_sums_16bit=True)
 # ARM's sdot (ARMv8.2 dotprod: Cortex-A76/A78, Neoverse): 4 int32 lanes, each += 4 int8 x int8 products.
 # DotKernels feeds it uint8 activations shifted to int8.
-SDOT = DotLayout("sdot", lanes=4, group=4, activation="int8", intrinsic="dot_4x4_i8i8s32_sdot")
-LAYOUTS = (VNNI, SDOT)
-
-
-@functools.cache
-def register_vnni_intrinsic() -> None:
-    """Override TVM's ``dot_16x4_vnni`` implementation with one this LLVM accepts (same description)."""
-    from tvm.s_tir import TensorIntrin
-
-    from pipeline.compiler.intrinsics import load_modules
-
-    load_modules("x86")  # TVM's own dot_16x4_vnni first (x86 only: compiler.intrinsics); this replaces it
-    from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
-    from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def vnni_impl(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            a_u8x4 = A.vload([0], "uint8x4")
-            a_i32 = T.reinterpret(a_u8x4, dtype="int32")
-            a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")  # the 4 bytes, in every lane
-            b_i8x64 = B.vload([0, 0], dtype="int8x64")
-            c_i32x16 = C.vload([0], dtype="int32x16")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), c_i32x16, a_u8x64, b_i8x64,
-                dtype="int32x16")
-
-    TensorIntrin.register(VNNI.intrinsic, dot_product_16x4_u8i8i32_desc, vnni_impl, override=True)
+SDOT = DotLayout("sdot", lanes=4, group=4, activation="int8", intrinsic="dot_4x4_i8i8s32_sdot", instruction="sdot")
+# ARMv8.0 NEON (Cortex-A72, A57): sdot's tiles, each step an smull (8 int16 products) and an saddlp into int32.
+NEON = DotLayout("neon", lanes=4, group=4, activation="int8", intrinsic="dot_4x4_i8i8s32_neon",
+                 instruction="smull+saddlp")
+LAYOUTS = (VNNI, AVX512BW, AVX2, SDOT, NEON)
 
 
 def packed_weight(w: np.ndarray, layout: DotLayout = VNNI) -> np.ndarray:
@@ -192,9 +175,12 @@ class DotKernels(KernelSet):
         self.layout = layout
 
     def _prepare(self) -> None:
-        # TVM's own sdot intrinsic builds as it is: tuning registers it with the target's (compiler.intrinsics).
+        # TVM's own AVX-512BW, sdot and NEON intrinsics build as they are: tuning registers them with the target's
+        # (compiler.intrinsics).
         if self.layout is VNNI:
             register_vnni_intrinsic()
+        elif self.layout is AVX2:
+            register_avx2_intrinsic()
 
     def _called(self, gvar: tvm.ir.GlobalVar, a: relax.Expr, activation: str, rows: np.ndarray,
                 out_shape: tuple[int, ...]) -> relax.Expr:
@@ -250,9 +236,28 @@ def count_vnni_ops(mod: tvm.IRModule) -> int:
     return count_dot_ops(mod, (VNNI,))
 
 
+def dot_ops_by_instruction(mod: tvm.IRModule) -> dict[str, int]:
+    """{instruction: kernel calls laid out for it} for the layouts the module uses."""
+    counts = {layout.instruction: count_dot_ops(mod, (layout,)) for layout in LAYOUTS}
+    return {instruction: n for instruction, n in counts.items() if n}
+
+
 def padded_outputs(o: int, layout: DotLayout = VNNI) -> int:
     """``o`` output channels rounded up to whole tiles (16 lanes for VNNI, 4 for sdot)."""
     return -(-o // layout.lanes) * layout.lanes
+
+
+def exact(rows: np.ndarray, layout: DotLayout) -> bool:
+    """Whether the instruction computes the int32 sums of uint8 activations times these int8 weight ``rows`` [n, k]
+    exactly. Only vpmaddubsw can fail to: it adds the products of neighbouring channels (2i, 2i+1) in int16,
+    saturating, so with activations up to 255 each pair's positive weights may sum to at most 128 (255 x 128 =
+    32640 <= 32767) and its negative ones to at least -128. 7-bit weights ([-64, 64], onnxruntime's reduce_range)
+    always pass; 8-bit ones seldom do (255 x 127 x 2 does not fit)."""
+    if not layout.pair_sums_16bit:
+        return True
+    pairs = rows.astype(np.int32).reshape(rows.shape[0], -1, 2)
+    return int(np.maximum(pairs, 0).sum(axis=-1).max(initial=0)) <= 128 and \
+        int(np.minimum(pairs, 0).sum(axis=-1).min(initial=0)) >= -128
 
 
 def fits(c: int, o: int, layout: DotLayout = VNNI) -> bool:
@@ -272,7 +277,9 @@ def _conv_weight(call: relax.Call, layout: DotLayout) -> np.ndarray | None:
             static_nhwc_batch_one(x) is None:
         return None
     hwio = w.value.numpy()
-    return hwio if hwio.dtype == np.int8 and fits(*hwio.shape[2:], layout) else None
+    if hwio.dtype != np.int8 or not fits(*hwio.shape[2:], layout):
+        return None
+    return hwio if exact(hwio.reshape(-1, hwio.shape[3]).T, layout) else None
 
 
 def dot_convs(mod: tvm.IRModule, layout: DotLayout = VNNI) -> tvm.IRModule:
@@ -299,47 +306,3 @@ def dot_convs(mod: tvm.IRModule, layout: DotLayout = VNNI) -> tvm.IRModule:
         return kernels.conv(x, activation, shape, hwio, strides, dilation)
 
     return rewrite_convs(mod, kernels, rewrite)
-
-
-def vector_code_in_vectorized_loop(mod: tvm.IRModule) -> bool:
-    """A loop marked vectorized around code that already is vector code (a tensorized ``vpdpbusd`` body)."""
-    found = False
-
-    def on_loop(loop: tirx.For) -> None:
-        nonlocal found
-        if loop.kind == tirx.ForKind.VECTORIZED and not found:
-            vectors: list = []
-            tvm_ffi.structural_walk(loop.body, ((tirx.Ramp, tirx.Broadcast), vectors.append))
-            found = bool(vectors)
-
-    for func in mod.functions.values():
-        if isinstance(func, tirx.PrimFunc):
-            tvm_ffi.structural_walk(func.body, (tirx.For, on_loop))
-    return found
-
-
-def dot_search_space():
-    """MetaSchedule's design space for a module with dot-product kernels (its schedule rules as chosen from the
-    target: x86's with VNNI, ARM's with sdot; its CPU tensorization postprocessors), plus one check: a candidate
-    whose tensorized kernel sits in a loop that RewriteParallelVectorizeUnroll vectorized is dropped before it is
-    built or timed. LLVM codegen can't widen the 16-lane intrinsic body
-    ("Cannot broadcast lanes=16 to 64"): on PP-LCNet's 7x7 VNNI kernels 10 of 16 random candidates were such,
-    each a failed trial."""
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule import postproc
-    from tvm.s_tir.meta_schedule.space_generator import PostOrderApply
-
-    @derived_object
-    class DropVectorizedIntrinsics(postproc.PyPostproc):
-        def _initialize_with_tune_context(self, context) -> None:
-            pass
-
-        def apply(self, sch) -> bool:
-            return not vector_code_in_vectorized_loop(sch.mod)
-
-        def clone(self):
-            return DropVectorizedIntrinsics()
-
-    return PostOrderApply(postprocs=[
-        postproc.DisallowDynamicLoop(), postproc.RewriteParallelVectorizeUnroll(), postproc.RewriteReductionBlock(),
-        postproc.RewriteTensorize(vectorize_init_loop=True), postproc.RewriteLayout(), DropVectorizedIntrinsics()])

@@ -50,7 +50,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
 
-from pipeline.compiler.passes.dot import DotKernels, DotLayout, count_dot_ops, fits
+from pipeline.compiler.passes.dot import DotKernels, DotLayout, count_dot_ops, exact, fits
 from pipeline.compiler.passes.relax_util import count_calls, map_relax_functions
 
 __all__ = ["count_integer_ops", "drop_float_round_trips", "integerize"]
@@ -163,7 +163,7 @@ def _matmul(call: relax.Call, x_dq: relax.Call, w_dq: relax.Call, perm: relax.Ca
         return None
     shape = _static_shape(xq)
     if dot and shape is not None and len(shape) == 2 and dot.layout.reads(_dtype(xq)) and \
-            fits(*wq.shape, dot.layout):  # weight [K,N] -> [N,K] rows to pack
+            fits(*wq.shape, dot.layout) and exact(wq.T, dot.layout):  # weight [K,N] -> [N,K] rows to pack
         acc = dot.call(xq, _dtype(xq), (shape[0],), np.ascontiguousarray(wq.T))
     else:
         acc = relax.op.matmul(xq, relax.const(wq), out_dtype="int32")

@@ -99,7 +99,7 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    from pipeline.compiler.passes.dot import vector_code_in_vectorized_loop
+    from pipeline.compiler.passes.dot_intrinsics import vector_code_in_vectorized_loop
     from pipeline.compiler.tuning.search import fuse, unnamed_handlers_detached
 
     database = ms.database.MemoryDatabase()

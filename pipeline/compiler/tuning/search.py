@@ -23,9 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgedeploy.errors import CompileError
 from pipeline.compiler.intrinsics import load_tensor_intrinsics
 from pipeline.compiler.passes.dot import (
+    AVX2,
     count_dot_ops,
-    dot_search_space,
 )
+from pipeline.compiler.passes.dot_intrinsics import search_space
 from pipeline.compiler.passes.winograd import register_schedule_rules
 from pipeline.compiler.tuning.curve import CurvePoint, tuning_curve
 from pipeline.compiler.tuning.forked_builds import build_all
@@ -311,7 +312,8 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     with unnamed_handlers_detached():  # the contexts' loggers are configured here too
         contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, work_dir=str(database_dir), strategy=strategy,
-            space=dot_search_space() if count_dot_ops(decomposed) else "post-order-apply")
+            space=search_space(avx2=bool(count_dot_ops(decomposed, (AVX2,)))) if count_dot_ops(decomposed)
+            else "post-order-apply")
         database = ms.tune.tune_tasks(
             tasks=contexts, task_weights=task_weights, work_dir=str(database_dir),
             max_trials_global=trials * max(len(tasks), 1), max_trials_per_task=trials,
