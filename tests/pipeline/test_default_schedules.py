@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 
@@ -20,15 +21,16 @@ from targets.hashing import sha256_file
 from targets.profiles import load_profile
 
 
-def _module(tmp_path: Path, scheme: str = "fp32"):
+def _module(tmp_path: Path, scheme: str = "fp32", profile_name: str = "local"):
     digits = WORKLOADS["digits-cnn"]
     info = ingest(digits.model_path(), tmp_path / "ingest")
-    if scheme == "int8":
-        quantized = quantize(Path(info.prepared_path), tmp_path, QuantConfig(scheme="int8"), digits.calibration(32))
+    if scheme == "int8":  # 7-bit weights, as the checks choose for vpmaddubsw (x86 without VNNI)
+        config = QuantConfig(scheme="int8", reduce_range=True)
+        quantized = quantize(Path(info.prepared_path), tmp_path, config, digits.calibration(32))
     else:
         quantized = QuantizedModel(path=info.prepared_path, sha256=sha256_file(Path(info.prepared_path)),
                                    config=QuantConfig(scheme="fp32"))
-    profile = load_profile("local")
+    profile = load_profile(profile_name)
     mod, _ = relax_module(quantized, info, profile)
     return mod, resolve_target(profile), profile, digits.evaluation(16).inputs["image"]
 
@@ -79,11 +81,37 @@ def test_default_schedules_compute_what_the_plain_build_computes(tmp_path):
     np.testing.assert_allclose(_run(scheduled, x), _run(plain, x), rtol=1e-5, atol=1e-5)
 
 
-def test_an_int8_build_keeps_what_does_not_take_a_default_schedule(tmp_path):
-    """Integer kernels laid out for a dot-product instruction don't vectorise again: they keep TVM's schedule; the
-    rest get defaults; the library computes the same."""
-    mod, cpu, profile, x = _module(tmp_path, "int8")
+@pytest.mark.parametrize("profile_name", ["local", "x86-server"])
+def test_an_int8_build_tensorizes_its_dot_kernels_by_default_and_computes_the_same(tmp_path, profile_name):
+    """Every kernel takes a default schedule, those laid out for a dot-product instruction tensorized with it (this
+    machine's: vpdpbusd or vpmaddubsw; the AVX2 server's vpmaddubsw on 256 bits, which this machine runs too): the
+    library computes what the plain build computes, the integer sums exactly."""
+    mod, cpu, profile, x = _module(tmp_path, "int8", profile_name)
     plain = tvm.compile(mod, target=tvm.target.Target(cpu))
     scheduled, counts = _cpu_build(mod, cpu, vector_lanes(profile))
-    assert 0 < counts["default_scheduled"] <= counts["kernels"]
+    assert counts["default_scheduled"] == counts["kernels"] > 0
+    assembly = scheduled.mod.imports[0].inspect_source("asm") if scheduled.mod.imports else ""
+    if profile_name == "x86-server":
+        assert "vpmaddubsw" in assembly and "zmm" not in assembly
+    else:
+        assert "vpdpbusd" in assembly or "vpmaddubsw" in assembly
     np.testing.assert_allclose(_run(scheduled, x), _run(plain, x), rtol=1e-5, atol=1e-4)
+
+
+def test_around_a_dot_product_intrinsic_the_decisions_block_registers_and_do_not_vectorize():
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler.passes.dot import AVX2, dot_matmul
+    from pipeline.compiler.passes.dot_intrinsics import search_space
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    kernel = dot_matmul((1, 28, 28), 64, 128, AVX2).with_attr("global_symbol", "main")
+    context = ms.TuneContext(mod=tvm.IRModule({"main": kernel}), target=target, space_generator=search_space(avx2=True),
+                             search_strategy="replay-trace", rand_state=1)
+    space = next(s for s in context.generate_design_space() if "meta_schedule.auto_tensorize" in str(s.trace))
+    trace = decided(space.trace.simplified(remove_postproc=True), lanes=8, dot_lanes=AVX2.lanes)
+    tiles = [[int(v) for v in trace.decisions[inst]] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
+    spatial = [t for t in tiles if len(t) == 4]
+    assert spatial[-1] == [4, 1, 1, 4]  # 128 outputs = 16 tiles of 8 lanes: 4 (32 outputs) in registers
+    assert spatial[-2] == [7, 1, 1, 4]  # 28 columns: 4 at a time
+    assert "meta_schedule.vectorize" not in str(trace)
