@@ -14,9 +14,12 @@ import onnx
 from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import CheckRefused, OptionError
+from pipeline import tuning_share
 from pipeline.checks import CheckReport, Runtime, run_checks
 from pipeline.compiler.build import COMPILE_REVISION, compile_model
-from pipeline.compiler.tuning.search import TuningBoard
+from pipeline.compiler.frontend import resolve_target
+from pipeline.compiler.tuning import records
+from pipeline.compiler.tuning.search import TuningBoard, tuning_dir
 from pipeline.config import RunConfig, edgedeploy_home
 from pipeline.data import PreparedData, prepare_data
 from pipeline.ingest import ModelInfo, ingest
@@ -128,23 +131,33 @@ def compile_cached(quantized: QuantizedModel, info: ModelInfo, profile: DevicePr
     """Compile, or reuse the library built from the same model for the same profile by the same tools.
 
     A tuned build is never taken from the cache: each one adds trials to the persistent tuning database
-    ($EDGEDEPLOY_HOME/tuning/<target>), so the library can get faster night after night."""
+    ($EDGEDEPLOY_HOME/tuning/<target>), shared with the lab (pipeline.tuning_share), so the library can get faster
+    night after night. An untuned build takes the best record of each kernel that database has: its cache key holds
+    the database's digest."""
+    root = edgedeploy_home() / "tuning"
+    target = None if profile.tvm_gpu_target() else resolve_target(profile)
+    database = tuning_dir(target, root) if target else None
+    if database:
+        tuning_share.pull(database, target)
     if tune_trials:
         workdir = edgedeploy_home() / "tuned" / f"{quantized.sha256[:16]}-{profile.name}"
         workdir.mkdir(parents=True, exist_ok=True)
-        return compile_model(quantized, info, profile, workdir, tune_trials=tune_trials, tune_minutes=tune_minutes,
-                             tuning_root=edgedeploy_home() / "tuning", tuning_board=tuning_board)
+        artifact = compile_model(quantized, info, profile, workdir, tune_trials=tune_trials,
+                                 tune_minutes=tune_minutes, tuning_root=root, tuning_board=tuning_board)
+        if database:
+            tuning_share.push(database, target, measured_on=(artifact.tuning or {}).get("measured_on", "local"))
+        return artifact
     tools = tool_versions()
     # The targets too: they come from targets/profiles.py, outside the compiler's own revision; and the CUDA wheels,
     # whose absence makes a PTX-only library that must not be served once they are installed.
     key = cache_key(model=quantized.sha256, inputs=[i.model_dump() for i in info.inputs],
                     profile=profile_sha256(profile), compiler=COMPILE_REVISION, target=profile.tvm_target(),
-                    gpu_target=profile.tvm_gpu_target(),
+                    gpu_target=profile.tvm_gpu_target(), tuning_records=records.digest(database) if database else None,
                     tools={k: tools[k] for k in ("apache-tvm", "apache-tvm-ffi", "edgedeploy", "nvidia-cuda-nvcc-cu12",
                                                  "nvidia-nvfatbin-cu12")})
     result, hit = artifact_cache().get_or_build(
         "compiled", key, CompiledArtifact,
-        lambda directory: compile_model(quantized, info, profile, directory))
+        lambda directory: compile_model(quantized, info, profile, directory, tuning_root=root))
     return result.model_copy(update={"cached": hit})
 
 

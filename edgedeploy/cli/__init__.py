@@ -10,6 +10,7 @@ import typer
 
 from edgedeploy.cli.common import TuneMinutes, exit_with_error, quiet_prefect, stderr, stdout
 from edgedeploy.cli.lab import bench, dashboard, doctor, lab_app, lab_schedule_command, profiles_app
+from edgedeploy.cli.tuning import tuning_app
 from edgedeploy.errors import CheckRefused, EdgeDeployError, OptionError
 
 app = typer.Typer(help="Get a trained ONNX model onto edge hardware and prove how fast and how accurate it is there.",
@@ -295,9 +296,55 @@ def inspect(
         stdout.print(f"... and {len(report.tensors) - top} more (--top, or --json for all)")
 
 
+@app.command()
+def tune(
+    model: Annotated[Path, typer.Argument(help="The .onnx model, or a bundled workload's name.")],
+    minutes: Annotated[float, typer.Option(min=0.1, help="How long to tune (the database keeps every trial).")],
+    profile: ProfileOption = "local",
+    quant: Annotated[Literal["fp32", "int8"], typer.Option(help="The scheme whose kernels are tuned.")] = "int8",
+    calib_data: CalibData = None,
+    calib_samples: CalibSamples = 100,
+    input_shape: InputShape = None,
+    batch: Batch = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Tune MODEL's TVM kernels for a profile ahead of time, into the lab's tuning database: every later build for
+    that target, on any host, tuned or not, starts from the records."""
+    import tempfile
+
+    try:
+        from pipeline.compile import build
+        from pipeline.session import tuning_board
+        from pipeline.tuning_share import lab_records
+        from targets.profiles import load_profile
+
+        config = _build_config(model, profile, quant, "minmax", True, calib_data, calib_samples, input_shape,
+                               tune_minutes=minutes, batch=batch, runtime="tvm")
+        device = load_profile(profile)
+        with tempfile.TemporaryDirectory(prefix="edgedeploy-tune-") as tmp, \
+                stderr.status(f"tuning for {profile}, {minutes:g} min ..."):
+            result = build(config, device, Path(tmp), tuning_board=tuning_board)
+        tuning = result.artifact.tuning or {}
+        summary = {"profile": profile, "scheme": result.quantized.config.label(), "target": result.artifact.target,
+                   "tasks": tuning.get("tasks"), "trials_added": tuning.get("trials_added"),
+                   "host_records": tuning.get("records"), "lab_records": lab_records(result.artifact.target),
+                   "measured_on": tuning.get("measured_on"), "seconds": round(tuning.get("seconds", 0.0), 1),
+                   "database": tuning.get("database")}
+    except EdgeDeployError as error:
+        exit_with_error(error, as_json=as_json)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    stdout.print(f"[green]tuned[/] {summary['scheme']} for [bold]{profile}[/]: {summary['trials_added']} trials over "
+                 f"{summary['tasks']} kernels in {summary['seconds']} s, timed on {summary['measured_on']}\n"
+                 f"this host's database: {summary['host_records']} records; the lab's: {summary['lab_records']} for "
+                 "this target")
+
+
 # The lab's commands (edgedeploy/cli/lab.py), after the model's own in --help.
 app.command()(doctor)
 app.command()(bench)
 app.command()(dashboard)
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(lab_app, name="lab")
+app.add_typer(tuning_app, name="tuning")

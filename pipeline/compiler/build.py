@@ -23,6 +23,7 @@ from pipeline.compiler.passes.dot import (
     dot_ops_by_instruction,
 )
 from pipeline.compiler.passes.winograd import count_winograd_convs, register_schedule_rules
+from pipeline.compiler.tuning import records
 from pipeline.compiler.tuning.defaults import default_schedules, vector_lanes
 from pipeline.compiler.tuning.search import (
     TuningBoard,
@@ -55,17 +56,21 @@ COMPILER_SOURCES = sorted(Path(__file__).parent.rglob("*.py"))
 COMPILE_REVISION = source_revision(COMPILER_SOURCES)
 
 
-def _cpu_build(mod: tvm.IRModule, cpu: dict[str, Any], lanes: int) -> tuple[Any, dict[str, int]]:
-    """An untuned CPU build with a default schedule for every kernel (tuning.defaults); how many got one."""
+def _cpu_build(mod: tvm.IRModule, cpu: dict[str, Any], lanes: int,
+               tuning_database: Path | None = None) -> tuple[Any, dict[str, int]]:
+    """An untuned CPU build with a default schedule for every kernel (tuning.defaults), or the best record the
+    target's ``tuning_database`` has for it (tuned before, by any model on any host of the lab); how many of each."""
     from tvm.s_tir import meta_schedule as ms
 
     target = tvm.target.Target(cpu)
     load_tensor_intrinsics(target)  # before MetaSchedule imports every target's (compiler.intrinsics)
     register_schedule_rules()  # the Winograd transforms' (passes.winograd)
     decomposed = decompose(mod, target)
-    database, scheduled, kernels = default_schedules(decomposed, target, lanes)
+    tuned = records.best_for(tuning_database) if tuning_database else None
+    database, scheduled, kernels, from_records = default_schedules(decomposed, target, lanes, tuned)
     executable = ms.relax_integration.compile_relax(database, decomposed, target, params=None)
-    return executable, {"kernels": kernels, "default_scheduled": scheduled, "vector_lanes": lanes}
+    return executable, {"kernels": kernels, "default_scheduled": scheduled, "tuned_records": from_records,
+                        "vector_lanes": lanes}
 
 
 def _gpu_build(mod: tvm.IRModule, cpu: dict[str, Any], gpu: dict[str, Any]):
@@ -102,8 +107,9 @@ def compile_model(
     tuning_board: TuningBoard | None = None,
 ) -> CompiledArtifact:
     """Import into TVM Relax, build for the profile's CPU (MetaSchedule-tuned when ``tune_trials`` > 0: on a board
-    reached over SSH, through the RPC server ``tuning_board(profile)`` opens there), export the library, write the
-    manifest."""
+    reached over SSH, through the RPC server ``tuning_board(profile)`` opens there; untuned, each kernel takes the
+    best record the target's database under ``tuning_root`` has, else a default schedule), export the library, write
+    the manifest."""
     target_dict = resolve_target(profile)
     gpu_dict = profile.tvm_gpu_target()
     if tune_trials and (refusal := tuning_refusal(profile, tune_trials, tuning_board)):
@@ -119,7 +125,8 @@ def compile_model(
             executable, tuning = tuned_build(mod, target_dict, tune_trials, tuning_dir(target_dict, root), profile,
                                               minutes=tune_minutes, tuning_board=tuning_board)
         elif gpu_dict is None:
-            executable, schedules = _cpu_build(mod, target_dict, vector_lanes(profile))
+            database = tuning_dir(target_dict, tuning_root) if tuning_root else None
+            executable, schedules = _cpu_build(mod, target_dict, vector_lanes(profile), database)
         else:
             executable = _gpu_build(mod, target_dict, gpu_dict)
         library = workdir / "model.so"

@@ -62,6 +62,21 @@ class SampleRow(Base):
     samples_ms: Mapped[list[float]] = mapped_column(JSON)
 
 
+class TuningRecordRow(Base):
+    """One timed MetaSchedule candidate of one kernel for one target, shared by every host of the lab
+    (pipeline.compiler.tuning.records: the plain JSON of a record; pipeline.tuning_share: the sync)."""
+
+    __tablename__ = "tuning_records"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    target_key: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[dict[str, Any]] = mapped_column(JSON)
+    workload: Mapped[list[Any]] = mapped_column(JSON)
+    record: Mapped[list[Any]] = mapped_column(JSON)
+    mean_s: Mapped[float] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(String(200))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 def default_url() -> str:
     return os.environ.get("EDGEDEPLOY_DB_URL") or f"sqlite:///{edgedeploy_home() / 'results.db'}"
 
@@ -150,6 +165,43 @@ class ResultStore:
             raise StageError("Cannot store the result", value=self.engine_url_safe(),
                              reason=str(exc).splitlines()[0][:300]) from exc
         return verdict
+
+    def add_tuning_records(self, target_key: str, target: dict[str, Any], records: list[dict[str, Any]],
+                           source: str) -> int:
+        """Store the records (pipeline.compiler.tuning.records) this database lacks; how many were new."""
+        if not records:
+            return 0
+        try:
+            with Session(self.engine) as session, session.begin():
+                have = set(session.scalars(select(TuningRecordRow.key).where(TuningRecordRow.target_key == target_key)))
+                new = {r["key"]: r for r in records if r["key"] not in have}
+                now = datetime.now().astimezone()
+                session.add_all(TuningRecordRow(key=key, target_key=target_key, target=target, workload=r["workload"],
+                                                record=r["record"], mean_s=r["mean_s"], source=source, created=now)
+                                for key, r in new.items())
+        except SQLAlchemyError as exc:
+            raise StageError("Cannot store tuning records", value=self.engine_url_safe(),
+                             reason=str(exc).splitlines()[0][:300]) from exc
+        return len(new)
+
+    def tuning_records(self, target_key: str) -> list[dict[str, Any]]:
+        """Every record the lab has for one target, as pipeline.compiler.tuning.records reads them."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(TuningRecordRow).where(TuningRecordRow.target_key == target_key))
+            return [{"key": r.key, "workload": r.workload, "record": r.record, "mean_s": r.mean_s} for r in rows]
+
+    def tuning_targets(self) -> list[tuple[str, dict[str, Any], int]]:
+        """(target key, target, records) for every target the lab has records for."""
+        from sqlalchemy import func
+
+        with Session(self.engine) as session:
+            counts = dict(session.execute(select(TuningRecordRow.target_key, func.count())
+                                          .group_by(TuningRecordRow.target_key)).all())
+            targets = {}
+            for key in counts:
+                targets[key] = session.scalars(select(TuningRecordRow.target)
+                                               .where(TuningRecordRow.target_key == key).limit(1)).one()
+        return [(key, targets[key], counts[key]) for key in sorted(counts)]
 
     def runs(self, *, model_sha256: str | None = None, profile: str | None = None,
              scheme: str | None = None) -> list[RunRow]:

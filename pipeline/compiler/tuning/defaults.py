@@ -26,6 +26,7 @@ one thread.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import tvm
@@ -133,9 +134,12 @@ def decided(trace, lanes: int, dot_lanes: int = 0):
     return trace
 
 
-def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes: int) -> tuple[Any, int, int]:
-    """(a MetaSchedule database holding a default schedule for each kernel of ``decomposed``, how many kernels got
-    one, how many there are). compile_relax(database, decomposed, target) builds with them."""
+def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes: int,
+                      tuned: Callable[[Any], Any] | None = None) -> tuple[Any, int, int, int]:
+    """(a MetaSchedule database holding a schedule for each kernel of ``decomposed``, how many kernels got a default
+    one, how many there are, how many took a tuned record instead). ``tuned``: kernel -> the best record a tuning
+    database has for it, or None (tuning.records.best_for): a kernel tuned before, for this target by any model or
+    host, keeps its tuned schedule. compile_relax(database, decomposed, target) builds with them."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
@@ -146,10 +150,17 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
     database = ms.database.MemoryDatabase()
     tasks = ms.relax_integration.extract_tasks(fuse(decomposed, target), target)
     dot = next((layout for layout in LAYOUTS if count_dot_ops(decomposed, (layout,))), None)
-    scheduled = 0
+    scheduled = from_records = 0
     with unnamed_handlers_detached():
         for task in tasks:
             kernel = task.dispatched[0]
+            best = tuned(kernel) if tuned else None
+            if best is not None:
+                database.commit_tuning_record(ms.database.TuningRecord(
+                    best.trace, database.commit_workload(kernel), best.run_secs, target,
+                    ms.arg_info.ArgInfo.from_entry_func(kernel)))
+                from_records += 1
+                continue
             on_dot = dot is not None and any(prefix in task.task_name for prefix in dot.prefixes)
             context = ms.TuneContext(mod=kernel, target=target, task_name=task.task_name, rand_state=1,
                                      space_generator=search_space(avx2=dot is AVX2) if on_dot else "post-order-apply",
@@ -172,4 +183,4 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
             database.commit_tuning_record(ms.database.TuningRecord(
                 schedule.trace, workload, [1.0], target, ms.arg_info.ArgInfo.from_entry_func(kernel)))
             scheduled += 1
-    return database, scheduled, len(tasks)
+    return database, scheduled, len(tasks), from_records
