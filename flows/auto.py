@@ -21,6 +21,7 @@ from pipeline.auto import (
     dynamic_worthy,
     outcome,
     plot_svg,
+    tuning_plan,
 )
 from pipeline.benchmark import BenchmarkReport, BenchmarkSettings
 from pipeline.checks import check_runtime, ort_int8_may_saturate, run_checks
@@ -88,15 +89,12 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     model = onnx.load(info.prepared_path)
     partial = _partial_plan(config, info, profile, data, model)
     gpu_runtimes = tuple(name for name in GPU_RUNTIMES if profile.has_runtime(name))
-    candidates = default_candidates(config.tune_trials, config.tune_minutes, gpu_runtimes,
-                                    dynamic=dynamic_worthy(info.op_census))
+    candidates = default_candidates(gpu_runtimes, dynamic=dynamic_worthy(info.op_census))
     if config.runtime:
         candidates = [c for c in candidates if c.runtime == config.runtime]
     if partial and partial.keep_float:  # full int8 misses the budget: try it with the sensitive layers in float
         kept = QuantConfig(scheme="int8", keep_float=partial.keep_float)
-        candidates += [c for c in (Candidate(runtime="onnxruntime", quant=kept),
-                                   Candidate(runtime="tvm", quant=kept, tune_trials=config.tune_trials,
-                                             tune_minutes=config.tune_minutes if config.tune_trials else None))
+        candidates += [c for c in (Candidate(runtime="onnxruntime", quant=kept), Candidate(runtime="tvm", quant=kept))
                        if config.runtime in (None, c.runtime)]
     def attempt(candidate: Candidate) -> None:
         label, unit = candidate.label(), profile.unit_of(candidate.runtime)
@@ -122,9 +120,15 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
         attempt(candidate)
     # Calibration changes what int8 computes, not how fast: where TVM's int8 missed the budget, the calibration that
     # kept onnxruntime's int8 closest to fp32 gets its turn with TVM's kernels.
-    quality = {c.label(): outcome(c, run.measurement, baseline.measurement, agree, metric=metric,
-                                  budget=config.accuracy_budget) for c, run, agree in runs}
-    for candidate in calibration_retries(candidates, quality):
+    def untuned() -> list[tuple[Candidate, CandidateOutcome]]:
+        return [(c, outcome(c, run.measurement, baseline.measurement, agree, metric=metric,
+                            budget=config.accuracy_budget).model_copy(update={"unit": profile.unit_of(c.runtime)}))
+                for c, run, agree in runs]
+
+    for candidate in calibration_retries(candidates, dict((c.label(), o) for c, o in untuned())):
+        attempt(candidate)
+    # Then the tuning budget (--tune-minutes: for the whole selection), to the TVM builds that did best untuned.
+    for candidate in tuning_plan(untuned(), config.tune_trials, config.tune_minutes):
         attempt(candidate)
     # The baseline again, after the candidates: whichever of its two measurements is faster is the one to
     # beat, so a baseline measured on a cold machine can't make a candidate look faster than it is.

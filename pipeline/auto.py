@@ -38,7 +38,7 @@ class Candidate(BaseModel):
         if not self.tune_trials:
             tuned = ""
         elif self.tune_minutes:  # the trial cap is then only a ceiling (TRIALS_WITHIN_MINUTES): the budget says more
-            tuned = f" tuned {self.tune_minutes:g} min"
+            tuned = f" tuned {round(self.tune_minutes, 2):g} min"
         else:
             tuned = f" tuned {self.tune_trials}/task"
         return f"{self.runtime} {self.quant.label()}{tuned}"
@@ -56,13 +56,12 @@ def dynamic_worthy(op_census: dict[str, int]) -> bool:
     return bool(ops & RECURRENT_OR_ATTENTION) or dense_only
 
 
-def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None,
-                       gpu_runtimes: tuple[RuntimeName, ...] = (), dynamic: bool = False) -> list[Candidate]:
-    """onnxruntime's own int8 options are candidates too (measured, not assumed). With ``tune_trials``, TVM's
-    candidates are MetaSchedule-tuned (each within ``tune_minutes``, when given), and TVM fp32 with its default
-    schedules stays as the reference. Each of ``gpu_runtimes`` (onnxruntime's CUDA / TensorRT providers the board
-    has) adds fp32, fp16 and int8 on the GPU; the checks refuse what the GPU can't run (int8 without DP4A). ``dynamic``
-    (a model whose work is in MatMul/Gemm/LSTM/attention) adds onnxruntime's dynamic int8."""
+def default_candidates(gpu_runtimes: tuple[RuntimeName, ...] = (), dynamic: bool = False) -> list[Candidate]:
+    """onnxruntime's own int8 options are candidates too (measured, not assumed); TVM's with default schedules
+    (:func:`tuning_plan` picks which get tuned afterwards). Each of ``gpu_runtimes`` (onnxruntime's CUDA / TensorRT
+    providers the board has) adds fp32, fp16 and int8 on the GPU; the checks refuse what the GPU can't run (int8
+    without DP4A). ``dynamic`` (a model whose work is in MatMul/Gemm/LSTM/attention) adds onnxruntime's dynamic
+    int8."""
     int8 = QuantConfig(scheme="int8")
     ort = [
         QuantConfig(scheme="fp32"), int8, int8.model_copy(update={"reduce_range": True}),
@@ -72,16 +71,44 @@ def default_candidates(tune_trials: int = 0, tune_minutes: float | None = None,
         QuantConfig(scheme="fp16"),
     ]
     tvm = [QuantConfig(scheme="fp32"), int8, QuantConfig(scheme="fp16")]
-    untuned = [Candidate(runtime="tvm", quant=QuantConfig(scheme="fp32"))] if tune_trials else []
-    minutes = tune_minutes if tune_trials else None
     trt_int8 = int8.model_copy(update={"activation_type": "int8", "symmetric_activations": True})
     gpu = [Candidate(runtime=runtime, quant=q) for runtime in gpu_runtimes
            for q in (QuantConfig(scheme="fp16"), QuantConfig(scheme="fp32"),
                      trt_int8 if runtime == "onnxruntime-tensorrt" else int8)]
     if dynamic:  # weights int8, activations quantized on every run: no calibration (pipeline.quantize)
         ort.append(QuantConfig(scheme="dynamic"))
-    return ([Candidate(runtime="onnxruntime", quant=q) for q in ort] + untuned
-            + [Candidate(runtime="tvm", quant=q, tune_trials=tune_trials, tune_minutes=minutes) for q in tvm] + gpu)
+    return ([Candidate(runtime="onnxruntime", quant=q) for q in ort] + [Candidate(runtime="tvm", quant=q) for q in tvm]
+            + gpu)
+
+
+# A TVM candidate whose untuned build is more than this much slower than the fastest untuned one gets no tuning:
+# tuning would have to find more than that factor to catch up, where the fastest needs less to get further.
+PROMISE_RATIO = 2.0
+MIN_SHARE_MINUTES = 1.0  # below this, MetaSchedule's set-up and first round take most of a share
+
+
+def tuning_plan(measured: list[tuple[Candidate, CandidateOutcome]], trials: int,
+                minutes: float | None) -> list[Candidate]:
+    """The TVM CPU candidates worth tuning, each with its share of ``minutes`` (the whole selection's budget), from
+    how their untuned builds did: only those measured within the accuracy budget (tuning changes speed, never
+    what int8 computes), only those within PROMISE_RATIO of the fastest, each share in proportion to its untuned
+    speed (the fastest the most), none under MIN_SHARE_MINUTES (the slowest dropped until each has that). Without
+    ``minutes``, each gets ``trials`` per task."""
+    if not trials:
+        return []
+    eligible = [(c, o) for c, o in measured if c.runtime == "tvm" and not c.tune_trials and o.unit == "cpu"
+                and o.status == "measured" and o.valid and o.within_budget and o.p50_ms]
+    if not eligible:
+        return []
+    fastest = min(o.p50_ms for _, o in eligible)
+    promising = sorted(((c, fastest / o.p50_ms) for c, o in eligible if o.p50_ms <= PROMISE_RATIO * fastest),
+                       key=lambda pair: -pair[1])
+    if minutes is None:
+        return [c.model_copy(update={"tune_trials": trials}) for c, _ in promising]
+    while len(promising) > 1 and minutes * promising[-1][1] / sum(w for _, w in promising) < MIN_SHARE_MINUTES:
+        promising.pop()
+    total = sum(w for _, w in promising)
+    return [c.model_copy(update={"tune_trials": trials, "tune_minutes": minutes * w / total}) for c, w in promising]
 
 
 def _closeness(result: CandidateOutcome) -> tuple[bool, float]:

@@ -14,7 +14,8 @@ from edgedeploy.errors import EdgeDeployError
 EXIT_REGRESSION = 5
 
 TuneMinutes = Annotated[float | None, typer.Option(min=0.1, help="Stop tuning after this many minutes (the database "
-                                                                "keeps every trial); without --tune-trials, the "
+                                                                "keeps every trial; --quant auto: the whole "
+                                                                "selection's budget); without --tune-trials, the "
                                                                 "clock alone ends the run.")]
 
 stdout = Console()

@@ -53,30 +53,46 @@ def test_without_labels_agreement_is_the_budget():
     assert not cand.within_budget and choose([cand], budget=0.01, metric=None, baseline=base).chosen is None
 
 
-def test_tuning_makes_the_tvm_candidates_tuned_and_keeps_the_default_as_reference():
-    from pipeline.auto import default_candidates
-
-    plain = [c.label() for c in default_candidates()]
-    tuned = [c.label() for c in default_candidates(32)]
-    assert len(plain) == 13 and not any("tuned" in label for label in plain)
-    assert "tvm fp32" in tuned and "tvm fp32 tuned 32/task" in tuned
-    assert "tvm int8 QDQ U8S8 minmax per-channel tuned 32/task" in tuned
-    assert all("tuned" not in label for label in tuned if label.startswith("onnxruntime"))
-    assert len(set(tuned)) == len(tuned) == 14
+def test_every_candidate_starts_untuned():
+    labels = [c.label() for c in default_candidates()]
+    assert len(labels) == len(set(labels)) == 13 and not any("tuned" in label for label in labels)
+    assert {"tvm fp32", "tvm int8 QDQ U8S8 minmax per-channel", "tvm fp16"} <= set(labels)
 
 
-def test_a_time_budget_reaches_every_tuned_candidate():
-    """`--quant auto --tune-minutes 20` tunes each TVM candidate for 20 minutes. Before, the budget was dropped and
-    the candidates tuned up to TRIALS_WITHIN_MINUTES trials per task: days, not minutes."""
-    from pipeline.auto import default_candidates
-    from pipeline.config import TRIALS_WITHIN_MINUTES, RunConfig
+def _untuned(runtime: str, quant: QuantConfig, p50: float | None, *, within: bool = True, status: str = "measured",
+             unit: str = "cpu"):
+    from pipeline.auto import CandidateOutcome
 
-    config = RunConfig(model_path="m.onnx", auto=True, tune_minutes=20)
-    candidates = default_candidates(config.tune_trials, config.tune_minutes)
-    tuned = [c for c in candidates if c.tune_trials]
-    assert {c.tune_trials for c in tuned} == {TRIALS_WITHIN_MINUTES} and {c.tune_minutes for c in tuned} == {20}
-    assert "tvm int8 QDQ U8S8 minmax per-channel tuned 20 min" in [c.label() for c in tuned]
-    assert all(c.tune_minutes is None for c in candidates if not c.tune_trials)
+    candidate = Candidate(runtime=runtime, quant=quant)
+    return candidate, CandidateOutcome(label=candidate.label(), runtime=runtime, scheme=quant.label(), status=status,
+                                       unit=unit, p50_ms=p50, within_budget=within, valid=status == "measured")
+
+
+def test_the_tuning_budget_goes_to_the_tvm_builds_that_did_best_untuned():
+    """--tune-minutes is the whole selection's: split in proportion to the untuned speed among the TVM CPU
+    candidates measured within the accuracy budget and within 2x of the fastest; none under a minute."""
+    from pipeline.auto import tuning_plan
+    from pipeline.config import TRIALS_WITHIN_MINUTES
+
+    int8, fp32 = QuantConfig(scheme="int8"), QuantConfig(scheme="fp32")
+    measured = [
+        _untuned("tvm", int8, 5.0), _untuned("tvm", fp32, 10.0),
+        _untuned("tvm", int8.model_copy(update={"keep_float": ("conv_a",)}), 11.0),  # > 2x the fastest
+        _untuned("tvm", int8.model_copy(update={"calibration": "entropy"}), 4.0, within=False),  # accuracy lost
+        _untuned("tvm", QuantConfig(scheme="fp16"), None, status="refused"),
+        _untuned("onnxruntime", int8, 3.0),
+    ]
+    plan = {c.label(): c for c in tuning_plan(measured, TRIALS_WITHIN_MINUTES, 15)}
+    assert set(plan) == {"tvm int8 QDQ U8S8 minmax per-channel tuned 10 min", "tvm fp32 tuned 5 min"}
+    assert sum(c.tune_minutes for c in plan.values()) == 15
+    assert all(c.tune_trials == TRIALS_WITHIN_MINUTES for c in plan.values())
+    (only,) = tuning_plan(measured, TRIALS_WITHIN_MINUTES, 1.2)  # fp32's share would be 0.4 min: all to int8
+    assert only.quant == int8 and only.tune_minutes == 1.2
+    by_trials = tuning_plan(measured, 32, None)
+    assert [c.label() for c in by_trials] == ["tvm int8 QDQ U8S8 minmax per-channel tuned 32/task",
+                                              "tvm fp32 tuned 32/task"]
+    assert tuning_plan(measured, 0, None) == []
+    assert tuning_plan([_untuned("tvm", fp32, 5.0, unit="gpu")], 32, 10) == []
 
 
 def test_the_report_says_why_a_candidate_may_saturate():
@@ -98,7 +114,7 @@ def test_a_board_with_gpu_providers_gets_gpu_candidates():
     from pipeline.auto import default_candidates
 
     cpu_only = default_candidates()
-    with_gpu = default_candidates(0, None, ("onnxruntime-tensorrt", "onnxruntime-cuda"))
+    with_gpu = default_candidates(("onnxruntime-tensorrt", "onnxruntime-cuda"))
     added = with_gpu[len(cpu_only):]
     assert all(c.runtime not in ("onnxruntime-tensorrt", "onnxruntime-cuda") for c in cpu_only)
     assert {(c.runtime, c.quant.scheme) for c in added} == {
