@@ -150,7 +150,7 @@ def check_precision(profile: DeviceProfile, quant: QuantConfig, runtime: Runtime
     if runtime == "tvm" and _has_vpmaddubsw(profile):
         return CheckResult(check=name, verdict="pass",
                            reason=f"{unit} has no VNNI; TVM lays its int8 kernels out for VPMADDUBSW (32 uint8 x int8 "
-                                  "products an instruction, with 7-bit weights)")
+                                  "products an instruction with AVX2, 64 with AVX-512BW; 7-bit weights)")
     return CheckResult(
         check=name, verdict="warn",
         reason=f"{unit} has no int8 dot-product instruction: int8 cuts weight memory 4x, but the speed-up will be "
@@ -192,8 +192,10 @@ def _x86_without_vnni(profile: DeviceProfile) -> bool:
 
 
 def _has_vpmaddubsw(profile: DeviceProfile) -> bool:
-    """x86 without VNNI where TVM lays int8 kernels out for VPMADDUBSW (AVX2 or AVX-512BW: compiler.passes.dot)."""
-    return _x86_without_vnni(profile) and bool({"avx2", "avx512bw"} & set(profile.cpu.features))
+    """x86 without AVX-512 VNNI, where TVM lays int8 kernels out for VPMADDUBSW (AVX2 or AVX-512BW:
+    compiler.passes.dot; a CPU with only the 256-bit AVX-VNNI too: TVM has no layout for that one)."""
+    features = set(profile.cpu.features)
+    return profile.cpu.arch == "x86_64" and "avx512_vnni" not in features and bool({"avx2", "avx512bw"} & features)
 
 
 def ort_int8_may_saturate(profile: DeviceProfile, quant: QuantConfig, runtime: Runtime) -> str | None:
@@ -211,11 +213,9 @@ def ort_int8_may_saturate(profile: DeviceProfile, quant: QuantConfig, runtime: R
 def check_ort_int8_x86(profile: DeviceProfile, quant: QuantConfig,
                        runtime: Runtime) -> tuple[CheckResult, QuantConfig]:
     name = "int8 format on x86 without VNNI"
-    if quant.scheme not in ("int8", "dynamic") or quant.prequantized or not _x86_without_vnni(profile):
+    if quant.scheme not in ("int8", "dynamic") or quant.prequantized or profile.unit_of(runtime) == "gpu":
         return CheckResult(check=name, verdict="pass", reason="not applicable"), quant
-    if profile.unit_of(runtime) == "gpu":
-        return CheckResult(check=name, verdict="pass", reason=f"not applicable: {runtime} runs on the GPU"), quant
-    if runtime == "tvm" and quant.scheme == "int8" and _has_vpmaddubsw(profile):
+    if runtime == "tvm" and quant.scheme == "int8" and quant.activation_type == "uint8" and _has_vpmaddubsw(profile):
         return CheckResult(
             check=name, verdict="pass",
             reason="TVM's int8 kernels here multiply with VPMADDUBSW, exact only with 7-bit weights: using "
@@ -223,6 +223,8 @@ def check_ort_int8_x86(profile: DeviceProfile, quant: QuantConfig,
             fact="VPMADDUBSW adds each two uint8 x int8 products in 16 bits, saturating: 255 x 127 x 2 does not fit, "
                  "255 x 64 x 2 does; without it TVM's integer kernels are widened int32 loops, slower than fp32",
         ), quant.model_copy(update={"reduce_range": True})
+    if not _x86_without_vnni(profile):
+        return CheckResult(check=name, verdict="pass", reason="not applicable"), quant
     if runtime != "onnxruntime":
         return CheckResult(check=name, verdict="pass", reason=f"{runtime}'s integer kernels add in 32 bits: no "
                            "saturation, 8-bit weights kept"), quant

@@ -23,6 +23,7 @@ from typing import Any
 from edgedeploy.errors import EdgeDeployError, OptionError
 from pipeline.compiler.tuning import records
 from pipeline.results.store import ResultStore
+from pipeline.versions import tool_versions
 
 log = logging.getLogger("edgedeploy.tuning")
 FORMAT = "edgedeploy-tuning-records"
@@ -30,7 +31,9 @@ VERSION = 1
 
 
 def target_key(target: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()
+    """Records are kept by target and by TVM's version: another TVM's traces may not apply."""
+    tvm_version = tool_versions().get("apache-tvm")
+    return hashlib.sha256(json.dumps({"target": target, "tvm": tvm_version}, sort_keys=True).encode()).hexdigest()
 
 
 def _store(store: ResultStore | None) -> ResultStore | None:
@@ -56,22 +59,29 @@ def pull(directory: Path, target: dict[str, Any], store: ResultStore | None = No
 
 
 def push(directory: Path, target: dict[str, Any], measured_on: str, store: ResultStore | None = None) -> int:
-    """Store this host's timed records for ``target`` in the lab's database; how many it lacked."""
+    """Store this host's timed records for ``target`` in the lab's database (each kernel's fastest few); how many it
+    lacked."""
     store = _store(store)
     if store is None:
         return 0
     try:
-        return store.add_tuning_records(target_key(target), target, records.read(directory),
+        return store.add_tuning_records(target_key(target), target,
+                                        records.read(directory, per_kernel=records.SHARED_PER_KERNEL),
                                         source=f"{socket.gethostname()} ({measured_on})")
     except EdgeDeployError as error:
         log.warning("tuning records not stored: %s (%s)", error.what, error.context.get("reason", ""))
-        return 0
+    except Exception as exc:  # noqa: BLE001 - a damaged local database: the build itself succeeded
+        log.warning("tuning records not stored: %s", str(exc).splitlines()[0][:200] if str(exc) else type(exc))
+    return 0
 
 
 def lab_records(target: dict[str, Any], store: ResultStore | None = None) -> int | None:
     """How many records the lab's database has for ``target`` (None: it can't be opened)."""
     store = _store(store)
-    return None if store is None else len(store.tuning_records(target_key(target)))
+    try:
+        return None if store is None else len(store.tuning_records(target_key(target)))
+    except EdgeDeployError:
+        return None
 
 
 def profile_target(profile) -> dict[str, Any]:
@@ -90,10 +100,13 @@ def export_records(target: dict[str, Any], path: Path, store: ResultStore | None
     if not entries:
         raise OptionError("The lab's tuning database has no records for this target", value=json.dumps(target),
                           fix="tune first (`deploy tune MODEL --profile P --minutes M`), or check the profile")
-    with path.open("w") as out:
-        out.write(json.dumps({"format": FORMAT, "version": VERSION, "target": target}) + "\n")
-        for entry in entries:
-            out.write(json.dumps(entry) + "\n")
+    lines = [json.dumps({"format": FORMAT, "version": VERSION, "target": target})]
+    lines += [json.dumps(entry) for entry in entries]
+    try:
+        path.write_text("\n".join(lines) + "\n")
+    except OSError as exc:
+        raise OptionError("Cannot write the tuning records file", value=str(path), reason=exc.strerror,
+                          fix="check that its folder exists and is writable") from exc
     return len(entries)
 
 
@@ -121,7 +134,8 @@ def read_export(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         raise _bad_file(path, 1, f"version {entries[0].get('version')!r}, target {entries[0].get('target')!r}")
     for number, entry in enumerate(entries[1:], 2):
         fields_ok = isinstance(entry, dict) and isinstance(entry.get("workload"), list) and \
-            isinstance(entry.get("record"), list) and isinstance(entry.get("mean_s"), int | float)
+            len(entry["workload"]) >= 2 and isinstance(entry.get("record"), list) and bool(entry["record"]) and \
+            isinstance(entry.get("mean_s"), int | float)
         if not fields_ok or entry.get("key") != records.record_key(entry["workload"], entry["record"]):
             raise _bad_file(path, number, "not a record, or its key does not match its kernel and schedule")
     return entries[0]["target"], entries[1:]

@@ -329,7 +329,7 @@ def _raw_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def _detected_fields() -> dict[str, Any]:
     """Fill a `detect: true` profile from this host."""
     host = detect_host()
-    features = sorted(host.features & {"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni",
+    features = sorted(host.features & {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
                                        "asimd", "asimddp", "fphp", "asimdhp", "neon"})
     vnni = bool(host.features & {"avx512_vnni", "avx_vnni", "asimddp"})
     fp16 = bool(host.features & {"fphp", "asimdhp", "avx512_fp16"})

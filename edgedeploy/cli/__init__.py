@@ -337,8 +337,9 @@ def tune(
         return
     stdout.print(f"[green]tuned[/] {summary['scheme']} for [bold]{profile}[/]: {summary['trials_added']} trials over "
                  f"{summary['tasks']} kernels in {summary['seconds']} s, timed on {summary['measured_on']}\n"
-                 f"this host's database: {summary['host_records']} records; the lab's: {summary['lab_records']} for "
-                 "this target")
+                 f"this host's database: {summary['host_records']} records; the lab's: "
+                 + (f"{summary['lab_records']} for this target" if summary["lab_records"] is not None else
+                    "not reachable (see the warning)"))
 
 
 # The lab's commands (edgedeploy/cli/lab.py), after the model's own in --help.

@@ -45,13 +45,15 @@ def dot_layout(profile: DeviceProfile) -> DotLayout | None:
     CUDA's) and for an x86 CPU older than AVX2."""
     if profile.tvm_gpu_target():
         return None
-    features = set(profile.cpu.features)
-    if profile.cpu.arch == "x86_64":
-        if "avx512_vnni" in features:
-            return VNNI
-        return AVX512BW if "avx512bw" in features else AVX2 if "avx2" in features else None
+    target = tvm.target.Target(resolve_target(profile))
+    if profile.cpu.arch == "x86_64":  # what LLVM's target has (its mcpu, mattr), which is what the code may use
+
+        def has(feature: str) -> bool:
+            return bool(tvm.target.codegen.target_has_features([feature], target))
+
+        return VNNI if has("avx512vnni") else AVX512BW if has("avx512bw") else AVX2 if has("avx2") else None
     if profile.cpu.arch == "aarch64":
-        return SDOT if tvm.target.Target(resolve_target(profile)).features.has_dotprod else NEON
+        return SDOT if target.features.has_dotprod else NEON
     return None
 
 

@@ -67,8 +67,8 @@ class TuningRecordRow(Base):
     (pipeline.compiler.tuning.records: the plain JSON of a record; pipeline.tuning_share: the sync)."""
 
     __tablename__ = "tuning_records"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    target_key: Mapped[str] = mapped_column(String(64), index=True)
+    target_key: Mapped[str] = mapped_column(String(64), primary_key=True)  # the target and TVM's version
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # the kernel and its schedule
     target: Mapped[dict[str, Any]] = mapped_column(JSON)
     workload: Mapped[list[Any]] = mapped_column(JSON)
     record: Mapped[list[Any]] = mapped_column(JSON)
@@ -186,21 +186,28 @@ class ResultStore:
 
     def tuning_records(self, target_key: str) -> list[dict[str, Any]]:
         """Every record the lab has for one target, as pipeline.compiler.tuning.records reads them."""
-        with Session(self.engine) as session:
-            rows = session.scalars(select(TuningRecordRow).where(TuningRecordRow.target_key == target_key))
-            return [{"key": r.key, "workload": r.workload, "record": r.record, "mean_s": r.mean_s} for r in rows]
+        try:
+            with Session(self.engine) as session:
+                rows = session.scalars(select(TuningRecordRow).where(TuningRecordRow.target_key == target_key))
+                return [{"key": r.key, "workload": r.workload, "record": r.record, "mean_s": r.mean_s} for r in rows]
+        except SQLAlchemyError as exc:
+            raise StageError("Cannot read tuning records", value=self.engine_url_safe(),
+                             reason=str(exc).splitlines()[0][:300]) from exc
 
     def tuning_targets(self) -> list[tuple[str, dict[str, Any], int]]:
         """(target key, target, records) for every target the lab has records for."""
         from sqlalchemy import func
 
-        with Session(self.engine) as session:
-            counts = dict(session.execute(select(TuningRecordRow.target_key, func.count())
-                                          .group_by(TuningRecordRow.target_key)).all())
-            targets = {}
-            for key in counts:
-                targets[key] = session.scalars(select(TuningRecordRow.target)
-                                               .where(TuningRecordRow.target_key == key).limit(1)).one()
+        try:
+            with Session(self.engine) as session:
+                counts = dict(session.execute(select(TuningRecordRow.target_key, func.count())
+                                              .group_by(TuningRecordRow.target_key)).all())
+                targets = {key: session.scalars(select(TuningRecordRow.target)
+                                                .where(TuningRecordRow.target_key == key).limit(1)).one()
+                           for key in counts}
+        except SQLAlchemyError as exc:
+            raise StageError("Cannot read tuning records", value=self.engine_url_safe(),
+                             reason=str(exc).splitlines()[0][:300]) from exc
         return [(key, targets[key], counts[key]) for key in sorted(counts)]
 
     def runs(self, *, model_sha256: str | None = None, profile: str | None = None,

@@ -41,8 +41,12 @@ def test_x86_profiles_without_vnni_pick_vpmaddubsw():
     skylake = server.model_copy(update={"cpu": server.cpu.model_copy(
         update={"mcpu": "skylake-avx512", "features": ["avx2", "fma", "avx512f", "avx512bw"]})})
     assert dot_layout(skylake) is AVX512BW
-    vnni = skylake.model_copy(update={"cpu": skylake.cpu.model_copy(update={"features": ["avx512bw", "avx512_vnni"]})})
+    vnni = skylake.model_copy(update={"cpu": skylake.cpu.model_copy(
+        update={"mcpu": "cascadelake", "features": ["avx512bw", "avx512_vnni"]})})
     assert dot_layout(vnni) is VNNI
+    # What LLVM's target has decides, not the feature list: code for it must not hold what its mcpu lacks.
+    claims = server.model_copy(update={"cpu": server.cpu.model_copy(update={"features": ["avx512bw", "avx512_vnni"]})})
+    assert dot_layout(claims) is AVX2
     old = server.model_copy(update={"cpu": server.cpu.model_copy(update={"mcpu": "x86-64", "features": ["sse4_2"]})})
     assert dot_layout(old) is None
 
@@ -148,3 +152,20 @@ def test_tuning_candidates_are_vpmaddubsw_code_exact_with_7_bit_weights(layout, 
     saturating[:, :2] = 127  # 255 x 127 x 2 = 64770: beyond int16
     assert not exact(saturating, layout)
     assert not np.array_equal(run(saturating), expected(saturating))
+
+
+def test_the_checks_give_tvm_7_bit_weights_only_where_vpmaddubsw_reads_them():
+    """7-bit weights cost accuracy: only for uint8 activations (the layouts read nothing else) on x86 without AVX-512
+    VNNI; a CPU with only the 256-bit AVX-VNNI (which TVM has no layout for) gets them too."""
+    from pipeline.checks import check_ort_int8_x86
+    from pipeline.quantize import QuantConfig
+
+    server = load_profile("x86-server")
+    u8, s8 = QuantConfig(scheme="int8"), QuantConfig(scheme="int8", activation_type="int8")
+    assert check_ort_int8_x86(server, u8, "tvm")[1].reduce_range
+    assert not check_ort_int8_x86(server, s8, "tvm")[1].reduce_range
+    assert not check_ort_int8_x86(load_profile("x86-server-vnni"), u8, "tvm")[1].reduce_range
+    alder_lake = server.model_copy(update={"cpu": server.cpu.model_copy(
+        update={"features": ["avx2", "fma", "avx_vnni"], "int8_dot_product": True})})
+    assert check_ort_int8_x86(alder_lake, u8, "tvm")[1].reduce_range
+    assert not check_ort_int8_x86(alder_lake, u8, "onnxruntime")[1].reduce_range  # its VNNI kernels add in 32 bits

@@ -155,3 +155,28 @@ def test_tuning_candidates_for_arm_are_dot_code_and_exact_on_the_emulated_board(
     done = subprocess.run([*python, str(script), *libraries], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split().count("exact") == len(cases), done.stdout
+
+
+@pytest.mark.parametrize(("board", "extra"), [
+    ("raspberry-pi-4", ""),
+    # A Jetson Nano whose TVM runs on its Cortex-A57 (TVM's runtime built with a newer Python beside the system's 3.6)
+    ("jetson-nano", "python_version: '3.10'\nruntimes:\n  tvm: {version: 0.27.0, unit: cpu}\n"),
+], ids=["pi4", "nano-cpu"])
+def test_arm_boards_without_dotprod_get_neon_kernels_in_their_int8_libraries(tmp_path, board, extra):
+    """The int8 library for the Pi 4 and for a Nano's CPU lays its integer convs and Gemm out for NEON's smull +
+    saddlp, counted in the manifest, cross-compiled for aarch64."""
+    import json
+
+    from pipeline.compile import build
+    from pipeline.config import RunConfig
+    from pipeline.quantize import QuantConfig
+    from pipeline.workloads import WORKLOADS
+
+    profile_file = tmp_path / "board.yaml"
+    profile_file.write_text(f"extends: {board}\nname: lab-{board}\n{extra}")
+    config = RunConfig(model_path=str(WORKLOADS["digits-cnn"].model_path()), profile=str(profile_file),
+                       quant=QuantConfig(scheme="int8"), runtime="tvm")
+    result = build(config, load_profile(str(profile_file)), tmp_path / "out")
+    manifest = json.loads(open(result.artifact.manifest_path).read())
+    assert manifest["dot_ops"] == {"smull+saddlp": 3} == result.artifact.dot_ops
+    assert manifest["target"]["mcpu"] in ("cortex-a72", "cortex-a57") and manifest["elf_machine"] == 183  # aarch64

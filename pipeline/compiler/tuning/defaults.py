@@ -134,6 +134,15 @@ def decided(trace, lanes: int, dot_lanes: int = 0):
     return trace
 
 
+def _applies(trace, kernel) -> bool:
+    """Does a tuning record's schedule apply to the kernel (a record from another TVM, or damaged, may not)?"""
+    try:
+        trace.apply_to_schedule(tvm.s_tir.Schedule(kernel), remove_postproc=False)
+    except Exception:  # noqa: BLE001 - TVM raises whatever its schedule primitives raise
+        return False
+    return True
+
+
 def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes: int,
                       tuned: Callable[[Any], Any] | None = None) -> tuple[Any, int, int, int]:
     """(a MetaSchedule database holding a schedule for each kernel of ``decomposed``, how many kernels got a default
@@ -155,7 +164,7 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
         for task in tasks:
             kernel = task.dispatched[0]
             best = tuned(kernel) if tuned else None
-            if best is not None:
+            if best is not None and _applies(best.trace, kernel):
                 database.commit_tuning_record(ms.database.TuningRecord(
                     best.trace, database.commit_workload(kernel), best.run_secs, target,
                     ms.arg_info.ArgInfo.from_entry_func(kernel)))

@@ -5,13 +5,22 @@ kernel it tuned as a workload (the kernel's TIR) and its timed candidates as rec
 measured seconds, the target). :func:`read` turns the timed ones into plain dicts that need no TVM to store (the
 lab's results database, pipeline.results.store; an export file), :func:`write` adds such dicts to a directory.
 A record's ``key`` names the kernel and its schedule, so the same record read from two hosts is stored once.
+
+MetaSchedule's JSONDatabase numbers each record's workload by its place in the process's own view of the file: two
+processes appending workloads to one directory at once would point later records at the wrong kernels. So every
+access takes a lock on the directory (:func:`locked`): a tuning run holds it exclusively for its whole run (another
+tuning run of the same target on this host waits), :func:`write` takes it exclusively and skips when a tuning run
+has it, readers share it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +29,30 @@ RECORDS_FILE = "database_tuning_record.json"
 FAILED_SECONDS = 1e9
 
 
+# A kernel's fastest few records are shared; the rest of its trials help only the host's own search.
+SHARED_PER_KERNEL = 3
+
+
 def record_key(workload_json: list, record_json: list) -> str:
-    """sha256 of the kernel's structural hash and the candidate's trace: one key per (kernel, schedule)."""
-    return hashlib.sha256(json.dumps([workload_json[0], record_json[0]], sort_keys=True).encode()).hexdigest()
+    """sha256 of the kernel (its serialized TIR, not a hash TVM may compute differently elsewhere) and the candidate's
+    trace: one key per (kernel, schedule)."""
+    return hashlib.sha256(json.dumps([workload_json[1], record_json[0]], sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def locked(directory: Path, *, exclusive: bool, wait: bool = True) -> Iterator[bool]:
+    """Hold the directory's lock (yields False, holding nothing, when ``wait`` is off and someone else has it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("a+") as handle:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _database(directory: Path):
@@ -39,11 +69,17 @@ def _mean_seconds(run_secs) -> float | None:
     return sum(seconds) / len(seconds)
 
 
-def read(directory: Path) -> list[dict[str, Any]]:
-    """Every timed record of the database in ``directory``: {key, workload, record, mean_s}; a schedule timed twice
-    (random search can draw one candidate again) once, with its faster time."""
+def read(directory: Path, per_kernel: int | None = None) -> list[dict[str, Any]]:
+    """The timed records of the database in ``directory`` (the ``per_kernel`` fastest of each kernel, or all): {key,
+    workload, record, mean_s}; a schedule timed twice (random search can draw one candidate again) once, with its
+    faster time."""
     if not (directory / RECORDS_FILE).exists():
         return []
+    with locked(directory, exclusive=False):
+        return _read(directory, per_kernel)
+
+
+def _read(directory: Path, per_kernel: int | None) -> list[dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for record in _database(directory).get_all_tuning_records():
         mean = _mean_seconds(record.run_secs)
@@ -53,19 +89,31 @@ def read(directory: Path) -> list[dict[str, Any]]:
         key = record_key(workload_json, record_json)
         if key not in out or mean < out[key]["mean_s"]:
             out[key] = {"key": key, "workload": workload_json, "record": record_json, "mean_s": mean}
-    return list(out.values())
+    if per_kernel is None:
+        return list(out.values())
+    by_kernel: dict[str, list[dict[str, Any]]] = {}
+    for entry in sorted(out.values(), key=lambda e: e["mean_s"]):
+        by_kernel.setdefault(entry["workload"][1], []).append(entry)
+    return [entry for entries in by_kernel.values() for entry in entries[:per_kernel]]
 
 
 def write(directory: Path, records: list[dict[str, Any]]) -> int:
     """Add the records (as :func:`read` gives them) that the database in ``directory`` lacks; how many were added.
-    One TVM can't parse (another TVM's, a damaged one) is skipped, not the rest."""
+    One TVM can't parse (another TVM's, a damaged one) is skipped, not the rest; nothing is added while a tuning run
+    holds the directory (its records are newer anyway: the next build pulls again)."""
     from tvm.s_tir import meta_schedule as ms
 
-    have = {r["key"] for r in read(directory)}
-    new = [r for r in records if r["key"] not in have]
-    if not new:
+    if not records:
         return 0
-    database = _database(directory)
+    with locked(directory, exclusive=True, wait=False) as mine:
+        if not mine:
+            return 0
+        have = {r["key"] for r in _read(directory, None)} if (directory / RECORDS_FILE).exists() else set()
+        new = [r for r in records if r["key"] not in have]
+        return _commit(ms, _database(directory), new) if new else 0
+
+
+def _commit(ms, database, new: list[dict[str, Any]]) -> int:
     added = 0
     for entry in new:
         try:
@@ -83,7 +131,10 @@ def best_for(directory: Path):
     """A lookup ``kernel -> best tuning record or None`` over the database in ``directory`` (None: no database)."""
     if not (directory / RECORDS_FILE).exists():
         return None
-    database = _database(directory)
+    with locked(directory, exclusive=False, wait=False) as mine:
+        if not mine:  # a tuning run is writing it: default schedules this time
+            return None
+        database = _database(directory)
 
     def lookup(kernel):
         if not database.has_workload(kernel):

@@ -30,6 +30,7 @@ from pipeline.compiler.passes.dot_intrinsics import search_space
 from pipeline.compiler.passes.winograd import register_schedule_rules
 from pipeline.compiler.tuning.curve import CurvePoint, tuning_curve
 from pipeline.compiler.tuning.forked_builds import build_all
+from pipeline.compiler.tuning.records import locked
 from targets.hashing import sha256_bytes
 from targets.profiles import DeviceProfile
 
@@ -244,7 +245,14 @@ def tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_di
                  profile: DeviceProfile | None = None, minutes: float | None = None,
                  tuning_board: TuningBoard | None = None):
     """Tune and build; candidates are timed here, or on the board when ``profile`` is reached over SSH (through
-    ``tuning_board``, the caller's way to it, which compile_model has checked is there)."""
+    ``tuning_board``, the caller's way to it, which compile_model has checked is there). The database directory is
+    this run's alone meanwhile (tuning.records.locked): another tuning run of the target on this host waits."""
+    with locked(database_dir, exclusive=True):
+        return _tuned_build(mod, cpu, trials, database_dir, profile, minutes, tuning_board)
+
+
+def _tuned_build(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, database_dir: Path,
+                 profile: DeviceProfile | None, minutes: float | None, tuning_board: TuningBoard | None):
     with _stdout_to_stderr():
         if profile is None or profile.connection.transport == "local":
             return tune_and_compile(mod, cpu, trials, database_dir, minutes=minutes)
