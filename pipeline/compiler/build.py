@@ -25,10 +25,9 @@ from pipeline.compiler.passes.dot import (
 from pipeline.compiler.passes.winograd import count_winograd_convs, register_schedule_rules
 from pipeline.compiler.tuning import records
 from pipeline.compiler.tuning.defaults import default_schedules, vector_lanes
+from pipeline.compiler.tuning.lowering import decompose, fused
 from pipeline.compiler.tuning.search import (
     TuningBoard,
-    decompose,
-    fused,
     tuned_build,
     tuning_dir,
     tuning_refusal,

@@ -13,7 +13,7 @@ from tvm import relax
 from pipeline.compiler.build import _cpu_build
 from pipeline.compiler.frontend import relax_module, resolve_target
 from pipeline.compiler.tuning.defaults import PARALLEL_MIN_FLOPS, decided, serial, vector_lanes
-from pipeline.compiler.tuning.search import fused
+from pipeline.compiler.tuning.lowering import fused
 from pipeline.ingest import ingest
 from pipeline.quantize import QuantConfig, QuantizedModel, quantize
 from pipeline.workloads import WORKLOADS

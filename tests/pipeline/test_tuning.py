@@ -64,7 +64,7 @@ def _task_count(q, info, profile) -> int:
     from tvm.s_tir import meta_schedule as ms
 
     from pipeline.compiler.frontend import relax_module, resolve_target
-    from pipeline.compiler.tuning.search import decompose, fuse
+    from pipeline.compiler.tuning.lowering import decompose, fuse
 
     target = tvm.target.Target(resolve_target(profile))
     mod, _ = relax_module(q, info, profile)

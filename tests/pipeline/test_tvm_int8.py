@@ -188,7 +188,7 @@ def test_layers_that_differ_only_in_scales_share_one_tuning_task(tmp_path):
     kernel of its own (PP-LCNet int8: 62 tuning tasks, 54 with the scales read from buffers)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler.tuning.search import decompose, fuse
+    from pipeline.compiler.tuning.lowering import decompose, fuse
 
     onnx.save(_chain_of_convs(), str(tmp_path / "chain.onnx"))
     rng = np.random.default_rng(3)

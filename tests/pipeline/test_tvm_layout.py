@@ -186,7 +186,7 @@ def test_channel_last_layers_that_differ_only_in_scales_still_share_a_kernel(tmp
     (pipeline.compiler.passes.int8): written in as literals, every layer would be its own tuning task."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler.tuning.search import decompose, fuse
+    from pipeline.compiler.tuning.lowering import decompose, fuse
 
     onnx.save(_chain_of_convs(), str(tmp_path / "chain.onnx"))
     calibration = Samples({"x": np.random.default_rng(3).uniform(*CALIBRATION_RANGE, (8, 8, 8, 8)).astype(np.float32)})

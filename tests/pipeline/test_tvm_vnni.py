@@ -124,7 +124,7 @@ def test_pointwise_convs_and_gemm_become_vnni_kernels_with_the_same_results(tmp_
     # What tuning and the tuned build do to it: each VNNI kernel fuses with the requantize after it. (Built with
     # int32 extents, the kernel's output buffer didn't match the [1, 16] int64 one its epilogue reads, and FuseTIR
     # failed the whole build: "Inconsistent buffers vnni_matmul and lv3 mapped to the same relax var".)
-    from pipeline.compiler.tuning.search import decompose, fuse
+    from pipeline.compiler.tuning.lowering import decompose, fuse
 
     cascadelake = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
     fused = fuse(decompose(vnni, cascadelake), cascadelake)
@@ -176,7 +176,8 @@ def test_tuning_tensorizes_the_kernel_with_vpdpbusd_and_stays_exact(tmp_path, ke
     from tvm.s_tir import meta_schedule as ms
 
     from pipeline.compiler.passes.dot import dot_conv
-    from pipeline.compiler.tuning.search import forked_builder, unnamed_handlers_detached
+    from pipeline.compiler.tuning.lowering import unnamed_handlers_detached
+    from pipeline.compiler.tuning.search import forked_builder
 
     register_vnni_intrinsic()
     rng = np.random.default_rng(0)
@@ -229,7 +230,8 @@ def test_candidates_that_vectorize_around_the_intrinsic_are_dropped_before_they_
     from tvm.s_tir.meta_schedule.builder import PyBuilder
 
     from pipeline.compiler.passes.dot_intrinsics import search_space, vector_code_in_vectorized_loop
-    from pipeline.compiler.tuning.search import forked_builder, unnamed_handlers_detached
+    from pipeline.compiler.tuning.lowering import unnamed_handlers_detached
+    from pipeline.compiler.tuning.search import forked_builder
 
     register_vnni_intrinsic()
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})

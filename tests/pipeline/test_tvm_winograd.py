@@ -117,7 +117,8 @@ def test_tuned_winograd_kernels_use_their_rules_and_compute_the_direct_conv(tmp_
     activation and residual inside the output transform, every kernel tuned, the result onnxruntime's."""
     from tvm.s_tir.meta_schedule.database import JSONDatabase
 
-    from pipeline.compiler.tuning.search import fused, tune_and_compile
+    from pipeline.compiler.tuning.lowering import fused
+    from pipeline.compiler.tuning.search import tune_and_compile
 
     model, x, expected = _model(16, 15, 15, [{"o": 32, "pads": [0, 1, 2, 0]}, {"o": 32, "residual": True}])
     mod = _relax(model, x)

@@ -48,6 +48,14 @@ def vector_lanes(profile: DeviceProfile) -> int:
     return 4  # NEON (aarch64), and a safe width elsewhere
 
 
+def vector_lanes_of(target: tvm.target.Target) -> int:
+    """32-bit lanes of the widest vector register LLVM's target has (a tuned build's kernels no trial reached)."""
+    def has(feature: str) -> bool:
+        return bool(tvm.target.codegen.target_has_features([feature], target))
+
+    return 16 if has("avx512f") else 8 if has("avx2") else 4
+
+
 def _largest_divisor(extent: int, at_most: int) -> int:
     return next(f for f in range(max(1, min(extent, at_most)), 0, -1) if extent % f == 0)
 
@@ -154,7 +162,7 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
 
     from pipeline.compiler.passes.dot import AVX2, LAYOUTS, count_dot_ops
     from pipeline.compiler.passes.dot_intrinsics import search_space, vector_code_in_vectorized_loop
-    from pipeline.compiler.tuning.search import fuse, unnamed_handlers_detached
+    from pipeline.compiler.tuning.lowering import fuse, unnamed_handlers_detached
 
     database = ms.database.MemoryDatabase()
     tasks = ms.relax_integration.extract_tasks(fuse(decomposed, target), target)

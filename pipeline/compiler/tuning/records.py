@@ -134,7 +134,11 @@ def best_for(directory: Path):
     with locked(directory, exclusive=False, wait=False) as mine:
         if not mine:  # a tuning run is writing it: default schedules this time
             return None
-        database = _database(directory)
+        return lookup_in(_database(directory))
+
+
+def lookup_in(database):
+    """``kernel -> the best timed record`` the MetaSchedule ``database`` has for it, or None."""
 
     def lookup(kernel):
         if not database.has_workload(kernel):

@@ -29,8 +29,10 @@ from pipeline.compiler.passes.dot import (
 from pipeline.compiler.passes.dot_intrinsics import search_space
 from pipeline.compiler.passes.winograd import register_schedule_rules
 from pipeline.compiler.tuning.curve import CurvePoint, tuning_curve
+from pipeline.compiler.tuning.defaults import default_schedules, vector_lanes_of
 from pipeline.compiler.tuning.forked_builds import build_all
-from pipeline.compiler.tuning.records import locked
+from pipeline.compiler.tuning.lowering import decompose, fuse, unnamed_handlers_detached
+from pipeline.compiler.tuning.records import locked, lookup_in
 from targets.hashing import sha256_bytes
 from targets.profiles import DeviceProfile
 
@@ -55,6 +57,8 @@ class Tuning(BaseModel):
     curve: list[CurvePoint] = Field(default_factory=list, description="Estimated latency of this model against "
                                     "its trials so far (all runs): MetaSchedule's per-kernel times x calls.")
     scheduled: int = Field(default=0, description="Kernels of the built library that got a tuned schedule.")
+    default_scheduled: int = Field(default=0, description="Kernels no trial reached (yet), built with a default "
+                                                          "schedule (tuning.defaults) rather than TVM's naive loops.")
     measured_on: str = Field(default="local", description="Where candidates were timed: 'local', or the board "
                                                           "(user@host:port) whose RPC server timed them over SSH.")
     minutes: float | None = Field(default=None, description="The run's time budget (--tune-minutes), if any.")
@@ -112,30 +116,6 @@ def tuning_dir(target: dict[str, Any], root: Path) -> Path:
     """One persistent database per target: a workload tuned once serves every later run and model."""
     return root / sha256_bytes(json.dumps(target, sort_keys=True).encode())[:16]
 
-
-def decompose(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Relax ops only (batch norm etc. decomposed for inference): what MetaSchedule's compile_relax fuses itself."""
-    from tvm import relax
-
-    with target:
-        return tvm.ir.transform.Sequential([
-            relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings()])(mod)
-
-
-def fuse(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Lower Relax ops to TIR and fuse them, exactly as compile_relax does before it applies the database."""
-    from tvm import relax
-
-    with target:
-        return tvm.ir.transform.Sequential([
-            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-            relax.transform.FuseOps(), relax.transform.FuseTIR(),
-        ])(mod)
-
-
-def fused(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The kernels both MetaSchedule (tasks to tune) and dlight (to bind to GPU threads) work on."""
-    return fuse(decompose(mod, target), target)
 
 
 def _scheduled_kernels(database, decomposed: tvm.IRModule, target: tvm.target.Target) -> int:
@@ -201,22 +181,6 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
         for handler in moved:
             handler.setStream(sys.stdout)
-
-
-@contextlib.contextmanager
-def unnamed_handlers_detached(name: str = "tvm.s_tir.meta_schedule") -> Iterator[None]:
-    """MetaSchedule configures its logger again on every run by listing that logger's handlers BY NAME, and fails
-    on one without a name ('NoneType' object has no attribute 'format'): pytest >= 9 attaches its capture handlers
-    to every non-propagating logger, so a second tuning in one test session broke. Detach those meanwhile."""
-    logger = logging.getLogger(name)
-    unnamed = [h for h in logger.handlers if h.get_name() is None]
-    for handler in unnamed:
-        logger.removeHandler(handler)
-    try:
-        yield
-    finally:
-        for handler in unnamed:
-            logger.addHandler(handler)
 
 
 def tuning_refusal(profile: DeviceProfile, trials: int,
@@ -330,14 +294,18 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
             measure_callbacks=ms.MeasureCallback.create("default"),
         )
     seconds = time.perf_counter() - started
-    # compile_relax fuses by itself: give it the module before fusion, or the tuned kernels never match.
-    executable = ms.relax_integration.compile_relax(database, decomposed, target, params=None)
+    # Each kernel's best record; a kernel the budget never reached (YOLOX after 10 minutes: 79 of 120, TVM's naive
+    # loops, 118 ms against 42 ms untuned) its default schedule. compile_relax fuses by itself: give it the module
+    # before fusion, or the tuned kernels never match.
+    applied, defaulted, _, _ = default_schedules(decomposed, target, vector_lanes_of(target), lookup_in(database))
+    executable = ms.relax_integration.compile_relax(applied, decomposed, target, params=None)
     records = _records(database_dir)
     # The database names each kernel by this hash; weight = its calls per inference.
     weights = {str(tvm_ffi.structural_hash(task.dispatched[0])): float(task.weight) for task in tasks}
     return executable, Tuning(trials_per_task=trials, tasks=len(tasks), seconds=seconds, database=str(database_dir),
                               records=records, measured_on=measured_on, curve=tuning_curve(database_dir, weights),
                               scheduled=_scheduled_kernels(database, decomposed, target), minutes=minutes,
+                              default_scheduled=defaulted,
                               stopped_by_time=bool(deadline and deadline.reached),
                               trials_added=records - before, trials_per_round=per_round,
                               threads=runner_threads(runner) if local else runner.stats.threads)
