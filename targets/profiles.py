@@ -165,12 +165,22 @@ class Connection(_Frozen):
     )
     workdir: str = Field(pattern=SAFE_TOKEN, description="Directory on the device for artifacts and runs.")
 
+    @field_validator("python", mode="before")
+    @classmethod
+    def _one_word_is_a_command(cls, value: Any) -> Any:
+        """``python: /usr/bin/python3``, the obvious spelling, is the one-element argv [/usr/bin/python3]."""
+        return [value] if isinstance(value, str) else value
+
     @field_validator("python")
     @classmethod
     def _python_is_safe(cls, argv: tuple[str, ...] | None) -> tuple[str, ...] | None:
         for item in argv or ():
             if not re.fullmatch(SAFE_TOKEN, item):
-                raise ValueError(f"each part of connection.python must match {SAFE_TOKEN}; {item!r} does not")
+                words = item.split()
+                raise ValueError(
+                    f"{item!r} is not one word of letters, digits and _ . / ~ + @ : = -: write connection.python as "
+                    + (f"a list of words, e.g. [{', '.join(words)}]" if len(words) > 1 else
+                       "a path without spaces, quotes or shell characters"))
         return argv
 
     def python_argv(self) -> list[str]:
@@ -377,10 +387,35 @@ def _local_gpu_runtimes() -> dict[str, Any]:
     return {name: {"version": version} for name, provider in PROVIDERS.items() if provider in providers}
 
 
+def _fix(field: str, error: dict[str, Any]) -> str:
+    """What to write instead, by the kind of mistake (pydantic's message says what is wrong, not what to write)."""
+    kind, leaf = error["type"], field.rsplit(".", 1)[-1]
+    if kind == "extra_forbidden":
+        return "remove the field, or check its spelling (`deploy profiles show local` lists the fields)"
+    if kind == "missing":
+        return f"add '{field}' to the profile, or `extends:` a profile that has it"
+    if kind in ("tuple_type", "list_type"):
+        return f"write '{field}' as a list, e.g. `{leaf}: [first, second]` (one word: `{leaf}: word`)"
+    if kind == "string_pattern_mismatch":
+        return (f"write '{field}' with letters, digits and _ . / ~ + @ : = - only (no spaces, quotes, $ or other "
+                "shell characters: it may reach a remote shell)")
+    if kind in ("literal_error", "enum"):
+        return f"write one of the values pydantic names: {error['msg'].removeprefix('Input should be ')}"
+    if kind.startswith(("int_", "float_", "greater_than", "less_than")):
+        return f"write a number for '{field}': {error['msg'][0].lower()}{error['msg'][1:]}"
+    if kind in ("string_type", "bool_type", "bool_parsing", "dict_type"):
+        expected = {"string_type": "text", "bool_type": "true or false", "bool_parsing": "true or false",
+                    "dict_type": "a mapping of `key: value` lines"}[kind]
+        return f"write {expected} for '{field}'"
+    if kind == "value_error":  # our own validators say what to write
+        return error["msg"].removeprefix("Value error, ")
+    return f"correct '{field}': {error['msg'][0].lower()}{error['msg'][1:]}"
+
+
 def _explain(path: Path, exc: ValidationError) -> ProfileError:
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first["loc"])
-    hint = "remove the field, or check its spelling" if first["type"] == "extra_forbidden" else first["msg"]
+    hint = _fix(field, first)
     more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
     return ProfileError(
         f"Invalid device profile {path}: field '{field}'{more}",

@@ -49,6 +49,33 @@ def test_shell_syntax_in_profile_values_is_rejected(tmp_path, workdir):
     assert workdir in str(info.value)
 
 
+def test_a_one_word_python_is_a_command(tmp_path):
+    """`python: /usr/bin/python3` used to fail with "how to fix: Input should be a valid tuple"."""
+    path = tmp_path / "board.yaml"
+    path.write_text("extends: x86-server\nname: board\nconnection:\n  python: /usr/bin/python3\n")
+    assert load_profile(str(path)).connection.python == ("/usr/bin/python3",)
+    path.write_text("extends: x86-server\nname: board\nconnection:\n  python: '/usr/bin/python3 -I'\n")
+    with pytest.raises(ProfileError, match="connection.python") as refused:
+        load_profile(str(path))
+    assert "write connection.python as a list of words, e.g. [/usr/bin/python3, -I]" in refused.value.fix
+
+
+@pytest.mark.parametrize(("text", "fix"), [
+    ("cpu:\n  cores: many\n", "write a number for 'cpu.cores'"),
+    ("cpu:\n  arch: riscv64\n", "write one of the values pydantic names: 'x86_64', 'aarch64' or 'armv7l'"),
+    ("cpu:\n  features: avx2\n", "write 'cpu.features' as a list"),
+    ("connection:\n  port: 99999\n", "write a number for 'connection.port'"),
+    ("cpu:\n  int8_dot_product: maybe\n", "write true or false for 'cpu.int8_dot_product'"),
+])
+def test_every_validation_error_says_what_to_write(tmp_path, text, fix):
+    path = tmp_path / "board.yaml"
+    path.write_text(f"extends: x86-server\nname: board\n{text}")
+    with pytest.raises(ProfileError) as refused:
+        load_profile(str(path))
+    assert refused.value.fix.startswith(fix), refused.value.fix
+    assert not refused.value.fix.startswith("Input should")
+
+
 def test_missing_base(tmp_path):
     path = tmp_path / "orphan.yaml"
     path.write_text("extends: no-such-board\nname: orphan\n")
