@@ -8,6 +8,7 @@ only). The rewritten model must compute the same outputs, and this stage checks 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,10 @@ def _dims(info: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in info.type.tensor_type.shape.dim]
 
 
+# 1 GiB of fp32 per input: a 200-byte model can declare [100000, 100000] (4e10 bytes) and sink the host
+MAX_INPUT_ELEMENTS = 2**28
+
+
 def resolve_input_shapes(model: onnx.ModelProto, requested: dict[str, tuple[int, ...]],
                          batch: int | None = None) -> dict[str, tuple[int, ...]]:
     """Static shape for every input: requested, else the model's own, its dynamic first dim (the batch) ``batch``
@@ -152,6 +157,13 @@ def resolve_input_shapes(model: onnx.ModelProto, requested: dict[str, tuple[int,
                 fix=f"leave --batch out (the model's batch is {dims[0]}), or export the model with a dynamic batch",
             )
         resolved[info.name] = tuple((batch or 1) if i == 0 and i in dynamic else int(d) for i, d in enumerate(dims))
+    for name, shape in resolved.items():
+        elements = math.prod(shape)
+        if elements > MAX_INPUT_ELEMENTS or min(shape, default=1) < 1:
+            raise OptionError(
+                f"Input {name!r} would be {elements:.3g} elements: too large, or empty, to draw samples of or compile",
+                value=",".join(map(str, shape)), expected=f"1 to {MAX_INPUT_ELEMENTS:.3g} elements per input",
+                fix=f"give a smaller shape with --input-shape {name}=..., or check the model's declared input shape")
     return resolved
 
 

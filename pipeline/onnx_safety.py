@@ -20,13 +20,20 @@ from edgedeploy.errors import ModelLoadError, UnsafeModelError
 DEFAULT_MAX_MODEL_BYTES = 2 * 1024**3  # protobuf's own 2 GiB limit for one message
 
 
-def iter_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    """Every TensorProto in a graph: initializers, sparse initializers, attribute tensors, subgraphs."""
+def iter_tensors(graph: onnx.GraphProto, functions=()) -> Iterator[TensorProto]:
+    """Every TensorProto in a graph: initializers, sparse initializers, attribute tensors, subgraphs, and those of the
+    model's ``functions`` (a function's Constant nodes carry tensors too)."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
-    for node in graph.node:
+    yield from _node_tensors(graph.node)
+    for function in functions:
+        yield from _node_tensors(function.node)
+
+
+def _node_tensors(nodes) -> Iterator[TensorProto]:
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
@@ -50,12 +57,13 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path, *, max_bytes: in
     """Reject external-data locations outside ``base_dir``; return the total external bytes."""
     base = base_dir.resolve()
     total = 0
-    for tensor in iter_tensors(model.graph):
+    for tensor in iter_tensors(model.graph, model.functions):
         location = _external_location(tensor)
         if location is None:
             continue
-        where = {"tensor": tensor.name or "<unnamed>", "location": location}
-        if not location or os.path.isabs(location) or ".." in Path(location).parts or "\\" in location:
+        where = {"tensor": tensor.name or "<unnamed>", "location": repr(location) if "\0" in location else location}
+        if not location or "\0" in location or os.path.isabs(location) or ".." in Path(location).parts or \
+                "\\" in location:
             raise UnsafeModelError(
                 "The model's external data points outside the model's folder",
                 expected="a relative path inside the model's folder, without '..'",
@@ -81,6 +89,13 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path, *, max_bytes: in
             raise ModelLoadError(
                 "The model's external data file is missing",
                 fix="copy the data file next to the model",
+                **where,
+            )
+        if resolved.stat().st_nlink > 1:  # a hard link can be any file of the filesystem its maker could read
+            raise UnsafeModelError(
+                "The model's external data file is a hard link",
+                expected="a plain file inside the model's folder, with one link",
+                fix="copy the data file next to the model instead of linking it",
                 **where,
             )
         total += resolved.stat().st_size
