@@ -11,14 +11,18 @@ from __future__ import annotations
 import html
 import json
 import os
+import threading
 from collections import defaultdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import numpy as np
 
 from pipeline.results.store import ResultStore, RunRow
+
+MAX_CONNECTIONS = 32
+REQUEST_TIMEOUT_S = 10.0
 
 CSS = """
 body{font:14px system-ui,sans-serif;margin:24px;color:#1d232a;background:#fafbfc}
@@ -158,8 +162,10 @@ def render(store: ResultStore, *, prefect_ui: str | None = None) -> str:
     for (device, model, scheme), history in sorted(cells.items()):
         latest = history[0]
         reasons = "; ".join(latest.regression_detail.get("reasons", [])) if latest.regression else ""
-        flow_link = (f" · <a href='{html.escape(prefect_ui.rstrip('/'))}/runs/flow-run/{latest.flow_run_id}'>"
-                     "Prefect flow run</a>") if prefect_ui and latest.flow_run_id else ""
+        # Everything from the database is escaped: a shared database is as trusted as its least careful writer.
+        flow_url = f"{prefect_ui.rstrip('/')}/runs/flow-run/{quote(str(latest.flow_run_id), safe='')}" \
+            if prefect_ui and latest.flow_run_id else None
+        flow_link = f" · <a href='{html.escape(flow_url)}'>Prefect flow run</a>" if flow_url else ""
         details.append(
             f"<section class='detail{' regression' if latest.regression else ''}' "
             f"id='{_cell_id(model, scheme, device)}'>"
@@ -167,7 +173,7 @@ def render(store: ResultStore, *, prefect_ui: str | None = None) -> str:
             + (f"<p class='bad'>Regression: {html.escape(reasons)}</p>" if reasons else "")
             + "".join(f"<p class='slow'>board: {html.escape(mark)}</p>" for mark in _board_marks(latest))
             + f"<p class='dim'>latest run {html.escape(latest.run_id)} ({latest.created:%Y-%m-%d %H:%M} UTC) · "
-            f"<a href='/runs/{html.escape(latest.run_id)}/manifest.json'>manifest</a>{flow_link}</p>"
+            f"<a href='/runs/{html.escape(quote(latest.run_id, safe=''))}/manifest.json'>manifest</a>{flow_link}</p>"
             f"<div>{trend_svg(history)} {histogram_svg(store.samples(latest.run_id))}</div></section>")
     empty = "" if runs else "<p>No results yet: run <code>deploy run</code> or <code>deploy lab run</code>.</p>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>edgedeploy device lab</title>"
@@ -178,8 +184,32 @@ def render(store: ResultStore, *, prefect_ui: str | None = None) -> str:
             f"{''.join(details)}</body></html>")
 
 
-def make_handler(store: ResultStore, prefect_ui: str | None):
+class PageCache:
+    """The rendered page, until the database changes (its runs' count and newest time): rendering reads every run
+    and its samples, so a page per request let any client make the server re-read the whole database at will."""
+
+    def __init__(self, store: ResultStore, prefect_ui: str | None) -> None:
+        self.store, self.prefect_ui = store, prefect_ui
+        self._lock = threading.Lock()
+        self._version: tuple | None = None
+        self._page = ""
+        self.renders = 0
+
+    def page(self) -> str:
+        version = self.store.version()
+        with self._lock:
+            if version != self._version:
+                self._page, self._version = render(self.store, prefect_ui=self.prefect_ui), version
+                self.renders += 1
+            return self._page
+
+
+def make_handler(store: ResultStore, prefect_ui: str | None, cache: PageCache | None = None):
+    cache = cache or PageCache(store, prefect_ui)
+
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S  # a client that sends nothing (slowloris) is dropped, not waited on forever
+
         def _send(self, status: HTTPStatus, body: str, content_type: str) -> None:
             data = body.encode()
             self.send_response(status)
@@ -191,7 +221,7 @@ def make_handler(store: ResultStore, prefect_ui: str | None):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             path = unquote(self.path.split("?", 1)[0])
             if path in ("/", "/index.html"):
-                self._send(HTTPStatus.OK, render(store, prefect_ui=prefect_ui), "text/html; charset=utf-8")
+                self._send(HTTPStatus.OK, cache.page(), "text/html; charset=utf-8")
             elif path.startswith("/runs/") and path.endswith("/manifest.json"):
                 run_id = path[len("/runs/"):-len("/manifest.json")]
                 row = store.run(run_id)
@@ -208,9 +238,32 @@ def make_handler(store: ResultStore, prefect_ui: str | None):
     return Handler
 
 
+class BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once: one more is closed at once, so a flood of idle
+    connections can't make the server start threads without end."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def make_server(store: ResultStore, *, host: str = "127.0.0.1", port: int = 8765,
-                prefect_ui: str | None = None) -> ThreadingHTTPServer:
+                prefect_ui: str | None = None) -> BoundedServer:
     ui = prefect_ui or os.environ.get("PREFECT_UI_URL")
     if not ui and os.environ.get("PREFECT_API_URL"):
         ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
-    return ThreadingHTTPServer((host, port), make_handler(store, ui))
+    return BoundedServer((host, port), make_handler(store, ui))

@@ -223,6 +223,14 @@ class ResultStore:
         with Session(self.engine) as session:
             return list(session.scalars(query))
 
+    def version(self) -> tuple[int, str | None]:
+        """(runs, newest run's time): changes whenever a run is stored (the dashboard's cache key)."""
+        from sqlalchemy import func
+
+        with Session(self.engine) as session:
+            count, newest = session.execute(select(func.count(RunRow.run_id), func.max(RunRow.created))).one()
+        return int(count), str(newest) if newest is not None else None
+
     def run(self, run_id: str) -> RunRow | None:
         with Session(self.engine) as session:
             return session.get(RunRow, run_id)

@@ -102,3 +102,64 @@ def test_manifest_link_serves_the_stored_manifest(served, tmp_path):
 
     with urllib.request.urlopen(served + "runs/night004-digits-cnn-lab-x86/manifest.json") as response:
         assert json.loads(response.read()) == {"artifact": {"sha256": "aa"}}
+
+
+def test_stored_markup_is_escaped_everywhere_on_the_page(tmp_path):
+    """A shared database is as trusted as its least careful writer: the flow run id went into an href as it was."""
+    from pipeline.results.dashboard import render
+
+    store = ResultStore(f"sqlite:///{tmp_path / 'results.db'}")
+    evil = "x'><script>alert(1)</script>"
+    result = make_result(0, profile="lab-<b>x86</b>", model="<img src=x onerror=alert(2)>")
+    store.record(result.model_copy(update={"flow_run_id": evil, "run_id": "run'><script>alert(3)</script>"}),
+                 manifest={}, policy=RegressionPolicy())
+    page = render(store, prefect_ui="http://127.0.0.1:4200")
+    assert "<script>" not in page and "<img" not in page and "<b>" not in page
+    assert "/runs/flow-run/x%27%3E%3Cscript%3Ealert%281%29%3C%2Fscript%3E" in page
+
+
+def _raw_connection(port: int):
+    import socket
+
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_idle_connections_are_dropped_and_bounded(tmp_path, monkeypatch):
+    """Slowloris: a client that connects and sends nothing is dropped after the request timeout; connections past
+    the bound are closed at once instead of each getting a thread."""
+    import time
+
+    from pipeline.results import dashboard
+
+    monkeypatch.setattr(dashboard, "REQUEST_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(dashboard, "MAX_CONNECTIONS", 2)
+    server = make_server(ResultStore(f"sqlite:///{tmp_path / 'results.db'}"), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        idle = [_raw_connection(server.server_port) for _ in range(2)]
+        time.sleep(0.3)
+        extra = _raw_connection(server.server_port)
+        assert extra.recv(1) == b""  # closed at once: both slots are taken
+        started = time.monotonic()
+        assert idle[0].recv(1) == b""  # dropped by the timeout, not kept forever
+        assert time.monotonic() - started < 4
+        time.sleep(0.3)
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/", timeout=5) as page:  # slots free again
+            assert page.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_page_is_rendered_again_only_when_the_database_changes(tmp_path):
+    from pipeline.results.dashboard import PageCache
+
+    store = ResultStore(f"sqlite:///{tmp_path / 'results.db'}")
+    store.record(make_result(0), manifest={}, policy=RegressionPolicy())
+    cache = PageCache(store, None)
+    first = cache.page()
+    assert cache.page() == first and cache.renders == 1
+    store.record(make_result(1), manifest={}, policy=RegressionPolicy())
+    assert cache.page() != first and cache.renders == 2
