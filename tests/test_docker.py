@@ -85,8 +85,25 @@ def test_compose_uses_postgres_for_both_prefect_and_results():
         "postgresql+asyncpg://")
     env = compose()["x-controller"]["environment"]
     assert env["EDGEDEPLOY_DB_URL"].startswith("postgresql+psycopg://")
-    init = (DOCKER / "postgres-init.sql").read_text()
+    init = (DOCKER / "postgres-init.sh").read_text()
     assert "CREATE DATABASE prefect" in init and "CREATE DATABASE edgedeploy" in init
+
+
+def test_compose_keeps_secrets_out_and_the_api_on_loopback():
+    """The worker holds the lab's SSH key: the Prefect API (which schedules flows on it) and the dashboard listen
+    on loopback only, the API asks for its auth string, and no password is written in the files."""
+    import re
+
+    text = (DOCKER / "compose.yml").read_text() + (DOCKER / "postgres-init.sh").read_text()
+    services = compose()["services"]
+    for name in ("prefect-server", "dashboard"):
+        assert all(str(port).startswith("127.0.0.1:") for port in services[name]["ports"]), name
+    assert "PREFECT_SERVER_API_AUTH_STRING" in services["prefect-server"]["environment"]
+    assert "PREFECT_API_AUTH_STRING" in compose()["x-controller"]["environment"]
+    assert not re.search(r"PASSWORD '[^']", text)  # init: psql variables, not literals
+    for url in re.findall(r"postgresql\+\w+://[^\s\"]+", text):
+        assert re.match(r"postgresql\+\w+://\w+:\$\{\w+:\?", url), url  # every password from the environment
+    assert "POSTGRES_PASSWORD: ${POSTGRES_PASSWORD:?" in text
 
 
 def test_device_sshd_is_key_only_like_the_test_lab():
