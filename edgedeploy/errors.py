@@ -120,6 +120,12 @@ class StageError(EdgeDeployError):
     """A pipeline stage failed on valid input."""
 
 
+class ResultsBusy(StageError):
+    """The results database is locked by another writer; transient: retried."""
+
+    transient = True
+
+
 class StaticShapeError(StageError):
     """Making the model's shapes static changed what it computes."""
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
 
+from edgedeploy.errors import EdgeDeployError
 from flows.auto import auto_select, bench_report
 from flows.tasks import (
     benchmark_task,
@@ -105,13 +107,27 @@ def _report(config: RunConfig, profile: DeviceProfile, info: ModelInfo, data: Pr
 
 
 def _record(config: RunConfig, result: RunResult, compiled: CompiledArtifact, timings: dict[str, float]) -> RunResult:
+    """result.json first, then the results database: a database that is locked (past its retries) or damaged loses
+    the run's place in the history, never the measurement."""
     path = config.run_dir() / "result.json"
     result = result.model_copy(update={"result_path": str(path)})
+    _write_json(path, result)
     progress.emit("report", "done", str(path))
-    verdict = _timed("record", timings, record_task, config, result, compiled)
-    result = result.model_copy(update={"regression": verdict})
-    path.write_text(json.dumps(result.model_dump(mode="json"), indent=2))
+    try:
+        verdict = _timed("record", timings, record_task, config, result, compiled)
+    except EdgeDeployError as error:
+        result = result.model_copy(update={"recorded": False, "record_error": error.render().splitlines()[0]})
+    else:
+        result = result.model_copy(update={"regression": verdict})
+    _write_json(path, result)
     return result
+
+
+def _write_json(path: Path, result: RunResult) -> None:
+    """Whole or not at all: a temporary file renamed over the last one (a run killed mid-write leaves the old)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(result.model_dump(mode="json"), indent=2))
+    temporary.replace(path)
 
 
 def _auto_run(config: RunConfig, profile: DeviceProfile, info: ModelInfo, timings: dict[str, float]) -> RunResult:

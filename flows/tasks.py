@@ -152,7 +152,12 @@ def candidate_task(config: RunConfig, info: ModelInfo, data: PreparedData, profi
     return Built(quantized=quantized, artifact=artifact)
 
 
-@task(name="record", **TASK_OPTIONS)
+# A results database locked by another writer (past SQLite's busy timeout) is asked again, a few seconds apart.
+RECORD_TASK_OPTIONS = {**TASK_OPTIONS, "retries": 3, "retry_delay_seconds": [1, 3, 9],
+                       "retry_condition_fn": _transient_only}
+
+
+@task(name="record", **RECORD_TASK_OPTIONS)
 def record_task(config: RunConfig, result: RunResult, compiled: CompiledArtifact) -> Verdict:
     """Store the result and judge it against its history (regressions mark the run)."""
     store = ResultStore(config.db_url)

@@ -121,6 +121,9 @@ class RunResult(BaseModel):
     checks: list[CheckResult] = Field(default_factory=list, description="Verdicts of the hardware checks.")
     deployment: dict[str, Any] = Field(default_factory=dict, description="Device, and which files were sent.")
     regression: Verdict | None = Field(default=None, description="Comparison with this run's history.")
+    recorded: bool = Field(default=True, description="Stored in the results database; false: result.json is the "
+                                                     "only copy (record_error says why).")
+    record_error: str | None = Field(default=None, description="Why the results database did not take this run.")
     reused: list[str] = Field(default_factory=list, description="Stages whose output came from the artifact cache.")
     auto: AutoSelection | None = Field(default=None, description="--quant auto: every candidate and the choice.")
     partial: PartialPlan | None = Field(default=None, description="--partial: layer sensitivity, layers kept float.")
@@ -258,6 +261,9 @@ class RunResult(BaseModel):
                 + (f", cosine {other.agreement.cosine:.5f}" if other.agreement else "")
                 if other.p50_ms is not None and other.speedup is not None else f"not run: {other.reason}"),
                 style="cyan"))
+        if not self.recorded:
+            warnings.append(Text(f"not stored in the results database ({self.record_error}); result.json keeps it: "
+                                 f"{self.result_path}", style="bold yellow"))
         if self.regression and self.regression.regressed:
             warnings.append(Text("REGRESSION: " + "; ".join(self.regression.reasons), style="bold red"))
         elif self.regression and self.regression.compared_runs:

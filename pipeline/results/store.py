@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,11 @@ from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, String, creat
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from edgedeploy.errors import StageError
+from edgedeploy.errors import ResultsBusy, StageError
 from pipeline.config import edgedeploy_home
 from pipeline.regression import RegressionPolicy, Verdict, compare
 from pipeline.report import RunResult
+from pipeline.results.schema import migrate
 
 
 class Base(DeclarativeBase):
@@ -81,19 +81,37 @@ def default_url() -> str:
     return os.environ.get("EDGEDEPLOY_DB_URL") or f"sqlite:///{edgedeploy_home() / 'results.db'}"
 
 
-def _create_tables(engine, attempts: int = 3) -> None:
-    """The schema, where it is missing. Two first opens of a new database at once (a lab's devices finishing
-    together, two `deploy run`s) both find no tables and both create them; the slower one fails ("table runs already
-    exists" in SQLite, a unique violation in PostgreSQL's catalog) and lost its device's result. Its next look finds
-    the tables."""
-    for attempt in range(attempts):
-        try:
-            Base.metadata.create_all(engine)
-            return
-        except SQLAlchemyError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.1 * (attempt + 1))
+def busy_seconds() -> float:
+    """How long SQLite waits for another writer's lock before it says "database is locked"."""
+    try:
+        return max(0.0, float(os.environ.get("EDGEDEPLOY_DB_BUSY_SECONDS", "30")))
+    except ValueError:
+        return 30.0
+
+
+def _database_error(what: str, url: str, exc: SQLAlchemyError) -> StageError:
+    """One clear error; a lock held by another writer is transient (the record step asks again)."""
+    reason = str(exc).splitlines()[0][:300]
+    kind = ResultsBusy if "locked" in reason or "busy" in reason else StageError
+    return kind(what, value=url, reason=reason, fix="another process holds the database: it is asked again" if
+                kind is ResultsBusy else "check EDGEDEPLOY_DB_URL, and that the database file or server is sound")
+
+
+def _sqlite_engine(url: str):
+    """SQLite in WAL mode (readers never wait for the writer) with a busy timeout (a writer waits for another's
+    lock instead of failing at once)."""
+    from sqlalchemy import event
+
+    engine = create_engine(url, future=True, connect_args={"timeout": busy_seconds()})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_seconds() * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.close()
+
+    return engine
 
 
 class ResultStore:
@@ -104,12 +122,11 @@ class ResultStore:
         if self.url.startswith("sqlite:///"):
             Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.engine = create_engine(self.url, future=True, pool_pre_ping=True)
-            _create_tables(self.engine)
+            self.engine = _sqlite_engine(self.url) if self.url.startswith("sqlite") else \
+                create_engine(self.url, future=True, pool_pre_ping=True)
+            self.migrated = migrate(self.engine, Base.metadata, self.engine_url_safe())
         except SQLAlchemyError as exc:
-            raise StageError("Cannot open the results database", value=self.engine_url_safe(),
-                             fix="check EDGEDEPLOY_DB_URL and that the database server is running",
-                             reason=str(exc).splitlines()[0][:300]) from exc
+            raise _database_error("Cannot open the results database", self.engine_url_safe(), exc) from exc
 
     def engine_url_safe(self) -> str:
         """The URL without its password, for messages."""
@@ -134,8 +151,11 @@ class ResultStore:
         """Compare with this (model, profile, series)'s history (RunResult.series: the scheme, and a runtime other
         than TVM on the CPU), then store the run with the verdict."""
         created = datetime.fromisoformat(result.created)
-        history = self.history(result.model.sha256, result.profile, result.series, before=created,
-                               limit=policy.history)
+        try:
+            history = self.history(result.model.sha256, result.profile, result.series, before=created,
+                                   limit=policy.history)
+        except SQLAlchemyError as exc:
+            raise _database_error("Cannot read this run's history", self.engine_url_safe(), exc) from exc
         verdict = compare(result.benchmark["artifact"]["samples_ms"], result.accuracy.value,
                           [h[0] for h in history], [h[1] for h in history], policy)
         if not result.valid:  # an invalid measurement proves nothing either way
@@ -162,8 +182,7 @@ class ResultStore:
                 session.add(row)
                 session.add_all(samples)
         except SQLAlchemyError as exc:
-            raise StageError("Cannot store the result", value=self.engine_url_safe(),
-                             reason=str(exc).splitlines()[0][:300]) from exc
+            raise _database_error("Cannot store the result", self.engine_url_safe(), exc) from exc
         return verdict
 
     def add_tuning_records(self, target_key: str, target: dict[str, Any], records: list[dict[str, Any]],
