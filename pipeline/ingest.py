@@ -19,8 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgedeploy.errors import OptionError, StaticShapeError
 from pipeline.graph_stats import flops, is_prequantized, op_census, parameters, peak_activation_bytes
-from pipeline.onnx_safety import DEFAULT_MAX_MODEL_BYTES, load_model_safely
-from targets.hashing import sha256_file
+from pipeline.onnx_safety import DEFAULT_MAX_MODEL_BYTES, load_model_safely, model_digest
 
 # Ops whose presence means shapes are computed while the model runs.
 SHAPE_COMPUTING_OPS = frozenset({"Shape", "Size", "Range", "ConstantOfShape", "NonZero"})
@@ -308,7 +307,7 @@ def ingest(
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ModelInfo(
         source_path=str(model_path.resolve()),
-        sha256=sha256_file(model_path),
+        sha256=model_digest(model_path),
         size_bytes=model_path.stat().st_size,
         opset=opset,
         producer=f"{model.producer_name} {model.producer_version}".strip(),

@@ -15,6 +15,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.ingest import ModelInfo
+from pipeline.onnx_safety import self_contained
 from pipeline.opset import for_onnxruntime, model_opset
 from pipeline.quantize import QuantizedModel
 from pipeline.versions import tool_versions
@@ -96,7 +97,9 @@ def package_onnx(quantized: QuantizedModel, info: ModelInfo, profile: DeviceProf
     device, fp16/int8 as the manifest's scheme says)."""
     started = time.perf_counter()
     artifact = workdir / "model.onnx"
-    model = for_onnxruntime(Path(quantized.path), profile.onnxruntime_for(runtime), workdir / "converted")
+    # Weights in external files go inside the copy: the device gets one file (pipeline.onnx_safety.self_contained).
+    model = for_onnxruntime(self_contained(Path(quantized.path), workdir / "inline"), profile.onnxruntime_for(runtime),
+                            workdir / "converted")
     shutil.copyfile(model, artifact)
     return write_manifest(artifact, quantized, info, profile, runtime=runtime, seconds=time.perf_counter() - started,
                           extra={"device_code": "onnx", "opset": model_opset(onnx.load(str(artifact),

@@ -7,6 +7,7 @@ location is checked here, before onnx, onnxruntime or TVM read a byte of it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from onnx import TensorProto
 from onnx.external_data_helper import load_external_data_for_model
 
 from edgedeploy.errors import ModelLoadError, UnsafeModelError
+from targets.hashing import sha256_file
 
 DEFAULT_MAX_MODEL_BYTES = 2 * 1024**3  # protobuf's own 2 GiB limit for one message
 
@@ -151,3 +153,33 @@ def load_model_safely(path: Path, *, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -
             fix="re-export the model with a current exporter and opset",
         ) from exc
     return model
+
+
+def external_files(path: Path) -> list[Path]:
+    """The external-data files a (checked: load_model_safely) model reads, each once, in a fixed order."""
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {_external_location(t) for t in iter_tensors(model.graph, model.functions)} - {None, ""}
+    return [path.parent / location for location in sorted(locations)]
+
+
+def model_digest(path: Path) -> str:
+    """sha256 of what the model computes with: the .onnx file, and each external-data file it reads (by name and
+    content). A model without external data keeps its file's plain sha256. (Only the .onnx once: a changed
+    weights.bin served every int8 and fp16 run the stale quantized model from the cache.)"""
+    files = external_files(path)
+    if not files:
+        return sha256_file(path)
+    parts = [sha256_file(path)] + [f"{file.name}:{sha256_file(file)}" for file in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def self_contained(path: Path, out_dir: Path) -> Path:
+    """``path`` itself, or, for a model whose weights are in external files, a copy with them inside (what goes to
+    the device as the baseline: the .onnx alone would reach it without its weights)."""
+    if not external_files(path):
+        return path
+    out = out_dir / f"{path.stem}.{model_digest(path)[:12]}.inline.onnx"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(load_model_safely(path), str(out))
+    return out

@@ -19,6 +19,7 @@ from pipeline.data import PreparedData
 from pipeline.deploy import DeployedArtifact, deploy
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
+from pipeline.onnx_safety import self_contained
 from pipeline.opset import for_onnxruntime
 from pipeline.preflight import preflight
 from pipeline.workloads.base import Samples
@@ -51,10 +52,11 @@ class DeviceSession:
         """The preflight (the device is what the profile says, has the runtimes and the room), then the artifact,
         the fp32 baseline model (``--reference`` where one was given) and the evaluation inputs placed on it
         (pipeline.deploy)."""
-        # The fp32 baseline at an opset the board's onnxruntime runs (converted down where it must: pipeline.opset).
-        baseline = for_onnxruntime(Path(info.reference_path or info.source_path),
-                                   self.profile.onnxruntime_for("onnxruntime"),
-                                   Path(info.prepared_path).parent / "baseline")
+        # The fp32 baseline with its weights inside (a model with external data), at an opset the board's onnxruntime
+        # runs (converted down where it must: pipeline.opset).
+        out = Path(info.prepared_path).parent / "baseline"
+        baseline = for_onnxruntime(self_contained(Path(info.reference_path or info.source_path), out),
+                                   self.profile.onnxruntime_for("onnxruntime"), out)
         files = [Path(artifact.library_path), Path(artifact.manifest_path), baseline, Path(data.eval_path)]
         runtimes = tuple(dict.fromkeys((artifact.runtime, "onnxruntime")))  # the artifact's, and the baseline's
         preflight(self.transport, self.profile, self.workdir, bytes_needed=sum(f.stat().st_size for f in files),
