@@ -1,7 +1,11 @@
 """Running commands on the device over SSH: exit status, time limits, the remote process group, output.
 
 Every remote command is an argv list joined with shlex quoting, and runs under `timeout` on the device, which
-signals its whole process group: a hung benchmark leaves no orphan.
+signals its whole process group: a hung benchmark leaves no orphan. And under a supervisor (``RUN_SUPERVISOR``)
+that kills that group when the SSH connection goes: the device has no terminal to hang up on a command, so a
+benchmark whose connection dropped ran on, and the retry ran beside it. A drop is reported as one (ConnectFailed,
+transient: retried): paramiko gives a channel that closed without an exit status the status -1, which used to read
+as the command's own.
 
 A long-running command (TVM's RPC server, for tuning on the board) is started with ``start()`` and tied to its
 SSH channel, so that it dies with its whole process group when we stop it, when the connection drops or when its
@@ -43,6 +47,22 @@ teardown
 """
 
 
+# The same tie for a command we wait for: when it exits by itself, the supervisor exits with its status at once (no
+# grace period, no markers in its output); when the connection drops first, the group goes.
+RUN_SUPERVISOR = """\
+exec 3<&0 </dev/null
+"$@" 3<&- &
+child=$!
+( read -r _ <&3; trap '' TERM; kill -TERM 0 2>/dev/null; sleep 1; kill -KILL 0 2>/dev/null ) >/dev/null 2>&1 &
+watcher=$!
+exec 3<&-
+wait "$child"
+status=$?
+kill "$watcher" 2>/dev/null
+exit "$status"
+"""
+
+
 def _env_words(env: dict[str, str] | None) -> list[str]:
     return ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
 
@@ -78,7 +98,8 @@ class RemoteCommands(SSHConnection):
 
     def run(self, argv: list[str], *, timeout: float | None = None, env: dict[str, str] | None = None) -> CommandResult:
         limit = timeout or self.timeouts.command
-        channel = self._exec(_under_timeout(limit, [*_env_words(env), *argv]))
+        channel = self._exec(_under_timeout(limit, ["sh", "-c", RUN_SUPERVISOR, "edgedeploy-supervisor",
+                                                    *_env_words(env), *argv]))
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + limit + 30  # the device's own timeout should fire first
         started = time.monotonic()
@@ -105,7 +126,17 @@ class RemoteCommands(SSHConnection):
         if code in KILLED_BY_TIMEOUT and time.monotonic() - started >= limit - 1:
             raise CommandTimeout(f"Command on the device ran past its {limit:.0f} s limit and was killed there "
                                  "with its process group", host=self.name, command=" ".join(argv[:3]))
+        if code == -1 and not self._still_connected(channel):
+            self.close()
+            raise ConnectFailed("The connection dropped while a command ran (the device's supervisor ends the "
+                                "command and its process group)", host=self.name, command=" ".join(argv[:3]))
         return CommandResult(tuple(argv), code, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    @staticmethod
+    def _still_connected(channel: paramiko.Channel) -> bool:
+        """-1 with the connection alive is a command killed by a signal (sshd's exit-signal); without it, a drop."""
+        transport = channel.get_transport()
+        return transport is not None and transport.is_active()
 
     # -- for tuning on the board: a server left running -------------------------------------------------
     def start(self, argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -> RemoteProcess:

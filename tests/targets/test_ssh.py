@@ -113,6 +113,57 @@ def test_hung_command_is_killed_on_the_device_with_its_children(ssh, tmp_path):
     assert not process_running(child), "the benchmark's child outlived the timeout"
 
 
+def _session_of(pid: int, sshd: int) -> int:
+    """The sshd process that serves the connection ``pid`` runs under: its ancestor whose parent is the listener."""
+    while True:
+        with open(f"/proc/{pid}/stat") as fh:
+            parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+        if parent == sshd:
+            return pid
+        if parent <= 1:
+            raise AssertionError("not under the lab's sshd")
+        pid = parent
+
+
+def test_a_dropped_connection_is_reported_as_one_and_its_command_dies_there(lab_x86, tmp_path):
+    """The device's sshd session is killed mid-command (the board dropped us): run() used to return status -1 as
+    if the command had said so, and the command ran on with nobody to hang up on it."""
+    import os
+    import signal
+
+    transport = SSHTransport(_connection(lab_x86))
+    pidfile = tmp_path / "command.pid"
+    script = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+
+    def drop_the_session() -> None:
+        for _ in range(300):
+            if pidfile.exists() and pidfile.read_text():
+                break
+            time.sleep(0.05)
+        os.kill(_session_of(int(pidfile.read_text()), lab_x86.process.pid), signal.SIGKILL)
+
+    dropper = threading.Thread(target=drop_the_session)
+    dropper.start()
+    started = time.monotonic()
+    with pytest.raises(ConnectFailed, match="dropped while a command ran") as dropped:
+        transport.run([sys.executable, "-c", script], timeout=300)
+    dropper.join()
+    assert dropped.value.transient and time.monotonic() - started < 60
+    command = int(pidfile.read_text())
+    for _ in range(100):
+        if not process_running(command):
+            break
+        time.sleep(0.1)
+    assert not process_running(command), "the command outlived its connection"
+    assert transport.run(["echo", "again"], timeout=30).stdout.strip() == "again"  # a retry reconnects
+    transport.close()
+
+
+def test_a_command_killed_by_a_signal_is_not_a_dropped_connection(ssh):
+    result = ssh.run(["sh", "-c", "kill -KILL $$"], timeout=30)
+    assert result.returncode != 0
+
+
 @pytest.fixture
 def upload(tmp_path, ssh):
     new = tmp_path / "new.so"
