@@ -8,17 +8,20 @@ right hash is not sent again.
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import uuid
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from edgedeploy.errors import ChecksumMismatch, TransportError
+from edgedeploy.errors import ChecksumMismatch, EdgeDeployError, TransportError
 from targets.hashing import sha256_file
-from targets.transport import Transport
+from targets.transport import CommandResult, Transport
 
 RUNNER_SOURCE = Path(__file__).resolve().parents[1] / "targets" / "device_runner.py"
+TEMPORARY_PREFIX = ".edgedeploy-"  # every upload's temporary name starts so: sweep() finds what cuts left behind
+RUN_DAYS = 7  # run directories on the device (inputs, outputs) older than this are removed
 
 
 class Placement(BaseModel):
@@ -46,7 +49,7 @@ def place_file(transport: Transport, local: Path, remote_path: str, *, sha256: s
             host=transport.name, directory=directory, bytes_needed=size, bytes_free=free,
             fix="free space on the device or point connection.workdir at a larger disk",
         )
-    temporary = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    temporary = posixpath.join(directory, f"{TEMPORARY_PREFIX}{name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         transport.write(local, temporary)
         actual = transport.sha256(temporary)
@@ -56,9 +59,26 @@ def place_file(transport: Transport, local: Path, remote_path: str, *, sha256: s
                 host=transport.name, path=remote_path, expected_sha256=sha256, actual_sha256=actual,
             )
         transport.rename(temporary, remote_path)
-    finally:
-        transport.remove(temporary)
+    except BaseException:
+        # Best effort: a board that is gone can't take the removal, and its error must not replace the one that
+        # says what happened (host, path). What stays behind, sweep() removes on a later deploy.
+        with contextlib.suppress(Exception):
+            transport.remove(temporary)
+        raise
     return Placement(remote_path=remote_path, sha256=sha256, size_bytes=size, uploaded=True)
+
+
+def sweep(transport: Transport, workdir: str) -> CommandResult:
+    """Remove what interrupted deploys and old runs left on the device: temporaries of uploads older than an hour
+    (a live upload is younger), run directories older than RUN_DAYS days. Never fails a deploy."""
+    script = ('find "$1" -name "$2*.tmp-*" -type f -mmin +60 -delete 2>/dev/null; '
+              'if [ -d "$1/runs" ]; then find "$1/runs" -mindepth 1 -maxdepth 1 -type d -mtime +"$3" '
+              '-exec rm -rf -- {} + 2>/dev/null; fi; exit 0')
+    try:
+        return transport.run(["sh", "-c", script, "edgedeploy-sweep", workdir, TEMPORARY_PREFIX, str(RUN_DAYS)],
+                             timeout=120)
+    except EdgeDeployError as error:
+        return CommandResult(("sweep",), 1, "", error.what)
 
 
 class DeployedArtifact(BaseModel):
@@ -83,6 +103,7 @@ def deploy(
 
     Content-addressed directories make re-deploying the same artifact a no-op.
     """
+    sweep(transport, workdir)
     lib_sha = sha256_file(library)
     model_sha = sha256_file(baseline_model)
     artifact_dir = posixpath.join(workdir, "artifacts", lib_sha[:16])

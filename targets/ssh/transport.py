@@ -19,10 +19,37 @@ class SSHTransport(RemoteCommands, PortForwarding):
     # -- files ----------------------------------------------------------------------------------
     def write(self, local: Path, remote: str) -> None:
         try:
-            self._sftp_client().put(str(local), remote, confirm=False)
+            self._put(local, remote)
         except (OSError, paramiko.SSHException, EOFError) as exc:
+            if self._connected():  # the device refused the write (its disk filled, a permission): not a drop
+                raise self._write_refused(local, remote, exc) from exc
             self.close()
             raise ConnectFailed(f"Upload to the device failed: {exc}", host=self.name, path=remote) from exc
+
+    def _put(self, local: Path, remote: str) -> None:
+        sftp = self._sftp_client()
+        sftp.put(str(local), remote, confirm=False)
+        # Pipelined writes don't say that the device refused some of them (a full disk): its size does.
+        arrived, size = sftp.stat(remote).st_size, local.stat().st_size
+        if arrived != size:
+            raise OSError(f"only {arrived} of {size} bytes arrived")
+
+    def _connected(self) -> bool:
+        transport = self._client.get_transport() if self._client else None
+        return transport is not None and transport.is_active()
+
+    def _write_refused(self, local: Path, remote: str, exc: BaseException) -> TransportError:
+        """sftp-server answers a full disk with a bare "Failure": the free space says whether that was it."""
+        try:
+            free = self.free_bytes(posixpath.dirname(remote))
+        except TransportError:
+            free = None
+        full = free is not None and free < local.stat().st_size
+        return TransportError(
+            "The device's disk filled up during the upload" if full else f"The device refused the upload: {exc}",
+            host=self.name, path=remote, bytes_needed=local.stat().st_size, bytes_free=free,
+            fix="free space on the device or point connection.workdir at a larger disk" if full else
+            "check the device's disk and the workdir's permissions")
 
     def read(self, remote: str, local: Path) -> None:
         try:
