@@ -19,12 +19,12 @@ ports) and ``transport`` (``SSHTransport``, all of them together, with the file 
 
 from targets.ssh.connection import SSHTimeouts, fingerprint
 from targets.ssh.forward import NothingListening, PortForward
-from targets.ssh.process import KILLED_BY_TIMEOUT, SUPERVISOR, RemoteProcess
+from targets.ssh.process import KILLED_BY_TIMEOUT, RemoteProcess, supervisor
 from targets.ssh.transport import SSHTransport
 
 __all__ = [
     "KILLED_BY_TIMEOUT",
-    "SUPERVISOR",
+    "supervisor",
     "NothingListening",
     "PortForward",
     "RemoteProcess",

@@ -1,7 +1,7 @@
 """Running commands on the device over SSH: exit status, time limits, the remote process group, output.
 
 Every remote command is an argv list joined with shlex quoting, and runs under `timeout` on the device, which
-signals its whole process group: a hung benchmark leaves no orphan. And under a supervisor (``RUN_SUPERVISOR``)
+signals its whole process group: a hung benchmark leaves no orphan. And under a supervisor (``run_supervisor``)
 that kills that group when the SSH connection goes: the device has no terminal to hang up on a command, so a
 benchmark whose connection dropped ran on, and the retry ran beside it. A drop is reported as one (ConnectFailed,
 transient: retried): paramiko gives a channel that closed without an exit status the status -1, which used to read
@@ -28,18 +28,31 @@ from edgedeploy.errors import CommandTimeout, ConnectFailed, TransportError
 from targets.ssh.connection import SSHConnection
 from targets.transport import CommandResult
 
-# Runs a long-lived command on the device and ties it to the SSH channel that started it. It says the command's
-# pid and process group (the group of the `timeout` around it: timeout makes its own), then waits; when its stdin
-# ends (we closed it, or the connection dropped: sshd closes the pipe) or the command exits, it signals the whole
-# process group, TERM and a second later KILL, so nothing the command started outlives it.
-SUPERVISOR = """\
+# How the device tells that we are still there: a byte on the command's stdin every HEARTBEAT_S seconds. The
+# watcher ends the command's process group when its stdin ends (we closed it, or sshd noticed the drop) or when no
+# byte came for SILENCE_S seconds (a silent partition: sshd never notices, and a command ran on for hours).
+HEARTBEAT_S = 15
+SILENCE_S = 60
+
+
+def _watch() -> str:
+    """Shell: wait while a byte comes within SILENCE_S seconds each time (fd 3: the command's stdin)."""
+    return f'while [ "$(timeout {SILENCE_S:g} dd bs=1 count=1 <&3 2>/dev/null | wc -c)" -eq 1 ]; do :; done'
+
+
+def supervisor() -> str:
+    """Runs a long-lived command on the device and ties it to the SSH channel that started it. It says the command's
+    pid and process group (the group of the `timeout` around it: timeout makes its own), then waits; when the
+    watcher gives up on us or the command exits, it signals the whole process group, TERM and a second later KILL,
+    so nothing the command started outlives it."""
+    return f"""\
 exec 3<&0 </dev/null
 "$@" 3<&- &
 child=$!
 read -r _ _ _ _ pgid _ 2>/dev/null </proc/$$/stat || pgid=$PPID
 echo "edgedeploy-started pid=$child pgid=$pgid"
-teardown() { trap '' TERM; kill -TERM 0 2>/dev/null; sleep 1; kill -KILL 0 2>/dev/null; }
-( read -r _ <&3; teardown ) &
+teardown() {{ trap '' TERM; kill -TERM 0 2>/dev/null; sleep 1; kill -KILL 0 2>/dev/null; }}
+( {_watch()}; teardown ) >/dev/null 2>&1 &
 exec 3<&-
 wait "$child"
 echo "edgedeploy-exited status=$?"
@@ -47,13 +60,14 @@ teardown
 """
 
 
-# The same tie for a command we wait for: when it exits by itself, the supervisor exits with its status at once (no
-# grace period, no markers in its output); when the connection drops first, the group goes.
-RUN_SUPERVISOR = """\
+def run_supervisor() -> str:
+    """The same tie for a command we wait for: when it exits by itself, the supervisor exits with its status at once
+    (no grace period, no markers in its output); when the watcher gives up on us first, the group goes."""
+    return f"""\
 exec 3<&0 </dev/null
 "$@" 3<&- &
 child=$!
-( read -r _ <&3; trap '' TERM; kill -TERM 0 2>/dev/null; sleep 1; kill -KILL 0 2>/dev/null ) >/dev/null 2>&1 &
+( {_watch()}; trap '' TERM; kill -TERM 0 2>/dev/null; sleep 1; kill -KILL 0 2>/dev/null ) >/dev/null 2>&1 &
 watcher=$!
 exec 3<&-
 wait "$child"
@@ -61,6 +75,13 @@ status=$?
 kill "$watcher" 2>/dev/null
 exit "$status"
 """
+
+
+def _heartbeat(channel: paramiko.Channel) -> float:
+    """One byte to the supervisor's watcher (see _watch); a channel that can't take it is noticed elsewhere."""
+    with contextlib.suppress(Exception):
+        channel.send(b".")
+    return time.monotonic()
 
 
 def _env_words(env: dict[str, str] | None) -> list[str]:
@@ -98,13 +119,15 @@ class RemoteCommands(SSHConnection):
 
     def run(self, argv: list[str], *, timeout: float | None = None, env: dict[str, str] | None = None) -> CommandResult:
         limit = timeout or self.timeouts.command
-        channel = self._exec(_under_timeout(limit, ["sh", "-c", RUN_SUPERVISOR, "edgedeploy-supervisor",
+        channel = self._exec(_under_timeout(limit, ["sh", "-c", run_supervisor(), "edgedeploy-supervisor",
                                                     *_env_words(env), *argv]))
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + limit + 30  # the device's own timeout should fire first
-        started = time.monotonic()
+        started = beat = time.monotonic()
         try:
             while True:
+                if time.monotonic() - beat >= HEARTBEAT_S:
+                    beat = _heartbeat(channel)
                 while channel.recv_ready():
                     out += channel.recv(65536)
                 while channel.recv_stderr_ready():
@@ -144,7 +167,7 @@ class RemoteCommands(SSHConnection):
 
         It runs under ``timeout -k 5 T`` like every command, inside a supervisor that kills its whole process
         group when it exits, when ``stop()`` closes its stdin, or when the SSH connection drops."""
-        channel = self._exec(_under_timeout(timeout, ["sh", "-c", SUPERVISOR, "edgedeploy-supervisor",
+        channel = self._exec(_under_timeout(timeout, ["sh", "-c", supervisor(), "edgedeploy-supervisor",
                                                       *_env_words(env), *argv]))
         process = RemoteProcess(self, channel, argv)
         try:
@@ -156,7 +179,7 @@ class RemoteCommands(SSHConnection):
 
 
 class RemoteProcess:
-    """A command left running on the device, tied to one SSH channel (see ``SUPERVISOR``).
+    """A command left running on the device, tied to one SSH channel (see ``supervisor``).
 
     Its stdout and stderr are read all the time (a server blocked on a full pipe would hang whoever talks to
     it); the last lines are kept for ``wait_for`` and for error messages."""
@@ -171,9 +194,24 @@ class RemoteProcess:
         self._channel = channel
         self._lines: deque[str] = deque(maxlen=4000)
         self._ended = False
+        self._stopping = False
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, name=f"edgedeploy-remote-{transport.name}", daemon=True)
         self._reader.start()
+        self._beating = threading.Thread(target=self._beat, name=f"edgedeploy-heartbeat-{transport.name}",
+                                         daemon=True)
+        self._beating.start()
+
+    def _beat(self) -> None:
+        """The heartbeat the device's watcher waits for, until the command ends or stop() closes its stdin."""
+        while True:
+            with self._changed:
+                if self._ended or self._stopping:
+                    return
+                self._changed.wait(HEARTBEAT_S)
+                if self._ended or self._stopping:
+                    return
+            _heartbeat(self._channel)
 
     @property
     def running(self) -> bool:
@@ -259,6 +297,9 @@ class RemoteProcess:
 
         Closing its stdin makes the supervisor kill the process group; if the channel doesn't end within
         ``grace`` seconds, the group is killed from a second command. Never raises: it runs in cleanup."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
         if not self._ended:
             with contextlib.suppress(Exception):
                 self._channel.shutdown_write()

@@ -117,3 +117,46 @@ def test_a_disk_that_fills_during_the_upload_is_not_a_dropped_connection(lab_x86
         assert not any(p.name.startswith(TEMPORARY_PREFIX) for p in disk.iterdir())  # its temporary removed
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_silent_partition_ends_the_command_on_the_device(lab_x86, tmp_path, monkeypatch):
+    """The device stops hearing from us without any connection closing (its sshd session stopped with SIGSTOP: no
+    byte and no EOF reaches the command's stdin, as in a partition nobody notices). sshd never gives up on such a
+    connection; the supervisor's watcher does, after SILENCE_S seconds without a heartbeat."""
+    from targets.ssh import process as remote
+    from tests.lab import process_running
+    from tests.targets.test_ssh import _session_of
+
+    monkeypatch.setattr(remote, "SILENCE_S", 3)
+    monkeypatch.setattr(remote, "HEARTBEAT_S", 1)
+    transport = SSHTransport(_connection(lab_x86, tmp_path))
+    pidfile = tmp_path / "command.pid"
+    script = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    caller = threading.Thread(target=lambda: _swallow(transport.run, [x86_python()[0], "-c", script], timeout=600))
+    caller.start()
+    for _ in range(300):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.05)
+    command = int(pidfile.read_text())
+    time.sleep(2.5)  # heartbeats flowing: the command lives past SILENCE_S
+    assert process_running(command)
+    session = _session_of(command, lab_x86.process.pid)
+    os.kill(session, signal.SIGSTOP)
+    try:
+        for _ in range(150):
+            if not process_running(command):
+                break
+            time.sleep(0.1)
+        assert not process_running(command), "the command outlived a silent partition"
+    finally:
+        os.kill(session, signal.SIGKILL)  # the client's side ends too (ConnectFailed, swallowed)
+        caller.join(60)
+        transport.close()
+
+
+def _swallow(call, *args, **kwargs) -> None:
+    try:
+        call(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - this test looks at the device, not at the client's error
+        pass
