@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from datetime import datetime
 from pathlib import Path
@@ -77,9 +78,16 @@ class RunConfig(BaseModel):
             return self
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         scheme = "auto" if self.auto else self.quant.scheme
-        name = Path(self.model_path).stem[:32]
-        profile = Path(self.profile).stem[:24]
+        # A file name can hold anything (spaces, quotes, a backslash, a newline): the run id goes into paths on the
+        # device and into its commands, so it keeps letters, digits, - _ . only.
+        name = _slug(Path(self.model_path).stem)[:32]
+        profile = _slug(Path(self.profile).stem)[:24]
         return self.model_copy(update={"run_id": f"{stamp}-{name}-{profile}-{scheme}-{secrets.token_hex(2)}"})
 
     def run_dir(self) -> Path:
         return edgedeploy_home() / "runs" / self.run_id
+
+
+def _slug(text: str) -> str:
+    """``text`` with every character outside [A-Za-z0-9._-] as _, and no leading dot (a hidden file)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".") or "model"

@@ -58,8 +58,10 @@ class SSHTransport(RemoteCommands, PortForwarding):
             raise TransportError(f"Download from the device failed: {exc}", host=self.name, path=remote) from exc
 
     def sha256(self, remote: str) -> str | None:
-        result = self.run(["sha256sum", "--", remote], timeout=self.timeouts.command)
-        if result.returncode != 0:
+        # On stdin: sha256sum escapes a name with a backslash or a newline and marks its hash with a leading "\\",
+        # which then never matched (every upload of such a file failed).
+        result = self.run(["sh", "-c", 'sha256sum < "$1"', "edgedeploy-sha256", remote], timeout=self.timeouts.command)
+        if result.returncode != 0 or not result.stdout.split():
             return None
         return result.stdout.split()[0]
 

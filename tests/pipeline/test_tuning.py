@@ -211,6 +211,12 @@ def test_a_failed_board_session_leaves_nothing_behind(lab_x86):
             with rpc_runner(transport, profile.connection.python_argv(), workdir, threads=1) as board:
                 group = group_members(board.server.pgid)
                 assert board.server.pid in group and board.device_port
+                # Its key is on no command line (any user of the board reads those), nor left in a file.
+                for pid in group:
+                    with contextlib.suppress(OSError):
+                        assert board.runner.key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+                (scratch,) = Path(workdir).glob("rpc-*")
+                assert scratch.stat().st_mode & 0o777 == 0o700 and not (scratch / "key").exists()
                 raise RuntimeError("tuning blew up")
         assert all_gone(group)
         assert not list(Path(workdir).glob("rpc-*"))

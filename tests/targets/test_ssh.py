@@ -249,3 +249,14 @@ def test_preflight_refuses_a_device_of_another_arch(lab_x86, tmp_path):
     with pytest.raises(PreflightError, match="x86_64, but profile"):
         preflight(transport, profile, str(tmp_path / "w"), bytes_needed=1)
     transport.close()
+
+
+def test_a_file_whose_name_holds_a_backslash_or_a_newline_is_placed_and_verified(ssh, tmp_path):
+    """sha256sum escapes such a name and marks its hash with a leading backslash: the hash never matched and
+    every upload of the file failed as a checksum mismatch."""
+    local = tmp_path / "model.so"
+    local.write_bytes(b"weights" * 1000)
+    (tmp_path / "device").mkdir()
+    remote = str(tmp_path / "device" / "odd\\name\nwith newline.so")
+    assert place_file(ssh, local, remote).uploaded
+    assert not place_file(ssh, local, remote).uploaded  # the device's hash now reads as ours

@@ -6,7 +6,7 @@ session with the board that the caller hands in (pipeline.session.tuning_board):
      ├─ builder: in this process; links each candidate's .so here (the profile's cross compiler, if any)
      └─ TunnelRunner ─ worker process ─ rpc.connect(127.0.0.1:F)
                                           F: PortForward ── direct-tcpip ──► 127.0.0.1:P
-                                                                              python -m tvm.exec.rpc_server
+                                                                              TVM RPC server (its key: a file)
                                                                               (ServingTransport.start: dies with
                                                                                its process group when we are done)
 
@@ -24,6 +24,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tvm.ir.utils import derived_object
 from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, PyRunnerFuture, RunnerResult
@@ -41,7 +42,21 @@ from pipeline.preflight import probe
 from targets.profiles import DeviceProfile
 from targets.transport import NothingListening, PortForward, RemoteProcess, ServingTransport
 
-SERVER_MODULE = "tvm.exec.rpc_server"
+# TVM's RPC server, started so that its key never appears on a command line (any user of the board reads those in
+# ps): it reads the key from a file in its private scratch directory (mode 700), removes the file, and calls the
+# server's main with it. Arguments: key file, host, first port, last port.
+SERVER_LAUNCHER = """\
+import argparse, logging, os, sys
+path = sys.argv[1]
+with open(path) as handle:
+    key = handle.read().strip()
+os.remove(path)
+from tvm.exec import rpc_server
+logging.basicConfig(level=logging.INFO)
+rpc_server.main(argparse.Namespace(host=sys.argv[2], port=int(sys.argv[3]), port_end=int(sys.argv[4]), key=key,
+                                   through_proxy=False, tracker=None, silent=False, load_library=None, fork=True,
+                                   custom_addr=None))
+"""
 # The server takes the first free port from a random start in [9090, 9150) up to 9199 on the board's loopback.
 # Random, because two servers starting at once on one board (two tuning runs) could both bind the same port (TVM
 # sets SO_REUSEADDR, which Linux lets two sockets share until one listens) and then the second dies in listen().
@@ -202,12 +217,16 @@ def rpc_runner(transport: ServingTransport, python: list[str], workdir: str, *, 
     forwarded port on this machine's loopback is no open door to the board for other local users."""
     scratch = f"{workdir.rstrip('/')}/rpc-{secrets.token_hex(4)}"
     key = f"edgedeploy-{secrets.token_hex(8)}"
-    transport.makedirs(scratch)
+    key_file = f"{scratch}/key"
     try:
+        _private_dir(transport, scratch)
+        with tempfile.TemporaryDirectory(prefix="edgedeploy-key-") as local:
+            local_key = Path(local) / "key"
+            local_key.write_text(key)
+            transport.write(local_key, key_file)
         server = transport.start(
-            [*python, "-m", SERVER_MODULE, "--host", "127.0.0.1",
-             "--port", str(SERVER_PORTS[0] + secrets.randbelow(SERVER_PORTS[1] - SERVER_PORTS[0])),
-             "--port-end", str(SERVER_PORTS[2]), "--key", key],
+            [*python, "-c", SERVER_LAUNCHER, key_file, "127.0.0.1",
+             str(SERVER_PORTS[0] + secrets.randbelow(SERVER_PORTS[1] - SERVER_PORTS[0])), str(SERVER_PORTS[2])],
             timeout=lifetime, env={"TMPDIR": scratch, "PYTHONUNBUFFERED": "1", THREADS_VARIABLE: str(threads)},
         )
         with server:
@@ -225,6 +244,15 @@ def rpc_runner(transport: ServingTransport, python: list[str], workdir: str, *, 
     finally:
         with contextlib.suppress(TransportError):
             transport.run(["rm", "-rf", "--", scratch], timeout=60)
+
+
+def _private_dir(transport: ServingTransport, path: str) -> None:
+    """``path`` on the device, readable by its owner only (the RPC key goes there)."""
+    made = transport.run(["sh", "-c", 'umask 077 && mkdir -p -- "$1" && chmod 700 -- "$1"', "edgedeploy-mkdir", path],
+                         timeout=60)
+    if made.returncode != 0:
+        raise TransportError(f"Cannot create {path} on the device", host=transport.name,
+                             value=made.stderr.strip()[:300])
 
 
 @contextlib.contextmanager
