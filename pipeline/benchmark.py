@@ -112,7 +112,8 @@ def _run_runner(
     """Run the device runner on the artifact (which="artifact") or on the fp32 baseline (which="baseline")."""
     remote_out = posixpath.join(deployed.run_dir, f"outputs.{name}.npz")
     if which == "artifact":
-        checked = {"artifact": deployed.library.remote_path, "manifest": deployed.manifest.remote_path}
+        checked = {"artifact": deployed.library.remote_path, "manifest": deployed.manifest.remote_path,
+                   "sha256": deployed.library.sha256}
     else:
         checked = {"artifact": deployed.baseline_model.remote_path, "sha256": deployed.baseline_model.sha256}
     argv = runner_argv(python, deployed.runner.remote_path, runtime=runtime, inputs=deployed.inputs.remote_path,
@@ -122,7 +123,7 @@ def _run_runner(
                        **checked)
     allowance = STARTUP_ALLOWANCE_S + (ENGINE_BUILD_ALLOWANCE_S if runtime == "onnxruntime-tensorrt" else 0.0)
     result = transport.run(argv, timeout=settings.max_seconds + allowance)
-    report = parse_report(result, runtime=runtime, host=transport.name)
+    report = parse_report(result, runtime=runtime, host=transport.name, expected_sha256=checked["sha256"])
     if not fetch_outputs:
         return report, None
     local_out = local_dir / f"outputs.{name}.npz"

@@ -13,11 +13,13 @@ from targets.transport import Transport
 
 # Runs on the device's Python (>= 3.6): finds the runtimes without importing them (import tvm takes
 # ~25 s under emulation).
+# Its argument, the workdir: whose it is and its mode (a workdir others can write is a library others can swap).
 PROBE = (
-    "import json, platform, importlib.util as u; "
+    "import json, os, sys, platform, importlib.util as u; st = os.stat(sys.argv[1]); "
     "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(), "
     "'numpy': u.find_spec('numpy') is not None, 'tvm': u.find_spec('tvm') is not None, "
-    "'onnxruntime': u.find_spec('onnxruntime') is not None}))"
+    "'onnxruntime': u.find_spec('onnxruntime') is not None, "
+    "'workdir_owned': st.st_uid == os.getuid(), 'workdir_mode': st.st_mode & 0o777}))"
 )
 
 
@@ -32,6 +34,8 @@ class DeviceFacts(BaseModel):
     onnxruntime: bool
     free_bytes: int
     workdir: str
+    workdir_owned: bool = True
+    workdir_mode: int = 0o700
 
 
 def gpu_refusal(facts: GpuFacts, profile: DeviceProfile, runtime: str, host: str) -> PreflightError | None:
@@ -57,7 +61,8 @@ def gpu_refusal(facts: GpuFacts, profile: DeviceProfile, runtime: str, host: str
 
 def probe(transport: Transport, profile: DeviceProfile, workdir: str) -> DeviceFacts:
     """Ask the device's own Python what it is (under qemu, uname would report the host)."""
-    result = transport.run([*profile.connection.python_argv(), "-c", PROBE], timeout=120)
+    transport.makedirs(workdir)
+    result = transport.run([*profile.connection.python_argv(), "-c", PROBE, workdir], timeout=120)
     try:
         facts = json.loads(result.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -66,7 +71,6 @@ def probe(transport: Transport, profile: DeviceProfile, workdir: str) -> DeviceF
             value=" ".join(profile.connection.python_argv()), stderr=result.stderr.strip()[-400:] or "(empty)",
             fix="check connection.python in the profile",
         ) from None
-    transport.makedirs(workdir)
     return DeviceFacts(**facts, free_bytes=transport.free_bytes(workdir), workdir=workdir)
 
 
@@ -79,6 +83,13 @@ def preflight(transport: Transport, profile: DeviceProfile, workdir: str, *, byt
             f"The device is {facts.machine}, but profile {profile.name!r} says {profile.cpu.arch}",
             host=transport.name, fix="use the profile that matches this device",
         )
+    if not facts.workdir_owned or facts.workdir_mode & 0o022:
+        raise PreflightError(
+            "Other users of the device can change what runs there: its workdir is "
+            + ("not this user's" if not facts.workdir_owned else f"writable by them (mode {facts.workdir_mode:o})"),
+            host=transport.name, directory=workdir,
+            fix=f"chmod 700 {workdir} on the device (its owner), or point connection.workdir at a directory of "
+                "this user's own")
     modules = sorted({"tvm" if name == "tvm" else "onnxruntime" for name in runtimes})
     missing = [name for name in ("numpy", *modules) if not getattr(facts, name)]
     if missing:

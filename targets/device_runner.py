@@ -3,8 +3,10 @@
 Standard library + numpy + the runtime only, and Python 3.6 compatible (JetPack 4.x), so: no
 dataclasses, no walrus, no ``from __future__ import annotations``. It
 
-1. checks the artifact's sha256 against the manifest BEFORE loading it (a tampered library
-   is never loaded),
+1. copies the artifact into a private directory (mode 700) and checks THAT copy's sha256 against the one the
+   controller sent (``--sha256``; the manifest on the device, as writable as the library, must say the same)
+   BEFORE loading the same copy: a tampered library is never loaded, and one swapped between the hash and the
+   load can't be either,
 2. loads the artifact in the requested runtime: tvm (a Relax VM library, through TVM's runtime alone:
    ``TVM_USE_RUNTIME_LIB=1``, so a board needs TVM's runtime, not its compiler; on the GPU when the manifest says
    the library carries GPU code), or onnxruntime with the CPU, CUDA or TensorRT execution provider (an .onnx;
@@ -22,12 +24,15 @@ something: a provider, a CUDA device).
 """
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
 import platform
 import resource
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -39,6 +44,16 @@ def sha256_file(path):
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def private_copy(path):
+    """``path`` copied into a fresh directory only this user can enter, removed when the runner exits: what is
+    hashed is what is loaded (an .so for TVM, an .onnx for onnxruntime keeps its name)."""
+    directory = tempfile.mkdtemp(prefix="edgedeploy-run-")  # mode 700
+    atexit.register(shutil.rmtree, directory, True)
+    copy = os.path.join(directory, os.path.basename(path))
+    shutil.copyfile(path, copy)
+    return copy
 
 
 def fail(kind, message, **extra):
@@ -191,8 +206,8 @@ def main(argv=None):
     p.add_argument("--runtime", choices=["tvm", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt"],
                    required=True)
     p.add_argument("--artifact", required=True)
-    p.add_argument("--manifest", help="manifest.json whose artifact.sha256 the artifact must match")
-    p.add_argument("--sha256", help="expected sha256 of the artifact (when there is no manifest)")
+    p.add_argument("--manifest", help="manifest.json (scheme, device code); its artifact.sha256 must be --sha256")
+    p.add_argument("--sha256", help="the sha256 the controller uploaded: the artifact must have it")
     p.add_argument("--inputs", required=True, help=".npz: one array per model input, one sample per row")
     p.add_argument("--input-order", required=True, help="comma-separated model input names")
     p.add_argument("--outputs", required=True, help=".npz to write every output of every sample into")
@@ -210,12 +225,17 @@ def main(argv=None):
     if args.manifest:
         with open(args.manifest) as fh:
             manifest = json.load(fh)
-        expected = manifest["artifact"]["sha256"]
+        stated = manifest.get("artifact", {}).get("sha256")
+        if expected and stated != expected:
+            fail("tampered", "the manifest on the device names another artifact than the one uploaded; refusing "
+                 "to load it", path=args.manifest, expected=expected, actual=stated)
+        expected = expected or stated
     if not expected:
-        fail("usage", "give --manifest or --sha256: an artifact is never loaded unverified")
-    actual = sha256_file(args.artifact)
+        fail("usage", "give --sha256: an artifact is never loaded unverified")
+    artifact = private_copy(args.artifact)
+    actual = sha256_file(artifact)
     if actual != expected:
-        fail("tampered", "artifact does not match its manifest; refusing to load it",
+        fail("tampered", "artifact does not match the one uploaded; refusing to load it",
              path=args.artifact, expected=expected, actual=actual)
 
     names = args.input_order.split(",")
@@ -230,13 +250,12 @@ def main(argv=None):
     t0 = time.perf_counter()
     try:
         if args.runtime == "tvm":
-            run, versions, profile_kernels = load_tvm(args.artifact, args.threads, "cuda" if gpu_code else "cpu")
+            run, versions, profile_kernels = load_tvm(artifact, args.threads, "cuda" if gpu_code else "cpu")
         else:
             cache = os.path.join(os.path.dirname(os.path.abspath(args.outputs)), "trt-engines")
             if args.runtime == "onnxruntime-tensorrt" and not os.path.isdir(cache):
                 os.makedirs(cache)
-            run, versions, profile_kernels = load_onnxruntime(args.artifact, args.threads, args.runtime, precision,
-                                                              cache)
+            run, versions, profile_kernels = load_onnxruntime(artifact, args.threads, args.runtime, precision, cache)
     except Missing as exc:
         fail("missing", str(exc), fix=exc.fix)
     except Exception as exc:  # the runtime's own error, reported as JSON

@@ -15,18 +15,19 @@ def runner_argv(python: list[str], runner: str, *, runtime: str, artifact: str, 
                 outputs: str, warmup: int, min_iterations: int, min_seconds: float, max_seconds: float, threads: int,
                 kernel_runs: int, batch: int = 1, manifest: str | None = None,
                 sha256: str | None = None) -> list[str]:
-    """The device's ``python`` running the ``runner`` script on ``artifact``, checked against its ``manifest`` (a
-    library) or its ``sha256`` (a model)."""
+    """The device's ``python`` running the ``runner`` script on ``artifact``, checked against the ``sha256`` this side
+    uploaded (and its ``manifest``, for a library, which must name the same)."""
     argv = [*python, runner, "--runtime", runtime, "--inputs", inputs, "--input-order", ",".join(input_order),
             "--outputs", outputs, "--warmup", str(warmup), "--min-iterations", str(min_iterations),
             "--min-seconds", str(min_seconds), "--max-seconds", str(max_seconds), "--threads", str(threads),
             "--kernel-runs", str(kernel_runs), "--batch", str(batch), "--artifact", artifact]
-    return argv + (["--manifest", manifest] if manifest else ["--sha256", sha256 or ""])
+    return argv + (["--manifest", manifest] if manifest else []) + ["--sha256", sha256 or ""]
 
 
-def parse_report(result: CommandResult, *, runtime: str, host: str) -> dict[str, Any]:
-    """The runner's report: its last JSON line. A runner that answered nothing, refused a tampered artifact or
-    failed is one clear error each."""
+def parse_report(result: CommandResult, *, runtime: str, host: str,
+                 expected_sha256: str | None = None) -> dict[str, Any]:
+    """The runner's report: its last JSON line. A runner that answered nothing, refused a tampered artifact, failed,
+    or measured another artifact than ``expected_sha256`` is one clear error each."""
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     try:
         report = json.loads(lines[-1])
@@ -35,10 +36,13 @@ def parse_report(result: CommandResult, *, runtime: str, host: str) -> dict[str,
             f"The device runner ({runtime}) on {host} returned no result",
             value=f"exit code {result.returncode}", stderr=result.stderr.strip()[-800:] or "(empty)",
         ) from None
+    if report.get("ok") and expected_sha256 and report.get("artifact_sha256") != expected_sha256:
+        raise ChecksumMismatch("The device runner reports another artifact than the one uploaded", host=host,
+                               expected_sha256=expected_sha256, actual_sha256=report.get("artifact_sha256"))
     if not report.get("ok"):
         if report.get("error") == "tampered":
             raise ChecksumMismatch(
-                "The library on the device does not match its manifest; the runner refused to load it",
+                "The artifact on the device is not the one uploaded; the runner refused to load it",
                 host=host, path=report.get("path"),
                 expected_sha256=report.get("expected"), actual_sha256=report.get("actual"),
             )

@@ -79,6 +79,12 @@ class ServingTransport(Transport, Protocol):
                 server: RemoteProcess | None = None) -> AbstractContextManager[PortForward]: ...
 
 
+# Files and directories the tool makes on a device are its user's alone: another user of the board can neither swap a
+# library nor read the inputs.
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
 class LocalTransport:
     """This machine as a device."""
 
@@ -106,6 +112,7 @@ class LocalTransport:
 
     def write(self, local: Path, remote: str) -> None:
         shutil.copyfile(local, remote)
+        os.chmod(remote, PRIVATE_FILE)
 
     def read(self, remote: str, local: Path) -> None:
         shutil.copyfile(remote, local)
@@ -123,7 +130,7 @@ class LocalTransport:
             pass
 
     def makedirs(self, remote: str) -> None:
-        os.makedirs(remote, exist_ok=True)
+        os.makedirs(remote, mode=PRIVATE_DIR, exist_ok=True)
 
     def free_bytes(self, remote_dir: str) -> int:
         return shutil.disk_usage(remote_dir).free

@@ -11,6 +11,7 @@ import paramiko
 from edgedeploy.errors import ConnectFailed, TransportError
 from targets.ssh.forward import PortForwarding
 from targets.ssh.process import RemoteCommands
+from targets.transport import PRIVATE_FILE
 
 
 class SSHTransport(RemoteCommands, PortForwarding):
@@ -28,6 +29,8 @@ class SSHTransport(RemoteCommands, PortForwarding):
 
     def _put(self, local: Path, remote: str) -> None:
         sftp = self._sftp_client()
+        with sftp.open(remote, "wb") as created:  # private before a byte is in it
+            created.chmod(PRIVATE_FILE)
         sftp.put(str(local), remote, confirm=False)
         # Pipelined writes don't say that the device refused some of them (a full disk): its size does.
         arrived, size = sftp.stat(remote).st_size, local.stat().st_size
@@ -75,7 +78,8 @@ class SSHTransport(RemoteCommands, PortForwarding):
             pass
 
     def makedirs(self, remote: str) -> None:
-        result = self.run(["mkdir", "-p", "--", remote], timeout=self.timeouts.command)
+        result = self.run(["sh", "-c", 'umask 077 && mkdir -p -- "$1"', "edgedeploy-mkdir", remote],
+                          timeout=self.timeouts.command)
         if result.returncode != 0:
             raise TransportError(f"Cannot create {remote} on the device", host=self.name,
                                  value=result.stderr.strip()[:300])

@@ -4,23 +4,27 @@ Python under qemu), with the faults that only show end to end."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgedeploy.errors import AuthError, ChecksumMismatch, ConnectFailed
+from edgedeploy.errors import AuthError, ChecksumMismatch, ConnectFailed, PreflightError
 from flows.run import deploy_run
 from pipeline.benchmark import BenchmarkSettings, benchmark
 from pipeline.compile import build
 from pipeline.config import RunConfig
-from pipeline.deploy import deploy
+from pipeline.deploy import deploy, place_file
+from pipeline.preflight import preflight
 from pipeline.quantize import QuantConfig
 from pipeline.scoring import CLASSIFIER
 from pipeline.workloads import WORKLOADS
 from pipeline.workloads.base import Samples
 from targets.connect import open_transport
+from targets.hashing import sha256_file
 from targets.profiles import load_profile
 from tests.lab import free_port, keygen, x86_python
 
@@ -88,7 +92,33 @@ def test_tampered_library_is_refused_before_loading(lab_x86, tmp_path):
             benchmark(transport, profile.connection.python_argv(), deployed, samples, input_order=["image"],
                       scoring=CLASSIFIER, settings=QUICK, local_dir=tmp_path)
         assert info.value.context["expected_sha256"] == built.artifact.sha256
+        # A board user who rewrites the manifest beside it to match (it is just as writable): the runner checks
+        # what this side uploaded, not what the device says.
+        manifest = json.loads(Path(deployed.manifest.remote_path).read_text())
+        manifest["artifact"]["sha256"] = sha256_file(Path(deployed.library.remote_path))
+        Path(deployed.manifest.remote_path).write_text(json.dumps(manifest))
+        with pytest.raises(ChecksumMismatch, match="refused to load"):
+            benchmark(transport, profile.connection.python_argv(), deployed, samples, input_order=["image"],
+                      scoring=CLASSIFIER, settings=QUICK, local_dir=tmp_path)
     finally:
+        transport.close()
+
+
+def test_uploads_are_private_and_a_workdir_others_can_write_is_refused(lab_x86, tmp_path):
+    """Uploaded files are the device user's alone (0600), new directories 0700; a workdir group- or world-writable
+    is refused before anything is uploaded (anyone there could swap the library)."""
+    profile = load_profile(str(lab_x86.profile(extends="x86-server", python=x86_python())))
+    transport, workdir = open_transport(profile)
+    try:
+        placed = place_file(transport, Path(DIGITS), f"{workdir}/models/x/model.onnx")
+        assert os.stat(placed.remote_path).st_mode & 0o777 == 0o600
+        assert os.stat(os.path.dirname(placed.remote_path)).st_mode & 0o777 == 0o700
+        os.chmod(workdir, 0o777)
+        with pytest.raises(PreflightError, match="writable by them") as refused:
+            preflight(transport, profile, workdir, bytes_needed=1)
+        assert f"chmod 700 {workdir}" in refused.value.fix
+    finally:
+        os.chmod(workdir, 0o700)
         transport.close()
 
 

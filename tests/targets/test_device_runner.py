@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,11 +82,14 @@ def setup(tmp_path):
 
 
 def _run(model, inputs, tmp_path, *extra):
+    scratch = tmp_path / "tmp"  # where the runner's private copy goes: gone again when it is done
+    scratch.mkdir(exist_ok=True)
     proc = subprocess.run(
         [sys.executable, str(RUNNER), "--runtime", "onnxruntime", "--artifact", str(model), "--inputs", str(inputs),
          "--input-order", "x", "--outputs", str(tmp_path / "out.npz"), *extra],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(scratch)},
     )
+    assert not list(scratch.glob("edgedeploy-run-*")), "the runner left its private copy behind"
     return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -104,6 +108,36 @@ def test_tampered_artifact_is_never_loaded(setup, tmp_path):
     code, report = _run(model, inputs, tmp_path, "--sha256", "0" * 64)
     assert code == 3 and report["error"] == "tampered" and report["actual"] == sha256_file(model)
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_what_is_hashed_is_what_is_loaded(setup, tmp_path, monkeypatch):
+    """A board user who swaps the file between the runner's hash and its load gets nothing: the runner hashes a
+    private copy (a fresh mode-700 directory) and loads that same copy, never the path again."""
+    import targets.device_runner as runner
+
+    model, inputs = setup
+    loaded = {}
+
+    def load(path, *args):
+        loaded["path"], loaded["mode"] = path, os.stat(os.path.dirname(path)).st_mode & 0o777
+        loaded["sha256"] = sha256_file(path)
+        model.write_bytes(b"swapped after the hash")  # too late: the copy is what runs
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(runner, "load_onnxruntime", load)
+    with pytest.raises(SystemExit):
+        runner.main(["--runtime", "onnxruntime", "--artifact", str(model), "--sha256", sha256_file(model),
+                     "--inputs", str(inputs), "--input-order", "x", "--outputs", str(tmp_path / "out.npz")])
+    assert loaded["path"] != str(model) and loaded["mode"] == 0o700
+    assert loaded["sha256"] != sha256_file(model)  # the copy kept the bytes that were checked
+
+
+def test_a_manifest_that_names_another_artifact_is_refused(setup, tmp_path):
+    model, inputs = setup
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"artifact": {"sha256": "1" * 64}}))
+    code, report = _run(model, inputs, tmp_path, "--manifest", str(manifest), "--sha256", sha256_file(model))
+    assert code == 3 and report["error"] == "tampered" and "manifest" in report["message"]
 
 
 def test_missed_minimums_are_marked_invalid(setup, tmp_path):
