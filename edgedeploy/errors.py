@@ -120,6 +120,10 @@ class StageError(EdgeDeployError):
     """A pipeline stage failed on valid input."""
 
 
+class BoardBusy(EdgeDeployError):
+    """Another run holds the board's lock past the wait this profile allows."""
+
+
 class ResultsBusy(StageError):
     """The results database is locked by another writer; transient: retried."""
 

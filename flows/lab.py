@@ -1,8 +1,9 @@
 """The lab flow: every model on every device in every scheme.
 
 Devices run in parallel, one thread each; on a device the jobs run one after the other, and each
-holds the device's Prefect global concurrency limit (`device:<profile name>`, limit 1, strict) so
-that no two jobs ever share a device, even from two lab runs at once. The limits are created
+holds the board's Prefect global concurrency limit (`device:<user@host:port>`, limit 1, strict) so
+that no two jobs ever share a board, even from two lab runs at once (and every session with a board holds its lock
+on the board itself: targets.board_lock, for runs from elsewhere). The limits are created
 before the jobs start; `strict=True` makes a job fail rather than run unguarded if its limit is
 missing (a misspelled name). Each lab run publishes a table and a markdown summary as Prefect
 artifacts. A job that fails does not stop the others; the lab run then ends Failed, naming the jobs and why, after
@@ -92,7 +93,7 @@ def _now() -> str:
 
 def _run_job(job: LabJob) -> JobOutcome:
     model = job.model
-    with concurrency(limit_name(job.device), occupy=1, strict=True):
+    with concurrency(limit_name(job.board or job.device), occupy=1, strict=True):
         started = _now()
         try:
             result = deploy_run(job.config)
@@ -151,9 +152,9 @@ def lab_run(lab_path: str) -> LabSummary | State:
     (every outcome still published); :func:`run_lab` gives the summary either way."""
     lab = load_lab(Path(lab_path))
     matrix = jobs(lab)
-    by_device: dict[str, list[LabJob]] = {}
+    by_device: dict[str, list[LabJob]] = {}  # by board: two profiles of one board share its queue
     for job in matrix:
-        by_device.setdefault(job.device, []).append(job)
+        by_device.setdefault(job.board or job.device, []).append(job)
     ensure_device_limits(set(by_device))
     ResultStore(lab.db_url)  # the results database opens (and has its tables) before hours of work, not after
     get_run_logger().info("lab %s: %d jobs on %d devices", lab.name, len(matrix), len(by_device))

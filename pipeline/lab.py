@@ -75,6 +75,8 @@ class LabJob(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     device: str
+    board: str = Field(default="", description="The board the device's profile reaches (user@host:port, local): "
+                                                "jobs of one board wait for each other, whatever their profile.")
     model: str = Field(description="As the lab file names it: a bundled workload's name or the model file's stem.")
     label: str = Field(default="", description="Scheme, and runtime and unit where not TVM on the CPU (its series).")
     config: RunConfig
@@ -126,7 +128,8 @@ def jobs(lab: LabFile) -> list[LabJob]:
             model = str(WORKLOADS[item.model].model_path()) if item.model in WORKLOADS else _resolve(base, item.model)
             for scheme, runtime in itertools.product(lab.schemes, _runtimes_on(profile, lab.runtimes)):
                 name = item.model if item.model in WORKLOADS else Path(model).stem
-                out.append(LabJob(device=device, model=name, label=series(scheme, runtime, profile.unit_of(runtime)),
+                label = series(scheme, runtime, profile.unit_of(runtime))
+                out.append(LabJob(device=device, board=profile.board_id(), model=name, label=label,
                                   config=RunConfig(
                     model_path=model, profile=ref, quant=QuantConfig(scheme=scheme), runtime=runtime,
                     calib_data=_resolve(base, item.calib_data), eval_data=_resolve(base, item.eval_data),

@@ -23,6 +23,7 @@ from pipeline.onnx_safety import self_contained
 from pipeline.opset import for_onnxruntime
 from pipeline.preflight import preflight
 from pipeline.workloads.base import Samples
+from targets.board_lock import board_lock
 from targets.board_state import BoardState, judge, read_board_state
 from targets.connect import open_transport
 from targets.gpu_probe import GpuFacts, probe_gpu
@@ -43,10 +44,19 @@ class DeviceSession:
 
     def __enter__(self) -> DeviceSession:
         self.transport, self.workdir = open_transport(self.profile)
+        self._lock = board_lock(self.transport, self.profile.connection.lock_timeout)
+        try:
+            self._lock.__enter__()  # one run on the board at a time, whoever starts it (targets.board_lock)
+        except BaseException:
+            self.transport.close()
+            raise
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.transport.close()
+        try:
+            self._lock.__exit__(*exc_info)
+        finally:
+            self.transport.close()
 
     def deploy(self, run_id: str, artifact: CompiledArtifact, info: ModelInfo, data: PreparedData) -> DeployedArtifact:
         """The preflight (the device is what the profile says, has the runtimes and the room), then the artifact,

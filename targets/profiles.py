@@ -164,6 +164,8 @@ class Connection(_Frozen):
         description="argv that runs the device's Python; null on a local device = this interpreter.",
     )
     workdir: str = Field(pattern=SAFE_TOKEN, description="Directory on the device for artifacts and runs.")
+    lock_timeout: float = Field(default=3600.0, ge=0, description="Seconds to wait for the board while another run "
+                                                                  "holds it (targets.board_lock), then stop.")
 
     @field_validator("python", mode="before")
     @classmethod
@@ -245,6 +247,11 @@ class DeviceProfile(_Frozen):
         own = self.runtimes.get(runtime) if runtime.startswith("onnxruntime") else None
         spec = own if own and own.version else self.runtimes.onnxruntime
         return spec.version if spec else None
+
+    def board_id(self) -> str:
+        """Which board this is, whatever the profile is called: user@host:port, or local (targets.board_lock)."""
+        c = self.connection
+        return f"{c.user or ''}@{c.host}:{c.port}" if c.transport == "ssh" else "local"
 
     def unit_of(self, runtime: str) -> Unit:
         """The unit ``runtime`` computes on here: onnxruntime's providers fix it; TVM's is the profile's say (its

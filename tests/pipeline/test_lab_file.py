@@ -39,3 +39,16 @@ def test_a_lab_model_takes_a_users_batch_coco_labels_and_reference(tmp_path):
     assert (det.batch, det.decode, det.eval_data, det.images) == (
         4, "yolov8", str(tmp_path / "coco" / "instances.json"), str(tmp_path / "coco"))
     assert qat.reference == str(tmp_path / "fp32.onnx") and qat.batch is None
+
+
+def test_two_profiles_for_one_board_share_its_queue(tmp_path):
+    """The lab's Prefect limit was keyed by profile name: two profiles for one board measured at once on it."""
+    for name, workdir in (("pi-a", "/home/pi/a"), ("pi-b", "/home/pi/b")):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"extends: raspberry-pi-4\nname: {name}\nconnection:\n  transport: ssh\n  host: pi.lab\n  port: 2222\n"
+            f"  user: pi\n  workdir: {workdir}\n")
+    lab = tmp_path / "lab.yaml"
+    lab.write_text("name: shared\nmodels: [digits-cnn]\nprofiles: [pi-a.yaml, pi-b.yaml, raspberry-pi-5]\n"
+                   "schemes: [fp32]\n")
+    boards = {job.device: job.board for job in jobs(load_lab(lab))}
+    assert boards["pi-a"] == boards["pi-b"] == "pi@pi.lab:2222" != boards["raspberry-pi-5"]
