@@ -1,3 +1,5 @@
-from edgedeploy.cli import app
+import sys
 
-app(prog_name="deploy")
+from edgedeploy.launcher import main
+
+sys.exit(main())
