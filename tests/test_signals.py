@@ -65,7 +65,7 @@ def test_sigkill_takes_the_command_and_the_local_runner_down(tmp_path):
     deploy = _start(tmp_path)
     try:
         below = _runner_below(deploy)
-        ours = [p for p in below if "device_runner.py" in " ".join(_cmdline(p)) or "edgedeploy" in " ".join(_cmdline(p))]
+        ours = [p for p in below if any(mark in " ".join(_cmdline(p)) for mark in ("device_runner.py", "edgedeploy"))]
         deploy.kill()
         deploy.wait(timeout=15)
         for _ in range(50):
