@@ -213,9 +213,12 @@ def test_bench_writes_the_side_by_side_table(prefect_server, isolated_home, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "docs" / "bench.md").read_text()
     assert "## digits-cnn" in table and "% of peak" in table and "GFLOP/s" in table
-    for candidate in ("onnxruntime fp32", "onnxruntime int8 QDQ U8S8 minmax per-channel", "tvm fp32",
-                      "tvm fp32 tuned 0.1 min", "tvm int8 QDQ U8S8 minmax per-channel tuned 0.1 min"):
-        assert f"| {candidate} |" in table  # the time budget reached every tuned candidate
+    for candidate in ("onnxruntime fp32", "onnxruntime int8 QDQ U8S8 minmax per-channel", "tvm fp32"):
+        assert f"| {candidate} |" in table
+    # --tune-minutes is the selection's: the 0.1 minutes went to one TVM build (each share is at least a minute)
+    import re
+
+    assert len(set(re.findall(r"\| (tvm [^|]*?) tuned 0\.1 min \|", table))) == 1 and "| tvm int8" in table
     assert (tmp_path / "docs" / "bench-digits-cnn.svg").read_text().startswith("<svg")
 
 

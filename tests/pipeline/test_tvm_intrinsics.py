@@ -79,7 +79,8 @@ def test_a_tuned_int8_build_parses_no_gpu_intrinsics(tmp_path):
     """Regression: `deploy compile --quant int8` (and every tuning run) imported TVM's CUDA, ROCm, Hexagon, ARM
     and RISC-V intrinsics, 89 s of CPU in the `deploy` process before any work (digits-cnn int8: 85 s build)."""
     result = _fresh_python(f"""
-        import json, runpy, sys
+        import json, os, runpy, sys
+        os.environ["EDGEDEPLOY_SUPERVISED"] = "1"  # the command in this process, not under the launcher's child
         sys.argv = ["deploy", "compile", "digits-cnn", "--quant", "int8", "--tune-trials", "1",
                     "--out", {str(tmp_path / "out")!r}]
         try:
