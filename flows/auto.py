@@ -59,6 +59,16 @@ def _refusal(candidate: Candidate, model: onnx.ModelProto, info: ModelInfo, prof
     return f"{refused[0].check}: {refused[0].reason}" if refused else None
 
 
+def as_checked(candidate: Candidate, model: onnx.ModelProto, info: ModelInfo, profile: DeviceProfile) -> Candidate:
+    """A TVM candidate as the checks would build it (7-bit weights where its kernels use VPMADDUBSW: without them
+    no kernel takes the instruction, and the candidate measures plain integer loops). onnxruntime's candidates stay
+    exactly as listed: its reduce-range variant is a candidate of its own."""
+    if candidate.runtime != "tvm":
+        return candidate
+    return candidate.model_copy(update={"quant": run_checks(model, info, profile, candidate.quant,
+                                                            runtime="tvm").quant})
+
+
 def _partial_plan(config: RunConfig, info: ModelInfo, profile: DeviceProfile, data: PreparedData,
                   model: onnx.ModelProto) -> PartialPlan | None:
     """Does the default int8 stay within budget, and if not, which layers must stay float? (host-side)"""
@@ -97,6 +107,7 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
         candidates += [c for c in (Candidate(runtime="onnxruntime", quant=kept), Candidate(runtime="tvm", quant=kept))
                        if config.runtime in (None, c.runtime)]
     def attempt(candidate: Candidate) -> None:
+        candidate = as_checked(candidate, model, info, profile)
         label, unit = candidate.label(), profile.unit_of(candidate.runtime)
         reason = _refusal(candidate, model, info, profile, data)
         if reason:
@@ -125,7 +136,8 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
                             budget=config.accuracy_budget).model_copy(update={"unit": profile.unit_of(c.runtime)}))
                 for c, run, agree in runs]
 
-    for candidate in calibration_retries(candidates, dict((c.label(), o) for c, o in untuned())):
+    measured_so_far = [c for c, _, _ in runs]  # as built (a TVM candidate with the checks' adjustments)
+    for candidate in calibration_retries(measured_so_far, dict((c.label(), o) for c, o in untuned())):
         attempt(candidate)
     # Then the tuning budget (--tune-minutes: for the whole selection), to the TVM builds that did best untuned.
     for candidate in tuning_plan(untuned(), config.tune_trials, config.tune_minutes):
