@@ -69,7 +69,8 @@ def main() -> int:
         app(prog_name="deploy")
         return 0
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    command = subprocess.Popen([sys.executable, "-m", "edgedeploy", *sys.argv[1:]], env={**os.environ, MARK: "1"},
+    # -P: the current directory is not put on sys.path (a pipeline.py or flows.py there would be run as ours).
+    command = subprocess.Popen([sys.executable, "-P", "-m", "edgedeploy", *sys.argv[1:]], env={**os.environ, MARK: "1"},
                                preexec_fn=lambda: _prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
     stopped: dict[str, float | int] = {}
 
@@ -83,7 +84,8 @@ def main() -> int:
                     pass
 
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(signum, stop)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup deploy ...`, a background job: left ignored
+            signal.signal(signum, stop)
     while True:
         try:
             status = command.wait(timeout=0.2)

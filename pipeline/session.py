@@ -23,7 +23,7 @@ from pipeline.onnx_safety import self_contained
 from pipeline.opset import for_onnxruntime
 from pipeline.preflight import preflight
 from pipeline.workloads.base import Samples
-from targets.board_lock import board_lock
+from targets.board_lock import board_lock, still_held
 from targets.board_state import BoardState, judge, read_board_state
 from targets.connect import open_transport
 from targets.gpu_probe import GpuFacts, probe_gpu
@@ -46,7 +46,7 @@ class DeviceSession:
         self.transport, self.workdir = open_transport(self.profile)
         self._lock = board_lock(self.transport, self.profile.connection.lock_timeout)
         try:
-            self._lock.__enter__()  # one run on the board at a time, whoever starts it (targets.board_lock)
+            self._held = self._lock.__enter__()  # one run on the board at a time (targets.board_lock)
         except BaseException:
             self.transport.close()
             raise
@@ -71,8 +71,10 @@ class DeviceSession:
         runtimes = tuple(dict.fromkeys((artifact.runtime, "onnxruntime")))  # the artifact's, and the baseline's
         preflight(self.transport, self.profile, self.workdir, bytes_needed=sum(f.stat().st_size for f in files),
                   runtimes=runtimes)
-        return deploy(self.transport, self.workdir, run_id, library=files[0], manifest=files[1],
-                      baseline_model=files[2], inputs=files[3], runtime=artifact.runtime)
+        deployed = deploy(self.transport, self.workdir, run_id, library=files[0], manifest=files[1],
+                          baseline_model=files[2], inputs=files[3], runtime=artifact.runtime)
+        still_held(self._held, self.transport.name)
+        return deployed
 
     def _samples(self, info: ModelInfo, data: PreparedData) -> tuple[list[str], Samples]:
         names = [s.name for s in info.inputs]
@@ -87,7 +89,9 @@ class DeviceSession:
         report = benchmark(self.transport, self.profile.connection.python_argv(), deployed, samples, input_order=names,
                            scoring=data.scoring, settings=settings, local_dir=local_dir,
                            output_names=[o.name for o in info.outputs], batch=info.batch)
-        return with_board_state(report, before, self.board_state())
+        after = self.board_state()
+        still_held(self._held, self.transport.name)  # else another run may have measured beside this one
+        return with_board_state(report, before, after)
 
     def gpu_facts(self, *, tvm: bool) -> GpuFacts:
         """The board's GPU stack (targets.gpu_probe); with ``tvm``, whether its TVM reaches a CUDA device."""
@@ -102,9 +106,11 @@ class DeviceSession:
                 settings: BenchmarkSettings, local_dir: Path) -> tuple[Measurement, np.ndarray]:
         """One runtime alone: the artifact (which="artifact") or onnxruntime fp32 (which="baseline")."""
         names, samples = self._samples(info, data)
-        return measure(self.transport, self.profile.connection.python_argv(), deployed, samples, which=which,
-                       input_order=names, scoring=data.scoring, settings=settings, local_dir=local_dir,
-                       batch=info.batch)
+        measured = measure(self.transport, self.profile.connection.python_argv(), deployed, samples, which=which,
+                           input_order=names, scoring=data.scoring, settings=settings, local_dir=local_dir,
+                           batch=info.batch)
+        still_held(self._held, self.transport.name)
+        return measured
 
 
 def with_board_state(report: BenchmarkReport, before: BoardState, after: BoardState) -> BenchmarkReport:

@@ -4,7 +4,8 @@ Two benchmarks on one board at once each measure the other's load. Prefect's con
 only orders that flow's own jobs (and was keyed by profile name: two profiles for one board never excluded each
 other); `deploy run`, `deploy bench` and another lab on another controller took nothing. So every session with a
 board (pipeline.session.DeviceSession) holds `flock` on a file of the board's user, ``~/.edgedeploy-board.lock``:
-whoever reaches the board, through whichever profile and workdir, queues there. A board over SSH holds it in a
+whoever reaches the board as that user, through whichever profile and workdir, queues there (two board users don't
+exclude each other: a lock file others could open could be held by anyone). A board over SSH holds it in a
 process under the supervisor (targets.ssh.process): our stop, our death, a dropped connection or a silent one
 release it. This machine as a device holds it with fcntl in this process. Waiting has a limit
 (``connection.lock_timeout``); past it the run stops with who to wait for, not with a hang.
@@ -18,15 +19,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgedeploy.errors import BoardBusy, CommandTimeout, TransportError
-from targets.transport import LocalTransport, Transport
+from edgedeploy.errors import BoardBusy, CommandTimeout, ConnectFailed, TransportError
+from targets.transport import LocalTransport, RemoteProcess, Transport
 
 LOCK_NAME = ".edgedeploy-board.lock"
 LOCKED = "edgedeploy-board-locked"
 # The lock's holder on the board lives at most this long (a safety net: it is stopped when the session ends).
 HOLDER_LIFETIME_S = 24 * 3600
 # flock: wait up to $2 seconds for the lock on ~/$1, say so once held, then hold it until killed.
-HOLD = f'exec flock -w "$2" "$HOME/$1" sh -c "echo {LOCKED}; exec sleep {HOLDER_LIFETIME_S}"'
+BUSY_STATUS = 75  # flock's exit status when the wait ran out (-E): told apart from a flock that can't run
+HOLD = (f'exec flock -E {BUSY_STATUS} -w "$2" "$HOME/$1" sh -c "echo {LOCKED}; exec sleep {HOLDER_LIFETIME_S}"')
 
 
 def _busy(board: str, timeout: float) -> BoardBusy:
@@ -37,7 +39,7 @@ def _busy(board: str, timeout: float) -> BoardBusy:
 
 
 @contextlib.contextmanager
-def _local(timeout: float) -> Iterator[None]:
+def _local(timeout: float) -> Iterator[RemoteProcess | None]:
     path = Path.home() / LOCK_NAME
     with path.open("a+") as handle:
         deadline = time.monotonic() + timeout
@@ -50,13 +52,13 @@ def _local(timeout: float) -> Iterator[None]:
                     raise _busy("local", timeout) from None
                 time.sleep(0.2)
         try:
-            yield
+            yield None  # held by this process: it can't be lost while the process lives
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
-def _remote(transport, timeout: float) -> Iterator[None]:
+def _remote(transport, timeout: float) -> Iterator[RemoteProcess | None]:
     holder = transport.start(["sh", "-c", HOLD, "edgedeploy-lock", LOCK_NAME, f"{timeout:.0f}"],
                              timeout=HOLDER_LIFETIME_S + timeout + 60)
     try:
@@ -65,21 +67,30 @@ def _remote(transport, timeout: float) -> Iterator[None]:
         except CommandTimeout:
             raise _busy(transport.name, timeout) from None
         except TransportError as exc:  # flock gave up (exit 1), or there is no flock
-            if holder.exit_status == 1:
+            if holder.exit_status == BUSY_STATUS:
                 raise _busy(transport.name, timeout) from None
             raise TransportError(f"Cannot lock the board {transport.name}", value=exc.value,
                                  fix="install util-linux (it has `flock`) on the board") from None
-        yield
+        yield holder
     finally:
         holder.stop()
 
 
 @contextlib.contextmanager
-def board_lock(transport: Transport, timeout: float) -> Iterator[None]:
-    """Hold the board ``transport`` reaches for the ``with`` block, waiting up to ``timeout`` seconds for it."""
+def board_lock(transport: Transport, timeout: float) -> Iterator[RemoteProcess | None]:
+    """Hold the board ``transport`` reaches for the ``with`` block, waiting up to ``timeout`` seconds for it; yields
+    the process holding it on the board (None for this machine), whose end means the lock is gone."""
     if isinstance(transport, LocalTransport):
-        with _local(timeout):
-            yield
+        with _local(timeout) as holder:
+            yield holder
     else:
-        with _remote(transport, timeout):
-            yield
+        with _remote(transport, timeout) as holder:
+            yield holder
+
+
+def still_held(holder: RemoteProcess | None, board: str) -> None:
+    """Raise ConnectFailed (transient: the task runs again, and locks again) when the lock's holder has ended: its
+    connection dropped or went silent, and whatever ran meanwhile may have shared the board."""
+    if holder is not None and not holder.running:
+        raise ConnectFailed(f"The lock on {board} was lost while this session used it (its connection dropped)",
+                            host=board)

@@ -31,6 +31,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -46,10 +47,11 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def private_copy(path):
-    """``path`` copied into a fresh directory only this user can enter, removed when the runner exits: what is
-    hashed is what is loaded (an .so for TVM, an .onnx for onnxruntime keeps its name)."""
-    directory = tempfile.mkdtemp(prefix="edgedeploy-run-")  # mode 700
+def private_copy(path, near):
+    """``path`` copied into a fresh directory only this user can enter, beside ``near`` (the run's directory: on
+    the disk the preflight measured, swept with old runs, never a noexec /tmp), removed when the runner exits
+    (TERM included): what is hashed is what is loaded (an .so for TVM, an .onnx for onnxruntime keeps its name)."""
+    directory = tempfile.mkdtemp(prefix="edgedeploy-run-", dir=near)  # mode 700
     atexit.register(shutil.rmtree, directory, True)
     copy = os.path.join(directory, os.path.basename(path))
     shutil.copyfile(path, copy)
@@ -232,7 +234,8 @@ def main(argv=None):
         expected = expected or stated
     if not expected:
         fail("usage", "give --sha256: an artifact is never loaded unverified")
-    artifact = private_copy(args.artifact)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so that atexit cleans up
+    artifact = private_copy(args.artifact, os.path.dirname(os.path.abspath(args.outputs)))
     actual = sha256_file(artifact)
     if actual != expected:
         fail("tampered", "artifact does not match the one uploaded; refusing to load it",

@@ -98,7 +98,7 @@ def histogram_svg(samples: dict[str, list[float]], width: int = 460, height: int
     for name, c in counts.items():
         for i, share in enumerate(c):
             h = (height - 34) * share / tallest
-            bars.append(f'<rect class="{name}" x="{10 + i * bar_w:.1f}" y="{height - 20 - h:.1f}" '
+            bars.append(f'<rect class="{html.escape(name)}" x="{10 + i * bar_w:.1f}" y="{height - 20 - h:.1f}" '
                         f'width="{bar_w - 1:.1f}" height="{h:.1f}" fill="{colours.get(name, "#57606a")}" '
                         'fill-opacity="0.6"/>')
     return (f'<svg class="histogram" width="{width}" height="{height}" role="img" aria-label="latency distribution">'

@@ -306,7 +306,9 @@ class RemoteProcess:
             self._reader.join(grace)
             if self._reader.is_alive() and self.pgid is not None:
                 with contextlib.suppress(Exception):
-                    self._transport.run(["kill", "-KILL", "--", f"-{self.pgid}"], timeout=15)
+                    # `-s KILL`: dash's built-in kill (run() starts commands through the shell) reads "-KILL --
+                    # -PGID" as a bad number
+                    self._transport.run(["kill", "-s", "KILL", "--", f"-{self.pgid}"], timeout=15)
                 self._reader.join(5)
         with contextlib.suppress(Exception):
             self._channel.close()

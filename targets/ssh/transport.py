@@ -22,7 +22,10 @@ class SSHTransport(RemoteCommands, PortForwarding):
         try:
             self._put(local, remote)
         except (OSError, paramiko.SSHException, EOFError) as exc:
-            if self._connected():  # the device refused the write (its disk filled, a permission): not a drop
+            # The device refused the write (an SFTP status: its disk filled, a permission) over a live connection;
+            # a stall or a drop is a connection problem (transient: retried).
+            refused = isinstance(exc, OSError) and not isinstance(exc, (TimeoutError, ConnectionError))
+            if refused and self._connected():
                 raise self._write_refused(local, remote, exc) from exc
             self.close()
             raise ConnectFailed(f"Upload to the device failed: {exc}", host=self.name, path=remote) from exc
@@ -45,6 +48,8 @@ class SSHTransport(RemoteCommands, PortForwarding):
         """sftp-server answers a full disk with a bare "Failure": the free space says whether that was it."""
         try:
             free = self.free_bytes(posixpath.dirname(remote))
+        except ConnectFailed:
+            raise
         except TransportError:
             free = None
         full = free is not None and free < local.stat().st_size

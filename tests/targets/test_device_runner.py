@@ -82,14 +82,13 @@ def setup(tmp_path):
 
 
 def _run(model, inputs, tmp_path, *extra):
-    scratch = tmp_path / "tmp"  # where the runner's private copy goes: gone again when it is done
-    scratch.mkdir(exist_ok=True)
     proc = subprocess.run(
         [sys.executable, str(RUNNER), "--runtime", "onnxruntime", "--artifact", str(model), "--inputs", str(inputs),
          "--input-order", "x", "--outputs", str(tmp_path / "out.npz"), *extra],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(scratch)},
+        capture_output=True, text=True, timeout=120,
     )
-    assert not list(scratch.glob("edgedeploy-run-*")), "the runner left its private copy behind"
+    # Its private copy goes beside the outputs (the run's directory on the board), and is gone when it is done.
+    assert not list(tmp_path.glob("edgedeploy-run-*")), "the runner left its private copy behind"
     return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
