@@ -71,9 +71,8 @@ def test_a_waiting_session_gets_the_board_when_the_holder_is_done(lab_x86):
 
 def test_a_holder_whose_connection_drops_frees_the_board(lab_x86):
     """The lock's holder runs under the supervisor: the board frees itself when its controller vanishes."""
-    from tests.targets.test_ssh import _session_of
-
     from tests.lab import process_running
+    from tests.targets.test_ssh import _session_of
 
     profile = _profile(lab_x86, "lab-x86-d", "device-d", 600)
     held = DeviceSession(profile).__enter__()  # never left: its connection is cut below
