@@ -50,30 +50,31 @@ def _baseline(config: RunConfig, info: ModelInfo, data: PreparedData, profile: D
                                                          which="baseline", folder=folder)
 
 
-def _refusal(candidate: Candidate, model: onnx.ModelProto, info: ModelInfo, profile: DeviceProfile,
-             data: PreparedData) -> str | None:
-    if candidate.quant.scheme == "int8" and not data.calibration_path:
-        return "no calibration data (pass --calib-data)"
+def _checked(candidate: Candidate, model: onnx.ModelProto, info: ModelInfo, profile: DeviceProfile, *,
+             calibrated: bool) -> tuple[Candidate, str | None]:
+    """(the candidate as it is built, why the checks refuse it or None). A TVM candidate is built as the checks
+    would (7-bit weights where its kernels use VPMADDUBSW: without them no kernel takes the instruction, and it
+    measures plain integer loops); onnxruntime's stay exactly as listed: its reduce-range variant is a candidate of
+    its own."""
+    if candidate.quant.scheme == "int8" and not calibrated:
+        return candidate, "no calibration data (pass --calib-data)"
     report = run_checks(model, info, profile, candidate.quant, runtime=candidate.runtime)
+    if candidate.runtime == "tvm":
+        candidate = candidate.model_copy(update={"quant": report.quant})
     refused = report.refused
-    return f"{refused[0].check}: {refused[0].reason}" if refused else None
+    return candidate, f"{refused[0].check}: {refused[0].reason}" if refused else None
 
 
 def as_checked(candidate: Candidate, model: onnx.ModelProto, info: ModelInfo, profile: DeviceProfile) -> Candidate:
-    """A TVM candidate as the checks would build it (7-bit weights where its kernels use VPMADDUBSW: without them
-    no kernel takes the instruction, and the candidate measures plain integer loops). onnxruntime's candidates stay
-    exactly as listed: its reduce-range variant is a candidate of its own."""
-    if candidate.runtime != "tvm":
-        return candidate
-    return candidate.model_copy(update={"quant": run_checks(model, info, profile, candidate.quant,
-                                                            runtime="tvm").quant})
+    """The candidate as it is built (see _checked)."""
+    return _checked(candidate, model, info, profile, calibrated=True)[0]
 
 
 def _partial_plan(config: RunConfig, info: ModelInfo, profile: DeviceProfile, data: PreparedData,
                   model: onnx.ModelProto) -> PartialPlan | None:
     """Does the default int8 stay within budget, and if not, which layers must stay float? (host-side)"""
     int8 = Candidate(runtime="onnxruntime", quant=QuantConfig(scheme="int8"))
-    if _refusal(int8, model, info, profile, data):
+    if _checked(int8, model, info, profile, calibrated=bool(data.calibration_path))[1]:
         return None
     return partial_task(config, info, data, int8.quant)
 
@@ -107,9 +108,8 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
         candidates += [c for c in (Candidate(runtime="onnxruntime", quant=kept), Candidate(runtime="tvm", quant=kept))
                        if config.runtime in (None, c.runtime)]
     def attempt(candidate: Candidate) -> None:
-        candidate = as_checked(candidate, model, info, profile)
+        candidate, reason = _checked(candidate, model, info, profile, calibrated=bool(data.calibration_path))
         label, unit = candidate.label(), profile.unit_of(candidate.runtime)
-        reason = _refusal(candidate, model, info, profile, data)
         if reason:
             outcomes.append(CandidateOutcome(label=label, runtime=candidate.runtime, unit=unit,
                                              scheme=candidate.quant.label(), status="refused", reason=reason))

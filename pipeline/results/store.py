@@ -199,8 +199,7 @@ class ResultStore:
                                                 record=r["record"], mean_s=r["mean_s"], source=source, created=now)
                                 for key, r in new.items())
         except SQLAlchemyError as exc:
-            raise StageError("Cannot store tuning records", value=self.engine_url_safe(),
-                             reason=str(exc).splitlines()[0][:300]) from exc
+            raise _database_error("Cannot store tuning records", self.engine_url_safe(), exc) from exc
         return len(new)
 
     def tuning_records(self, target_key: str) -> list[dict[str, Any]]:
@@ -210,8 +209,7 @@ class ResultStore:
                 rows = session.scalars(select(TuningRecordRow).where(TuningRecordRow.target_key == target_key))
                 return [{"key": r.key, "workload": r.workload, "record": r.record, "mean_s": r.mean_s} for r in rows]
         except SQLAlchemyError as exc:
-            raise StageError("Cannot read tuning records", value=self.engine_url_safe(),
-                             reason=str(exc).splitlines()[0][:300]) from exc
+            raise _database_error("Cannot read tuning records", self.engine_url_safe(), exc) from exc
 
     def tuning_targets(self) -> list[tuple[str, dict[str, Any], int]]:
         """(target key, target, records) for every target the lab has records for."""
@@ -225,8 +223,7 @@ class ResultStore:
                                                 .where(TuningRecordRow.target_key == key).limit(1)).one()
                            for key in counts}
         except SQLAlchemyError as exc:
-            raise StageError("Cannot read tuning records", value=self.engine_url_safe(),
-                             reason=str(exc).splitlines()[0][:300]) from exc
+            raise _database_error("Cannot read tuning records", self.engine_url_safe(), exc) from exc
         return [(key, targets[key], counts[key]) for key in sorted(counts)]
 
     def runs(self, *, model_sha256: str | None = None, profile: str | None = None,

@@ -134,9 +134,13 @@ class SSHConnection:
             transport.set_keepalive(t.keepalive)
         return client
 
-    def _ssh(self) -> paramiko.SSHClient:
+    def _connected(self) -> bool:
+        """Is the SSH connection up (a status -1 or a failed write over a dead one is a drop, not an answer)?"""
         transport = self._client.get_transport() if self._client else None
-        if transport is None or not transport.is_active():
+        return transport is not None and transport.is_active()
+
+    def _ssh(self) -> paramiko.SSHClient:
+        if not self._connected():
             self.close()
             self._client = self._connect()
         return self._client

@@ -149,17 +149,11 @@ class RemoteCommands(SSHConnection):
         if code in KILLED_BY_TIMEOUT and time.monotonic() - started >= limit - 1:
             raise CommandTimeout(f"Command on the device ran past its {limit:.0f} s limit and was killed there "
                                  "with its process group", host=self.name, command=" ".join(argv[:3]))
-        if code == -1 and not self._still_connected(channel):
+        if code == -1 and not self._connected():  # alive: a command killed by a signal (sshd's exit-signal)
             self.close()
             raise ConnectFailed("The connection dropped while a command ran (the device's supervisor ends the "
                                 "command and its process group)", host=self.name, command=" ".join(argv[:3]))
         return CommandResult(tuple(argv), code, out.decode(errors="replace"), err.decode(errors="replace"))
-
-    @staticmethod
-    def _still_connected(channel: paramiko.Channel) -> bool:
-        """-1 with the connection alive is a command killed by a signal (sshd's exit-signal); without it, a drop."""
-        transport = channel.get_transport()
-        return transport is not None and transport.is_active()
 
     # -- for tuning on the board: a server left running -------------------------------------------------
     def start(self, argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -> RemoteProcess:

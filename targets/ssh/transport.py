@@ -40,10 +40,6 @@ class SSHTransport(RemoteCommands, PortForwarding):
         if arrived != size:
             raise OSError(f"only {arrived} of {size} bytes arrived")
 
-    def _connected(self) -> bool:
-        transport = self._client.get_transport() if self._client else None
-        return transport is not None and transport.is_active()
-
     def _write_refused(self, local: Path, remote: str, exc: BaseException) -> TransportError:
         """sftp-server answers a full disk with a bare "Failure": the free space says whether that was it."""
         try:

@@ -94,23 +94,24 @@ def _dot_tiles(extent: int, parts: int, axis: int, spatial_axes: int, lanes: int
     return [extent, 1, 1, 1]
 
 
-def _tensorized(trace) -> bool:
+def _tensorized(trace) -> bool:  # MetaSchedule marked a block for its dot-product intrinsic
     return any(inst.kind.name == "Annotate" and str(inst.attrs[0]) == "meta_schedule.auto_tensorize"
                for inst in trace.insts)
 
 
+def _without(trace, annotation: str):
+    keep = [inst for inst in trace.insts if not (inst.kind.name == "Annotate" and str(inst.attrs[0]) == annotation)]
+    return tvm.s_tir.Trace(keep, {inst: decision for inst, decision in trace.decisions.items() if inst in keep})
+
+
 def serial(trace):
     """``trace`` without its parallel annotation: a small kernel's work doesn't pay for waking the thread pool."""
-    keep = [inst for inst in trace.insts if not (inst.kind.name == "Annotate"
-                                                  and str(inst.attrs[0]) == "meta_schedule.parallel")]
-    return tvm.s_tir.Trace(keep, {inst: decision for inst, decision in trace.decisions.items() if inst in keep})
+    return _without(trace, "meta_schedule.parallel")
 
 
 def unvectorized(trace):
     """``trace`` without its vectorize annotation: around a dot-product intrinsic, which is vector code already."""
-    keep = [inst for inst in trace.insts if not (inst.kind.name == "Annotate"
-                                                  and str(inst.attrs[0]) == "meta_schedule.vectorize")]
-    return tvm.s_tir.Trace(keep, {inst: decision for inst, decision in trace.decisions.items() if inst in keep})
+    return _without(trace, "meta_schedule.vectorize")
 
 
 def decided(trace, lanes: int, dot_lanes: int = 0):

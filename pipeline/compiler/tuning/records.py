@@ -76,12 +76,12 @@ def read(directory: Path, per_kernel: int | None = None) -> list[dict[str, Any]]
     if not (directory / RECORDS_FILE).exists():
         return []
     with locked(directory, exclusive=False):
-        return _read(directory, per_kernel)
+        return _read(_database(directory), per_kernel)
 
 
-def _read(directory: Path, per_kernel: int | None) -> list[dict[str, Any]]:
+def _read(database, per_kernel: int | None) -> list[dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for record in _database(directory).get_all_tuning_records():
+    for record in database.get_all_tuning_records():
         mean = _mean_seconds(record.run_secs)
         if mean is None:
             continue
@@ -108,9 +108,10 @@ def write(directory: Path, records: list[dict[str, Any]]) -> int:
     with locked(directory, exclusive=True, wait=False) as mine:
         if not mine:
             return 0
-        have = {r["key"] for r in _read(directory, None)} if (directory / RECORDS_FILE).exists() else set()
+        database = _database(directory)  # read once: what it has, then what it gets
+        have = {r["key"] for r in _read(database, None)}
         new = [r for r in records if r["key"] not in have]
-        return _commit(ms, _database(directory), new) if new else 0
+        return _commit(ms, database, new) if new else 0
 
 
 def _commit(ms, database, new: list[dict[str, Any]]) -> int:
