@@ -12,7 +12,14 @@ from tvm import relax
 
 from pipeline.compiler.build import _cpu_build
 from pipeline.compiler.frontend import relax_module, resolve_target
-from pipeline.compiler.tuning.defaults import PARALLEL_MIN_FLOPS, decided, serial, vector_lanes
+from pipeline.compiler.tuning.defaults import (
+    ACCUMULATORS,
+    PARALLEL_MIN_FLOPS,
+    decided,
+    register_block,
+    serial,
+    vector_lanes,
+)
 from pipeline.compiler.tuning.lowering import fused
 from pipeline.ingest import ingest
 from pipeline.quantize import QuantConfig, QuantizedModel, quantize
@@ -58,13 +65,27 @@ def test_the_decisions_tile_the_output_channels_by_the_vector_lanes():
     trace = decided(context.generate_design_space()[0].trace.simplified(remove_postproc=True), lanes=16)
     tiles = [[int(v) for v in trace.decisions[inst]] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
     spatial = [t for t in tiles if len(t) == 4]
-    assert spatial[-1] == [4, 1, 1, 16]  # 64 output channels: 4 vectors of 16 lanes, innermost
-    assert spatial[-2] == [4, 1, 4, 1]  # 16 columns: 4 in registers at a time
+    assert spatial[-1] == [2, 1, 1, 32]  # 64 output channels: 2 vectors of 16 lanes in registers, innermost
+    assert spatial[-2] == [4, 1, 4, 1]  # 16 columns: 4 in registers at a time (8 accumulators)
     assert all(t[1:] == [1, 1, 1] for t in spatial[:-2])  # the rest outermost, run in parallel
     assert all(len(t) == 2 and t[1] <= 4 for t in tiles if len(t) != 4)  # reductions in small tiles
     parallel = [i for i in trace.insts if i.kind.name == "Annotate" and str(i.attrs[0]) == "meta_schedule.parallel"]
     assert parallel and not [i for i in serial(trace).insts if i in parallel]
     assert PARALLEL_MIN_FLOPS > 0
+
+
+@pytest.mark.parametrize(("extents", "pixels", "channels"), [
+    ((1, 14, 14, 256), [1, 2, 2], 16),  # 2 vectors x 2x2 pixels
+    ((1, 7, 7, 512), [1, 1, 7], 8),  # a 7-wide row: 7 pixels, not 4 rows that don't divide it (was 1 pixel)
+    ((1, 13, 13, 384), [1, 1, 13], 8),  # YOLOX's smallest scale: a whole 13-wide row (was 1 pixel)
+    ((1, 56, 56, 24), [1, 1, 8], 8),  # 24 channels: 3 vectors would be more than OUTPUT_VECTORS
+    ((36, 169, 96), [1, 13], 8),  # a batched matmul (Winograd): its batch rows share no weights, never blocked
+    ((1, 10), [1], 5),  # channels not a multiple of the lanes: a divisor of them, one pixel
+])
+def test_the_register_block_holds_the_most_accumulators_that_fit(extents, pixels, channels):
+    block = register_block(list(extents), lanes=8)
+    assert block == (pixels, channels)
+    assert max(1, channels // 8) * int(np.prod(pixels)) <= ACCUMULATORS
 
 
 def test_lanes_follow_the_profiles_cpu():

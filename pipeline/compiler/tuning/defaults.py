@@ -5,11 +5,13 @@ onnxruntime fp32. Here each kernel takes MetaSchedule's own design space for the
 SSRSRS, parallel outer loops, vectorised inner ones, unrolling: the space tuning searches), and instead of sampling
 its decisions at random or timing candidates, they are set from the profile:
 
-- the innermost output axis (output channels of a conv, columns of a matmul) is tiled by the vector lanes (16 fp32
-  in AVX-512, 8 in AVX2, 4 in NEON), so the innermost loop is one vector register;
-- the next output axis by up to 4 (a register block of rows: 4 accumulators that share every loaded weight);
-- every other spatial axis stays whole in the outermost tile, which MetaSchedule's postprocessing fuses and runs in
-  parallel on the profile's cores;
+- a register block of output pixels x output channels, as many accumulators as the registers hold
+  (:func:`register_block`): the innermost output axis (output channels of a conv, columns of a matmul) in one or two
+  vectors of the lanes (16 fp32 in AVX-512, 8 in AVX2, 4 in NEON), the pixels (a conv's rows and columns, a
+  matmul's rows; never a batch axis, whose rows share no weights) tiled by divisors of their extents, up to
+  ACCUMULATORS in all; each loaded weight vector is shared by every pixel, each broadcast input by every vector;
+- what is left of every spatial axis stays in the outermost tile, which MetaSchedule's postprocessing fuses and
+  runs in parallel on the profile's cores;
 - reduction axes in tiles of up to 4, unrolled up to 64 steps; producers (padding) computed at the root.
 
 A kernel laid out for a dot-product instruction (passes.dot: VNNI, vpmaddubsw, sdot, NEON) takes the tensorizing
@@ -26,6 +28,8 @@ one thread.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +37,15 @@ import tvm
 
 from targets.profiles import DeviceProfile
 
-REGISTER_ROWS = 4
+# The register block: AVX2 has 16 vector registers; a block of A accumulators needs its weight vectors (up to
+# OUTPUT_VECTORS) and a broadcast input beside them. Measured on an AVX2 AMD EPYC (2026-12-07, untuned fp32 against
+# onnxruntime fp32, side by side): the former 4 rows x 1 vector (1 row in a 7-wide layer, where 4 doesn't divide)
+# PP-LCNet 0.36x, YOLOX 0.37x; 12 accumulators, 2 vectors 0.85x / 0.53x; 13 (a 13-wide row, YOLOX's every scale)
+# 0.78-0.86x / 0.62x; 14 or 3-4 vectors slower (spills). The same block on 32-register ISAs (AVX-512, NEON) is
+# smaller than they could hold, and still larger than before.
+ACCUMULATORS = 13
+OUTPUT_VECTORS = 2
+REGISTER_ROWS = 4  # around a dot-product intrinsic (its own tiles are wider: _dot_tiles)
 REDUCTION_TILE = 4
 UNROLL = 64
 # Below this, a kernel runs on one thread: waking the pool costs ~5-20 us, what 1e5-1e6 operations take on one core.
@@ -60,20 +72,44 @@ def _largest_divisor(extent: int, at_most: int) -> int:
     return next(f for f in range(max(1, min(extent, at_most)), 0, -1) if extent % f == 0)
 
 
-def _tiles(extent: int, parts: int, axis: int, spatial_axes: int, lanes: int) -> list[int] | None:
-    """The tile sizes of one loop: ``axis`` counts the block's spatial loops (tiled in 4), -1 a reduction loop."""
+def register_block(extents: list[int], lanes: int) -> tuple[list[int], int]:
+    """For a block's spatial loops (``extents``, outermost first, output channels last): how many of each axis's
+    pixels the register block holds, and the output channels it holds (a multiple of ``lanes``; or fewer, where the
+    channels are not a multiple of the lanes, with one pixel). The most accumulators within ACCUMULATORS, then the
+    fewest loads per multiply-add (weight vectors + broadcast inputs)."""
+    if not extents:  # a block that tiles only reductions
+        return [], 1
+    channels = extents[-1]
+    pixel_axes = range(1 if len(extents) >= 3 else 0, len(extents) - 1)  # not a batch axis (its own weights)
+    best: tuple[tuple[int, int], list[int], int] | None = None
+    for vectors in range(1, OUTPUT_VECTORS + 1):
+        if channels % (vectors * lanes):
+            continue
+        pixels, budget = [1] * (len(extents) - 1), ACCUMULATORS // vectors
+        for axis in reversed(pixel_axes):  # the innermost pixels first (contiguous inputs)
+            pixels[axis] = _largest_divisor(extents[axis], budget)
+            budget //= pixels[axis]
+        held = vectors * math.prod(pixels)
+        score = (held, -(vectors + math.prod(pixels)))
+        if best is None or score > best[0]:
+            best = (score, pixels, vectors * lanes)
+    if best is None:
+        return [1] * (len(extents) - 1), _largest_divisor(channels, lanes)
+    return best[1], best[2]
+
+
+def _tiles(extent: int, parts: int, axis: int, block: tuple[list[int], int]) -> list[int] | None:
+    """The tile sizes of one loop: ``axis`` counts the block's spatial loops (tiled in 4), -1 a reduction loop;
+    ``block``: :func:`register_block`'s."""
     if parts == 2:  # a reduction loop: small inner tiles
         inner = _largest_divisor(extent, REDUCTION_TILE)
         return [extent // inner, inner]
     if parts != 4:
         return None
-    if axis == spatial_axes - 1:  # the innermost output axis: one vector register
-        vector = _largest_divisor(extent, lanes)
-        return [extent // vector, 1, 1, vector]
-    if axis == spatial_axes - 2:  # a block of rows held in registers
-        rows = _largest_divisor(extent, REGISTER_ROWS)
-        return [extent // rows, 1, rows, 1]
-    return [extent, 1, 1, 1]  # outermost: fused with the others and run in parallel
+    pixels, channels = block
+    if axis == len(pixels):  # the output channels: innermost, vectorised
+        return [extent // channels, 1, 1, channels]
+    return [extent // pixels[axis], 1, pixels[axis], 1]  # the rest outermost: fused and run in parallel
 
 
 def _dot_tiles(extent: int, parts: int, axis: int, spatial_axes: int, lanes: int) -> list[int] | None:
@@ -114,24 +150,40 @@ def unvectorized(trace):
     return _without(trace, "meta_schedule.vectorize")
 
 
+def _blocks(trace) -> tuple[dict[Any, int], dict[int, list[int]]]:
+    """Which block (the index of the GetLoops that made it) each loop of ``trace`` is of, and the extents of each
+    block's spatial loops in order: a kernel may tile more than one block."""
+    block_of = {loop: index for index, inst in enumerate(trace.insts) if inst.kind.name == "GetLoops"
+                for loop in inst.outputs}
+    spatial: dict[int, list[int]] = {}
+    for inst in trace.insts:
+        if inst.kind.name == "SamplePerfectTile" and int(inst.attrs[0]) == 4:
+            spatial.setdefault(block_of.get(inst.inputs[0], -1), []).append(
+                math.prod(int(factor) for factor in trace.decisions[inst]))
+    return block_of, spatial
+
+
 def decided(trace, lanes: int, dot_lanes: int = 0):
     """``trace`` (a design space's) with every sampling decision set as the module docstring says; a tensorized one
     (``dot_lanes``: its intrinsic's outputs) as :func:`_dot_tiles` says."""
-    choose = _tiles
-    if dot_lanes and _tensorized(trace):
-        trace, lanes, choose = unvectorized(trace), dot_lanes, _dot_tiles
-    tiles = [inst for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
-    spatial_axes = sum(1 for inst in tiles if int(inst.attrs[0]) == 4)
-    axis = 0
+    tensorized = bool(dot_lanes) and _tensorized(trace)
+    if tensorized:
+        trace, lanes = unvectorized(trace), dot_lanes
+    block_of, spatial = _blocks(trace)
+    seen: Counter[int] = Counter()  # spatial loops decided so far, per block
     for inst in trace.insts:
         kind = inst.kind.name
         if kind == "SamplePerfectTile":
             parts = int(inst.attrs[0])
-            extent = 1
-            for factor in trace.decisions[inst]:
-                extent *= int(factor)
-            decision = choose(extent, parts, axis if parts == 4 else -1, spatial_axes, lanes)
-            axis += parts == 4
+            extent = math.prod(int(factor) for factor in trace.decisions[inst])
+            block = block_of.get(inst.inputs[0], -1)
+            extents = spatial.get(block, [])
+            axis = seen[block] if parts == 4 else -1
+            seen[block] += parts == 4
+            if tensorized:
+                decision = _dot_tiles(extent, parts, axis, len(extents), lanes)
+            else:
+                decision = _tiles(extent, parts, axis, register_block(extents, lanes))
             if decision is not None:
                 trace = trace.with_decision(inst, decision, remove_postproc=True)
         elif kind == "SampleCategorical":  # the unroll depth
