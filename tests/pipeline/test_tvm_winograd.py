@@ -146,13 +146,14 @@ def test_a_schedule_rule_that_fails_leaves_the_kernel_unscheduled_not_the_tuning
     """MetaSchedule calls the rules inside its search: an error there would end the whole tuning run."""
     from tvm.s_tir import Schedule
 
-    from pipeline.compiler.passes.winograd import _falling_back, winograd_input
+    from pipeline.compiler.passes.relax_util import falling_back
+    from pipeline.compiler.passes.winograd import winograd_input
 
     def broken(sch, block):
         raise ValueError("a fused op the rule was not written for")
 
     sch = Schedule(winograd_input((1, 16, 16, 16), 1, 1, (16, 16)))
     with caplog.at_level("WARNING"):
-        schedules = _falling_back(broken)(sch, sch.get_sblock("winograd_input"))
+        schedules = falling_back(broken, "Winograd")(sch, sch.get_sblock("winograd_input"))
     assert len(schedules) == 1 and schedules[0] is sch  # as it came: the rule worked on a copy
     assert "left unscheduled" in caplog.text and "a fused op the rule was not written for" in caplog.text

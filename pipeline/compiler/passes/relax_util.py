@@ -1,8 +1,10 @@
-"""What the Relax passes share: walking and rewriting a module's Relax functions, counting operator calls, and
-adding the TIR kernels a rewrite calls."""
+"""What the Relax passes share: walking and rewriting a module's Relax functions, counting operator calls, adding
+the TIR kernels a rewrite calls, and registering MetaSchedule rules for them safely."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import tvm
@@ -87,3 +89,20 @@ def rewrite_convs(mod: tvm.IRModule, kernels: KernelSet,
             return call if replaced is None else replaced
 
     return relax.transform.Normalize()(kernels.added_to(map_relax_functions(mod, Rewrite().visit_expr)))
+
+
+def falling_back(rule: Callable, what: str) -> Callable:
+    """``rule`` (a MetaSchedule schedule rule: schedule, block -> schedules) such that, should it fail on a kernel it
+    was not written for, it leaves that kernel unscheduled (slow, still right) instead of ending the build or the
+    tuning run: MetaSchedule calls rules inside its search. ``what``: the rule's name in the warning."""
+    @functools.wraps(rule)
+    def safe(sch, block):
+        try:
+            return rule(sch.copy(), block)
+        except Exception as exc:  # noqa: BLE001 (any failure of a schedule primitive)
+            logging.getLogger(rule.__module__).warning(
+                "%s schedule rule %s failed on %s (left unscheduled): %s", what, rule.__name__,
+                sch.mod.get_global_vars()[0].name_hint, str(exc).strip().splitlines()[-1:])
+            return [sch]
+
+    return safe

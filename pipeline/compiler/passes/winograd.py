@@ -45,6 +45,7 @@ from tvm import relax, te
 from pipeline.compiler.passes.relax_util import (
     KernelSet,
     count_calls,
+    falling_back,
     int64_shape,
     rewrite_convs,
     static_nhwc_batch_one,
@@ -260,26 +261,11 @@ def schedule_output(sch, block):
     return [sch]
 
 
-def _falling_back(rule):
-    """A rule that, should it fail on a kernel it was not written for, leaves that kernel unscheduled (slow, still
-    right) instead of ending the tuning run: MetaSchedule calls rules inside its search."""
-    @functools.wraps(rule)
-    def safe(sch, block):
-        try:
-            return rule(sch.copy(), block)
-        except Exception as exc:  # noqa: BLE001 (any failure of a schedule primitive)
-            log.warning("Winograd schedule rule %s failed on %s (left unscheduled): %s", rule.__name__,
-                        sch.mod.get_global_vars()[0].name_hint, str(exc).strip().splitlines()[-1:])
-            return [sch]
-
-    return safe
-
-
 @functools.cache
 def register_schedule_rules() -> None:
     """MetaSchedule calls these for the transform blocks (their ``schedule_rule``) on CPU targets."""
-    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{INPUT_RULE}", _falling_back(schedule_input), override=True)
-    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{OUTPUT_RULE}", _falling_back(schedule_output), override=True)
+    for name, rule in ((INPUT_RULE, schedule_input), (OUTPUT_RULE, schedule_output)):
+        tvm.register_global_func(f"s_tir.meta_schedule.cpu.{name}", falling_back(rule, "Winograd"), override=True)
 
 
 def _filter(call: relax.Call) -> np.ndarray | None:

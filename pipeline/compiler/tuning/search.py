@@ -27,6 +27,7 @@ from pipeline.compiler.passes.dot import (
     count_dot_ops,
 )
 from pipeline.compiler.passes.dot_intrinsics import search_space
+from pipeline.compiler.passes.pooling import register_pool_rule
 from pipeline.compiler.passes.winograd import register_schedule_rules
 from pipeline.compiler.tuning.curve import CurvePoint, tuning_curve
 from pipeline.compiler.tuning.defaults import default_schedules, vector_lanes_of
@@ -262,6 +263,7 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     target = tvm.target.Target(cpu)
     load_tensor_intrinsics(target)  # before MetaSchedule imports every target's (compiler.intrinsics)
     register_schedule_rules()  # the Winograd transforms' (passes.winograd), whoever rewrote the module
+    register_pool_rule()
     decomposed = decompose(mod, target)
     mod = fuse(decomposed, target)
     tasks = heaviest_first(ms.relax_integration.extract_tasks(mod, target))
