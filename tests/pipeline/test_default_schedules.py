@@ -15,6 +15,7 @@ from pipeline.compiler.frontend import relax_module, resolve_target
 from pipeline.compiler.tuning.defaults import (
     ACCUMULATORS,
     PARALLEL_MIN_FLOPS,
+    _blocks,
     decided,
     register_block,
     serial,
@@ -62,7 +63,11 @@ def test_the_decisions_tile_the_output_channels_by_the_vector_lanes():
                if "conv2d" in t.task_name]
     context = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
                              search_strategy="replay-trace", rand_state=1)
-    trace = decided(context.generate_design_space()[0].trace.simplified(remove_postproc=True), lanes=16)
+    space = context.generate_design_space()[0].trace.simplified(remove_postproc=True)
+    _, spatial_extents = _blocks(space)
+    assert spatial_extents == {next(iter(spatial_extents)): [1, 16, 16, 64]}  # one tiled block, found by its loops
+    assert next(iter(spatial_extents)) >= 0
+    trace = decided(space, lanes=16)
     tiles = [[int(v) for v in trace.decisions[inst]] for inst in trace.insts if inst.kind.name == "SamplePerfectTile"]
     spatial = [t for t in tiles if len(t) == 4]
     assert spatial[-1] == [2, 1, 1, 32]  # 64 output channels: 2 vectors of 16 lanes in registers, innermost
@@ -80,12 +85,13 @@ def test_the_decisions_tile_the_output_channels_by_the_vector_lanes():
     ((1, 13, 13, 384), [1, 1, 13], 8),  # YOLOX's smallest scale: a whole 13-wide row (was 1 pixel)
     ((1, 56, 56, 24), [1, 1, 8], 8),  # 24 channels: 3 vectors would be more than OUTPUT_VECTORS
     ((36, 169, 96), [1, 13], 8),  # a batched matmul (Winograd): its batch rows share no weights, never blocked
-    ((1, 10), [1], 5),  # channels not a multiple of the lanes: a divisor of them, one pixel
+    ((1, 10), [1], 5),  # channels not a multiple of the lanes: a divisor of them
+    ((1, 13, 13, 4), [1, 1, 13], 4),  # YOLOX's 4 box coordinates: half a vector, still a row of pixels
 ])
 def test_the_register_block_holds_the_most_accumulators_that_fit(extents, pixels, channels):
     block = register_block(list(extents), lanes=8)
     assert block == (pixels, channels)
-    assert max(1, channels // 8) * int(np.prod(pixels)) <= ACCUMULATORS
+    assert max(1, channels // 8) * int(np.prod(pixels)) <= ACCUMULATORS  # the parametrization's own sanity
 
 
 def test_lanes_follow_the_profiles_cpu():

@@ -6,7 +6,7 @@ factor the window's reduction into a second buffer (rfactor) and leave it on one
 and tuned alike (no multi-level tiling for a block without data reuse). YOLOX's spatial pyramid pools (5x5, 9x9
 and 13x13 windows on a 13x13 map, 192 channels) took 7.2 ms of its 85 ms untuned fp32 on an AVX2 EPYC. Here each
 output pixel's channels are vectors, the window's loops run around them, the output pixels run in parallel, and the
-padded copy is computed in parallel and vectorized too.
+padded copy is computed vectorized too.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from pipeline.compiler.passes.relax_util import falling_back
 __all__ = ["POOL_RULE", "register_pool_rule", "schedule_pool"]
 
 POOL_RULE = "meta_schedule.pool_max"
+# The most iterations of the outer loops MetaSchedule's postprocessing fuses into one parallel loop (what its own
+# parallel rule asks for on 2-32 cores: 16 jobs a core).
+PARALLEL_EXTENT = 512
 WIDEST = 16  # the widest vector tried on the channels (AVX-512's float32 lanes; LLVM splits it for AVX2 and NEON)
 
 
@@ -41,26 +44,30 @@ def _vectorized(sch, loop) -> None:
 
 
 def schedule_pool(sch, block):
-    """Output pixels in parallel; for each, its channels in vectors (innermost), the window's loops around them."""
+    """For each output pixel, its channels in vectors (innermost), the window's loops around them; the pixels in
+    parallel as every kernel's outer loops are (MetaSchedule's annotation, which an untuned build drops for a
+    kernel too small to wake the thread pool for: tuning.defaults.serial). Any other pool (1-D, 3-D) goes to
+    MetaSchedule's generic rules."""
     loops = sch.get_loops(block)
-    if len(loops) != 6:  # n, h, w, c and the window's rows and columns (passes.layout leaves every pool NHWC)
+    if len(loops) != 6:  # not a 2-D pool: n, h, w, c and the window's rows and columns
+        sch.unannotate(block, "schedule_rule")
         return [sch]
-    *spatial, channels, window_rows, window_columns = loops
+    # NHWC wherever passes.layout reached the pool (after a conv): the channels innermost. An NCHW pool vectorizes
+    # its output columns instead (strided loads for a strided pool; still right).
+    *_, channels, window_rows, window_columns = loops
     lanes = _vector(int(sch.get(channels).extent))
     vector_outer, vector = sch.split(channels, [None, lanes])
     sch.reorder(vector_outer, window_rows, window_columns, vector)
-    sch.parallel(sch.fuse(*spatial))
     if lanes > 1:
         sch.vectorize(vector)
-    for producer in sch.get_producers(block):  # the padded copy: rows in parallel, channels in vectors
-        *outer, last = sch.get_loops(producer)
-        _vectorized(sch, last)
-        sch.parallel(sch.fuse(*outer))
+    for producer in sch.get_producers(block):  # the padded copy: channels in vectors too
+        _vectorized(sch, sch.get_loops(producer)[-1])
+    sch.annotate(sch.get_sblock("root"), "meta_schedule.parallel", PARALLEL_EXTENT)
     return [sch]
 
 
 @functools.cache
 def register_pool_rule() -> None:
     """MetaSchedule calls it for every ``pool_max`` block on CPU targets (the global function it looks up)."""
-    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{POOL_RULE}", falling_back(schedule_pool, "pooling"),
-                             override=True)
+    rule = falling_back(schedule_pool, "pooling", generic=True)
+    tvm.register_global_func(f"s_tir.meta_schedule.cpu.{POOL_RULE}", rule, override=True)

@@ -91,18 +91,22 @@ def rewrite_convs(mod: tvm.IRModule, kernels: KernelSet,
     return relax.transform.Normalize()(kernels.added_to(map_relax_functions(mod, Rewrite().visit_expr)))
 
 
-def falling_back(rule: Callable, what: str) -> Callable:
+def falling_back(rule: Callable, what: str, *, generic: bool = False) -> Callable:
     """``rule`` (a MetaSchedule schedule rule: schedule, block -> schedules) such that, should it fail on a kernel it
     was not written for, it leaves that kernel unscheduled (slow, still right) instead of ending the build or the
-    tuning run: MetaSchedule calls rules inside its search. ``what``: the rule's name in the warning."""
+    tuning run: MetaSchedule calls rules inside its search. ``generic``: to MetaSchedule's generic rules instead
+    (they skip a block while it names a rule of its own). ``what``: the rule's name in the warning."""
     @functools.wraps(rule)
     def safe(sch, block):
         try:
             return rule(sch.copy(), block)
         except Exception as exc:  # noqa: BLE001 (any failure of a schedule primitive)
             logging.getLogger(rule.__module__).warning(
-                "%s schedule rule %s failed on %s (left unscheduled): %s", what, rule.__name__,
-                sch.mod.get_global_vars()[0].name_hint, str(exc).strip().splitlines()[-1:])
+                "%s schedule rule %s failed on %s (left %s): %s", what, rule.__name__,
+                sch.mod.get_global_vars()[0].name_hint, "to the generic rules" if generic else "unscheduled",
+                str(exc).strip().splitlines()[-1:])
+            if generic:
+                sch.unannotate(block, "schedule_rule")
             return [sch]
 
     return safe

@@ -36,7 +36,6 @@ Only in tuned builds (frontend.rewrites): untuned, the transforms would be plain
 from __future__ import annotations
 
 import functools
-import logging
 
 import numpy as np
 import tvm
@@ -53,7 +52,6 @@ from pipeline.compiler.passes.relax_util import (
 
 __all__ = ["count_winograd_convs", "register_schedule_rules", "winograd_convs", "winograd_filter"]
 
-log = logging.getLogger(__name__)
 
 TILE, KERNEL = 4, 3  # F(4x4, 3x3)
 ALPHA = TILE + KERNEL - 1  # the transformed tile's side, 6

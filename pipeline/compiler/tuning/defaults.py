@@ -74,17 +74,19 @@ def _largest_divisor(extent: int, at_most: int) -> int:
 
 def register_block(extents: list[int], lanes: int) -> tuple[list[int], int]:
     """For a block's spatial loops (``extents``, outermost first, output channels last): how many of each axis's
-    pixels the register block holds, and the output channels it holds (a multiple of ``lanes``; or fewer, where the
-    channels are not a multiple of the lanes, with one pixel). The most accumulators within ACCUMULATORS, then the
-    fewest loads per multiply-add (weight vectors + broadcast inputs)."""
+    pixels the register block holds, and the output channels it holds (1 or 2 vectors of ``lanes``; where the channels
+    are not a multiple of the lanes, the largest divisor of them under a vector, as one accumulator). The most
+    accumulators within ACCUMULATORS, then the fewest loads per multiply-add (weight vectors + broadcast inputs)."""
     if not extents:  # a block that tiles only reductions
         return [], 1
     channels = extents[-1]
-    pixel_axes = range(1 if len(extents) >= 3 else 0, len(extents) - 1)  # not a batch axis (its own weights)
+    # The first axis of a block with 3 or more is a batch (a batched matmul's, whose rows share no weights; a conv's
+    # N, which is 1): only the others are pixels.
+    pixel_axes = range(1 if len(extents) >= 3 else 0, len(extents) - 1)
+    widths = [(v, v * lanes) for v in range(1, OUTPUT_VECTORS + 1) if channels % (v * lanes) == 0] or \
+        [(1, _largest_divisor(channels, lanes))]
     best: tuple[tuple[int, int], list[int], int] | None = None
-    for vectors in range(1, OUTPUT_VECTORS + 1):
-        if channels % (vectors * lanes):
-            continue
+    for vectors, width in widths:
         pixels, budget = [1] * (len(extents) - 1), ACCUMULATORS // vectors
         for axis in reversed(pixel_axes):  # the innermost pixels first (contiguous inputs)
             pixels[axis] = _largest_divisor(extents[axis], budget)
@@ -92,9 +94,8 @@ def register_block(extents: list[int], lanes: int) -> tuple[list[int], int]:
         held = vectors * math.prod(pixels)
         score = (held, -(vectors + math.prod(pixels)))
         if best is None or score > best[0]:
-            best = (score, pixels, vectors * lanes)
-    if best is None:
-        return [1] * (len(extents) - 1), _largest_divisor(channels, lanes)
+            best = (score, pixels, width)
+    assert best is not None  # widths is never empty
     return best[1], best[2]
 
 
