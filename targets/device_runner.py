@@ -105,7 +105,7 @@ def load_tvm(path, threads, device="cpu"):
             key = (index, x.shape, str(x.dtype))
             if key not in staged:
                 staged[key] = tvm.runtime.empty(x.shape, str(x.dtype), dev)
-            args.append(staged[key].copyfrom(np.ascontiguousarray(x)))
+            args.append(staged[key].copyfrom(x))  # copyfrom makes it contiguous itself
         result = main(*args)
         return [result.numpy()] if hasattr(result, "numpy") else [r.numpy() for r in result]
 

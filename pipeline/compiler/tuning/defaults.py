@@ -85,18 +85,17 @@ def register_block(extents: list[int], lanes: int) -> tuple[list[int], int]:
     pixel_axes = range(1 if len(extents) >= 3 else 0, len(extents) - 1)
     widths = [(v, v * lanes) for v in range(1, OUTPUT_VECTORS + 1) if channels % (v * lanes) == 0] or \
         [(1, _largest_divisor(channels, lanes))]
-    best: tuple[tuple[int, int], list[int], int] | None = None
-    for vectors, width in widths:
+
+    def candidate(vectors: int, width: int) -> tuple[tuple[int, int], list[int], int]:
         pixels, budget = [1] * (len(extents) - 1), ACCUMULATORS // vectors
         for axis in reversed(pixel_axes):  # the innermost pixels first (contiguous inputs)
             pixels[axis] = _largest_divisor(extents[axis], budget)
             budget //= pixels[axis]
-        held = vectors * math.prod(pixels)
-        score = (held, -(vectors + math.prod(pixels)))
-        if best is None or score > best[0]:
-            best = (score, pixels, width)
-    assert best is not None  # widths is never empty
-    return best[1], best[2]
+        held = math.prod(pixels)
+        return (vectors * held, -(vectors + held)), pixels, width
+
+    _, pixels, width = max((candidate(*w) for w in widths), key=lambda c: c[0])  # the first of equals, as before
+    return pixels, width
 
 
 def _tiles(extent: int, parts: int, axis: int, block: tuple[list[int], int]) -> list[int] | None:
@@ -171,6 +170,7 @@ def decided(trace, lanes: int, dot_lanes: int = 0):
     if tensorized:
         trace, lanes = unvectorized(trace), dot_lanes
     block_of, spatial = _blocks(trace)
+    plans = {block: register_block(extents, lanes) for block, extents in spatial.items()}  # one per block
     seen: Counter[int] = Counter()  # spatial loops decided so far, per block
     for inst in trace.insts:
         kind = inst.kind.name
@@ -184,7 +184,7 @@ def decided(trace, lanes: int, dot_lanes: int = 0):
             if tensorized:
                 decision = _dot_tiles(extent, parts, axis, len(extents), lanes)
             else:
-                decision = _tiles(extent, parts, axis, register_block(extents, lanes))
+                decision = _tiles(extent, parts, axis, plans.get(block, ([], 1)))
             if decision is not None:
                 trace = trace.with_decision(inst, decision, remove_postproc=True)
         elif kind == "SampleCategorical":  # the unroll depth
