@@ -17,6 +17,17 @@ def isolated_home(tmp_path_factory, monkeypatch):
     return home
 
 
+def ort_int8_on_this_host(scheme: str = "int8"):
+    """The int8 QuantConfig the checks give onnxruntime on this machine (the `local` profile): 7-bit weights
+    (reduce-range) where the CPU has no VNNI, since onnxruntime's VPMADDUBSW kernels saturate with 8-bit ones there
+    (pipeline.checks.check_ort_int8_x86; docs/int8-saturation.md)."""
+    from pipeline.checks import check_ort_int8_x86
+    from pipeline.quantize import QuantConfig
+    from targets.profiles import load_profile
+
+    return check_ort_int8_x86(load_profile("local"), QuantConfig(scheme=scheme), "onnxruntime")[1]
+
+
 def conv_model(batch: int | str = 1) -> onnx.ModelProto:
     """x[batch,3,8,8] -> Conv(4 filters, 3x3, pad 1) -> Relu -> GlobalAveragePool -> Flatten -> y[batch,4]."""
     rng = np.random.default_rng(0)
