@@ -24,7 +24,8 @@ from pipeline.auto import (
     tuning_plan,
 )
 from pipeline.benchmark import BenchmarkReport, BenchmarkSettings
-from pipeline.checks import check_runtime, ort_int8_may_saturate, run_checks
+from pipeline.checks import check_runtime, run_checks
+from pipeline.checks_x86 import ort_int8_may_saturate
 from pipeline.compile import package_cached, prepare
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict
 from edgedeploy.errors import EdgeDeployError
 from pipeline.auto import Candidate
 from pipeline.benchmark import BenchmarkReport, BenchmarkSettings, Measurement
-from pipeline.checks import CheckReport
 from pipeline.compile import artifact_for, check_model, data_scheme, ingest_model, prepare, quantize_model
 from pipeline.config import RunConfig
 from pipeline.data import PreparedData
@@ -28,6 +27,7 @@ from pipeline.regression import Verdict
 from pipeline.report import AlsoMeasured, RunResult
 from pipeline.results.store import ResultStore
 from pipeline.session import DeviceSession, tuning_board
+from pipeline.verdicts import CheckReport
 from targets.board_state import BoardState
 from targets.profiles import DeviceProfile
 

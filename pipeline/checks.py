@@ -7,22 +7,16 @@ argued with. `deploy check` prints them; `deploy run` stops before quantizing on
 
 from __future__ import annotations
 
-from typing import Literal
-
 import onnx
-from pydantic import BaseModel, ConfigDict, Field
-from rich.console import Console, ConsoleOptions, RenderResult
-from rich.table import Table
 
+from pipeline.checks_x86 import check_ort_int8_x86, check_qdq_weights_x86, has_vpmaddubsw
 from pipeline.graph_stats import every_node, function_calls
 from pipeline.ingest import ModelInfo
 from pipeline.opset import converted, model_opset, ort_max_ir, ort_max_opset, with_ir
 from pipeline.quantize import QuantConfig
+from pipeline.verdicts import CheckReport, CheckResult, Runtime
 from targets.host import Toolchain, detect_toolchain
-from targets.profiles import HOW_TO_INSTALL, TVM_MIN_PYTHON, DeviceProfile, RuntimeName
-
-Verdict = Literal["pass", "warn", "refuse"]
-Runtime = RuntimeName
+from targets.profiles import HOW_TO_INSTALL, TVM_MIN_PYTHON, DeviceProfile
 
 # onnxruntime's quantizer writes these ("QOperator" format); TVM 0.27's ONNX importer has none of them.
 QOPERATOR_OPS = frozenset({
@@ -38,65 +32,6 @@ DYNAMIC_QUANT_OPS = frozenset({"ConvInteger", "MatMulInteger", "DynamicQuantizeL
 # as commonly reported on Jetsons. An estimate for the fit check, not a guarantee.
 RUNTIME_OVERHEAD_MB = {"tvm": 180, "onnxruntime": 120, "onnxruntime-cuda": 700, "onnxruntime-tensorrt": 900}
 TVM_CUDA_OVERHEAD_MB = 350
-
-
-class CheckResult(BaseModel):
-    """One check's verdict."""
-
-    model_config = ConfigDict(frozen=True)
-    check: str
-    verdict: Verdict
-    reason: str = Field(description="What this means for the user's request.")
-    fact: str = Field(default="", description="The hardware or compiler fact the verdict rests on.")
-    fix: str | None = None
-    nodes: list[str] = Field(default_factory=list, description="Offending nodes as 'name (op)'.")
-    blocks: Literal["build", "run"] = Field(
-        default="build", description="build: refusal stops compiling too; run: only running on the device."
-    )
-
-
-class CheckReport(BaseModel):
-    """All checks for one (model, profile, scheme, runtime)."""
-
-    model_config = ConfigDict(frozen=True)
-    profile: str
-    scheme: str
-    runtime: Runtime
-    results: list[CheckResult]
-    quant: QuantConfig = Field(description="The configuration to use, after the checks' adjustments.")
-
-    @property
-    def refused(self) -> list[CheckResult]:
-        return [r for r in self.results if r.verdict == "refuse"]
-
-    def refused_for(self, purpose: Literal["build", "run"]) -> list[CheckResult]:
-        """Refusals that stop this purpose: a run needs every check, a build only the build checks."""
-        return [r for r in self.refused if purpose == "run" or r.blocks == "build"]
-
-    def refusal_message(self, purpose: Literal["build", "run"]) -> str:
-        count = len(self.refused_for(purpose))
-        lines = [f"{count} check(s) refused {self.scheme} on {self.profile} via {self.runtime}:"]
-        for r in self.refused_for(purpose):
-            lines.append(f"  - {r.check}: {r.reason}")
-            if r.nodes:
-                lines.append(f"    nodes: {', '.join(r.nodes)}")
-            if r.fact:
-                lines.append(f"    fact: {r.fact}")
-            if r.fix:
-                lines.append(f"    fix: {r.fix}")
-        return "\n".join(lines)
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        table = Table(title=f"checks: {self.scheme} on {self.profile} via {self.runtime}", title_justify="left")
-        table.add_column("check")
-        table.add_column("verdict")
-        table.add_column("reason")
-        colour = {"pass": "green", "warn": "yellow", "refuse": "bold red"}
-        for r in self.results:
-            text = r.reason + (f"\n[dim]fact: {r.fact}[/]" if r.fact else "") + (f"\n[cyan]fix: {r.fix}[/]" if r.fix
-                                                                                   else "")
-            table.add_row(r.check, f"[{colour[r.verdict]}]{r.verdict}[/]", text)
-        yield table
 
 
 def _unit(profile: DeviceProfile, runtime: Runtime) -> tuple[str, tuple[str, ...]]:
@@ -147,7 +82,7 @@ def check_precision(profile: DeviceProfile, quant: QuantConfig, runtime: Runtime
         return CheckResult(check=name, verdict="pass", reason=f"{unit} has DP4A int8 dot products")
     if profile.cpu.int8_dot_product:
         return CheckResult(check=name, verdict="pass", reason=f"{unit} has an int8 dot-product instruction")
-    if runtime == "tvm" and _has_vpmaddubsw(profile):
+    if runtime == "tvm" and has_vpmaddubsw(profile):
         return CheckResult(check=name, verdict="pass",
                            reason=f"{unit} has no VNNI; TVM lays its int8 kernels out for VPMADDUBSW (32 uint8 x int8 "
                                   "products an instruction with AVX2, 64 with AVX-512BW; 7-bit weights)")
@@ -185,58 +120,6 @@ def _dynamic_precision(name: str, unit: str, runtime: Runtime, profile: DevicePr
     return CheckResult(check=name, verdict="warn",
                        reason=f"{unit} has no int8 dot-product instruction: dynamic int8 cuts weight memory 4x, the "
                               "speed-up will be small (each run also quantizes the activations)")
-
-
-def _x86_without_vnni(profile: DeviceProfile) -> bool:
-    return profile.cpu.arch == "x86_64" and not profile.cpu.int8_dot_product
-
-
-def _has_vpmaddubsw(profile: DeviceProfile) -> bool:
-    """x86 without AVX-512 VNNI, where TVM lays int8 kernels out for VPMADDUBSW (AVX2 or AVX-512BW:
-    compiler.passes.dot; a CPU with only the 256-bit AVX-VNNI too: TVM has no layout for that one)."""
-    features = set(profile.cpu.features)
-    return profile.cpu.arch == "x86_64" and "avx512_vnni" not in features and bool({"avx2", "avx512bw"} & features)
-
-
-def ort_int8_may_saturate(profile: DeviceProfile, quant: QuantConfig, runtime: Runtime) -> str | None:
-    """Why this int8 scheme's results may be off on this device, or None. onnxruntime on an x86 CPU without VNNI
-    multiplies activations (int8 ones shifted to uint8 first) by 8-bit int8 weights with VPMADDUBSW, whose 16-bit
-    pair sums saturate: U8S8, S8S8 and QOperator all 29 quantization steps off on an emulated Haswell, exact with
-    7-bit weights (docs/int8-saturation.md; tests/pipeline/test_ort_int8_saturation.py keeps U8S8, S8S8 and
-    reduce-range). TVM's integer kernels add in 32 bits."""
-    if runtime != "onnxruntime" or quant.scheme != "int8" or quant.reduce_range or not _x86_without_vnni(profile):
-        return None
-    return ("may saturate: onnxruntime's 8-bit kernels on a CPU without VNNI add each pair of products in 16 bits "
-            "(VPMADDUBSW); its measured accuracy decides")
-
-
-def check_ort_int8_x86(profile: DeviceProfile, quant: QuantConfig,
-                       runtime: Runtime) -> tuple[CheckResult, QuantConfig]:
-    name = "int8 format on x86 without VNNI"
-    if quant.scheme not in ("int8", "dynamic") or quant.prequantized or profile.unit_of(runtime) == "gpu":
-        return CheckResult(check=name, verdict="pass", reason="not applicable"), quant
-    if runtime == "tvm" and quant.scheme == "int8" and quant.activation_type == "uint8" and _has_vpmaddubsw(profile):
-        return CheckResult(
-            check=name, verdict="pass",
-            reason="TVM's int8 kernels here multiply with VPMADDUBSW, exact only with 7-bit weights: using "
-                   "reduce_range (a layer whose weights could still saturate keeps a plain kernel, adding in 32 bits)",
-            fact="VPMADDUBSW adds each two uint8 x int8 products in 16 bits, saturating: 255 x 127 x 2 does not fit, "
-                 "255 x 64 x 2 does; without it TVM's integer kernels are widened int32 loops, slower than fp32",
-        ), quant.model_copy(update={"reduce_range": True})
-    if not _x86_without_vnni(profile):
-        return CheckResult(check=name, verdict="pass", reason="not applicable"), quant
-    if runtime != "onnxruntime":
-        return CheckResult(check=name, verdict="pass", reason=f"{runtime}'s integer kernels add in 32 bits: no "
-                           "saturation, 8-bit weights kept"), quant
-    adjusted = quant.model_copy(update={"activation_type": "uint8", "reduce_range": True})  # dynamic: U8S8 already
-    return CheckResult(
-        check=name, verdict="warn",
-        reason="without VNNI, onnxruntime's int8 kernels (U8S8, and S8S8 shifted to it) can saturate in VPMADDUBSW, "
-               "and S8S8 is no faster than fp32: using U8S8 with reduce_range (7-bit weights)",
-        fact="onnxruntime on AVX2: 8-bit weights go through VPMADDUBSW (16-bit saturating pair sums; 29 "
-             "quantization steps off on an emulated Haswell, exact with 7-bit weights); S8S8 QDQ measured at fp32 "
-             "speed, S8S8 QOperator 3-5x slower; its docs advise reduce_range there",
-    ), adjusted
 
 
 def check_prequantized(info: ModelInfo, quant: QuantConfig) -> tuple[CheckResult, QuantConfig]:
@@ -469,6 +352,7 @@ def run_checks(
         prequantized,
         check_precision(profile, quant, runtime),
         ort_result,
+        check_qdq_weights_x86(model, info, profile, quant, runtime),
         trt_result,
         check_format(model, runtime),
         check_op_coverage(model, runtime, importable),

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from edgedeploy.errors import CheckRefused, OptionError
 from pipeline import tuning_share
-from pipeline.checks import CheckReport, Runtime, run_checks
+from pipeline.checks import run_checks
 from pipeline.compiler.build import COMPILE_REVISION, compile_model
 from pipeline.compiler.frontend import resolve_target
 from pipeline.compiler.tuning import records
@@ -28,6 +28,7 @@ from pipeline.manifest import CompiledArtifact, package_onnx, profile_sha256
 from pipeline.partial import plan_partial
 from pipeline.quantize import QuantConfig, QuantizedModel, quantize
 from pipeline.results.cache import ArtifactCache, arrays_sha256, cache_key
+from pipeline.verdicts import CheckReport, Runtime
 from pipeline.versions import tool_versions
 from pipeline.workloads import workload_for
 from pipeline.workloads.base import Samples

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from pipeline.onnx_safety import iter_tensors
 
@@ -62,6 +62,18 @@ def is_prequantized(model: onnx.ModelProto) -> bool:
     feeds = any(n.op_type in _QUANTIZED_CONSUMERS and dequantized_weights & set(n.input) for n in model.graph.node)
     ops = {n.op_type for n in model.graph.node}
     return feeds or {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def widest_int8_weight(model: onnx.ModelProto) -> int:
+    """The largest magnitude among the int8 constants a DequantizeLinear reads (a QDQ model's weights), 0 where
+    there are none: at most 64 for 7-bit weights (onnxruntime's reduce_range), up to 128 for 8-bit ones."""
+    dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input}
+    widest = 0
+    for tensor in model.graph.initializer:
+        if tensor.name in dequantized and tensor.data_type == onnx.TensorProto.INT8:
+            values = numpy_helper.to_array(tensor).astype(np.int16)
+            widest = max(widest, int(np.abs(values).max(initial=0)))
+    return widest
 
 
 def op_census(model: onnx.ModelProto) -> dict[str, int]:

@@ -11,7 +11,6 @@ from rich.text import Text
 
 from pipeline.auto import AutoSelection
 from pipeline.benchmark import BenchmarkReport
-from pipeline.checks import CheckResult
 from pipeline.deploy import DeployedArtifact
 from pipeline.ingest import ModelInfo
 from pipeline.manifest import CompiledArtifact
@@ -19,6 +18,7 @@ from pipeline.metrics import Agreement, LatencyStats
 from pipeline.partial import PartialPlan
 from pipeline.quantize import QuantizedModel
 from pipeline.regression import Verdict
+from pipeline.verdicts import CheckResult
 from targets.profiles import GPU_RUNTIMES
 
 

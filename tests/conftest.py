@@ -20,8 +20,8 @@ def isolated_home(tmp_path_factory, monkeypatch):
 def ort_int8_on_this_host(scheme: str = "int8"):
     """The int8 QuantConfig the checks give onnxruntime on this machine (the `local` profile): 7-bit weights
     (reduce-range) where the CPU has no VNNI, since onnxruntime's VPMADDUBSW kernels saturate with 8-bit ones there
-    (pipeline.checks.check_ort_int8_x86; docs/int8-saturation.md)."""
-    from pipeline.checks import check_ort_int8_x86
+    (pipeline.checks_x86.check_ort_int8_x86; docs/int8-saturation.md)."""
+    from pipeline.checks_x86 import check_ort_int8_x86
     from pipeline.quantize import QuantConfig
     from targets.profiles import load_profile
 

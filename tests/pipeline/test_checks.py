@@ -121,7 +121,7 @@ def test_avx2_int8_for_onnxruntime_is_switched_to_u8s8_reduce_range(infos):
     ("raspberry-pi-4", "onnxruntime", QuantConfig(scheme="int8"), False),
 ])
 def test_onnxruntime_int8_without_vnni_is_marked_as_possibly_saturating(profile, runtime, quant, saturates):
-    from pipeline.checks import ort_int8_may_saturate
+    from pipeline.checks_x86 import ort_int8_may_saturate
 
     caveat = ort_int8_may_saturate(load_profile(profile), quant, runtime)
     assert (caveat is not None) == saturates

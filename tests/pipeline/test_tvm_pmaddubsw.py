@@ -157,7 +157,7 @@ def test_tuning_candidates_are_vpmaddubsw_code_exact_with_7_bit_weights(layout, 
 def test_the_checks_give_tvm_7_bit_weights_only_where_vpmaddubsw_reads_them():
     """7-bit weights cost accuracy: only for uint8 activations (the layouts read nothing else) on x86 without AVX-512
     VNNI; a CPU with only the 256-bit AVX-VNNI (which TVM has no layout for) gets them too."""
-    from pipeline.checks import check_ort_int8_x86
+    from pipeline.checks_x86 import check_ort_int8_x86
     from pipeline.quantize import QuantConfig
 
     server = load_profile("x86-server")
