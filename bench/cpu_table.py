@@ -4,7 +4,9 @@ TVM, next to onnxruntime fp32 (every run's own baseline) and onnxruntime int8, e
     .venv/bin/python bench/cpu_table.py --profile local --minutes 0 10 --out /tmp/table.md
     .venv/bin/python bench/cpu_table.py --profile avx2-here.yaml --workloads pp-lcnet-orientation --minutes 10
 
-Each run gets a fresh $EDGEDEPLOY_HOME (its own tuning database and results database), so "10 min" means ten minutes
+`--keep DIR` keeps each run's result (`deploy run --json`: the kernel profile of a TVM build too) as
+DIR/<workload>-<runtime>-<scheme>-<minutes>.json; the homes themselves are temporary. Each run gets a fresh
+$EDGEDEPLOY_HOME (its own tuning database and results database), so "10 min" means ten minutes
 from nothing, and an untuned build takes no records. The machine and its CPU features head the table: compare
 numbers within one table only (ratios; the VMs drift).
 """
@@ -62,7 +64,15 @@ def main() -> int:
     parser.add_argument("--schemes", nargs="+", default=["fp32", "int8"])
     parser.add_argument("--minutes", nargs="+", type=float, default=[0.0], help="0 = untuned")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--keep", type=Path, help="a folder for each run's result (JSON)")
     options = parser.parse_args()
+
+    def kept(result: dict, name: str) -> dict:
+        if options.keep:
+            options.keep.mkdir(parents=True, exist_ok=True)
+            (options.keep / f"{name}.json").write_text(json.dumps(result, indent=1))
+        return result
+
     rows = [f"Profile `{options.profile}`, {cpu_line()}, {date.today()}; each cell: TVM p50 (x onnxruntime fp32 in "
             "the same run, accuracy).", "",
             "| workload | onnxruntime fp32 | onnxruntime int8 | " + " | ".join(
@@ -72,12 +82,14 @@ def main() -> int:
         for workload in options.workloads:
             base = ["--profile", options.profile, workload]
             ort = deploy_run([*base, "--runtime", "onnxruntime", "--quant", "int8"], Path(tmp) / f"{workload}-ort")
+            kept(ort, f"{workload}-onnxruntime-int8")
             cells = [f"{ort['baseline']['latency_ms']['p50']:.2f} ms" if "baseline" in ort else "?", cell(ort)]
             for scheme in options.schemes:
                 for minutes in options.minutes:
                     tuned = ["--tune-minutes", f"{minutes:g}"] if minutes else []
                     home = Path(tmp) / f"{workload}-{scheme}-{minutes:g}"
-                    cells.append(cell(deploy_run([*base, "--runtime", "tvm", "--quant", scheme, *tuned], home)))
+                    result = deploy_run([*base, "--runtime", "tvm", "--quant", scheme, *tuned], home)
+                    cells.append(cell(kept(result, f"{workload}-tvm-{scheme}-{minutes:g}")))
                     print(workload, scheme, minutes, cells[-1], flush=True)
             rows.append(f"| {workload} | " + " | ".join(cells) + " |")
     table = "\n".join(rows) + "\n"
