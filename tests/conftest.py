@@ -17,15 +17,15 @@ def isolated_home(tmp_path_factory, monkeypatch):
     return home
 
 
-def ort_int8_on_this_host(scheme: str = "int8"):
-    """The int8 QuantConfig the checks give onnxruntime on this machine (the `local` profile): 7-bit weights
-    (reduce-range) where the CPU has no VNNI, since onnxruntime's VPMADDUBSW kernels saturate with 8-bit ones there
-    (pipeline.checks_x86.check_ort_int8_x86; docs/int8-saturation.md)."""
+def int8_on_this_host(scheme: str = "int8", runtime: str = "onnxruntime"):
+    """The int8 QuantConfig the checks give ``runtime`` on this machine (the `local` profile): 7-bit weights
+    (reduce-range) where the CPU has no VNNI, since the VPMADDUBSW kernels of onnxruntime, and of TVM there, saturate
+    with 8-bit ones (pipeline.checks_x86.check_ort_int8_x86; docs/int8-saturation.md)."""
     from pipeline.checks_x86 import check_ort_int8_x86
     from pipeline.quantize import QuantConfig
     from targets.profiles import load_profile
 
-    return check_ort_int8_x86(load_profile("local"), QuantConfig(scheme=scheme), "onnxruntime")[1]
+    return check_ort_int8_x86(load_profile("local"), QuantConfig(scheme=scheme), runtime)[1]
 
 
 def conv_model(batch: int | str = 1) -> onnx.ModelProto:

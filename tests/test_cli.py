@@ -143,7 +143,7 @@ def test_a_transformer_with_dynamic_int8_on_onnxruntime_and_refused_on_tvm(prefe
                                                                           tmp_path):
     import onnx
 
-    from tests.conftest import ort_int8_on_this_host, tiny_vit
+    from tests.conftest import int8_on_this_host, tiny_vit
 
     model = tmp_path / "vit.onnx"
     onnx.save(tiny_vit(), str(model))
@@ -151,7 +151,7 @@ def test_a_transformer_with_dynamic_int8_on_onnxruntime_and_refused_on_tvm(prefe
                   "--min-seconds", "0.2", "--json", api_url=prefect_server, home=isolated_home)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    expected = ort_int8_on_this_host("dynamic").label()  # reduce-range where the CPU has no VNNI
+    expected = int8_on_this_host("dynamic").label()  # reduce-range where the CPU has no VNNI
     assert result["valid"] and result["scheme"] == expected and result["speedup"] > 0
     assert result["agreement"]["cosine"] > 0.99
     proc = deploy("run", str(model), "--quant", "dynamic", api_url=prefect_server, home=isolated_home)

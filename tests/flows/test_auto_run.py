@@ -10,15 +10,14 @@ from flows.run import deploy_run
 from pipeline.benchmark import BenchmarkSettings
 from pipeline.config import RunConfig
 from pipeline.workloads import WORKLOADS
+from tests.conftest import int8_on_this_host
 
-TVM_INT8 = "tvm int8 QDQ U8S8 minmax per-channel"
 
+def _tvm_int8(suffix: str = "") -> str:
+    """TVM's int8 candidate's label as the checks build it here: with 7-bit weights (reduce-range) where its kernels
+    use vpmaddubsw (no VNNI)."""
+    return f"tvm {int8_on_this_host(runtime='tvm').label()}{suffix}"
 
-def _tvm_int8(labels, suffix: str = "") -> str:
-    """TVM's int8 candidate's label: with 7-bit weights (reduce-range) where the CPU has no VNNI (AVX2's
-    vpmaddubsw), as the checks choose."""
-    return next((label for label in (TVM_INT8 + suffix, f"{TVM_INT8} reduce-range{suffix}") if label in labels),
-                TVM_INT8 + suffix)
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +35,7 @@ def test_auto_on_digits(prefect_server, tmp_path):
     assert statuses["onnxruntime int8 QDQ U8S8 mse per-channel"].status == "measured"
     assert statuses["onnxruntime fp16"].status == "refused" and "fp16" in statuses["onnxruntime fp16"].reason
     assert statuses["tvm fp16"].status == "refused"
-    assert statuses[_tvm_int8(statuses)].status == "measured"
+    assert statuses[_tvm_int8()].status == "measured"
     assert statuses["onnxruntime int8 QOperator U8S8 minmax per-channel"].status == "measured"
     # Never slower than what the user already has: either a candidate measurably faster within budget, or
     # onnxruntime fp32 itself.
@@ -65,7 +64,7 @@ def test_auto_adds_partial_candidates_when_full_int8_misses_the_budget(prefect_s
     partial = statuses["onnxruntime int8 QDQ U8S8 minmax per-channel (2 layers float)"]
     assert full.status == partial.status == "measured"
     assert not full.within_budget and partial.within_budget  # measured on the device, as planned on the host
-    assert _tvm_int8(statuses, " (2 layers float)") in statuses
+    assert _tvm_int8(" (2 layers float)") in statuses
     assert selection.chosen != full.label
 
 
@@ -80,7 +79,7 @@ def test_the_time_budget_is_the_whole_selections(prefect_server, sensitive_onnx)
                                   bench=BenchmarkSettings(warmup=1, min_iterations=20, min_seconds=0.1)))
     outcomes = result.auto.outcomes
     untuned = {o.label for o in outcomes if o.runtime == "tvm" and o.status == "measured" and not o.tuning}
-    assert {"tvm fp32", _tvm_int8(untuned), _tvm_int8(untuned, " (2 layers float)")} <= untuned
+    assert {"tvm fp32", _tvm_int8(), _tvm_int8(" (2 layers float)")} <= untuned
     tuned = [o for o in outcomes if o.status == "measured" and o.tuning]
     assert tuned and sum(o.tuning["minutes"] for o in tuned) == pytest.approx(0.05)
     assert all(o.tuning["stopped_by_time"] and o.label.rsplit(" tuned ", 1)[0] in untuned for o in tuned)

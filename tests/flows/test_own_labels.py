@@ -16,7 +16,7 @@ from pipeline.config import RunConfig
 from pipeline.quantize import QuantConfig, quantize
 from pipeline.workloads import WORKLOADS
 from pipeline.workloads.detector import render_glyphs
-from tests.conftest import conv_model, ort_int8_on_this_host
+from tests.conftest import conv_model, int8_on_this_host
 
 pytestmark = pytest.mark.slow
 QUICK = BenchmarkSettings(warmup=1, min_iterations=3, min_seconds=0.1, rounds=1)
@@ -53,7 +53,7 @@ def test_a_detector_is_scored_on_coco_annotations_by_pycocotools(prefect_server,
 def test_a_qdq_model_is_measured_against_its_reference(prefect_server, tmp_path):
     digits = WORKLOADS["digits-cnn"]
     # as the checks quantize for onnxruntime here: 8-bit weights saturate its kernels on a CPU without VNNI
-    qdq = quantize(digits.model_path(), tmp_path, ort_int8_on_this_host(), digits.calibration(50)).path
+    qdq = quantize(digits.model_path(), tmp_path, int8_on_this_host(), digits.calibration(50)).path
     alone = deploy_run(RunConfig(model_path=qdq, profile="local", runtime="onnxruntime", bench=QUICK))
     against = deploy_run(RunConfig(model_path=qdq, profile="local", runtime="onnxruntime", bench=QUICK,
                                    reference=str(digits.model_path())))

@@ -12,7 +12,7 @@ from pipeline.config import RunConfig
 from pipeline.graph_stats import is_prequantized
 from pipeline.quantize import QuantConfig, quantize
 from pipeline.workloads import WORKLOADS
-from tests.conftest import ort_int8_on_this_host
+from tests.conftest import int8_on_this_host
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def qdq_digits(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qdq")
     # quantized as the checks would for onnxruntime here (7-bit weights where the CPU has no VNNI), so that
     # onnxruntime, the reference, runs it exactly: 8-bit weights saturate its kernels there (cosine 0.988)
-    quantized = quantize(digits.model_path(), folder, ort_int8_on_this_host(), digits.calibration(50),
+    quantized = quantize(digits.model_path(), folder, int8_on_this_host(), digits.calibration(50),
                          out_name="digits.qdq.onnx")
     return quantized.path
 

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from edgedeploy.errors import QuantizationError
 from pipeline.quantize import QuantConfig, quantize
 from pipeline.workloads.base import Samples
-from tests.conftest import ort_int8_on_this_host
+from tests.conftest import int8_on_this_host
 
 
 def _calibration(n=16):
@@ -95,7 +95,7 @@ def test_dynamic_quantization_of_a_transformer_needs_no_calibration_and_keeps_it
     onnx.save(tiny_vit(), str(path))
     # the checks' config for onnxruntime here: 7-bit weights where the CPU has no VNNI (8-bit ones saturate
     # its MatMulInteger there: cosine 0.96 on an AVX2 EPYC)
-    config = ort_int8_on_this_host("dynamic")
+    config = int8_on_this_host("dynamic")
     dynamic = quantize(path, tmp_path, config, None)
     assert dynamic.config.label() == "dynamic int8 per-channel" + (" reduce-range" if config.reduce_range else "")
     assert dynamic.calibration_samples == 0
