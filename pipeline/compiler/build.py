@@ -22,6 +22,7 @@ from pipeline.compiler.passes.dot import (
     count_vnni_ops,
     dot_ops_by_instruction,
 )
+from pipeline.compiler.passes.epilogue import make_rounding_vectorizable
 from pipeline.compiler.passes.pooling import register_pool_rule
 from pipeline.compiler.passes.winograd import count_winograd_convs, register_schedule_rules
 from pipeline.compiler.tuning import records
@@ -66,6 +67,7 @@ def _cpu_build(mod: tvm.IRModule, cpu: dict[str, Any], lanes: int,
     load_tensor_intrinsics(target)  # before MetaSchedule imports every target's (compiler.intrinsics)
     register_schedule_rules()  # the Winograd transforms' (passes.winograd)
     register_pool_rule()  # max pooling (passes.pooling)
+    make_rounding_vectorizable()  # every int8 epilogue's round (passes.epilogue)
     decomposed = decompose(mod, target)
     tuned = records.best_for(tuning_database) if tuning_database else None
     database, scheduled, kernels, from_records = default_schedules(decomposed, target, lanes, tuned)

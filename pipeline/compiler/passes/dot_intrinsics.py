@@ -140,10 +140,25 @@ def search_space(avx2: bool = False):
     with ``avx2``; its CPU tensorization postprocessors), plus one check: a candidate whose tensorized kernel sits in a
     loop that RewriteParallelVectorizeUnroll vectorized is dropped before it is built or timed. LLVM codegen can't
     widen the 16-lane intrinsic body ("Cannot broadcast lanes=16 to 64"): on PP-LCNet's 7x7 VNNI kernels 10 of 16
-    random candidates were such, each a failed trial."""
+    random candidates were such, each a failed trial. Before that check, the kernel's epilogue is vectorized in the
+    intrinsic's lanes (passes.epilogue), which the vectorize annotation may not reach."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule import postproc
     from tvm.s_tir.meta_schedule.space_generator import PostOrderApply
+
+    from pipeline.compiler.passes.epilogue import vectorize_epilogues
+
+    @derived_object
+    class VectorizeEpilogues(postproc.PyPostproc):
+        def _initialize_with_tune_context(self, context) -> None:
+            pass
+
+        def apply(self, sch) -> bool:
+            vectorize_epilogues(sch)
+            return True
+
+        def clone(self):
+            return VectorizeEpilogues()
 
     @derived_object
     class DropVectorizedIntrinsics(postproc.PyPostproc):
@@ -158,4 +173,5 @@ def search_space(avx2: bool = False):
 
     return PostOrderApply(sch_rules=avx2_schedule_rules() if avx2 else "from-target", postprocs=[
         postproc.DisallowDynamicLoop(), postproc.RewriteParallelVectorizeUnroll(), postproc.RewriteReductionBlock(),
-        postproc.RewriteTensorize(vectorize_init_loop=True), postproc.RewriteLayout(), DropVectorizedIntrinsics()])
+        postproc.RewriteTensorize(vectorize_init_loop=True), postproc.RewriteLayout(), VectorizeEpilogues(),
+        DropVectorizedIntrinsics()])

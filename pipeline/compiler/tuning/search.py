@@ -27,6 +27,7 @@ from pipeline.compiler.passes.dot import (
     count_dot_ops,
 )
 from pipeline.compiler.passes.dot_intrinsics import search_space
+from pipeline.compiler.passes.epilogue import make_rounding_vectorizable
 from pipeline.compiler.passes.pooling import register_pool_rule
 from pipeline.compiler.passes.winograd import register_schedule_rules
 from pipeline.compiler.tuning.curve import CurvePoint, tuning_curve
@@ -264,6 +265,7 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     load_tensor_intrinsics(target)  # before MetaSchedule imports every target's (compiler.intrinsics)
     register_schedule_rules()  # the Winograd transforms' (passes.winograd), whoever rewrote the module
     register_pool_rule()
+    make_rounding_vectorizable()  # every int8 epilogue's round (passes.epilogue)
     decomposed = decompose(mod, target)
     mod = fuse(decomposed, target)
     tasks = heaviest_first(ms.relax_integration.extract_tasks(mod, target))
