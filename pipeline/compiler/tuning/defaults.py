@@ -205,6 +205,41 @@ def _applies(trace, kernel) -> bool:
     return True
 
 
+def dot_layout(decomposed: tvm.IRModule):
+    """The dot-product layout (passes.dot) the module's kernels are laid out for, if any."""
+    from pipeline.compiler.passes.dot import LAYOUTS, count_dot_ops
+
+    return next((layout for layout in LAYOUTS if count_dot_ops(decomposed, (layout,))), None)
+
+
+def dot_lanes(task_name: str, dot) -> int:
+    """The intrinsic's output lanes if the task's kernel is laid out for the ``dot`` layout, else 0."""
+    return dot.lanes if dot is not None and any(prefix in task_name for prefix in dot.prefixes) else 0
+
+
+def default_schedule(context, spaces: list, lanes: int, intrinsic_lanes: int = 0):
+    """The default schedule of ``context``'s kernel (a MetaSchedule TuneContext: its postprocessors) from its design
+    ``spaces`` (``intrinsic_lanes``: its dot-product intrinsic's, :func:`dot_lanes`), postprocessed; None where that fails, or where a vectorized loop would still hold an intrinsic's body
+    (a VNNI / sdot body: LLVM can't widen it again)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    from pipeline.compiler.passes.dot_intrinsics import vector_code_in_vectorized_loop
+
+    kernel = context.mod
+    try:
+        schedule = tvm.s_tir.Schedule(kernel)
+        space = next((s for s in spaces if _tensorized(s.trace)), spaces[0])
+        trace = decided(space.trace.simplified(remove_postproc=True), lanes, intrinsic_lanes)
+        if estimate_tir_flops(kernel) < PARALLEL_MIN_FLOPS:
+            trace = serial(trace)
+        trace.apply_to_schedule(schedule, remove_postproc=True)
+        if not all(postproc.apply(schedule) for postproc in context.space_generator.postprocs):
+            return None
+    except Exception:  # noqa: BLE001 - any failure: TVM's default for this kernel, as before
+        return None
+    return None if vector_code_in_vectorized_loop(schedule.mod) else schedule
+
+
 def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes: int,
                       tuned: Callable[[Any], Any] | None = None) -> tuple[Any, int, int, int]:
     """(a MetaSchedule database holding a schedule for each kernel of ``decomposed``, how many kernels got a default
@@ -212,15 +247,14 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
     database has for it, or None (tuning.records.best_for): a kernel tuned before, for this target by any model or
     host, keeps its tuned schedule. compile_relax(database, decomposed, target) builds with them."""
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.analysis import estimate_tir_flops
 
-    from pipeline.compiler.passes.dot import AVX2, LAYOUTS, count_dot_ops
-    from pipeline.compiler.passes.dot_intrinsics import search_space, vector_code_in_vectorized_loop
+    from pipeline.compiler.passes.dot import AVX2
+    from pipeline.compiler.passes.dot_intrinsics import search_space
     from pipeline.compiler.tuning.lowering import fuse, unnamed_handlers_detached
 
     database = ms.database.MemoryDatabase()
     tasks = ms.relax_integration.extract_tasks(fuse(decomposed, target), target)
-    dot = next((layout for layout in LAYOUTS if count_dot_ops(decomposed, (layout,))), None)
+    dot = dot_layout(decomposed)
     scheduled = from_records = 0
     with unnamed_handlers_detached():
         for task in tasks:
@@ -232,23 +266,16 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
                     ms.arg_info.ArgInfo.from_entry_func(kernel)))
                 from_records += 1
                 continue
-            on_dot = dot is not None and any(prefix in task.task_name for prefix in dot.prefixes)
+            on_dot = dot_lanes(task.task_name, dot)
             context = ms.TuneContext(mod=kernel, target=target, task_name=task.task_name, rand_state=1,
                                      space_generator=search_space(avx2=dot is AVX2) if on_dot else "post-order-apply",
                                      search_strategy="replay-trace")
             try:
                 spaces = context.generate_design_space()
-                schedule = tvm.s_tir.Schedule(kernel)
-                space = next((s for s in spaces if _tensorized(s.trace)), spaces[0])
-                trace = decided(space.trace.simplified(remove_postproc=True), lanes, dot.lanes if on_dot else 0)
-                if estimate_tir_flops(kernel) < PARALLEL_MIN_FLOPS:
-                    trace = serial(trace)
-                trace.apply_to_schedule(schedule, remove_postproc=True)
-                if not all(postproc.apply(schedule) for postproc in context.space_generator.postprocs):
-                    continue
-                if vector_code_in_vectorized_loop(schedule.mod):  # a VNNI / sdot body: LLVM can't widen it again
-                    continue
             except Exception:  # noqa: BLE001 - any failure: TVM's default for this kernel, as before
+                continue
+            schedule = default_schedule(context, spaces, lanes, on_dot)
+            if schedule is None:
                 continue
             workload = database.commit_workload(kernel)
             database.commit_tuning_record(ms.database.TuningRecord(

@@ -31,10 +31,11 @@ from pipeline.compiler.passes.epilogue import make_rounding_vectorizable
 from pipeline.compiler.passes.pooling import register_pool_rule
 from pipeline.compiler.passes.winograd import register_schedule_rules
 from pipeline.compiler.tuning.curve import CurvePoint, tuning_curve
-from pipeline.compiler.tuning.defaults import default_schedules, vector_lanes_of
+from pipeline.compiler.tuning.defaults import default_schedules, dot_layout, vector_lanes_of
 from pipeline.compiler.tuning.forked_builds import build_all
 from pipeline.compiler.tuning.lowering import decompose, fuse, unnamed_handlers_detached
 from pipeline.compiler.tuning.records import locked, lookup_in
+from pipeline.compiler.tuning.seeded import DefaultFirst
 from targets.hashing import sha256_bytes
 from targets.profiles import DeviceProfile
 
@@ -282,9 +283,10 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     before = _records(database_dir)
     started = time.perf_counter()
     strategy = search_strategy(trials, per_round)
+    strategy = DefaultFirst(ms.search_strategy.SearchStrategy.create(strategy) if isinstance(strategy, str)
+                            else strategy, vector_lanes_of(target), dot_layout(decomposed))
     if deadline:  # MetaSchedule's first round gives every task one batch, budget or not: end it at the deadline
-        strategy = UntilDeadline(ms.search_strategy.SearchStrategy.create(strategy) if isinstance(strategy, str)
-                                 else strategy, deadline)
+        strategy = UntilDeadline(strategy, deadline)
     with unnamed_handlers_detached():  # the contexts' loggers are configured here too
         contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, work_dir=str(database_dir), strategy=strategy,
