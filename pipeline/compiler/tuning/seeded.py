@@ -23,7 +23,7 @@ from pipeline.compiler.tuning.defaults import default_schedule, dot_lanes
 @derived_object
 class DefaultFirst(PySearchStrategy):
     """``strategy``, with the task's default schedule (``lanes``: the target's vector lanes; ``dot``: the module's
-    dot-product layout, passes.dot, or None) measured in the task's first batch."""
+    dot-product layout, passes.dot, or None) measured in the task's first batch, as one of its trials."""
 
     def __init__(self, strategy, lanes: int, dot=None) -> None:
         super().__init__()
@@ -38,30 +38,33 @@ class DefaultFirst(PySearchStrategy):
         from tvm.s_tir.meta_schedule.arg_info import ArgInfo
         from tvm.s_tir.meta_schedule.search_strategy import MeasureCandidate
 
-        self.strategy.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
         self.seed = []
-        if database is not None and database.has_workload(self.context.mod):
-            return
-        schedule = default_schedule(self.context, list(design_spaces), self.lanes,
-                                    dot_lanes(self.context.task_name or "", self.dot))
-        if schedule is not None:
-            self.seed = [MeasureCandidate(schedule, ArgInfo.from_entry_func(schedule.mod, remove_preproc=True))]
+        # MetaSchedule commits every task's workload before tuning: records, not the workload, say it was tuned.
+        if database is None or not len(database.get_top_k(database.commit_workload(self.context.mod), 1)):
+            schedule = default_schedule(self.context, list(design_spaces), self.lanes,
+                                        dot_lanes(self.context.task_name or "", self.dot))
+            if schedule is not None:
+                self.seed = [MeasureCandidate(schedule, ArgInfo.from_entry_func(schedule.mod, remove_preproc=True))]
+        # The default schedule is one of the task's trials: the search gets the others.
+        self.strategy.pre_tuning(max_trials - len(self.seed), num_trials_per_iter, design_spaces, database,
+                                 cost_model)
 
     def post_tuning(self) -> None:
         self.strategy.post_tuning()
 
     def generate_measure_candidates(self):
         batch = self.strategy.generate_measure_candidates()
-        if batch is None or not self.seed:
+        if not self.seed:
             return batch
         seed, self.seed = self.seed, []
         self.seeded = len(seed)
-        return seed + list(batch)
+        return seed + list(batch or [])
 
     def notify_runner_results(self, measure_candidates, results) -> None:
         # The search learns of its own candidates only (the cost model learns of every one: MetaSchedule's callback).
         seeded, self.seeded = self.seeded, 0
-        self.strategy.notify_runner_results(list(measure_candidates)[seeded:], list(results)[seeded:])
+        if len(measure_candidates) > seeded:
+            self.strategy.notify_runner_results(list(measure_candidates)[seeded:], list(results)[seeded:])
 
     def clone(self):
         return DefaultFirst(self.strategy.clone(), self.lanes, self.dot)
