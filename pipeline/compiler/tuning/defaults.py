@@ -219,8 +219,9 @@ def dot_lanes(task_name: str, dot) -> int:
 
 def default_schedule(context, spaces: list, lanes: int, intrinsic_lanes: int = 0):
     """The default schedule of ``context``'s kernel (a MetaSchedule TuneContext: its postprocessors) from its design
-    ``spaces`` (``intrinsic_lanes``: its dot-product intrinsic's, :func:`dot_lanes`), postprocessed; None where that fails, or where a vectorized loop would still hold an intrinsic's body
-    (a VNNI / sdot body: LLVM can't widen it again)."""
+    ``spaces`` (``intrinsic_lanes``: its dot-product intrinsic's, :func:`dot_lanes`), postprocessed; None where that
+    fails, or where a vectorized loop would still hold an intrinsic's body (a VNNI / sdot body: LLVM can't widen it
+    again)."""
     from tvm.s_tir.analysis import estimate_tir_flops
 
     from pipeline.compiler.passes.dot_intrinsics import vector_code_in_vectorized_loop
