@@ -142,3 +142,34 @@ def test_around_a_dot_product_intrinsic_the_decisions_block_registers_and_do_not
     assert spatial[-1] == [4, 1, 1, 4]  # 128 outputs = 16 tiles of 8 lanes: 4 (32 outputs) in registers
     assert spatial[-2] == [7, 1, 1, 4]  # 28 columns: 4 at a time
     assert "meta_schedule.vectorize" not in str(trace)
+
+
+def test_a_default_schedule_mutated_by_the_search_still_replays():
+    """Regression: tuning measures each kernel's default schedule (tuning.seeded), and the evolutionary search breeds
+    from it; its postprocessing was not marked as such, so a mutation that moved the pad's compute location replayed
+    the postprocessors' loop fetches too, a TVM check failed ("old_outputs.size() == new_outputs.size()") and the
+    whole tuning run stopped."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler.tuning.defaults import default_schedule
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    conv = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 16, 32), "float32"))
+    w = relax.Var("w", relax.TensorType((64, 3, 3, 32), "float32"))
+    with conv.function("main", [x, w]):
+        with conv.dataflow():
+            out = conv.emit_output(relax.op.nn.conv2d(x, w, padding=1, data_layout="NHWC", kernel_layout="OHWI"))
+        conv.emit_func_output(out)
+    (task,) = [t for t in ms.relax_integration.extract_tasks(fused(conv.get(), target), target)
+               if "conv2d" in t.task_name]
+    context = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
+                             search_strategy="replay-trace", rand_state=1)
+    schedule = default_schedule(context, context.generate_design_space(), lanes=8)
+    assert schedule is not None and "EnterPostproc" in str([inst.kind.name for inst in schedule.trace.insts])
+    mutator = ms.mutator.MutateComputeLocation()
+    mutator._initialize_with_tune_context(context)
+    mutated = [trace for trace in (mutator.apply(schedule.trace) for _ in range(20)) if trace is not None]
+    assert mutated
+    for trace in mutated:
+        trace.apply_to_schedule(tvm.s_tir.Schedule(task.dispatched[0]), remove_postproc=True)

@@ -234,6 +234,10 @@ def default_schedule(context, spaces: list, lanes: int, intrinsic_lanes: int = 0
         if estimate_tir_flops(kernel) < PARALLEL_MIN_FLOPS:
             trace = serial(trace)
         trace.apply_to_schedule(schedule, remove_postproc=True)
+        # Marked as MetaSchedule marks a candidate's: a search that mutates this schedule's trace (tuning.seeded)
+        # replays it without them. Unmarked, their loop fetches were replayed after a mutation had moved a block, and
+        # a check failed that stopped the whole tuning run (PP-LCNet int8, 2026-12-07).
+        schedule.enter_postproc()
         if not all(postproc.apply(schedule) for postproc in context.space_generator.postprocs):
             return None
     except Exception:  # noqa: BLE001 - any failure: TVM's default for this kernel, as before
