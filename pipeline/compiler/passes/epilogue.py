@@ -15,8 +15,9 @@ live in a small buffer that the intrinsic reads and writes as vectors of its lan
 element at a time; LLVM splits such a buffer into scalars and rebuilt every accumulator from them, element by
 element (``vpinsrd``), at each step of the reduction. :func:`vectorize_epilogues` vectorizes the epilogue (and
 any other element-wise block of the kernel) in vectors of the intrinsic's own lanes: the buffer stays vectors.
-Measured on the AVX2 EPYC, one thread, YOLOX int8's 1x1 conv 104x104x48 -> 48 with its SiLU requantize: 2.0 ms
--> 1.0 ms (the bare integer matmul: 0.35 ms); the 3x3 conv 54x54x96 -> 96: 3.0 -> 2.9 ms, the stem 4.5 -> 2.7 ms.
+Measured on the AVX2 EPYC (one thread, a noisy VM: two runs each), YOLOX int8's 1x1 conv 104x104x48 -> 48 with its
+SiLU requantize: 2.0-2.2 ms -> 1.0 ms (the bare integer matmul: 0.35 ms); its 3x3 conv 54x54x96 -> 96: 3.0-4.6 ->
+2.9-3.3 ms, the stem 4.5-5.5 -> 2.7-2.9 ms; the whole model untuned 53.8 -> 45.6 ms (A-B-B-A, two threads).
 """
 
 from __future__ import annotations
