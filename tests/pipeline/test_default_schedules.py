@@ -48,10 +48,10 @@ def _run(executable, x: np.ndarray) -> np.ndarray:
     return np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for i in range(len(x))])
 
 
-def test_the_decisions_tile_the_output_channels_by_the_vector_lanes():
+def _padded_conv_context(target: tvm.target.Target):
+    """MetaSchedule's tuning context for a padded 3x3 NHWC conv kernel, 32 -> 64 channels at 16x16."""
     from tvm.s_tir import meta_schedule as ms
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
     conv = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 16, 16, 32), "float32"))
     w = relax.Var("w", relax.TensorType((64, 3, 3, 32), "float32"))
@@ -61,8 +61,13 @@ def test_the_decisions_tile_the_output_channels_by_the_vector_lanes():
         conv.emit_func_output(out)
     (task,) = [t for t in ms.relax_integration.extract_tasks(fused(conv.get(), target), target)
                if "conv2d" in t.task_name]
-    context = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
-                             search_strategy="replay-trace", rand_state=1)
+    return ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
+                          search_strategy="replay-trace", rand_state=1)
+
+
+def test_the_decisions_tile_the_output_channels_by_the_vector_lanes():
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+    context = _padded_conv_context(target)
     space = context.generate_design_space()[0].trace.simplified(remove_postproc=True)
     _, spatial_extents = _blocks(space)
     assert spatial_extents == {next(iter(spatial_extents)): [1, 16, 16, 64]}  # one tiled block, found by its loops
@@ -154,17 +159,7 @@ def test_a_default_schedule_mutated_by_the_search_still_replays():
     from pipeline.compiler.tuning.defaults import default_schedule
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
-    conv = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 16, 16, 32), "float32"))
-    w = relax.Var("w", relax.TensorType((64, 3, 3, 32), "float32"))
-    with conv.function("main", [x, w]):
-        with conv.dataflow():
-            out = conv.emit_output(relax.op.nn.conv2d(x, w, padding=1, data_layout="NHWC", kernel_layout="OHWI"))
-        conv.emit_func_output(out)
-    (task,) = [t for t in ms.relax_integration.extract_tasks(fused(conv.get(), target), target)
-               if "conv2d" in t.task_name]
-    context = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
-                             search_strategy="replay-trace", rand_state=1)
+    context = _padded_conv_context(target)
     schedule = default_schedule(context, context.generate_design_space(), lanes=8)
     assert schedule is not None and "EnterPostproc" in str([inst.kind.name for inst in schedule.trace.insts])
     mutator = ms.mutator.MutateComputeLocation()
@@ -172,4 +167,4 @@ def test_a_default_schedule_mutated_by_the_search_still_replays():
     mutated = [trace for trace in (mutator.apply(schedule.trace) for _ in range(20)) if trace is not None]
     assert mutated
     for trace in mutated:
-        trace.apply_to_schedule(tvm.s_tir.Schedule(task.dispatched[0]), remove_postproc=True)
+        trace.apply_to_schedule(tvm.s_tir.Schedule(context.mod), remove_postproc=True)
