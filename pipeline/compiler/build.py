@@ -22,12 +22,10 @@ from pipeline.compiler.passes.dot import (
     count_vnni_ops,
     dot_ops_by_instruction,
 )
-from pipeline.compiler.passes.epilogue import make_rounding_vectorizable
-from pipeline.compiler.passes.pooling import register_pool_rule
-from pipeline.compiler.passes.winograd import count_winograd_convs, register_schedule_rules
+from pipeline.compiler.passes.winograd import count_winograd_convs
 from pipeline.compiler.tuning import records
 from pipeline.compiler.tuning.defaults import default_schedules, vector_lanes
-from pipeline.compiler.tuning.lowering import decompose, fused
+from pipeline.compiler.tuning.lowering import decompose, fused, register_cpu_rules
 from pipeline.compiler.tuning.search import (
     TuningBoard,
     tuned_build,
@@ -64,10 +62,7 @@ def _cpu_build(mod: tvm.IRModule, cpu: dict[str, Any], lanes: int,
     from tvm.s_tir import meta_schedule as ms
 
     target = tvm.target.Target(cpu)
-    load_tensor_intrinsics(target)  # before MetaSchedule imports every target's (compiler.intrinsics)
-    register_schedule_rules()  # the Winograd transforms' (passes.winograd)
-    register_pool_rule()  # max pooling (passes.pooling)
-    make_rounding_vectorizable()  # every int8 epilogue's round (passes.epilogue)
+    register_cpu_rules(target)
     decomposed = decompose(mod, target)
     tuned = records.best_for(tuning_database) if tuning_database else None
     database, scheduled, kernels, from_records = default_schedules(decomposed, target, lanes, tuned)

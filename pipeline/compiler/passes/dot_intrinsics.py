@@ -149,29 +149,28 @@ def search_space(avx2: bool = False):
     from pipeline.compiler.passes.epilogue import vectorize_epilogues
 
     @derived_object
-    class VectorizeEpilogues(postproc.PyPostproc):
+    class Step(postproc.PyPostproc):  # a postprocessor made of one function: schedule -> keep the candidate?
+        def __init__(self, keeps) -> None:
+            super().__init__()
+            self.keeps = keeps
+
         def _initialize_with_tune_context(self, context) -> None:
             pass
 
         def apply(self, sch) -> bool:
-            vectorize_epilogues(sch)
-            return True
+            return self.keeps(sch)
 
         def clone(self):
-            return VectorizeEpilogues()
+            return Step(self.keeps)
 
-    @derived_object
-    class DropVectorizedIntrinsics(postproc.PyPostproc):
-        def _initialize_with_tune_context(self, context) -> None:
-            pass
+    def vectorize_epilogues_step(sch) -> bool:
+        vectorize_epilogues(sch)
+        return True
 
-        def apply(self, sch) -> bool:
-            return not vector_code_in_vectorized_loop(sch.mod)
-
-        def clone(self):
-            return DropVectorizedIntrinsics()
+    def drop_vectorized_intrinsics(sch) -> bool:
+        return not vector_code_in_vectorized_loop(sch.mod)
 
     return PostOrderApply(sch_rules=avx2_schedule_rules() if avx2 else "from-target", postprocs=[
         postproc.DisallowDynamicLoop(), postproc.RewriteParallelVectorizeUnroll(), postproc.RewriteReductionBlock(),
-        postproc.RewriteTensorize(vectorize_init_loop=True), postproc.RewriteLayout(), VectorizeEpilogues(),
-        DropVectorizedIntrinsics()])
+        postproc.RewriteTensorize(vectorize_init_loop=True), postproc.RewriteLayout(), Step(vectorize_epilogues_step),
+        Step(drop_vectorized_intrinsics)])

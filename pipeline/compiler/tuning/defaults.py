@@ -271,15 +271,16 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
                     ms.arg_info.ArgInfo.from_entry_func(kernel)))
                 from_records += 1
                 continue
-            on_dot = dot_lanes(task.task_name, dot)
+            intrinsic_lanes = dot_lanes(task.task_name, dot)
             context = ms.TuneContext(mod=kernel, target=target, task_name=task.task_name, rand_state=1,
-                                     space_generator=search_space(avx2=dot is AVX2) if on_dot else "post-order-apply",
+                                     space_generator=search_space(avx2=dot is AVX2) if intrinsic_lanes
+                                     else "post-order-apply",
                                      search_strategy="replay-trace")
             try:
                 spaces = context.generate_design_space()
             except Exception:  # noqa: BLE001 - any failure: TVM's default for this kernel, as before
                 continue
-            schedule = default_schedule(context, spaces, lanes, on_dot)
+            schedule = default_schedule(context, spaces, lanes, intrinsic_lanes)
             if schedule is None:
                 continue
             workload = database.commit_workload(kernel)

@@ -11,6 +11,22 @@ from collections.abc import Iterator
 import tvm
 
 
+def register_cpu_rules(target: tvm.target.Target) -> None:
+    """What TVM must know before it lowers, schedules or tunes a module for the CPU ``target``: the target's tensor
+    intrinsics only (compiler.intrinsics: before MetaSchedule imports every target's), the Winograd transforms' and
+    max pooling's schedule rules (passes.winograd, passes.pooling), and that every int8 epilogue's round vectorizes
+    (passes.epilogue). Registered once per process."""
+    from pipeline.compiler.intrinsics import load_tensor_intrinsics
+    from pipeline.compiler.passes.epilogue import make_rounding_vectorizable
+    from pipeline.compiler.passes.pooling import register_pool_rule
+    from pipeline.compiler.passes.winograd import register_schedule_rules
+
+    load_tensor_intrinsics(target)
+    register_schedule_rules()
+    register_pool_rule()
+    make_rounding_vectorizable()
+
+
 def decompose(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Relax ops only (batch norm etc. decomposed for inference): what MetaSchedule's compile_relax fuses itself."""
     from tvm import relax

@@ -21,19 +21,12 @@ import tvm_ffi
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgedeploy.errors import CompileError
-from pipeline.compiler.intrinsics import load_tensor_intrinsics
-from pipeline.compiler.passes.dot import (
-    AVX2,
-    count_dot_ops,
-)
+from pipeline.compiler.passes.dot import AVX2
 from pipeline.compiler.passes.dot_intrinsics import search_space
-from pipeline.compiler.passes.epilogue import make_rounding_vectorizable
-from pipeline.compiler.passes.pooling import register_pool_rule
-from pipeline.compiler.passes.winograd import register_schedule_rules
 from pipeline.compiler.tuning.curve import CurvePoint, tuning_curve
 from pipeline.compiler.tuning.defaults import default_schedules, dot_layout, vector_lanes_of
 from pipeline.compiler.tuning.forked_builds import build_all
-from pipeline.compiler.tuning.lowering import decompose, fuse, unnamed_handlers_detached
+from pipeline.compiler.tuning.lowering import decompose, fuse, register_cpu_rules, unnamed_handlers_detached
 from pipeline.compiler.tuning.records import locked, lookup_in
 from pipeline.compiler.tuning.seeded import DefaultFirst
 from targets.hashing import sha256_bytes
@@ -263,10 +256,7 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     from pipeline.compiler.tuning.control import Deadline, OneAtATime, UntilDeadline, local_runner, runner_threads
 
     target = tvm.target.Target(cpu)
-    load_tensor_intrinsics(target)  # before MetaSchedule imports every target's (compiler.intrinsics)
-    register_schedule_rules()  # the Winograd transforms' (passes.winograd), whoever rewrote the module
-    register_pool_rule()
-    make_rounding_vectorizable()  # every int8 epilogue's round (passes.epilogue)
+    register_cpu_rules(target)  # the Winograd transforms' too, whoever rewrote the module
     decomposed = decompose(mod, target)
     mod = fuse(decomposed, target)
     tasks = heaviest_first(ms.relax_integration.extract_tasks(mod, target))
@@ -283,15 +273,15 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     before = _records(database_dir)
     started = time.perf_counter()
     strategy = search_strategy(trials, per_round)
+    dot = dot_layout(decomposed)
     strategy = DefaultFirst(ms.search_strategy.SearchStrategy.create(strategy) if isinstance(strategy, str)
-                            else strategy, vector_lanes_of(target), dot_layout(decomposed))
+                            else strategy, vector_lanes_of(target), dot)
     if deadline:  # MetaSchedule's first round gives every task one batch, budget or not: end it at the deadline
         strategy = UntilDeadline(strategy, deadline)
     with unnamed_handlers_detached():  # the contexts' loggers are configured here too
         contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, work_dir=str(database_dir), strategy=strategy,
-            space=search_space(avx2=bool(count_dot_ops(decomposed, (AVX2,)))) if count_dot_ops(decomposed)
-            else "post-order-apply")
+            space=search_space(avx2=dot is AVX2) if dot else "post-order-apply")
         database = ms.tune.tune_tasks(
             tasks=contexts, task_weights=task_weights, work_dir=str(database_dir),
             max_trials_global=trials * max(len(tasks), 1), max_trials_per_task=trials,
