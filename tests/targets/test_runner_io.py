@@ -1,0 +1,62 @@
+"""How the device runner hands numpy arrays to a TVM library and back: through numpy's views of TVM's own
+(aligned) tensors, one memcpy each way, instead of TVM's Python copies (~15 us each: a 0.03-ms model paid more
+for them than for its kernels)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from targets import device_runner
+from tests.conftest import conv_model
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    from pipeline.compiler.build import compile_model
+    from pipeline.ingest import ingest
+    from pipeline.quantize import QuantConfig, quantize
+    from targets.profiles import load_profile
+
+    tmp = tmp_path_factory.mktemp("runner-io")
+    onnx.save(conv_model(), str(tmp / "m.onnx"))
+    info = ingest(tmp / "m.onnx", tmp / "ingest")
+    quantized = quantize(tmp / "ingest" / "model.static.onnx", tmp, QuantConfig(), None)
+    (tmp / "out").mkdir()
+    return compile_model(quantized, info, load_profile("local"), tmp / "out").library_path
+
+
+def _reference(library, x):
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    vm = VirtualMachine(tvm.runtime.load_module(library), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def test_outputs_are_the_callers_own_and_equal_tvms_copies(library):
+    run, _, _ = device_runner.load_tvm(library, 1)
+    rows = np.random.default_rng(0).random((6, 3, 8, 8), dtype=np.float32)
+    first = run([rows[0:1]])[0]
+    kept = first.copy()
+    second = run([rows[3:4]])[0]  # the same staged input tensor, refilled; a new output
+    assert first.flags.owndata and second.flags.owndata
+    np.testing.assert_array_equal(first, kept)  # a later call never writes into an earlier output
+    np.testing.assert_array_equal(first, _reference(library, rows[0:1]))
+    np.testing.assert_array_equal(second, _reference(library, rows[3:4]))
+    assert not np.array_equal(first, second)
+
+
+def test_a_feed_that_is_not_contiguous_is_copied_in_whole(library):
+    run, _, _ = device_runner.load_tvm(library, 1)
+    x = np.asfortranarray(np.random.default_rng(1).random((1, 3, 8, 8), dtype=np.float32))
+    np.testing.assert_array_equal(run([x])[0], _reference(library, np.ascontiguousarray(x)))
+
+
+def test_without_dlpack_in_numpy_the_runner_falls_back_to_tvms_copies(library, monkeypatch):
+    """numpy < 1.22 (a JetPack 4 board's 1.19) has no from_dlpack: the same results through copyfrom/.numpy()."""
+    monkeypatch.delattr(np, "from_dlpack")
+    run, _, _ = device_runner.load_tvm(library, 1)
+    x = np.random.default_rng(2).random((1, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_array_equal(run([x])[0], _reference(library, x))
