@@ -48,16 +48,21 @@ def _run(executable, x: np.ndarray) -> np.ndarray:
     return np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for i in range(len(x))])
 
 
-def _padded_conv_context(target: tvm.target.Target):
-    """MetaSchedule's tuning context for a padded 3x3 NHWC conv kernel, 32 -> 64 channels at 16x16."""
+def _padded_conv_context(target: tvm.target.Target, epilogue: bool = False):
+    """MetaSchedule's tuning context for a padded 3x3 NHWC conv kernel, 32 -> 64 channels at 16x16 (``epilogue``:
+    + bias, ReLU)."""
     from tvm.s_tir import meta_schedule as ms
 
     conv = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 16, 16, 32), "float32"))
     w = relax.Var("w", relax.TensorType((64, 3, 3, 32), "float32"))
-    with conv.function("main", [x, w]):
+    b = relax.Var("b", relax.TensorType((64,), "float32"))
+    with conv.function("main", [x, w, b]):
         with conv.dataflow():
-            out = conv.emit_output(relax.op.nn.conv2d(x, w, padding=1, data_layout="NHWC", kernel_layout="OHWI"))
+            out = conv.emit(relax.op.nn.conv2d(x, w, padding=1, data_layout="NHWC", kernel_layout="OHWI"))
+            if epilogue:
+                out = conv.emit(relax.op.nn.relu(relax.op.add(out, b)))
+            out = conv.emit_output(out)
         conv.emit_func_output(out)
     (task,) = [t for t in ms.relax_integration.extract_tasks(fused(conv.get(), target), target)
                if "conv2d" in t.task_name]
@@ -128,6 +133,18 @@ def test_an_int8_build_tensorizes_its_dot_kernels_by_default_and_computes_the_sa
     else:
         assert "vpdpbusd" in assembly or "vpmaddubsw" in assembly
     np.testing.assert_allclose(_run(scheduled, x), _run(plain, x), rtol=1e-5, atol=1e-4)
+
+
+def test_a_convs_bias_and_activation_are_computed_in_its_tile():
+    """Regression: the default schedule took MetaSchedule's first design space, where a conv's epilogue (bias, ReLU)
+    is a loop of its own over the whole output, in a parallel region of its own: the digits CNN's 3x3 convs took
+    14 us instead of 10 (AMD EPYC Zen 3). The schedule now computes it inside the conv's tile."""
+    from pipeline.compiler.tuning.defaults import default_schedule
+
+    context = _padded_conv_context(tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2}), True)
+    schedule = default_schedule(context, context.generate_design_space(), lanes=8)
+    kinds = [inst.kind.name for inst in schedule.trace.insts]
+    assert "ReverseComputeAt" in kinds and "EnterPostproc" in kinds
 
 
 def test_around_a_dot_product_intrinsic_the_decisions_block_registers_and_do_not_vectorize():
