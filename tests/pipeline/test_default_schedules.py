@@ -48,13 +48,13 @@ def _run(executable, x: np.ndarray) -> np.ndarray:
     return np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + 1])).numpy() for i in range(len(x))])
 
 
-def _padded_conv_context(target: tvm.target.Target, epilogue: bool = False):
-    """MetaSchedule's tuning context for a padded 3x3 NHWC conv kernel, 32 -> 64 channels at 16x16 (``epilogue``:
-    + bias, ReLU)."""
+def _padded_conv_context(target: tvm.target.Target, epilogue: bool = False, side: int = 16):
+    """MetaSchedule's tuning context for a padded 3x3 NHWC conv kernel, 32 -> 64 channels at ``side`` x ``side``
+    (``epilogue``: + bias, ReLU)."""
     from tvm.s_tir import meta_schedule as ms
 
     conv = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 16, 16, 32), "float32"))
+    x = relax.Var("x", relax.TensorType((1, side, side, 32), "float32"))
     w = relax.Var("w", relax.TensorType((64, 3, 3, 32), "float32"))
     b = relax.Var("b", relax.TensorType((64,), "float32"))
     with conv.function("main", [x, w, b]):
@@ -145,6 +145,22 @@ def test_a_convs_bias_and_activation_are_computed_in_its_tile():
     schedule = default_schedule(context, context.generate_design_space(), lanes=8)
     kinds = [inst.kind.name for inst in schedule.trace.insts]
     assert "ReverseComputeAt" in kinds and "EnterPostproc" in kinds
+
+
+@pytest.mark.parametrize(("side", "location"), [(4, -2), (16, -1)])
+def test_a_small_convs_padding_is_inlined_a_large_ones_computed_first(side, location):
+    """At 4x4 (1.2 MFLOP) the padding is inlined into the conv's loads (-2): a pass of its own over the input, in a
+    parallel region of its own, cost the digits CNN's and PP-LCNet's small convs more than the bounds checks. At
+    16x16 (19 MFLOP) it is computed first, at the root (-1), as YOLOX's convs measured faster."""
+    from pipeline.compiler.tuning.defaults import INLINE_PRODUCERS_MAX_FLOPS, default_schedule
+
+    context = _padded_conv_context(tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2}), True, side)
+    flops = 2 * side * side * 64 * 3 * 3 * 32
+    assert (flops < INLINE_PRODUCERS_MAX_FLOPS) == (location == -2)
+    schedule = default_schedule(context, context.generate_design_space(), lanes=8)
+    (sample,) = [inst for inst in schedule.trace.insts if inst.kind.name == "SampleComputeLocation"]
+    assert int(schedule.trace.decisions[sample]) == location
+    assert ("pad_temp" in schedule.mod.script()) == (location == -1)
 
 
 def test_around_a_dot_product_intrinsic_the_decisions_block_registers_and_do_not_vectorize():
