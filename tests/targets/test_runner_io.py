@@ -12,6 +12,15 @@ from targets import device_runner
 from tests.conftest import conv_model
 
 
+@pytest.fixture(autouse=True)
+def _runner_environment(monkeypatch):
+    """load_tvm sets TVM_USE_RUNTIME_LIB and TVM_NUM_THREADS for the runner's own process. Here it runs inside a test
+    worker: undone after each test, or every later subprocess of that worker (the deploy CLI) loaded TVM's runtime
+    alone and failed to import its compiler (21 tests, 2026-12-07)."""
+    monkeypatch.setenv("TVM_USE_RUNTIME_LIB", "1")
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
     from pipeline.compiler.build import compile_model
