@@ -79,10 +79,16 @@ GPU_PROVIDERS = {"onnxruntime-cuda": "CUDAExecutionProvider", "onnxruntime-tenso
 KERNELS_SHOWN = 12
 
 
-def load_tvm(path, threads, device="cpu"):
+def tvm_environment(threads):
+    """This process's TVM settings, before TVM is imported: its thread pool's size, and the runtime alone (no 259 MB
+    compiler library to load). Set by main(), the runner's own process: set by load_tvm, they leaked from a test
+    worker that called it into every later deploy subprocess, which could not import TVM's compiler."""
     if threads:
         os.environ.setdefault("TVM_NUM_THREADS", str(threads))
-    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # the runtime alone: no 259 MB compiler library to load
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+
+
+def load_tvm(path, device="cpu"):
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
@@ -98,22 +104,29 @@ def load_tvm(path, threads, device="cpu"):
     vm = VirtualMachine(tvm.runtime.load_module(path), dev)
     main = vm["main"]  # looked up once: each lookup makes a new function object
     staged = {}  # one device tensor per input and shape, refilled each call (no allocation in the timed call)
+    # numpy's views of CPU tensors: one memcpy in and out, where TVM's copyfrom / .numpy() take ~15 / ~10 us in
+    # Python (more than a 0.03-ms model's kernels). numpy < 1.22 (JetPack 4's 1.19) has no from_dlpack; a GPU tensor
+    # has no host view (and .numpy() waits for the device).
+    dlpack = device == "cpu" and hasattr(np, "from_dlpack")
 
     def stage(index, x):
         key = (index, x.shape, str(x.dtype))
         if key not in staged:
             tensor = tvm.runtime.empty(x.shape, str(x.dtype), dev)
-            staged[key] = (tensor, host_view(tensor) if device == "cpu" else None)
+            view = host_view(tensor) if dlpack else None
+            staged[key] = (tensor, view if view is not None and view.flags.writeable else None)
         tensor, view = staged[key]
         if view is None:
             tensor.copyfrom(x)  # makes it contiguous itself
         else:
             np.copyto(view, x)
-        return tensor
+        return tensor  # not the caller's array zero-copy: the kernels assume TVM's 64-byte alignment
 
-    fetch = to_host if device == "cpu" else (lambda tensor: tensor.numpy())  # .numpy(): waits for the GPU too
+    def fetch(tensor):  # a numpy array the caller owns, as onnxruntime returns
+        view = host_view(tensor) if dlpack else None
+        return tensor.numpy() if view is None else view.copy()
 
-    def run(feeds):  # every output of the model, in its order, each a numpy array of its own
+    def run(feeds):  # every output of the model, in its order
         result = main(*[stage(index, x) for index, x in enumerate(feeds)])
         return [fetch(result)] if hasattr(result, "shape") else [fetch(r) for r in result]
 
@@ -128,23 +141,11 @@ def load_tvm(path, threads, device="cpu"):
 
 
 def host_view(tensor):
-    """numpy's writable view of a CPU tensor, or None where this numpy or TVM can't make one (numpy < 1.22, an older
-    TVM). Filling it is one memcpy; TVM's copyfrom takes ~15 us in Python, which a 0.03-ms model would pay twice
-    over. The tensor, not the caller's array, goes to the kernels: they assume TVM's 64-byte alignment."""
+    """numpy's view of a CPU tensor (DLPack), or None where this TVM or dtype has none."""
     try:
-        view = np.from_dlpack(tensor)
-    except (AttributeError, TypeError, RuntimeError, BufferError, ValueError):
+        return np.from_dlpack(tensor)
+    except (TypeError, RuntimeError, BufferError, ValueError):
         return None
-    return view if view.flags.writeable else None
-
-
-def to_host(tensor):
-    """A CPU tensor as a numpy array the caller owns (as onnxruntime returns): one memcpy from numpy's view, else
-    TVM's .numpy() (~10 us in Python)."""
-    try:
-        return np.from_dlpack(tensor).copy()
-    except (AttributeError, TypeError, RuntimeError, BufferError, ValueError):
-        return tensor.numpy()
 
 
 def load_tvm_cuda_runtime(tvm):
@@ -289,7 +290,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     try:
         if args.runtime == "tvm":
-            run, versions, profile_kernels = load_tvm(artifact, args.threads, "cuda" if gpu_code else "cpu")
+            tvm_environment(args.threads)
+            run, versions, profile_kernels = load_tvm(artifact, "cuda" if gpu_code else "cpu")
         else:
             cache = os.path.join(os.path.dirname(os.path.abspath(args.outputs)), "trt-engines")
             if args.runtime == "onnxruntime-tensorrt" and not os.path.isdir(cache):

@@ -9,31 +9,14 @@ import onnx
 import pytest
 
 from targets import device_runner
-from tests.conftest import conv_model
-
-
-@pytest.fixture(autouse=True)
-def _runner_environment(monkeypatch):
-    """load_tvm sets TVM_USE_RUNTIME_LIB and TVM_NUM_THREADS for the runner's own process. Here it runs inside a test
-    worker: undone after each test, or every later subprocess of that worker (the deploy CLI) loaded TVM's runtime
-    alone and failed to import its compiler (21 tests, 2026-12-07)."""
-    monkeypatch.setenv("TVM_USE_RUNTIME_LIB", "1")
-    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+from tests.conftest import conv_model, tvm_build
 
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-    from pipeline.compiler.build import compile_model
-    from pipeline.ingest import ingest
-    from pipeline.quantize import QuantConfig, quantize
-    from targets.profiles import load_profile
-
     tmp = tmp_path_factory.mktemp("runner-io")
     onnx.save(conv_model(), str(tmp / "m.onnx"))
-    info = ingest(tmp / "m.onnx", tmp / "ingest")
-    quantized = quantize(tmp / "ingest" / "model.static.onnx", tmp, QuantConfig(), None)
-    (tmp / "out").mkdir()
-    return compile_model(quantized, info, load_profile("local"), tmp / "out").library_path
+    return tvm_build(tmp / "m.onnx", tmp).library_path
 
 
 def _reference(library, x):
@@ -45,7 +28,7 @@ def _reference(library, x):
 
 
 def test_outputs_are_the_callers_own_and_equal_tvms_copies(library):
-    run, _, _ = device_runner.load_tvm(library, 1)
+    run, _, _ = device_runner.load_tvm(library)
     rows = np.random.default_rng(0).random((6, 3, 8, 8), dtype=np.float32)
     first = run([rows[0:1]])[0]
     kept = first.copy()
@@ -58,14 +41,27 @@ def test_outputs_are_the_callers_own_and_equal_tvms_copies(library):
 
 
 def test_a_feed_that_is_not_contiguous_is_copied_in_whole(library):
-    run, _, _ = device_runner.load_tvm(library, 1)
+    run, _, _ = device_runner.load_tvm(library)
     x = np.asfortranarray(np.random.default_rng(1).random((1, 3, 8, 8), dtype=np.float32))
     np.testing.assert_array_equal(run([x])[0], _reference(library, np.ascontiguousarray(x)))
+
+
+def test_loading_a_library_leaves_the_environment_alone(library, monkeypatch):
+    """Regression: load_tvm set TVM_USE_RUNTIME_LIB in its process; called inside a test worker, every later deploy
+    subprocess of that worker loaded TVM's runtime alone and failed to import its compiler (21 tests, 2026-12-07).
+    The runner's main() sets it, for its own process only."""
+    import os
+
+    for name in ("TVM_USE_RUNTIME_LIB", "TVM_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    device_runner.load_tvm(library)
+    assert dict(os.environ) == before
 
 
 def test_without_dlpack_in_numpy_the_runner_falls_back_to_tvms_copies(library, monkeypatch):
     """numpy < 1.22 (a JetPack 4 board's 1.19) has no from_dlpack: the same results through copyfrom/.numpy()."""
     monkeypatch.delattr(np, "from_dlpack")
-    run, _, _ = device_runner.load_tvm(library, 1)
+    run, _, _ = device_runner.load_tvm(library)
     x = np.random.default_rng(2).random((1, 3, 8, 8), dtype=np.float32)
     np.testing.assert_array_equal(run([x])[0], _reference(library, x))
