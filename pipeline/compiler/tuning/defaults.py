@@ -240,38 +240,43 @@ def dot_lanes(task_name: str, dot) -> int:
     return dot.lanes if dot is not None and any(prefix in task_name for prefix in dot.prefixes) else 0
 
 
+def _postprocessed(context, space, lanes: int, intrinsic_lanes: int, inline_producers: bool, one_thread: bool):
+    """``space`` (a simplified design-space trace) :func:`decided`, applied to ``context``'s kernel and postprocessed;
+    None where a step fails."""
+    try:
+        trace = decided(space, lanes, intrinsic_lanes, inline_producers=inline_producers)
+        if one_thread:
+            trace = serial(trace)
+        schedule = tvm.s_tir.Schedule(context.mod)
+        trace.apply_to_schedule(schedule, remove_postproc=True)
+        # Marked as MetaSchedule marks a candidate's: a search that mutates this schedule's trace (tuning.seeded)
+        # replays it without them. Unmarked, their loop fetches were replayed after a mutation had moved a block, and
+        # a check failed that stopped the whole tuning run (PP-LCNet int8, 2026-12-07).
+        schedule.enter_postproc()
+        return schedule if all(postproc.apply(schedule) for postproc in context.space_generator.postprocs) else None
+    except Exception:  # noqa: BLE001 - any failure: the caller's next way, else TVM's default for this kernel
+        return None
+
+
 def default_schedule(context, spaces: list, lanes: int, intrinsic_lanes: int = 0):
     """The default schedule of ``context``'s kernel (a MetaSchedule TuneContext: its postprocessors) from its design
     ``spaces`` (``intrinsic_lanes``: its dot-product intrinsic's, :func:`dot_lanes`), postprocessed; None where that
     fails, or where a vectorized loop would still hold an intrinsic's body (a VNNI / sdot body: LLVM can't widen it
-    again)."""
+    again). A small kernel's producers are inlined where that applies, else computed at the root."""
     from tvm.s_tir.analysis import estimate_tir_flops
 
     from pipeline.compiler.passes.dot_intrinsics import vector_code_in_vectorized_loop
 
-    kernel = context.mod
-    flops = estimate_tir_flops(kernel)
-    schedule = None
-    for inline in (True, False) if flops < INLINE_PRODUCERS_MAX_FLOPS else (False,):  # inlined where it applies
-        try:
-            schedule = tvm.s_tir.Schedule(kernel)
-            space = _space(spaces).trace.simplified(remove_postproc=True)
-            trace = decided(space, lanes, intrinsic_lanes, inline_producers=inline)
-            if flops < PARALLEL_MIN_FLOPS:
-                trace = serial(trace)
-            trace.apply_to_schedule(schedule, remove_postproc=True)
-            # Marked as MetaSchedule marks a candidate's: a search that mutates this schedule's trace (tuning.seeded)
-            # replays it without them. Unmarked, their loop fetches were replayed after a mutation had moved a block,
-            # and a check failed that stopped the whole tuning run (PP-LCNet int8, 2026-12-07).
-            schedule.enter_postproc()
-            if all(postproc.apply(schedule) for postproc in context.space_generator.postprocs):
-                break
-        except Exception:  # noqa: BLE001 - any failure: the next way, else TVM's default for this kernel
-            pass
-        schedule = None
-    if schedule is None or vector_code_in_vectorized_loop(schedule.mod):
+    try:
+        flops = estimate_tir_flops(context.mod)
+        space = _space(spaces).trace.simplified(remove_postproc=True)
+    except Exception:  # noqa: BLE001 - any failure: TVM's default for this kernel
         return None
-    return schedule
+    one_thread = flops < PARALLEL_MIN_FLOPS
+    ways = (True, False) if flops < INLINE_PRODUCERS_MAX_FLOPS else (False,)
+    tried = (_postprocessed(context, space, lanes, intrinsic_lanes, inline, one_thread) for inline in ways)
+    schedule = next((s for s in tried if s is not None), None)
+    return None if schedule is None or vector_code_in_vectorized_loop(schedule.mod) else schedule
 
 
 def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes: int,
