@@ -46,6 +46,20 @@ def conv_model(batch: int | str = 1) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
+def tvm_build(model: Path, folder: Path):
+    """``model`` ingested, quantized as QuantConfig() says (int8 QDQ, calibrated) and built by TVM for this host
+    (profile `local`), all under ``folder``: its CompiledArtifact (library_path, manifest_path)."""
+    from pipeline.compiler.build import compile_model
+    from pipeline.ingest import ingest
+    from pipeline.quantize import QuantConfig, quantize
+    from targets.profiles import load_profile
+
+    info = ingest(model, folder / "ingest")
+    quantized = quantize(folder / "ingest" / "model.static.onnx", folder, QuantConfig(), None)
+    (folder / "out").mkdir()
+    return compile_model(quantized, info, load_profile("local"), folder / "out")
+
+
 def dynamic_reshape_model() -> onnx.ModelProto:
     """The PyTorch-export pattern TVM can't import: Shape -> Gather -> Concat -> Reshape, plus a Range grid.
 

@@ -14,7 +14,7 @@ import onnx
 import pytest
 
 from targets.hashing import sha256_file
-from tests.conftest import conv_model
+from tests.conftest import conv_model, tvm_build
 
 RUNNER = Path(__file__).resolve().parents[2] / "targets" / "device_runner.py"
 
@@ -170,16 +170,8 @@ def test_peak_rss_is_the_runner_own_not_its_parent(setup, tmp_path):
 def test_a_tvm_library_reports_where_its_time_goes(setup, tmp_path):
     """After the timed loop, the runner times every call the Relax VM makes for a few more runs: the kernels the
     library really runs on the device, heaviest first (what a database estimate can't tell)."""
-    from pipeline.compiler.build import compile_model
-    from pipeline.ingest import ingest
-    from pipeline.quantize import QuantConfig, quantize
-    from targets.profiles import load_profile
-
     model, inputs = setup
-    info = ingest(model, tmp_path / "ingest")
-    quantized = quantize(tmp_path / "ingest" / "model.static.onnx", tmp_path, QuantConfig(), None)
-    (tmp_path / "out").mkdir()
-    artifact = compile_model(quantized, info, load_profile("local"), tmp_path / "out")
+    artifact = tvm_build(model, tmp_path)
     argv = [sys.executable, str(RUNNER), "--runtime", "tvm", "--artifact", artifact.library_path,
             "--manifest", artifact.manifest_path, "--inputs", str(inputs), "--input-order", "x",
             "--outputs", str(tmp_path / "out.npz"), "--min-iterations", "5", "--min-seconds", "0"]
