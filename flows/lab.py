@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.states import Failed, State
 from pydantic import BaseModel, ConfigDict
 
@@ -73,16 +73,18 @@ def limit_name(device: str) -> str:
 
 
 def ensure_device_limits(devices: set[str]) -> None:
-    """One slot per device, created if missing (existing limits are left as the lab set them)."""
+    """One slot per device, created if missing (existing limits are left as the lab set them). Created outright, not
+    looked up first: two labs starting at once both found a limit missing and the slower one's create failed
+    (ObjectAlreadyExists, test_two_labs_at_once_never_share_a_device, 2026-12-07)."""
 
     async def create() -> None:
         async with get_client() as client:
             for device in sorted(devices):
                 try:
-                    await client.read_global_concurrency_limit_by_name(limit_name(device))
-                except ObjectNotFound:
                     await client.create_global_concurrency_limit(
                         GlobalConcurrencyLimitCreate(name=limit_name(device), limit=1))
+                except ObjectAlreadyExists:
+                    pass
 
     asyncio.run(create())
 
@@ -196,7 +198,6 @@ def schedule_lab(lab_path: Path, *, cron: str, timezone: str, work_pool: str, na
     The schedule lives in the server's database, so it survives restarts of the worker that serves it.
     """
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
     from prefect.schedules import Cron
 
     from edgedeploy.errors import OptionError
