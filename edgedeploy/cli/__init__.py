@@ -326,7 +326,8 @@ def tune(
             result = build(config, device, Path(tmp), tuning_board=tuning_board)
         tuning = result.artifact.tuning or {}
         summary = {"profile": profile, "scheme": result.quantized.config.label(), "target": result.artifact.target,
-                   "tasks": tuning.get("tasks"), "trials_added": tuning.get("trials_added"),
+                   "tasks": tuning.get("tasks"), "model_tasks": tuning.get("model_tasks"),
+                   "trials_added": tuning.get("trials_added"),
                    "host_records": tuning.get("records"), "lab_records": lab_records(result.artifact.target),
                    "measured_on": tuning.get("measured_on"), "seconds": round(tuning.get("seconds", 0.0), 1),
                    "database": tuning.get("database")}

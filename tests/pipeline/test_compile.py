@@ -85,6 +85,29 @@ def test_a_time_budget_keeps_the_first_tuning_round_to_a_third_of_it():
     assert trials_per_round(32, 49, 57) == 16 and trials_per_round(8, 49, None) == 8  # random search, no rounds
 
 
+def test_a_budget_too_short_for_every_task_tunes_the_heaviest():
+    """PP-LCNet int8's 38 tasks at 16 candidates and the default each filled its whole 8.4-minute share with the
+    first round: the evolutionary search never ran. Its first round now fits in a third of the budget."""
+    from pipeline.compiler.tuning.search import (
+        FIRST_ROUND_SHARE,
+        MIN_TRIALS_PER_ROUND,
+        SECONDS_PER_TRIAL,
+        affordable_tasks,
+        trials_per_round,
+    )
+
+    tasks = [f"task{i}" for i in range(38)]  # heaviest first, as heaviest_first() orders them
+    afforded = affordable_tasks(tasks, 1000, 8.4)
+    assert afforded == tasks[:9]
+    per_round = trials_per_round(1000, len(afforded), 8.4)
+    assert per_round > MIN_TRIALS_PER_ROUND
+    assert len(afforded) * per_round * SECONDS_PER_TRIAL <= 8.4 * 60 * FIRST_ROUND_SHARE
+    assert affordable_tasks(tasks[:29], 1000, 57) == tasks[:29]  # an hour: every task
+    assert affordable_tasks(tasks, 1000, None) == tasks  # a trial count alone: every task, as asked
+    assert affordable_tasks(tasks, 32, 8.4) == tasks  # random search: no rounds to make room for
+    assert affordable_tasks(tasks, 1000, 0.1) == tasks[:1]  # the heaviest, whatever the budget
+
+
 def test_the_search_breeds_eight_candidates_for_each_one_a_round_measures():
     """MetaSchedule's own ratio (512 for 64): a 16-candidate round no longer pays for breeding 512."""
     from pipeline.compiler.tuning.search import search_strategy

@@ -26,6 +26,12 @@ def test_the_report_says_how_many_threads_timed_the_candidates():
     assert "threads" not in tuning_text(TUNING)  # records from before it was reported
 
 
+def test_a_budget_that_tuned_only_the_heaviest_kernels_says_so():
+    text = tuning_text({**TUNING, "tasks": 9, "model_tasks": 38, "minutes": 8.4})
+    assert "over 9 tasks (the heaviest of 38; the others kept default schedules)" in text
+    assert "heaviest" not in tuning_text({**TUNING, "model_tasks": 29})
+
+
 def rendered(result) -> str:
     from rich.console import Console
 

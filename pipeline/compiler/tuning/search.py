@@ -46,7 +46,8 @@ class Tuning(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     trials_per_task: int
-    tasks: int
+    tasks: int = Field(description="Tasks (kernels) tuned: the model's, or the heaviest a time budget affords.")
+    model_tasks: int = Field(default=0, description="The model's tasks; those not tuned kept default schedules.")
     seconds: float
     database: str
     records: int = Field(description="Tuning records in the database after this run (all runs, all models).")
@@ -72,6 +73,7 @@ TRIALS_PER_ROUND = 64  # MetaSchedule's default: candidates measured per task pe
 
 
 FIRST_ROUND_SHARE = 1 / 3  # of a time budget, at most, for the round every task gets before the cost model steers
+MIN_TRIALS_PER_ROUND = 16  # fewer, and breeding a round's candidates costs more than measuring them
 
 
 SECONDS_PER_TRIAL = 1.0  # build + time one candidate, measured on the x86 lab device (2 cores); boards are slower
@@ -88,7 +90,20 @@ def trials_per_round(trials: int, tasks: int, minutes: float | None) -> int:
     if not minutes:
         return TRIALS_PER_ROUND
     affordable = int(minutes * 60 * FIRST_ROUND_SHARE / (max(tasks, 1) * SECONDS_PER_TRIAL))
-    return max(16, min(TRIALS_PER_ROUND, affordable))
+    return max(MIN_TRIALS_PER_ROUND, min(TRIALS_PER_ROUND, affordable))
+
+
+def affordable_tasks(tasks: list, trials: int, minutes: float | None) -> list:
+    """The first of ``tasks`` (heaviest_first's order) whose first round, MIN_TRIALS_PER_ROUND candidates and the
+    default schedule each, fits in FIRST_ROUND_SHARE of a time budget; all of them without one, or for a random
+    search. A budget that gives every task a first round leaves the evolutionary search nothing: PP-LCNet int8's 38
+    tasks took 17 random candidates each in the whole of its 8.4 minutes (`--quant auto --tune-minutes 15`, AVX2
+    EPYC), and its library measured as the untuned one (1.19x against 1.18x). The tasks left out keep their default
+    schedules (tuning.defaults), which the first round seldom beat."""
+    if not minutes or trials < EVOLUTIONARY_MIN_TRIALS:
+        return tasks
+    afforded = int(minutes * 60 * FIRST_ROUND_SHARE / ((MIN_TRIALS_PER_ROUND + 1) * SECONDS_PER_TRIAL))
+    return tasks[:max(1, afforded)]
 
 
 # MetaSchedule breeds 512 candidates (population_size) for the 64 it measures a round, and the breeding
@@ -259,7 +274,8 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     register_cpu_rules(target)  # the Winograd transforms' too, whoever rewrote the module
     decomposed = decompose(mod, target)
     mod = fuse(decomposed, target)
-    tasks = heaviest_first(ms.relax_integration.extract_tasks(mod, target))
+    model_tasks = heaviest_first(ms.relax_integration.extract_tasks(mod, target))
+    tasks = affordable_tasks(model_tasks, trials, minutes)
     database_dir.mkdir(parents=True, exist_ok=True)
     # The evolutionary search breeds a population per round: worth it for real budgets, minutes of overhead for a
     # handful of trials, where random sampling of the design space does as well. Each round costs seconds of
@@ -297,8 +313,9 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     executable = ms.relax_integration.compile_relax(applied, decomposed, target, params=None)
     records = _records(database_dir)
     # The database names each kernel by this hash; weight = its calls per inference.
-    weights = {str(tvm_ffi.structural_hash(task.dispatched[0])): float(task.weight) for task in tasks}
-    return executable, Tuning(trials_per_task=trials, tasks=len(tasks), seconds=seconds, database=str(database_dir),
+    weights = {str(tvm_ffi.structural_hash(task.dispatched[0])): float(task.weight) for task in model_tasks}
+    return executable, Tuning(trials_per_task=trials, tasks=len(tasks), model_tasks=len(model_tasks),
+                              seconds=seconds, database=str(database_dir),
                               records=records, measured_on=measured_on, curve=tuning_curve(database_dir, weights),
                               scheduled=_scheduled_kernels(database, decomposed, target), minutes=minutes,
                               default_scheduled=defaulted,
