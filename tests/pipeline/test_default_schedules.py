@@ -201,3 +201,28 @@ def test_a_default_schedule_mutated_by_the_search_still_replays():
     assert mutated
     for trace in mutated:
         trace.apply_to_schedule(tvm.s_tir.Schedule(context.mod), remove_postproc=True)
+
+
+@pytest.mark.parametrize(("side", "parallel"), [(224, True), (16, False)])
+def test_a_kernel_that_moves_much_and_computes_little_runs_in_parallel(side, parallel):
+    """Regression: PP-LCNet's input transpose (1x3x224x224 fp32 to channels-last, clipped: 0.3 MFLOP, 1.2 MB) ran
+    on one thread, under PARALLEL_MIN_FLOPS. A kernel that moves PARALLEL_MIN_BYTES runs in parallel; a small one
+    (16x16, 6 KB) stays on one thread."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler.tuning.defaults import PARALLEL_MIN_BYTES, bytes_moved, default_schedule
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, side, side), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit(relax.op.permute_dims(relax.op.clip(x, -2.0, 2.0), [0, 2, 3, 1]))
+            out = bb.emit_output(out)
+        bb.emit_func_output(out)
+    (task,) = ms.relax_integration.extract_tasks(fused(bb.get(), target), target)
+    assert (bytes_moved(task.dispatched[0]) >= PARALLEL_MIN_BYTES) == parallel
+    context = ms.TuneContext(mod=task.dispatched[0], target=target, space_generator="post-order-apply",
+                             search_strategy="replay-trace", rand_state=1)
+    schedule = default_schedule(context, context.generate_design_space(), lanes=8)
+    assert ("T.parallel" in schedule.mod.script()) == parallel

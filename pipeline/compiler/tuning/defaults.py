@@ -24,8 +24,8 @@ widen it again). PP-LCNet int8 untuned went from 20 of 38 kernels scheduled, 0.0
 
 Then MetaSchedule's postprocessors for the target make each a concrete schedule (what tuning does to a candidate)
 and the build applies them as a database would. A kernel whose space or postprocessing fails, or whose vectorised
-loop would still hold an intrinsic's body, keeps TVM's default. Small kernels (under PARALLEL_MIN_FLOPS) run on
-one thread.
+loop would still hold an intrinsic's body, keeps TVM's default. Small kernels (under PARALLEL_MIN_FLOPS and
+PARALLEL_MIN_BYTES) run on one thread.
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ OUTPUT_VECTORS = 2
 REGISTER_ROWS = 4  # around a dot-product intrinsic (its own tiles are wider: _dot_tiles)
 REDUCTION_TILE = 4
 UNROLL = 64
-# Below this, a kernel runs on one thread: waking the pool costs ~5-20 us, what 1e5-1e6 operations take on one core.
+# Below both, a kernel runs on one thread: waking the pool costs ~5-20 us, what 1e5-1e6 operations take on one core,
+# or moving 50-200 KB. The bytes count for kernels that move data and compute next to nothing: PP-LCNet's input
+# transpose (1x3x224x224 fp32 to channels-last, 1.2 MB in and out, 0.3 MFLOP of clipping) ran ~0.1 ms on one core.
 PARALLEL_MIN_FLOPS = 500_000
+PARALLEL_MIN_BYTES = 256 * 1024
 # Below this, a kernel's producers (a conv's padding) are inlined into its loads rather than written out first: at
 # the root the padding is a pass of its own over the input, in a parallel region of its own, which cost a small
 # kernel more than the bounds checks in its loads. Side by side, untuned fp32 (AMD EPYC Zen 3, 2026-12-07): digits
@@ -258,6 +261,14 @@ def _postprocessed(context, space, lanes: int, intrinsic_lanes: int, inline_prod
         return None
 
 
+def bytes_moved(mod: tvm.IRModule) -> int:
+    """The bytes of a kernel's arguments (what it reads and writes at least once)."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    return sum(math.prod(int(extent) for extent in arg.shape) * tvm.DataType(arg.dtype).bits // 8
+               for arg in ArgInfo.from_entry_func(mod))
+
+
 def default_schedule(context, spaces: list, lanes: int, intrinsic_lanes: int = 0):
     """The default schedule of ``context``'s kernel (a MetaSchedule TuneContext: its postprocessors) from its design
     ``spaces`` (``intrinsic_lanes``: its dot-product intrinsic's, :func:`dot_lanes`), postprocessed; None where that
@@ -269,10 +280,11 @@ def default_schedule(context, spaces: list, lanes: int, intrinsic_lanes: int = 0
 
     try:
         flops = estimate_tir_flops(context.mod)
+        moved = bytes_moved(context.mod)
         space = _space(spaces).trace.simplified(remove_postproc=True)
     except Exception:  # noqa: BLE001 - any failure: TVM's default for this kernel
         return None
-    one_thread = flops < PARALLEL_MIN_FLOPS
+    one_thread = flops < PARALLEL_MIN_FLOPS and moved < PARALLEL_MIN_BYTES
     ways = (True, False) if flops < INLINE_PRODUCERS_MAX_FLOPS else (False,)
     tried = (_postprocessed(context, space, lanes, intrinsic_lanes, inline, one_thread) for inline in ways)
     schedule = next((s for s in tried if s is not None), None)
