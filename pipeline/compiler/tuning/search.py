@@ -79,6 +79,11 @@ MIN_TRIALS_PER_ROUND = 16  # fewer, and breeding a round's candidates costs more
 SECONDS_PER_TRIAL = 1.0  # build + time one candidate, measured on the x86 lab device (2 cores); boards are slower
 
 
+def first_round_trials(minutes: float) -> float:
+    """Trials the round every task gets first may take of a ``minutes`` budget (FIRST_ROUND_SHARE of it)."""
+    return minutes * 60 * FIRST_ROUND_SHARE / SECONDS_PER_TRIAL
+
+
 def trials_per_round(trials: int, tasks: int, minutes: float | None) -> int:
     """Candidates a task gets per round. MetaSchedule gives every task one round, in turn, before the cost model
     decides which kernels deserve more: at 64 a round YOLOX's 49 tasks would spend ~45 of 57 minutes on random
@@ -89,8 +94,7 @@ def trials_per_round(trials: int, tasks: int, minutes: float | None) -> int:
         return min(trials, 16)  # replay-trace: random candidates, no cost model to feed
     if not minutes:
         return TRIALS_PER_ROUND
-    affordable = int(minutes * 60 * FIRST_ROUND_SHARE / (max(tasks, 1) * SECONDS_PER_TRIAL))
-    return max(MIN_TRIALS_PER_ROUND, min(TRIALS_PER_ROUND, affordable))
+    return max(MIN_TRIALS_PER_ROUND, min(TRIALS_PER_ROUND, int(first_round_trials(minutes) / max(tasks, 1))))
 
 
 def affordable_tasks(tasks: list, trials: int, minutes: float | None) -> list:
@@ -102,8 +106,7 @@ def affordable_tasks(tasks: list, trials: int, minutes: float | None) -> list:
     schedules (tuning.defaults), which the first round seldom beat."""
     if not minutes or trials < EVOLUTIONARY_MIN_TRIALS:
         return tasks
-    afforded = int(minutes * 60 * FIRST_ROUND_SHARE / ((MIN_TRIALS_PER_ROUND + 1) * SECONDS_PER_TRIAL))
-    return tasks[:max(1, afforded)]
+    return tasks[:max(1, int(first_round_trials(minutes) / (MIN_TRIALS_PER_ROUND + 1)))]
 
 
 # MetaSchedule breeds 512 candidates (population_size) for the 64 it measures a round, and the breeding
