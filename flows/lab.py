@@ -13,6 +13,7 @@ publishing every outcome (`run_lab` still returns the summary).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -80,11 +81,9 @@ def ensure_device_limits(devices: set[str]) -> None:
     async def create() -> None:
         async with get_client() as client:
             for device in sorted(devices):
-                try:
+                with contextlib.suppress(ObjectAlreadyExists):
                     await client.create_global_concurrency_limit(
                         GlobalConcurrencyLimitCreate(name=limit_name(device), limit=1))
-                except ObjectAlreadyExists:
-                    pass
 
     asyncio.run(create())
 
