@@ -47,8 +47,8 @@ def conv_model(batch: int | str = 1) -> onnx.ModelProto:
 
 
 def tvm_build(model: Path, folder: Path):
-    """``model`` ingested, quantized as QuantConfig() says (int8 QDQ, calibrated) and built by TVM for this host
-    (profile `local`), all under ``folder``: its CompiledArtifact (library_path, manifest_path)."""
+    """``model`` ingested and built by TVM as it is (fp32: QuantConfig()'s default) for this host (profile
+    `local`), all under ``folder``: its CompiledArtifact (library_path, manifest_path)."""
     from pipeline.compiler.build import compile_model
     from pipeline.ingest import ingest
     from pipeline.quantize import QuantConfig, quantize
