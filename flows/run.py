@@ -27,6 +27,7 @@ from flows.tasks import (
     partial_task,
     quantize_task,
     record_task,
+    tuned_or_before,
     tvm_on_the_gpu,
 )
 from pipeline import progress
@@ -78,7 +79,13 @@ def deploy_run(config: RunConfig) -> RunResult:
     partial = _timed("partial", timings, partial_task, config, info, data, checks.quant) if config.partial else None
     quant = checks.quant.model_copy(update={"keep_float": partial.keep_float}) if partial else checks.quant
     quantized = _timed("quantize", timings, quantize_task, config, info, data, quant)
+    before = _timed("compile untuned", timings, compile_task, _untuned(config), quantized, info, profile) \
+        if _checks_its_tuning(config, profile) else None
     compiled = _timed("compile", timings, compile_task, config, quantized, info, profile)
+    tuning_check = None
+    if before is not None:
+        compiled, tuning_check = _timed("tuned or not", timings, tuned_or_before, config, info, data, profile,
+                                        quantized, compiled, before)
     deployed = _timed("deploy", timings, deploy_task, config, compiled, info, data, profile)
     bench = _timed("benchmark", timings, benchmark_task, config, deployed, info, data, profile)
     also = [_timed("tvm-gpu", timings, tvm_on_the_gpu, config, info, data, profile, quantized, bench)] \
@@ -86,7 +93,18 @@ def deploy_run(config: RunConfig) -> RunResult:
     result = _report(config, profile, info, data, timings, quantized=quantized, compiled=compiled, bench=bench,
                      deployed=deployed, checks=checks.results,
                      reused=[name for name, part in (("quantize", quantized), ("compile", compiled)) if part.cached])
-    return _record(config, result.model_copy(update={"partial": partial, "also": also}), compiled, timings)
+    return _record(config, result.model_copy(update={"partial": partial, "also": also, "tuning_check": tuning_check}),
+                   compiled, timings)
+
+
+def _checks_its_tuning(config: RunConfig, profile: DeviceProfile) -> bool:
+    """A tuned TVM build for the CPU is measured against the build before its tuning (pipeline.tuning_check)."""
+    return (config.tuning_check and bool(config.tune_trials) and config.runtime_on(profile) == "tvm"
+            and profile.tvm_gpu_target() is None)
+
+
+def _untuned(config: RunConfig) -> RunConfig:
+    return config.model_copy(update={"tune_trials": 0, "tune_minutes": None})
 
 
 def _tvm_gpu_beside(config: RunConfig, profile: DeviceProfile) -> bool:

@@ -27,6 +27,7 @@ from pipeline.regression import Verdict
 from pipeline.report import AlsoMeasured, RunResult
 from pipeline.results.store import ResultStore
 from pipeline.session import DeviceSession, tuning_board
+from pipeline.tuning_check import TURNS, TuningCheck
 from pipeline.verdicts import CheckReport
 from targets.board_state import BoardState
 from targets.profiles import DeviceProfile
@@ -150,6 +151,24 @@ def candidate_task(config: RunConfig, info: ModelInfo, data: PreparedData, profi
     artifact = artifact_for(candidate.runtime, quantized, info, profile, tune_trials=candidate.tune_trials,
                             tune_minutes=candidate.tune_minutes, tuning_board=tuning_board)
     return Built(quantized=quantized, artifact=artifact)
+
+
+def tuned_or_before(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
+                    quantized: QuantizedModel, tuned: CompiledArtifact, before: CompiledArtifact
+                    ) -> tuple[CompiledArtifact, TuningCheck]:
+    """The tuned library and the build before its tuning, measured in turns on the device (TURNS, each turn half
+    the run's benchmark settings): the faster ships (pipeline.tuning_check)."""
+    full = bench_settings(config, profile)
+    half = full.model_copy(update={"min_iterations": max(1, full.min_iterations // 2),
+                                   "min_seconds": full.min_seconds / 2})
+    turns: dict[str, list[float]] = {"tuned": [], "before": []}
+    for index, which in enumerate(TURNS):
+        run = measure_task.with_options(task_run_name=f"tuned or not: {which} ({index + 1})")(
+            config.model_copy(update={"bench": half}), info, data, profile, quantized,
+            tuned if which == "tuned" else before, which="artifact", folder=f"tuning-check-{index + 1}")
+        turns[which].append(run.measurement.latency_ms.p50)
+    check = TuningCheck.judge(turns["tuned"], turns["before"], tuned.tuning)
+    return (tuned if check.shipped == "tuned" else before), check
 
 
 # A results database locked by another writer (past SQLite's busy timeout) is asked again, a few seconds apart.

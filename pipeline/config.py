@@ -54,6 +54,9 @@ class RunConfig(BaseModel):
     tune_trials: int = Field(default=0, ge=0, description="MetaSchedule trials per task (0 = no tuning).")
     tune_minutes: float | None = Field(default=None, gt=0, description="Time budget of a tuning run; alone, it "
                                        f"allows up to {TRIALS_WITHIN_MINUTES} trials per task.")
+    tuning_check: bool = Field(default=True, description="A tuned TVM build for the CPU is measured on the device "
+                               "in turns with the build before its tuning, and the faster ships (pipeline."
+                               "tuning_check); False ships the tuned one unmeasured (a lab that studies the tuning).")
     partial: bool = Field(default=False, description="int8: keep the most sensitive layers in float until the "
                           "accuracy budget is met (per-layer sensitivity).")
     auto: bool = Field(default=False, description="--quant auto: measure every allowed candidate, ship the best.")

@@ -18,6 +18,7 @@ from pipeline.metrics import Agreement, LatencyStats
 from pipeline.partial import PartialPlan
 from pipeline.quantize import QuantizedModel
 from pipeline.regression import Verdict
+from pipeline.tuning_check import TuningCheck
 from pipeline.verdicts import CheckResult
 from targets.profiles import GPU_RUNTIMES
 
@@ -127,6 +128,8 @@ class RunResult(BaseModel):
     reused: list[str] = Field(default_factory=list, description="Stages whose output came from the artifact cache.")
     auto: AutoSelection | None = Field(default=None, description="--quant auto: every candidate and the choice.")
     partial: PartialPlan | None = Field(default=None, description="--partial: layer sensitivity, layers kept float.")
+    tuning_check: TuningCheck | None = Field(default=None, description="A tuned TVM build: it and the build before "
+                                             "the tuning measured in turns on the device, the faster shipped.")
     benchmark: dict[str, Any] = Field(description="Settings, raw latency samples, devices, versions.")
     also: list[AlsoMeasured] = Field(default_factory=list, description="Other runtimes measured beside it.")
     board: dict[str, Any] = Field(default_factory=dict, description="The board's state before and after (power "
@@ -134,6 +137,11 @@ class RunResult(BaseModel):
     tools: dict[str, str]
     flow_run_id: str | None = None
     result_path: str | None = None
+
+    @property
+    def tuning(self) -> dict[str, Any] | None:
+        """This run's tuning (search.Tuning as a dict), whether the tuned library shipped or the build before it."""
+        return self.artifact.tuning or (self.tuning_check.tuning if self.tuning_check else None)
 
     @property
     def series(self) -> str:
@@ -201,7 +209,7 @@ class RunResult(BaseModel):
         slower = f"slower than onnxruntime fp32 here ({self.speedup:.2f}x): "
         if not self.runtime.startswith("tvm"):
             return slower + f"{self.scheme} loses to fp32 for this model on this device; {auto}"
-        if self.artifact.tuning:
+        if self.tuning:
             return slower + f"tune longer (--tune-minutes adds to the trials kept so far), {auto}"
         return (slower + "this TVM build is untuned (default schedules, nothing measured): tune it (e.g. "
                 f"--tune-minutes 20; the trials are kept, and every later run adds to them), {auto}")
@@ -281,8 +289,11 @@ class RunResult(BaseModel):
         if self.artifact.winograd_convs:
             parts.append(Text(f"Winograd: {self.artifact.winograd_convs} float 3x3 convs computed by F(4x4, 3x3) "
                               "(a quarter of the multiply-adds)"))
-        if self.artifact.tuning:
-            parts.append(Text(tuning_text(self.artifact.tuning)))
+        if self.tuning:
+            parts.append(Text(tuning_text(self.tuning)))
+        if self.tuning_check:
+            parts.append(Text(self.tuning_check.text(), style="yellow" if self.tuning_check.shipped == "before"
+                              else ""))
         if kernels := kernels_text(self.benchmark.get("artifact") or {}):
             parts.append(Text(kernels))
         yield Group(head, stages, *parts, side, summary, *warnings, validity, footer)

@@ -58,6 +58,7 @@ def test_digits_fp32_through_the_prefect_server(prefect_server):
     assert result.latency_ms.n >= 450 and result.baseline.latency_ms.n >= 450
     assert result.speedup == pytest.approx(result.baseline.latency_ms.p50 / result.latency_ms.p50)
     assert Path(result.result_path).is_file()
+    assert result.tuning_check is None and "compile untuned" not in result.stage_seconds  # nothing tuned
 
     run, tasks = _flow_run(result.flow_run_id)
     assert run.state.is_completed()
@@ -121,10 +122,26 @@ def test_detector_int8_map(prefect_server):
 def test_tuning_times_its_candidates_on_the_benchmarks_threads(prefect_server):
     """Regression: a lab that benchmarks on one thread (`bench.threads`) had its build tuned on the profile's cores,
     so the database's kernel times were not those of the kernels it deployed."""
-    result = deploy_run(_config("digits-cnn", "fp32", tune_trials=1, eval_samples=20,
+    result = deploy_run(_config("digits-cnn", "fp32", tune_trials=1, eval_samples=20, tuning_check=False,
                                 bench=QUICK.model_copy(update={"threads": 1})))
-    assert result.valid
+    assert result.valid and result.tuning_check is None  # tuning_check=False: the tuned library, unmeasured
     assert result.artifact.target["num-cores"] == 1 and result.artifact.tuning["threads"] == 1
+
+
+def test_a_tuned_library_ships_only_if_it_beats_the_build_before_its_tuning(prefect_server):
+    """Regression: a plain `deploy run --tune-minutes` shipped its tuned library unmeasured against the untuned one,
+    which on the digits CNN was 1.7x faster (pipeline.tuning_check). Both are built, measured in turns on the device,
+    and the faster one ships; the tuning is reported either way."""
+    result = deploy_run(_config("digits-cnn", "fp32", tune_trials=1, eval_samples=20))
+    check = result.tuning_check
+    assert check is not None and len(check.tuned_ms) == len(check.before_ms) == 2
+    assert all(ms > 0 for ms in check.tuned_ms + check.before_ms)
+    assert (result.artifact.tuning is not None) is (check.shipped == "tuned")
+    assert result.tuning["trials_per_task"] == 1 and check.tuning == result.tuning
+    assert {"compile untuned", "compile", "tuned or not", "deploy", "benchmark"} <= set(result.stage_seconds)
+    names = [task.name for task in _flow_run(result.flow_run_id)[1]]
+    assert [name for name in names if name.startswith("tuned or not")] == [
+        "tuned or not: before (1)", "tuned or not: tuned (2)", "tuned or not: tuned (3)", "tuned or not: before (4)"]
 
 
 def test_run_that_misses_its_minimums_is_invalid(prefect_server):

@@ -178,7 +178,9 @@ def test_a_tuned_int8_build_for_arm_is_dot_code_timed_and_checked_on_the_emulate
 
     device, python = lab_pi4
     profile = device.profile(extends=board, python=python, runtimes={"tvm": "0.27.0", "onnxruntime": "1.27.0"})
-    result = deploy_run(_config(profile, "int8", tune_trials=2))
+    # The tuned library ships unmeasured against the untuned one: four more runs under qemu cost ~50 s, and that
+    # check is the local profile's test (test_run_flow).
+    result = deploy_run(_config(profile, "int8", tune_trials=2, tuning_check=False))
     assert result.valid, result.invalid_reasons
     assert result.artifact.target["mcpu"] == mcpu
     assert result.artifact.integer_ops == 3 and result.artifact.dot_ops == {instruction: 3}  # 3x3 convs, the Gemm

@@ -60,3 +60,23 @@ def test_an_artifact_slower_than_the_baseline_says_what_to_do():
     assert "int8 QDQ U8S8 minmax per-channel loses to fp32" in ort_int8.slower_advice()
     assert slow.model_copy(update={"speedup": 0.97}).slower_advice() is None  # within measurement noise
     assert slow.model_copy(update={"valid": False}).slower_advice() is None  # an invalid measurement proves nothing
+
+
+def test_a_tuned_library_slower_than_the_build_before_it_is_not_shipped_and_the_report_says_so():
+    """The digits CNN's int8 library tuned 9.4 minutes ran 0.94x of onnxruntime fp32, its untuned build 1.60x, and a
+    plain `deploy run --tune-minutes` shipped the tuned one without a word (pipeline.tuning_check)."""
+    from pipeline.tuning_check import TuningCheck
+
+    slower = TuningCheck.judge(tuned_ms=[0.031, 0.030], before_ms=[0.019, 0.018], tuning=TUNING)
+    assert slower.shipped == "before"
+    faster = TuningCheck.judge(tuned_ms=[0.015, 0.016], before_ms=[0.018, 0.017], tuning=TUNING)
+    assert faster.shipped == "tuned"
+    assert TuningCheck.judge([0.02, 0.03], [0.03, 0.02], TUNING).shipped == "tuned"  # a tie keeps the tuned one
+    untuned = make_result(1)
+    shipped_before = untuned.model_copy(update={"tuning_check": slower})
+    text = rendered(shipped_before)
+    assert "tuned library 0.030 ms against 0.018 ms for the build before this tuning (best of 2 turns each" in text
+    assert "the tuned library was slower and the build before it shipped" in text
+    assert "4100 trials added" in text  # the tuning is still reported: its records stay in the database
+    assert shipped_before.tuning == TUNING and untuned.tuning is None
+    assert "the tuned one shipped" in rendered(untuned.model_copy(update={"tuning_check": faster}))
