@@ -108,6 +108,20 @@ def test_a_budget_too_short_for_every_task_tunes_the_heaviest():
     assert affordable_tasks(tasks, 1000, 0.1) == tasks[:1]  # the heaviest, whatever the budget
 
 
+def test_the_slowest_kernels_come_first_by_time_and_calls():
+    """A short budget goes to the kernels that take the most time per inference (tuning.ranking), not the most
+    FLOPs: a kernel not timed keeps its place after the timed ones."""
+    from types import SimpleNamespace
+
+    from pipeline.compiler.tuning.ranking import slowest_first
+
+    tasks = [SimpleNamespace(name=name, weight=weight) for name, weight in
+             (("pointwise", 1), ("depthwise", 1), ("twice", 2), ("untimed", 1), ("also untimed", 1))]
+    seconds = [120e-6, 170e-6, 90e-6, None, None]
+    assert [t.name for t in slowest_first(tasks, seconds)] == [
+        "twice", "depthwise", "pointwise", "untimed", "also untimed"]
+
+
 def test_the_search_breeds_eight_candidates_for_each_one_a_round_measures():
     """MetaSchedule's own ratio (512 for 64): a 16-candidate round no longer pays for breeding 512."""
     from pipeline.compiler.tuning.search import search_strategy

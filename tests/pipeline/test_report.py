@@ -30,6 +30,8 @@ def test_a_budget_that_tuned_only_the_heaviest_kernels_says_so():
     text = tuning_text({**TUNING, "tasks": 9, "model_tasks": 38, "minutes": 8.4})
     assert "over 9 tasks (the heaviest of 38; the others kept default schedules)" in text
     assert "heaviest" not in tuning_text({**TUNING, "model_tasks": 29})
+    timed = tuning_text({**TUNING, "tasks": 9, "model_tasks": 38, "minutes": 8.4, "ranked_by": "time"})
+    assert "over 9 tasks (the slowest of 38, each timed first; the others kept default schedules)" in timed
 
 
 def rendered(result) -> str:

@@ -51,6 +51,50 @@ def test_tuning_database_grows_and_results_match(tmp_path):
     np.testing.assert_allclose(tuned, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_short_budget_times_every_kernel_first_and_tunes_the_slowest(tmp_path):
+    """tuning.ranking: a budget too short for every task's first round times each kernel's default schedule (the
+    run's builder and runner), keeps those timings as the tasks' first records, and tunes the slowest by time x calls;
+    a kernel with a record is not built again."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler.frontend import relax_module, resolve_target
+    from pipeline.compiler.tuning.control import OneAtATime, local_runner
+    from pipeline.compiler.tuning.lowering import decompose, fuse, register_cpu_rules
+    from pipeline.compiler.tuning.ranking import slowest_first, timed_defaults
+    from pipeline.compiler.tuning.search import forked_builder, heaviest_first
+
+    model = WORKLOADS["digits-cnn"].model_path()
+    info = ingest(model, tmp_path / "ingest")
+    q = quantize(tmp_path / "ingest" / "model.static.onnx", tmp_path, QuantConfig(), None)
+    profile = load_profile("local")
+    import tvm
+
+    target = tvm.target.Target(resolve_target(profile))
+    register_cpu_rules(target)
+    decomposed = decompose(relax_module(q, info, profile)[0], target)
+    tasks = heaviest_first(ms.relax_integration.extract_tasks(fuse(decomposed, target), target))
+    (tmp_path / "db").mkdir()
+    database = ms.database.JSONDatabase(work_dir=str(tmp_path / "db"))
+    seconds = timed_defaults(tasks, target, 8, None, forked_builder(), OneAtATime(local_runner(2)), database)
+    assert len(seconds) == len(tasks) >= 5 and all(s is not None and 0 < s < 0.01 for s in seconds)
+    assert len(database) == len(tasks)  # each timing is its task's first record
+
+    class NoBuilds:
+        def build(self, inputs):
+            raise AssertionError(f"built {len(inputs)} kernels again")
+
+    again = timed_defaults(tasks, target, 8, None, NoBuilds(), OneAtATime(local_runner(2)), database)
+    assert again == pytest.approx(seconds)
+    ranked = slowest_first(tasks, seconds)
+    assert seconds[tasks.index(ranked[0])] * float(ranked[0].weight) == max(
+        s * float(t.weight) for s, t in zip(seconds, tasks, strict=True))
+
+    tuned = compile_model(q, info, profile, tmp_path, tune_trials=1000, tune_minutes=0.1,
+                          tuning_root=tmp_path / "tuning")
+    assert tuned.tuning["ranked_by"] == "time" and tuned.tuning["tasks"] < tuned.tuning["model_tasks"]
+    assert tuned.tuning["records"] >= tuned.tuning["model_tasks"]  # every kernel timed first
+
+
 def _run(library_path: str, x: np.ndarray) -> np.ndarray:
     import tvm
     from tvm import relax

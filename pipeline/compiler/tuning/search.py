@@ -27,6 +27,7 @@ from pipeline.compiler.tuning.curve import CurvePoint, tuning_curve
 from pipeline.compiler.tuning.defaults import default_schedules, dot_layout, vector_lanes_of
 from pipeline.compiler.tuning.forked_builds import build_all
 from pipeline.compiler.tuning.lowering import decompose, fuse, register_cpu_rules, unnamed_handlers_detached
+from pipeline.compiler.tuning.ranking import slowest_first, timed_defaults
 from pipeline.compiler.tuning.records import locked, lookup_in
 from pipeline.compiler.tuning.seeded import DefaultFirst
 from targets.hashing import sha256_bytes
@@ -48,6 +49,8 @@ class Tuning(BaseModel):
     trials_per_task: int
     tasks: int = Field(description="Tasks (kernels) tuned: the model's, or the heaviest a time budget affords.")
     model_tasks: int = Field(default=0, description="The model's tasks; those not tuned kept default schedules.")
+    ranked_by: str = Field(default="flops", description="How the tuned tasks were chosen where the budget could not "
+                           "take them all: 'time' (the slowest, each timed first: tuning.ranking), else 'flops'.")
     seconds: float
     database: str
     records: int = Field(description="Tuning records in the database after this run (all runs, all models).")
@@ -98,12 +101,12 @@ def trials_per_round(trials: int, tasks: int, minutes: float | None) -> int:
 
 
 def affordable_tasks(tasks: list, trials: int, minutes: float | None) -> list:
-    """The first of ``tasks`` (heaviest_first's order) whose first round, MIN_TRIALS_PER_ROUND candidates and the
-    default schedule each, fits in FIRST_ROUND_SHARE of a time budget; all of them without one, or for a random
-    search. A budget that gives every task a first round leaves the evolutionary search nothing: PP-LCNet int8's 38
-    tasks took 17 random candidates each in the whole of its 8.4 minutes (`--quant auto --tune-minutes 15`, AVX2
-    EPYC), and its library measured as the untuned one (1.19x against 1.18x). The tasks left out keep their default
-    schedules (tuning.defaults), which the first round seldom beat."""
+    """The first of ``tasks`` (heaviest_first's order, or tuning.ranking's slowest_first) whose first round,
+    MIN_TRIALS_PER_ROUND candidates and the default schedule each, fits in FIRST_ROUND_SHARE of a time budget; all of
+    them without one, or for a random search. A budget that gives every task a first round leaves the evolutionary
+    search nothing: PP-LCNet int8's 38 tasks took 17 random candidates each in the whole of its 8.4 minutes (`--quant
+    auto --tune-minutes 15`, AVX2 EPYC), and its library measured as the untuned one (1.19x against 1.18x). The tasks
+    left out keep their default schedules (tuning.defaults), which the first round seldom beat."""
     if not minutes or trials < EVOLUTIONARY_MIN_TRIALS:
         return tasks
     return tasks[:max(1, int(first_round_trials(minutes) / (MIN_TRIALS_PER_ROUND + 1)))]
@@ -278,21 +281,30 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     decomposed = decompose(mod, target)
     mod = fuse(decomposed, target)
     model_tasks = heaviest_first(ms.relax_integration.extract_tasks(mod, target))
-    tasks = affordable_tasks(model_tasks, trials, minutes)
     database_dir.mkdir(parents=True, exist_ok=True)
-    # The evolutionary search breeds a population per round: worth it for real budgets, minutes of overhead for a
-    # handful of trials, where random sampling of the design space does as well. Each round costs seconds of
-    # breeding and cost-model training whatever it measures: how many it measures is trials_per_round's call.
-    per_round = trials_per_round(trials, len(tasks), minutes)
     # Timed on the threads the deployed model runs with; TVM's default is half of them on x86 (tuning.control).
     threads = int(cpu["num-cores"])
     local = runner is None
     runner = runner or local_runner(threads)
+    measuring = OneAtATime(runner) if shared_machine else runner
+    builder = builder or forked_builder()
     deadline = Deadline(minutes * 60) if minutes else None
     before = _records(database_dir)
     started = time.perf_counter()
-    strategy = search_strategy(trials, per_round)
     dot = dot_layout(decomposed)
+    tasks = affordable_tasks(model_tasks, trials, minutes)
+    ranked_by_time = len(tasks) < len(model_tasks)
+    if ranked_by_time:  # a short budget: to the kernels that take the most time, each timed first (tuning.ranking)
+        with unnamed_handlers_detached():
+            seconds = timed_defaults(model_tasks, target, vector_lanes_of(target), dot, builder, measuring,
+                                     ms.database.JSONDatabase(work_dir=str(database_dir)))
+        model_tasks = slowest_first(model_tasks, seconds)
+        tasks = affordable_tasks(model_tasks, trials, minutes)
+    # The evolutionary search breeds a population per round: worth it for real budgets, minutes of overhead for a
+    # handful of trials, where random sampling of the design space does as well. Each round costs seconds of
+    # breeding and cost-model training whatever it measures: how many it measures is trials_per_round's call.
+    per_round = trials_per_round(trials, len(tasks), minutes)
+    strategy = search_strategy(trials, per_round)
     strategy = DefaultFirst(ms.search_strategy.SearchStrategy.create(strategy) if isinstance(strategy, str)
                             else strategy, vector_lanes_of(target), dot)
     if deadline:  # MetaSchedule's first round gives every task one batch, budget or not: end it at the deadline
@@ -304,8 +316,7 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
         database = ms.tune.tune_tasks(
             tasks=contexts, task_weights=task_weights, work_dir=str(database_dir),
             max_trials_global=trials * max(len(tasks), 1), max_trials_per_task=trials,
-            num_trials_per_iter=per_round, builder=builder or forked_builder(),
-            runner=OneAtATime(runner) if shared_machine else runner,
+            num_trials_per_iter=per_round, builder=builder, runner=measuring,
             measure_callbacks=ms.MeasureCallback.create("default"),
         )
     seconds = time.perf_counter() - started
@@ -318,6 +329,7 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     # The database names each kernel by this hash; weight = its calls per inference.
     weights = {str(tvm_ffi.structural_hash(task.dispatched[0])): float(task.weight) for task in model_tasks}
     return executable, Tuning(trials_per_task=trials, tasks=len(tasks), model_tasks=len(model_tasks),
+                              ranked_by="time" if ranked_by_time else "flops",
                               seconds=seconds, database=str(database_dir),
                               records=records, measured_on=measured_on, curve=tuning_curve(database_dir, weights),
                               scheduled=_scheduled_kernels(database, decomposed, target), minutes=minutes,
