@@ -47,7 +47,7 @@ class Tuning(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     trials_per_task: int
-    tasks: int = Field(description="Tasks (kernels) tuned: the model's, or the heaviest a time budget affords.")
+    tasks: int = Field(description="Tasks (kernels) tuned: the model's, or the slowest a time budget affords.")
     model_tasks: int = Field(default=0, description="The model's tasks; those not tuned kept default schedules.")
     ranked_by: str = Field(default="flops", description="How the tuned tasks were chosen where the budget could not "
                            "take them all: 'time' (the slowest, each timed first: tuning.ranking), else 'flops'.")
@@ -296,9 +296,9 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     ranked_by_time = len(tasks) < len(model_tasks)
     if ranked_by_time:  # a short budget: to the kernels that take the most time, each timed first (tuning.ranking)
         with unnamed_handlers_detached():
-            seconds = timed_defaults(model_tasks, target, vector_lanes_of(target), dot, builder, measuring,
-                                     ms.database.JSONDatabase(work_dir=str(database_dir)))
-        model_tasks = slowest_first(model_tasks, seconds)
+            kernel_seconds = timed_defaults(model_tasks, target, vector_lanes_of(target), dot, builder, measuring,
+                                            ms.database.JSONDatabase(work_dir=str(database_dir)))
+        model_tasks = slowest_first(model_tasks, kernel_seconds)
         tasks = affordable_tasks(model_tasks, trials, minutes)
     # The evolutionary search breeds a population per round: worth it for real budgets, minutes of overhead for a
     # handful of trials, where random sampling of the design space does as well. Each round costs seconds of
