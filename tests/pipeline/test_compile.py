@@ -108,6 +108,16 @@ def test_a_budget_too_short_for_every_task_tunes_the_heaviest():
     assert affordable_tasks(tasks, 1000, 0.1) == tasks[:1]  # the heaviest, whatever the budget
 
 
+def test_kernels_are_timed_first_only_where_the_budget_affords_it():
+    """Timing every kernel first costs about a trial each: an eighth of the budget at most, else the FLOPs order."""
+    from pipeline.compiler.tuning.search import timing_fits
+
+    assert timing_fits(38, 8.4)  # PP-LCNet int8 in --quant auto --tune-minutes 15's share
+    assert not timing_fits(120, 0.1)  # YOLOX in `deploy bench --tune-minutes 0.1`
+    assert timing_fits(120, 30) and not timing_fits(120, 8.4)
+    assert not timing_fits(8, None)
+
+
 def test_the_slowest_kernels_come_first_by_time_and_calls():
     """A short budget goes to the kernels that take the most time per inference (tuning.ranking), not the most
     FLOPs: a kernel not timed keeps its place after the timed ones."""

@@ -6,6 +6,7 @@ others stay float or move more bytes than they compute. Here each task's kernel 
 (tuning.defaults), or taken at its best record where the database has one, and timed as a candidate is (the run's
 builder and runner: here, or on the board); the tasks are ranked by that time x calls. The timings are the tasks'
 first records, which the tuning would have measured first anyway (seeded.DefaultFirst skips a task that has one).
+Only where that timing fits in an eighth of the budget (search.timing_fits).
 PP-LCNet int8 on the AVX2 AMD EPYC (2026-12-07): its 38 kernels timed in 14.5 s; the slowest is the float stem conv
 (170 us for 13 MFLOP), which the FLOPs ranking left out of an 8.4-minute budget's 9 tasks, against 86-106 us for the
 int8 1x1 convs of 26-28 MFLOP. Timed alone, a kernel runs with its inputs in cache: the memory-bound ones (the

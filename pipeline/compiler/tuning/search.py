@@ -112,6 +112,16 @@ def affordable_tasks(tasks: list, trials: int, minutes: float | None) -> list:
     return tasks[:max(1, int(first_round_trials(minutes) / (MIN_TRIALS_PER_ROUND + 1)))]
 
 
+RANKING_SHARE = 1 / 8  # of a time budget, at most, for timing every kernel first (tuning.ranking)
+
+
+def timing_fits(tasks: int, minutes: float | None) -> bool:
+    """Does timing every one of ``tasks`` kernels first (about a trial each) fit in RANKING_SHARE of the budget? A
+    budget too short for that keeps the FLOPs order: `deploy bench`'s 0.1 minutes would otherwise spend ~45 s timing
+    YOLOX's 120 kernels."""
+    return bool(minutes) and tasks * SECONDS_PER_TRIAL <= minutes * 60 * RANKING_SHARE
+
+
 # MetaSchedule breeds 512 candidates (population_size) for the 64 it measures a round, and the breeding
 # (sampling, mutating, scoring every one with the cost model) is what a short budget spends most of its time on:
 # 70 % of 30 minutes for PP-LCNet fp32, 76 % for its int8 model, 65 % of 20 minutes for YOLOX (measured from the
@@ -293,7 +303,7 @@ def tune_and_compile(mod: tvm.IRModule, cpu: dict[str, Any], trials: int, databa
     started = time.perf_counter()
     dot = dot_layout(decomposed)
     tasks = affordable_tasks(model_tasks, trials, minutes)
-    ranked_by_time = len(tasks) < len(model_tasks)
+    ranked_by_time = len(tasks) < len(model_tasks) and timing_fits(len(model_tasks), minutes)
     if ranked_by_time:  # a short budget: to the kernels that take the most time, each timed first (tuning.ranking)
         with unnamed_handlers_detached():
             kernel_seconds = timed_defaults(model_tasks, target, vector_lanes_of(target), dot, builder, measuring,
