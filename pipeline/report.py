@@ -305,9 +305,9 @@ def tuning_text(t: dict[str, Any]) -> str:
               else f" (budget {t['minutes']:g} min)" if t.get("minutes") else "")
     per_round = f" ({t['trials_per_round']} a round)" if t.get("trials_per_round") else ""
     threads = f", timed on {t['threads']} threads" if t.get("threads") else ""
-    chosen = ("slowest" if t.get("ranked_by") == "time" else "heaviest") + f" of {t.get('model_tasks', 0)}" + (
-        ", each timed first" if t.get("ranked_by") == "time" else "")
-    of = f" (the {chosen}; the others kept default schedules)" if t.get("model_tasks", 0) > t["tasks"] else ""
+    chosen = "slowest of {}, each timed first" if t.get("ranked_by") == "time" else "heaviest of {}"
+    of = (f" (the {chosen.format(t['model_tasks'])}; the others kept default schedules)"
+          if t.get("model_tasks", 0) > t["tasks"] else "")
     return (f"tuned: up to {t['trials_per_task']} MetaSchedule trials per task{per_round} over {t['tasks']} tasks{of}, "
             f"{t.get('trials_added', 0)} trials added in {t['seconds']:.0f} s{budget}{threads} "
             f"({t.get('scheduled', 0)} kernels built with a tuned schedule); the database ({t['database']}) now "

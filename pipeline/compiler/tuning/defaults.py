@@ -291,6 +291,26 @@ def default_schedule(context, spaces: list, lanes: int, intrinsic_lanes: int = 0
     return None if schedule is None or vector_code_in_vectorized_loop(schedule.mod) else schedule
 
 
+def task_default_schedule(task, target: tvm.target.Target, lanes: int, dot):
+    """:func:`default_schedule` of a MetaSchedule task's kernel (``dot``: the module's dot-product layout, or None),
+    from its own design space; None where there is none (TVM's default for the kernel)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.compiler.passes.dot import AVX2
+    from pipeline.compiler.passes.dot_intrinsics import search_space
+
+    intrinsic_lanes = dot_lanes(task.task_name, dot)
+    context = ms.TuneContext(mod=task.dispatched[0], target=target, task_name=task.task_name, rand_state=1,
+                             space_generator=search_space(avx2=dot is AVX2) if intrinsic_lanes
+                             else "post-order-apply",
+                             search_strategy="replay-trace")
+    try:
+        spaces = context.generate_design_space()
+    except Exception:  # noqa: BLE001 - any failure: TVM's default for this kernel, as before
+        return None
+    return default_schedule(context, spaces, lanes, intrinsic_lanes)
+
+
 def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes: int,
                       tuned: Callable[[Any], Any] | None = None) -> tuple[Any, int, int, int]:
     """(a MetaSchedule database holding a schedule for each kernel of ``decomposed``, how many kernels got a default
@@ -299,8 +319,6 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
     host, keeps its tuned schedule. compile_relax(database, decomposed, target) builds with them."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler.passes.dot import AVX2
-    from pipeline.compiler.passes.dot_intrinsics import search_space
     from pipeline.compiler.tuning.lowering import fuse, unnamed_handlers_detached
 
     database = ms.database.MemoryDatabase()
@@ -317,16 +335,7 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
                     ms.arg_info.ArgInfo.from_entry_func(kernel)))
                 from_records += 1
                 continue
-            intrinsic_lanes = dot_lanes(task.task_name, dot)
-            context = ms.TuneContext(mod=kernel, target=target, task_name=task.task_name, rand_state=1,
-                                     space_generator=search_space(avx2=dot is AVX2) if intrinsic_lanes
-                                     else "post-order-apply",
-                                     search_strategy="replay-trace")
-            try:
-                spaces = context.generate_design_space()
-            except Exception:  # noqa: BLE001 - any failure: TVM's default for this kernel, as before
-                continue
-            schedule = default_schedule(context, spaces, lanes, intrinsic_lanes)
+            schedule = task_default_schedule(task, target, lanes, dot)
             if schedule is None:
                 continue
             workload = database.commit_workload(kernel)

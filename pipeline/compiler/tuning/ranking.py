@@ -21,8 +21,8 @@ from typing import Any
 import tvm
 
 
-def _seconds(record) -> float:
-    return statistics.fmean(float(s) for s in record.run_secs)
+def _seconds(measured) -> float:  # a tuning record's or a runner result's run_secs
+    return statistics.fmean(float(s) for s in measured.run_secs)
 
 
 def timed_defaults(tasks: list, target: tvm.target.Target, lanes: int, dot, builder, runner,
@@ -32,27 +32,16 @@ def timed_defaults(tasks: list, target: tvm.target.Target, lanes: int, dot, buil
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.utils import remove_build_dir
 
-    from pipeline.compiler.passes.dot import AVX2
-    from pipeline.compiler.passes.dot_intrinsics import search_space
-    from pipeline.compiler.tuning.defaults import default_schedule, dot_lanes
+    from pipeline.compiler.tuning.defaults import task_default_schedule
 
     seconds: list[float | None] = [None] * len(tasks)
     pending: list[tuple[int, Any, Any]] = []  # (task index, workload, schedule)
     for index, task in enumerate(tasks):
-        kernel = task.dispatched[0]
-        workload = database.commit_workload(kernel)
+        workload = database.commit_workload(task.dispatched[0])
         if best := database.get_top_k(workload, 1):
             seconds[index] = _seconds(best[0])
             continue
-        intrinsic_lanes = dot_lanes(task.task_name, dot)
-        context = ms.TuneContext(mod=kernel, target=target, task_name=task.task_name, rand_state=1,
-                                 space_generator=search_space(avx2=dot is AVX2) if intrinsic_lanes
-                                 else "post-order-apply", search_strategy="replay-trace")
-        try:
-            schedule = default_schedule(context, context.generate_design_space(), lanes, intrinsic_lanes)
-        except Exception:  # noqa: BLE001 - a kernel without a default schedule is ranked last
-            schedule = None
-        if schedule is not None:
+        if (schedule := task_default_schedule(task, target, lanes, dot)) is not None:  # else ranked last
             pending.append((index, workload, schedule))
     if not pending:
         return seconds
@@ -69,7 +58,7 @@ def timed_defaults(tasks: list, target: tvm.target.Target, lanes: int, dot, buil
         if result.error_msg is None and result.run_secs:
             database.commit_tuning_record(ms.database.TuningRecord(schedule.trace, workload, result.run_secs,
                                                                    target, args))
-            seconds[index] = statistics.fmean(float(s) for s in result.run_secs)
+            seconds[index] = _seconds(result)
     return seconds
 
 
