@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 # The turns, in order: a device whose speed drifts slows both builds alike (the A-B-B-A of pipeline.benchmark).
 TURNS: tuple[Literal["before", "tuned"], ...] = ("before", "tuned", "tuned", "before")
@@ -26,15 +26,18 @@ class TuningCheck(BaseModel):
     tuned_ms: list[float] = Field(description="The tuned library's p50 in each of its turns.")
     before_ms: list[float] = Field(description="The p50 of the build before this tuning (default schedules and the "
                                                "database's records before it), in each of its turns.")
-    shipped: Literal["tuned", "before"]
     tuning: dict[str, Any] | None = Field(default=None, description="The tuning run (search.Tuning as a dict), "
                                           "whichever build shipped.")
 
     @classmethod
     def judge(cls, tuned_ms: list[float], before_ms: list[float], tuning: dict[str, Any] | None) -> TuningCheck:
+        return cls(tuned_ms=tuned_ms, before_ms=before_ms, tuning=tuning)
+
+    @computed_field  # in the result's JSON too
+    @property
+    def shipped(self) -> Literal["tuned", "before"]:
         """The tuned library ships unless the build before it was faster at its best turn (a tie keeps the tuned)."""
-        shipped: Literal["tuned", "before"] = "before" if min(before_ms) < min(tuned_ms) else "tuned"
-        return cls(tuned_ms=tuned_ms, before_ms=before_ms, shipped=shipped, tuning=tuning)
+        return "before" if min(self.before_ms) < min(self.tuned_ms) else "tuned"
 
     def text(self) -> str:
         tuned, before = min(self.tuned_ms), min(self.before_ms)
