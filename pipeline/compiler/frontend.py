@@ -25,9 +25,12 @@ from pipeline.compiler.passes.fastmath import fast_math, multiply_by_reciprocal
 from pipeline.compiler.passes.int8 import drop_float_round_trips, integerize
 from pipeline.compiler.passes.layout import channels_last
 from pipeline.compiler.passes.winograd import winograd_convs
+from pipeline.compiler.threads import tag_scope_per_thread
 from pipeline.ingest import ModelInfo
 from pipeline.quantize import QuantizedModel
 from targets.profiles import DeviceProfile
+
+tag_scope_per_thread()  # every build starts here; a lab builds for its devices in threads at once
 
 
 def resolve_target(profile: DeviceProfile) -> dict[str, Any]:
