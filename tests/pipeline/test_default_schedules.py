@@ -83,10 +83,25 @@ def test_the_decisions_tile_the_output_channels_by_the_vector_lanes():
     assert spatial[-1] == [2, 1, 1, 32]  # 64 output channels: 2 vectors of 16 lanes in registers, innermost
     assert spatial[-2] == [4, 1, 4, 1]  # 16 columns: 4 in registers at a time (8 accumulators)
     assert all(t[1:] == [1, 1, 1] for t in spatial[:-2])  # the rest outermost, run in parallel
-    assert all(len(t) == 2 and t[1] <= 4 for t in tiles if len(t) != 4)  # reductions in small tiles
+    # 3 x 3 x 4 reduction steps for each of 4 pixels is more than LLVM unrolls: the reduction goes outside the block
+    assert [t for t in tiles if len(t) != 4] == [[3, 1], [3, 1], [32, 1]]
     parallel = [i for i in trace.insts if i.kind.name == "Annotate" and str(i.attrs[0]) == "meta_schedule.parallel"]
     assert parallel and not [i for i in serial(trace).insts if i in parallel]
     assert PARALLEL_MIN_FLOPS > 0
+
+
+@pytest.mark.parametrize(("reductions", "extents", "outside"), [
+    ((3, 3, 3), (1, 112, 112, 16), True),  # PP-LCNet's stem: 27 taps x channels x 4 pixels (was 306 -> 167 us)
+    ((3, 3, 64), (1, 40, 40, 64), True),  # a 3x3 conv: 3 x 3 x 4 inner steps x 5 pixels (was 7.1 -> 1.3 ms)
+    ((1, 1, 256), (1, 14, 14, 256), False),  # a 1x1 conv: 4 steps x 4 pixels, unrolled as it is
+    ((3, 3), (1, 112, 112, 32), False),  # a depthwise conv: 9 taps x 4 pixels
+    ((512,), (1, 1000), False),  # a dense layer
+])
+def test_a_reduction_goes_outside_the_register_block_where_the_block_would_not_be_unrolled(reductions, extents,
+                                                                                           outside):
+    from pipeline.compiler.tuning.defaults import reduction_outside
+
+    assert reduction_outside(list(reductions), register_block(list(extents), lanes=8)) is outside
 
 
 @pytest.mark.parametrize(("extents", "pixels", "channels"), [

@@ -12,7 +12,9 @@ its decisions at random or timing candidates, they are set from the profile:
   ACCUMULATORS in all; each loaded weight vector is shared by every pixel, each broadcast input by every vector;
 - what is left of every spatial axis stays in the outermost tile, which MetaSchedule's postprocessing fuses and
   runs in parallel on the profile's cores;
-- reduction axes in tiles of up to 4, unrolled up to 64 steps; producers (padding) computed at the root, or in a
+- reduction axes in tiles of up to 4 inside the register block, unrolled with it up to 64 steps; where the block's
+  pixels times those tiles would exceed the 64 (a 3x3 conv: 3 x 3 x 4 taps and channels per pixel), the whole
+  reduction outside the block instead (:func:`reduction_outside`); producers (padding) computed at the root, or in a
   small kernel (under INLINE_PRODUCERS_MAX_FLOPS) inlined into its loads;
 - the epilogue (bias, activation, requantize) computed inside the tile, not in a pass of its own.
 
@@ -109,11 +111,31 @@ def register_block(extents: list[int], lanes: int) -> tuple[list[int], int]:
     return pixels, width
 
 
-def _tiles(extent: int, parts: int, axis: int, block: tuple[list[int], int]) -> list[int] | None:
+def _reduction_tile(extent: int) -> int:
+    return _largest_divisor(extent, REDUCTION_TILE)
+
+
+def reduction_outside(reductions: list[int], block: tuple[list[int], int]) -> bool:
+    """Does the block's whole reduction (its loops' ``reductions`` extents) go outside its register block
+    (``block``: :func:`register_block`'s)? Inside it, each register-block pixel runs the reduction's inner tiles
+    (up to REDUCTION_TILE per loop), and LLVM keeps the accumulators in registers and shares each loaded weight
+    vector between the pixels only where it unrolls the pixels and tiles together, up to UNROLL steps. Past that (a
+    3x3 conv: 3 x 3 x 4 steps per pixel, 4-5 pixels) the block stays a loop and every step loads and stores its
+    accumulator and reloads its weights: the reduction goes outside, each step of it one multiply-add per
+    accumulator. Measured alone, one thread, AMD EPYC Zen 3 AVX2 (2026-12-07): PP-LCNet's stem (3x3 stride 2, 3 ->
+    16 channels, 224 x 224) 306 -> 167 us and 271 -> 131 us; 3x3 convs 32 -> 64 at 80 x 80 stride 2 2.10 -> 0.88 ms,
+    64 -> 64 at 40 x 40 7.05 -> 1.32 ms; 1x1 convs (4 x up to 6 steps, unrolled either way) and depthwise convs
+    (9 x 4) the same within the noise, which is why they keep the inner tiles."""
+    pixels, _ = block
+    return math.prod(_reduction_tile(extent) for extent in reductions) * math.prod(pixels) > UNROLL
+
+
+def _tiles(extent: int, parts: int, axis: int, block: tuple[list[int], int],
+           outside: bool = False) -> list[int] | None:
     """The tile sizes of one loop: ``axis`` counts the block's spatial loops (tiled in 4), -1 a reduction loop;
-    ``block``: :func:`register_block`'s."""
-    if parts == 2:  # a reduction loop: small inner tiles
-        inner = _largest_divisor(extent, REDUCTION_TILE)
+    ``block``: :func:`register_block`'s; ``outside``: :func:`reduction_outside`'s."""
+    if parts == 2:  # a reduction loop: small inner tiles, or all of it outside the register block
+        inner = 1 if outside else _reduction_tile(extent)
         return [extent // inner, inner]
     if parts != 4:
         return None
@@ -128,7 +150,7 @@ def _dot_tiles(extent: int, parts: int, axis: int, spatial_axes: int, lanes: int
     a register block of up to 4 rows x 32 outputs' tiles, innermost and unvectorized (each step is one intrinsic
     on its own accumulator; the broadcast activations and loaded weight tiles are shared)."""
     if parts == 2:
-        inner = _largest_divisor(extent, REDUCTION_TILE)
+        inner = _reduction_tile(extent)
         return [extent // inner, inner]
     if parts != 4:
         return None
@@ -161,17 +183,17 @@ def unvectorized(trace):
     return _without(trace, "meta_schedule.vectorize")
 
 
-def _blocks(trace) -> tuple[dict[Any, int], dict[int, list[int]]]:
+def _blocks(trace, parts: int = 4) -> tuple[dict[Any, int], dict[int, list[int]]]:
     """Which block (the index of the GetLoops that made it) each loop of ``trace`` is of, and the extents of each
-    block's spatial loops in order: a kernel may tile more than one block."""
+    block's spatial loops (``parts`` 4; 2: its reduction loops) in order: a kernel may tile more than one block."""
     block_of = {loop: index for index, inst in enumerate(trace.insts) if inst.kind.name == "GetLoops"
                 for loop in inst.outputs}
-    spatial: dict[int, list[int]] = {}
+    extents: dict[int, list[int]] = {}
     for inst in trace.insts:
-        if inst.kind.name == "SamplePerfectTile" and int(inst.attrs[0]) == 4:
-            spatial.setdefault(block_of.get(inst.inputs[0], -1), []).append(
+        if inst.kind.name == "SamplePerfectTile" and int(inst.attrs[0]) == parts:
+            extents.setdefault(block_of.get(inst.inputs[0], -1), []).append(
                 math.prod(int(factor) for factor in trace.decisions[inst]))
-    return block_of, spatial
+    return block_of, extents
 
 
 def decided(trace, lanes: int, dot_lanes: int = 0, inline_producers: bool = False):
@@ -183,6 +205,8 @@ def decided(trace, lanes: int, dot_lanes: int = 0, inline_producers: bool = Fals
         trace, lanes = unvectorized(trace), dot_lanes
     block_of, spatial = _blocks(trace)
     plans = {block: register_block(extents, lanes) for block, extents in spatial.items()}  # one per block
+    outside = {block: reduction_outside(extents, plans.get(block, ([], 1)))
+               for block, extents in _blocks(trace, parts=2)[1].items()}
     seen: Counter[int] = Counter()  # spatial loops decided so far, per block
     for inst in trace.insts:
         kind = inst.kind.name
@@ -196,7 +220,7 @@ def decided(trace, lanes: int, dot_lanes: int = 0, inline_producers: bool = Fals
             if tensorized:
                 decision = _dot_tiles(extent, parts, axis, len(extents), lanes)
             else:
-                decision = _tiles(extent, parts, axis, plans.get(block, ([], 1)))
+                decision = _tiles(extent, parts, axis, plans.get(block, ([], 1)), outside.get(block, False))
             if decision is not None:
                 trace = trace.with_decision(inst, decision, remove_postproc=True)
         elif kind == "SampleCategorical":  # the unroll depth
