@@ -122,10 +122,10 @@ def reduction_outside(reductions: list[int], block: tuple[list[int], int]) -> bo
     vector between the pixels only where it unrolls the pixels and tiles together, up to UNROLL steps. Past that (a
     3x3 conv: 3 x 3 x 4 steps per pixel, 4-5 pixels) the block stays a loop and every step loads and stores its
     accumulator and reloads its weights: the reduction goes outside, each step of it one multiply-add per
-    accumulator. Measured alone, one thread, AMD EPYC Zen 3 AVX2 (2026-12-07): PP-LCNet's stem (3x3 stride 2, 3 ->
-    16 channels, 224 x 224) 306 -> 167 us and 271 -> 131 us; 3x3 convs 32 -> 64 at 80 x 80 stride 2 2.10 -> 0.88 ms,
-    64 -> 64 at 40 x 40 7.05 -> 1.32 ms; 1x1 convs (4 x up to 6 steps, unrolled either way) and depthwise convs
-    (9 x 4) the same within the noise, which is why they keep the inner tiles."""
+    accumulator. Kernels alone, one thread, AMD EPYC Zen 3 AVX2 (2026-12-07, docs/performance.md): PP-LCNet's stem
+    (3x3 stride 2, 3 -> 16 channels, 224 x 224) 308 -> 168 us; 3x3 convs 32 -> 64 at 80 x 80 stride 2 1.94 -> 0.85
+    ms, 64 -> 64 at 40 x 40 4.06 -> 1.65 ms. A 1x1 conv (4 steps x up to 6 pixels, unrolled either way) ran 7 %
+    slower outside, which is why blocks that unroll keep their inner tiles."""
     pixels, _ = block
     return math.prod(_reduction_tile(extent) for extent in reductions) * math.prod(pixels) > UNROLL
 
