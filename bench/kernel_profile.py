@@ -26,18 +26,18 @@ from pathlib import Path
 
 
 def kind(name: str) -> str:
-    """A kernel's (or onnxruntime node's op type's) kind: what it computes, from its name."""
+    """A TVM kernel's kind, from its name (the first op of the fused group names it)."""
     if name.startswith("vm.builtin"):
         return "VM built-ins (allocations, checks)"
-    if re.search(r"(vnni|avx2|avx512|dot|sdot|neon)_(matmul|conv)", name):
+    if re.search(r"(vnni|avx2|avx512bw|sdot|neon)_(matmul|conv)", name):
         return "integer dot-product kernels (1x1 convs, matmuls)"
-    if re.match(r"fused_conv2d|Conv$|QLinearConv$|FusedConv$", name):
+    if re.match(r"(fused_)?conv2d", name):
         return "convs"
-    if re.search(r"matmul|dense|Gemm|MatMul", name):
+    if re.search(r"matmul|dense", name):
         return "matmuls"
-    if re.search(r"mean|pool|Pool", name):
+    if re.search(r"mean|pool", name):
         return "pooling"
-    if re.search(r"transpose|Transpose|reshape|Reshape", name):
+    if re.search(r"transpose|reshape", name):
         return "layout (transposes, reshapes)"
     return "other"
 
