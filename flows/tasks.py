@@ -167,7 +167,7 @@ def tuned_or_before(config: RunConfig, info: ModelInfo, data: PreparedData, prof
             config.model_copy(update={"bench": half}), info, data, profile, quantized,
             tuned if which == "tuned" else before, which="artifact", folder=f"tuning-check-{index + 1}")
         turns[which].append(run.measurement.latency_ms.p50)
-    check = TuningCheck.judge(turns["tuned"], turns["before"], tuned.tuning)
+    check = TuningCheck(tuned_ms=turns["tuned"], before_ms=turns["before"], tuning=tuned.tuning)
     return (tuned if check.shipped == "tuned" else before), check
 
 

@@ -29,10 +29,6 @@ class TuningCheck(BaseModel):
     tuning: dict[str, Any] | None = Field(default=None, description="The tuning run (search.Tuning as a dict), "
                                           "whichever build shipped.")
 
-    @classmethod
-    def judge(cls, tuned_ms: list[float], before_ms: list[float], tuning: dict[str, Any] | None) -> TuningCheck:
-        return cls(tuned_ms=tuned_ms, before_ms=before_ms, tuning=tuning)
-
     @computed_field  # in the result's JSON too
     @property
     def shipped(self) -> Literal["tuned", "before"]:

@@ -69,11 +69,12 @@ def test_a_tuned_library_slower_than_the_build_before_it_is_not_shipped_and_the_
     plain `deploy run --tune-minutes` shipped the tuned one without a word (pipeline.tuning_check)."""
     from pipeline.tuning_check import TuningCheck
 
-    slower = TuningCheck.judge(tuned_ms=[0.031, 0.030], before_ms=[0.019, 0.018], tuning=TUNING)
+    slower = TuningCheck(tuned_ms=[0.031, 0.030], before_ms=[0.019, 0.018], tuning=TUNING)
     assert slower.shipped == "before"
-    faster = TuningCheck.judge(tuned_ms=[0.015, 0.016], before_ms=[0.018, 0.017], tuning=TUNING)
+    faster = TuningCheck(tuned_ms=[0.015, 0.016], before_ms=[0.018, 0.017], tuning=TUNING)
     assert faster.shipped == "tuned"
-    assert TuningCheck.judge([0.02, 0.03], [0.03, 0.02], TUNING).shipped == "tuned"  # a tie keeps the tuned one
+    # a tie keeps the tuned one
+    assert TuningCheck(tuned_ms=[0.02, 0.03], before_ms=[0.03, 0.02], tuning=TUNING).shipped == "tuned"
     untuned = make_result(1)
     shipped_before = untuned.model_copy(update={"tuning_check": slower})
     text = rendered(shipped_before)
