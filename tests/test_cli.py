@@ -232,3 +232,18 @@ def test_the_command_starts_without_the_heavy_libraries():
             "print(sorted(m for m in ('scipy', 'tvm', 'prefect') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_prefect_server_that_does_not_start_is_one_clear_error(isolated_home, tmp_path):
+    """No PREFECT_API_URL: the command starts Prefect's temporary server, here given 1 s, less than its start takes
+    (a fresh database to create): one error saying what to do, no traceback. (Before: a raw RuntimeError, also
+    with Prefect's default 20 s on a slow 2-core VM's first start.)"""
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(EDGEDEPLOY_HOME=str(isolated_home), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
+    proc = subprocess.run([sys.executable, "-m", "edgedeploy", "run", "digits-cnn", "--quant", "fp32"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Prefect's temporary server did not start: no stage ran" in proc.stderr
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from edgedeploy.cli.common import TuneMinutes, exit_with_error, quiet_prefect, stderr, stdout
+from edgedeploy.cli.common import TuneMinutes, exit_with_error, prefect_did_not_start, quiet_prefect, stderr, stdout
 from edgedeploy.cli.lab import bench, dashboard, doctor, lab_app, lab_schedule_command, profiles_app
 from edgedeploy.cli.tuning import tuning_app
 from edgedeploy.errors import CheckRefused, EdgeDeployError, OptionError
@@ -160,6 +160,8 @@ def run(
             result = deploy_run(config)
     except EdgeDeployError as error:
         exit_with_error(error, as_json=as_json)
+    except RuntimeError as error:
+        exit_with_error(prefect_did_not_start(error), as_json=as_json)
     if as_json:
         print(json.dumps(result.model_dump(mode="json")))
     else:

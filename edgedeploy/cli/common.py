@@ -9,7 +9,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 
-from edgedeploy.errors import EdgeDeployError
+from edgedeploy.errors import EdgeDeployError, StageError
 
 EXIT_REGRESSION = 5
 
@@ -33,3 +33,21 @@ def quiet_prefect() -> None:
     # Prefect's own INFO chatter and tracebacks of user errors would bury the one clear message.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without PREFECT_API_URL every command starts Prefect's temporary server, whose first start creates and migrates
+    # its SQLite database: 17-28 s on a 2-core VM, past Prefect's default wait of 20 s (a raw RuntimeError).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(PREFECT_STARTUP_WAIT_S))
+
+
+PREFECT_STARTUP_WAIT_S = 120
+
+
+def prefect_did_not_start(error: RuntimeError) -> EdgeDeployError:
+    """Prefect's temporary server not starting, as one clear error (nothing ran yet); any other RuntimeError is a
+    bug and is raised as it is."""
+    if "Prefect API server" not in str(error):
+        raise error
+    return StageError(
+        "Prefect's temporary server did not start: no stage ran", value=str(error).splitlines()[0][:300],
+        fix="run the command again (the first start creates Prefect's database); on a slow machine raise "
+            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (default here {PREFECT_STARTUP_WAIT_S}), or start a "
+            "server (prefect server start) and export PREFECT_API_URL=http://127.0.0.1:4200/api")

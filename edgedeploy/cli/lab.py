@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from edgedeploy.cli.common import EXIT_REGRESSION, TuneMinutes, exit_with_error, quiet_prefect, stderr, stdout
+from edgedeploy.cli.common import (
+    EXIT_REGRESSION,
+    TuneMinutes,
+    exit_with_error,
+    prefect_did_not_start,
+    quiet_prefect,
+    stderr,
+    stdout,
+)
 from edgedeploy.errors import EdgeDeployError, OptionError
 
 profiles_app = typer.Typer(help="Device profiles (device_profiles/*.yaml).", no_args_is_help=True)
@@ -65,6 +73,8 @@ def lab_run_command(
             summary = run_lab(str(lab.resolve()))
     except EdgeDeployError as error:
         exit_with_error(error, as_json=as_json)
+    except RuntimeError as error:
+        exit_with_error(prefect_did_not_start(error), as_json=as_json)
     if as_json:
         print(json.dumps(summary.model_dump(mode="json")))
     else:
@@ -149,6 +159,8 @@ def bench(
         path = write(results, out)
     except EdgeDeployError as error:
         exit_with_error(error, as_json=False)
+    except RuntimeError as error:
+        exit_with_error(prefect_did_not_start(error), as_json=False)
     stdout.print(f"[green]wrote[/] {path}")
 
 
