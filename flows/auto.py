@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from edgedeploy.errors import CheckRefused, DataError, EdgeDeployError
-from flows.tasks import Measured, candidate_task, measure_task, partial_task
+from flows.tasks import Measured, candidate_task, in_turns_task, measure_task, partial_task
 from pipeline.auto import (
     AutoSelection,
     Candidate,
@@ -19,6 +19,7 @@ from pipeline.auto import (
     choose,
     default_candidates,
     dynamic_worthy,
+    finalists,
     outcome,
     plot_svg,
     tuning_plan,
@@ -81,9 +82,11 @@ def _partial_plan(config: RunConfig, info: ModelInfo, profile: DeviceProfile, da
 
 
 def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
-                ) -> tuple[AutoSelection, Measured, Measured, PreparedData]:
-    """(the selection, what ships, the baseline, the data). Never ships anything slower than the baseline. With
-    --runtime, only that runtime's candidates, and none at all when the board can't have it."""
+                ) -> tuple[AutoSelection, Measured, BenchmarkReport, PreparedData]:
+    """(the selection, what ships, its benchmark against onnxruntime fp32, the data). Never ships anything slower
+    than the baseline: the finalists are measured in turns with it, and what ships is the one whose turns show it
+    measurably faster (pipeline.auto.finalists), or the baseline. With --runtime, only that runtime's candidates, and
+    none at all when the board can't have it."""
     if config.runtime and (refused := check_runtime(profile, config.runtime)).verdict == "refuse":
         raise CheckRefused(f"--quant auto --runtime {config.runtime}: {refused.reason}", profile=profile.name,
                            fix=refused.fix)
@@ -148,20 +151,41 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
     again = _baseline(config, info, data, profile, name="baseline (again)", folder="baseline-again")
     if again.measurement.latency_ms.p50 < baseline.measurement.latency_ms.p50:
         baseline = again
-    measured: dict[str, Measured] = {}
+    measured: dict[str, tuple[Candidate, Measured]] = {}
+    alone: list[CandidateOutcome] = []
     for candidate, run, agree in runs:
         measured_outcome = outcome(candidate, run.measurement, baseline.measurement, agree, metric=metric,
                                    budget=config.accuracy_budget)
         caveat = ort_int8_may_saturate(profile, candidate.quant, candidate.runtime)
-        outcomes.append(measured_outcome.model_copy(update={"tuning": run.artifact.tuning, "caveat": caveat,
-                                                            "unit": profile.unit_of(candidate.runtime)}))
-        measured[candidate.label()] = run
+        alone.append(measured_outcome.model_copy(update={"tuning": run.artifact.tuning, "caveat": caveat,
+                                                         "unit": profile.unit_of(candidate.runtime)}))
+        measured[candidate.label()] = (candidate, run)
+    turns: dict[str, BenchmarkReport] = {}
+    for index, label in enumerate(finalists(alone, baseline.measurement.latency_ms.p50)):
+        turns[label] = in_turns_task.with_options(task_run_name=f"in turns {label}")(
+            config, info, data, profile, measured[label][1].artifact, folder=f"finalist-{index}")
+    outcomes += [_in_turns(o, measured[o.label][0], turns[o.label], metric, config.accuracy_budget)
+                 if o.label in turns else o for o in alone]
     selection = choose(outcomes, budget=config.accuracy_budget, metric=metric, baseline=baseline.measurement)
     selection = selection.model_copy(update={"partial": partial})
     (config.run_dir() / "auto.svg").write_text(plot_svg(selection))
     (config.run_dir() / "auto.json").write_text(json.dumps(selection.model_dump(mode="json"), indent=2))
-    shipped = measured[selection.chosen] if selection.chosen else baseline
-    return selection, shipped, baseline, data
+    if not selection.chosen:
+        return selection, baseline, bench_report(baseline, baseline, metric=metric, settings=config.bench,
+                                                 scoring=data.scoring), data
+    shipped = measured[selection.chosen][1]
+    if selection.chosen in turns:
+        return selection, shipped, turns[selection.chosen], data
+    return selection, shipped, bench_report(shipped, baseline, metric=metric, settings=config.bench,
+                                            scoring=data.scoring), data
+
+
+def _in_turns(alone: CandidateOutcome, candidate: Candidate, report: BenchmarkReport, metric: str | None,
+              budget: float) -> CandidateOutcome:
+    """A finalist's outcome from its turns with the baseline (its p50, speed-up, U test and accuracy there)."""
+    turns = outcome(candidate, report.artifact, report.baseline, report.agreement, metric=metric, budget=budget)
+    kept = {key: getattr(alone, key) for key in ("tuning", "caveat", "unit")}
+    return turns.model_copy(update={**kept, "in_turns": True, "alone_p50_ms": alone.p50_ms})
 
 
 def bench_report(shipped: Measured, baseline: Measured, *, metric: str | None, settings: BenchmarkSettings,

@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from edgedeploy.errors import EdgeDeployError
-from flows.auto import auto_select, bench_report
+from flows.auto import auto_select
 from flows.tasks import (
     benchmark_task,
     board_state_now,
@@ -151,9 +151,8 @@ def _write_json(path: Path, result: RunResult) -> None:
 def _auto_run(config: RunConfig, profile: DeviceProfile, info: ModelInfo, timings: dict[str, float]) -> RunResult:
     """--quant auto: every allowed candidate measured on the device; the fastest within budget ships."""
     before = board_state_now(profile)
-    selection, shipped, baseline, data = _timed("auto", timings, auto_select, config, info, profile)
-    bench = with_board_state(bench_report(shipped, baseline, metric=selection.metric, settings=config.bench,
-                                          scoring=data.scoring), before, board_state_now(profile))
+    selection, shipped, bench, data = _timed("auto", timings, auto_select, config, info, profile)
+    bench = with_board_state(bench, before, board_state_now(profile))
     result = _report(config, profile, info, data, timings, quantized=shipped.quantized, compiled=shipped.artifact,
                      bench=bench, deployed=shipped.deployed)
     return _record(config, result.model_copy(update={"auto": selection}), shipped.artifact, timings)

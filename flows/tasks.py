@@ -135,6 +135,18 @@ def measure_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile
                     outputs_path=str(path))
 
 
+@task(name="in turns", **DEVICE_TASK_OPTIONS)
+def in_turns_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
+                  artifact: CompiledArtifact, *, folder: str) -> BenchmarkReport:
+    """A --quant auto finalist and onnxruntime fp32 in turns, as a plain run's benchmark (deployed again first: a
+    no-op where it still lies on the device)."""
+    local = config.run_dir() / folder
+    local.mkdir(parents=True, exist_ok=True)
+    with DeviceSession(profile) as session:
+        deployed = session.deploy(config.run_id, artifact, info, data)
+        return session.benchmark(deployed, info, data, settings=bench_settings(config, profile), local_dir=local)
+
+
 class Built(BaseModel):
     """A --quant auto candidate, quantized and compiled (or packaged for onnxruntime), not yet on the device."""
 

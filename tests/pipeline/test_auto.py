@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.auto import Candidate, calibration_retries, choose, default_candidates, outcome
+from pipeline.auto import Candidate, calibration_retries, choose, default_candidates, finalists, outcome
 from pipeline.benchmark import Measurement
 from pipeline.metrics import Agreement, LatencyStats
 from pipeline.quantize import QuantConfig
@@ -157,3 +157,30 @@ def test_tvm_int8_outside_the_budget_is_retried_with_the_calibration_that_kept_o
     measured[tvm_int8.label()] = outcome(tvm_int8, _measurement(5.0, 0.99, seed=99), base, AGREE, metric="top1",
                                          budget=0.01)
     assert calibration_retries(candidates, measured) == []  # within budget: the calibration can't make it faster
+
+
+def test_the_finalists_are_the_candidates_close_to_the_fastest_and_to_the_baseline():
+    base = _measurement(10.0)
+    alone = {label: outcome(Candidate(runtime="tvm", quant=QuantConfig(scheme="fp32")), _measurement(ms, seed=i),
+                            base, AGREE, metric="top1", budget=0.01).model_copy(update={"label": label})
+             for i, (label, ms) in enumerate([("a", 8.0), ("b", 9.5), ("c", 10.3), ("d", 10.5), ("e", 12.0)])}
+    inaccurate = outcome(TVM, _measurement(5.0, 0.90, seed=9), base, AGREE, metric="top1", budget=0.01)
+    # within 1.3x of the fastest within budget (8.0 ms: up to 10.4), the fastest three; never one outside the budget
+    assert finalists([*alone.values(), inaccurate], 10.0) == ["a", "b", "c"]
+    # a baseline faster than every candidate sets the bar: 1.3 x 6 ms = 7.8, none close enough to measure again
+    assert finalists(list(alone.values()), 6.0) == []
+
+
+def test_where_finalists_ran_in_turns_only_their_turns_choose():
+    """Alone, a candidate met another minute's baseline: b read 1.67x alone but 1.01x in its turns; a, 0.95x alone
+    (a slow minute), 1.25x in its turns, ships. Each is judged against the baseline of its own turns."""
+    base = _measurement(10.0)
+    a = outcome(INT8, _measurement(8.0, seed=1), _measurement(10.0, seed=2), AGREE, metric="top1", budget=0.01)
+    b = outcome(TVM, _measurement(9.9, seed=3), _measurement(10.0, seed=4), AGREE, metric="top1", budget=0.01)
+    alone_b = outcome(TVM, _measurement(6.0, seed=5), base, AGREE, metric="top1", budget=0.01)
+    a, b = (o.model_copy(update={"in_turns": True, "alone_p50_ms": ms}) for o, ms in ((a, 10.5), (b, 6.0)))
+    selection = choose([a, b, alone_b.model_copy(update={"label": "c"})], budget=0.01, metric="top1", baseline=base)
+    assert selection.chosen == INT8.label() and "in turns" in selection.reason
+    # b's turns show no gain and no other finalist: the baseline ships, whatever b read alone
+    assert choose([b, alone_b.model_copy(update={"label": "c"})], budget=0.01, metric="top1",
+                  baseline=base).chosen is None
