@@ -161,11 +161,16 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
                                                          "unit": profile.unit_of(candidate.runtime)}))
         measured[candidate.label()] = (candidate, run)
     turns: dict[str, BenchmarkReport] = {}
+    failed: dict[str, str] = {}
     for index, label in enumerate(finalists(alone, baseline.measurement.latency_ms.p50)):
-        turns[label] = in_turns_task.with_options(task_run_name=f"in turns {label}")(
-            config, info, data, profile, measured[label][1].artifact, folder=f"finalist-{index}")
+        try:
+            turns[label] = in_turns_task.with_options(task_run_name=f"in turns {label}")(
+                config, info, data, profile, measured[label][1].artifact, folder=f"finalist-{index}")
+        except EdgeDeployError as exc:  # measured alone a minute ago: the device failed it since, it can't ship
+            failed[label] = f"in turns with the baseline: {exc.what}"
     outcomes += [_in_turns(o, measured[o.label][0], turns[o.label], metric, config.accuracy_budget)
-                 if o.label in turns else o for o in alone]
+                 if o.label in turns else o.model_copy(update={"status": "failed", "reason": failed[o.label]})
+                 if o.label in failed else o for o in alone]
     selection = choose(outcomes, budget=config.accuracy_budget, metric=metric, baseline=baseline.measurement)
     selection = selection.model_copy(update={"partial": partial})
     (config.run_dir() / "auto.svg").write_text(plot_svg(selection))
