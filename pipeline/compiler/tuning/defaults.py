@@ -343,8 +343,11 @@ def default_schedules(decomposed: tvm.IRModule, target: tvm.target.Target, lanes
     host, keeps its tuned schedule. compile_relax(database, decomposed, target) builds with them."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.compiler.tuning.lowering import fuse, unnamed_handlers_detached
+    from pipeline.compiler.tuning.lowering import fuse, register_cpu_rules, unnamed_handlers_detached
 
+    # The builds and tuning runs register these first; any other caller (a test of one kernel) would otherwise have
+    # MetaSchedule import every target's tensor intrinsics: a 13x13 pool's test took 56 s alone, 137 s in the suite.
+    register_cpu_rules(target)
     database = ms.database.MemoryDatabase()
     tasks = ms.relax_integration.extract_tasks(fuse(decomposed, target), target)
     dot = dot_layout(decomposed)
