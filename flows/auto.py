@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from edgedeploy.errors import CheckRefused, DataError, EdgeDeployError
-from flows.tasks import Measured, candidate_task, in_turns_task, measure_task, partial_task
+from flows.tasks import Measured, benchmark_task, candidate_task, measure_task, partial_task
 from pipeline.auto import (
     AutoSelection,
     Candidate,
@@ -160,17 +160,19 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
         alone.append(measured_outcome.model_copy(update={"tuning": run.artifact.tuning, "caveat": caveat,
                                                          "unit": profile.unit_of(candidate.runtime)}))
         measured[candidate.label()] = (candidate, run)
+    final = {o.label: o for o in alone}
     turns: dict[str, BenchmarkReport] = {}
-    failed: dict[str, str] = {}
     for index, label in enumerate(finalists(alone, baseline.measurement.latency_ms.p50)):
+        candidate, run = measured[label]
         try:
-            turns[label] = in_turns_task.with_options(task_run_name=f"in turns {label}")(
-                config, info, data, profile, measured[label][1].artifact, folder=f"finalist-{index}")
+            turns[label] = benchmark_task.with_options(task_run_name=f"in turns {label}")(
+                config, run.deployed, info, data, profile, folder=f"finalist-{index}")
         except EdgeDeployError as exc:  # measured alone a minute ago: the device failed it since, it can't ship
-            failed[label] = f"in turns with the baseline: {exc.what}"
-    outcomes += [_in_turns(o, measured[o.label][0], turns[o.label], metric, config.accuracy_budget)
-                 if o.label in turns else o.model_copy(update={"status": "failed", "reason": failed[o.label]})
-                 if o.label in failed else o for o in alone]
+            final[label] = final[label].model_copy(update={"status": "failed",
+                                                           "reason": f"in turns with the baseline: {exc.what}"})
+            continue
+        final[label] = _in_turns(final[label], candidate, turns[label], metric, config.accuracy_budget)
+    outcomes += final.values()
     selection = choose(outcomes, budget=config.accuracy_budget, metric=metric, baseline=baseline.measurement)
     selection = selection.model_copy(update={"partial": partial})
     (config.run_dir() / "auto.svg").write_text(plot_svg(selection))
@@ -179,10 +181,9 @@ def auto_select(config: RunConfig, info: ModelInfo, profile: DeviceProfile
         return selection, baseline, bench_report(baseline, baseline, metric=metric, settings=config.bench,
                                                  scoring=data.scoring), data
     shipped = measured[selection.chosen][1]
-    if selection.chosen in turns:
-        return selection, shipped, turns[selection.chosen], data
-    return selection, shipped, bench_report(shipped, baseline, metric=metric, settings=config.bench,
-                                            scoring=data.scoring), data
+    bench = turns.get(selection.chosen) or bench_report(shipped, baseline, metric=metric, settings=config.bench,
+                                                        scoring=data.scoring)  # only where every finalist failed
+    return selection, shipped, bench, data
 
 
 def _in_turns(alone: CandidateOutcome, candidate: Candidate, report: BenchmarkReport, metric: str | None,

@@ -102,10 +102,13 @@ def deploy_task(config: RunConfig, compiled: CompiledArtifact, info: ModelInfo, 
 
 @task(name="benchmark", **DEVICE_TASK_OPTIONS)
 def benchmark_task(config: RunConfig, deployed: DeployedArtifact, info: ModelInfo, data: PreparedData,
-                   profile: DeviceProfile) -> BenchmarkReport:
+                   profile: DeviceProfile, *, folder: str = "") -> BenchmarkReport:
+    """The deployed artifact and onnxruntime fp32 in turns (a --quant auto finalist's outputs in a ``folder`` of its
+    own under the run's directory)."""
+    local = config.run_dir() / folder
+    local.mkdir(parents=True, exist_ok=True)
     with DeviceSession(profile) as session:
-        return session.benchmark(deployed, info, data, settings=bench_settings(config, profile),
-                                 local_dir=config.run_dir())
+        return session.benchmark(deployed, info, data, settings=bench_settings(config, profile), local_dir=local)
 
 
 class Measured(BaseModel):
@@ -133,18 +136,6 @@ def measure_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile
     np.savez(path, outputs=outputs)
     return Measured(quantized=quantized, artifact=artifact, deployed=deployed, measurement=measurement,
                     outputs_path=str(path))
-
-
-@task(name="in turns", **DEVICE_TASK_OPTIONS)
-def in_turns_task(config: RunConfig, info: ModelInfo, data: PreparedData, profile: DeviceProfile,
-                  artifact: CompiledArtifact, *, folder: str) -> BenchmarkReport:
-    """A --quant auto finalist and onnxruntime fp32 in turns, as a plain run's benchmark (deployed again first: a
-    no-op where it still lies on the device)."""
-    local = config.run_dir() / folder
-    local.mkdir(parents=True, exist_ok=True)
-    with DeviceSession(profile) as session:
-        deployed = session.deploy(config.run_id, artifact, info, data)
-        return session.benchmark(deployed, info, data, settings=bench_settings(config, profile), local_dir=local)
 
 
 class Built(BaseModel):

@@ -193,6 +193,12 @@ def outcome(candidate: Candidate, measured: Measurement, baseline: Measurement, 
     )
 
 
+def reading_order(outcomes: list[CandidateOutcome]) -> list[CandidateOutcome]:
+    """The finalists first (their turns chose), then the rest as measured alone, the fastest first (alone they all
+    share one baseline); refused and failed ones last."""
+    return sorted(outcomes, key=lambda o: (o.status != "measured", not o.in_turns, -(o.speedup or 0)))
+
+
 class AutoSelection(BaseModel):
     """Every candidate, and the one shipped."""
 
@@ -211,8 +217,7 @@ class AutoSelection(BaseModel):
                       title_justify="left")
         for column in ("candidate", "p50 ms", "speed-up", self.metric or "agreement", "within budget", "status"):
             table.add_column(column)
-        # The finalists first (their turns chose), then the rest as measured alone, the fastest first.
-        for o in sorted(self.outcomes, key=lambda o: (o.status != "measured", not o.in_turns, -(o.speedup or 0))):
+        for o in reading_order(self.outcomes):
             style = "bold green" if o.label == self.chosen else ""
             label = o.label + (" (GPU)" if o.unit == "gpu" else "")
             table.add_row(

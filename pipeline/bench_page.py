@@ -11,7 +11,7 @@ import math
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.auto import AutoSelection, CandidateOutcome, plot_svg
+from pipeline.auto import AutoSelection, CandidateOutcome, plot_svg, reading_order
 from pipeline.report import RunResult
 from targets.host import detect_host
 
@@ -60,7 +60,7 @@ def markdown(results: list[RunResult]) -> str:
                   f"![latency vs accuracy](bench-{name}.svg)", "",
                   f"| candidate | p50 ms | ratio | % of peak | {selection.metric or 'agreement'} | within budget |",
                   "|---|---|---|---|---|---|"]
-        for o in sorted(selection.outcomes, key=lambda o: (o.status != "measured", not o.in_turns, -(o.speedup or 0))):
+        for o in reading_order(selection.outcomes):
             if o.status != "measured":
                 lines.append(f"| {o.label} | {o.status}: {o.reason} | | | | |")
                 continue

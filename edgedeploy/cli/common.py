@@ -12,6 +12,7 @@ from rich.console import Console
 from edgedeploy.errors import EdgeDeployError, StageError
 
 EXIT_REGRESSION = 5
+PREFECT_STARTUP_WAIT_S = 120  # how long a command waits for Prefect's temporary server (see quiet_prefect)
 
 TuneMinutes = Annotated[float | None, typer.Option(min=0.1, help="Stop tuning after this many minutes (the database "
                                                                 "keeps every trial; --quant auto: the whole "
@@ -36,9 +37,6 @@ def quiet_prefect() -> None:
     # Without PREFECT_API_URL every command starts Prefect's temporary server, whose first start creates and migrates
     # its SQLite database: 17-28 s on a 2-core VM, past Prefect's default wait of 20 s (a raw RuntimeError).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(PREFECT_STARTUP_WAIT_S))
-
-
-PREFECT_STARTUP_WAIT_S = 120
 
 
 def prefect_did_not_start(error: RuntimeError) -> EdgeDeployError:
